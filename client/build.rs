@@ -1,0 +1,21 @@
+//! Generates the gRPC types and stubs from `proto/warren/v1/warren.proto`
+//! with a vendored `protoc`, so nothing has to be installed by hand.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let proto_root = manifest.join("../proto");
+    let proto = proto_root.join("warren/v1/warren.proto");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    // Bodies and byte values are `bytes::Bytes`: fan-out shares one buffer.
+    config.bytes(["."]);
+
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("warren_descriptor.bin"))
+        .compile_with_config(config, &[proto], &[proto_root])?;
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Warren CRD types.

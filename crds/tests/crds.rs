@@ -1,0 +1,214 @@
+//! The generated CRDs: names, printer columns, categories, CEL rules, and
+//! the validation the API server will apply to manifests.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use serde_json::{Value, json};
+use support::validate_object;
+use warren_crds::v1alpha1::{Binding, Broker, Exchange, Queue};
+
+fn crd_json(kind: &str) -> Value {
+    let crd = warren_crds::crds().into_iter().find(|c| c.spec.names.kind == kind).unwrap();
+    serde_json::to_value(crd).unwrap()
+}
+
+fn queue(spec: Value) -> Value {
+    json!({"apiVersion": "warren.dev/v1alpha1", "kind": "Queue", "metadata": {"name": "orders"}, "spec": spec})
+}
+
+fn errors_of(obj: &Value, old: Option<&Value>) -> String {
+    validate_object(obj, old).expect_err("expected the object to be rejected").join("\n")
+}
+
+#[test]
+fn should_define_four_namespaced_kinds_in_the_warren_category() {
+    let crds = warren_crds::crds();
+    let names: Vec<_> = crds.iter().map(|c| c.metadata.name.clone().unwrap()).collect();
+    assert_eq!(names, ["brokers.warren.dev", "exchanges.warren.dev", "queues.warren.dev", "bindings.warren.dev"]);
+    for crd in &crds {
+        assert_eq!(crd.spec.group, "warren.dev");
+        assert_eq!(crd.spec.scope, "Namespaced");
+        assert_eq!(crd.spec.names.categories.as_deref(), Some(&["warren".to_string()][..]));
+        assert_eq!(crd.spec.versions.len(), 1);
+        let v = &crd.spec.versions[0];
+        assert_eq!(v.name, "v1alpha1");
+        assert!(v.served && v.storage);
+        assert!(v.subresources.as_ref().unwrap().status.is_some(), "{} has a status subresource", crd.spec.names.kind);
+    }
+    let short: Vec<_> = crds.iter().map(|c| c.spec.names.short_names.clone().unwrap()[0].clone()).collect();
+    assert_eq!(short, ["wb", "wx", "wq", "wbd"]);
+}
+
+#[test]
+fn should_show_queue_counts_and_replicas_as_printer_columns() {
+    let crd = crd_json("Queue");
+    let cols = crd["spec"]["versions"][0]["additionalPrinterColumns"].as_array().unwrap();
+    let default_cols: Vec<_> = cols
+        .iter()
+        .filter(|c| c.get("priority").is_none())
+        .map(|c| (c["name"].as_str().unwrap(), c["jsonPath"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        default_cols,
+        [
+            ("Ready", ".status.ready"),
+            ("Unacked", ".status.unacked"),
+            ("Consumers", ".status.consumers"),
+            ("Replicas", ".status.autoscaling.currentReplicas"),
+            ("Age", ".metadata.creationTimestamp"),
+        ]
+    );
+    let broker = crd_json("Broker");
+    let cols: Vec<_> = broker["spec"]["versions"][0]["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(cols, ["Replicas", "Ready", "Endpoint", "Status", "Age"]);
+}
+
+#[test]
+fn should_document_every_spec_and_status_field() {
+    fn walk(schema: &Value, path: &str, missing: &mut Vec<String>) {
+        if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+            for (k, v) in props {
+                let p = format!("{path}.{k}");
+                if v.get("description").and_then(Value::as_str).is_none_or(str::is_empty) {
+                    missing.push(p.clone());
+                }
+                walk(v, &p, missing);
+            }
+        }
+        if let Some(items) = schema.get("items") {
+            walk(items, &format!("{path}[]"), missing);
+        }
+    }
+    let mut missing = Vec::new();
+    for kind in ["Broker", "Exchange", "Queue", "Binding"] {
+        let schema = support::schema_for_kind(kind);
+        for top in ["spec", "status"] {
+            walk(&schema["properties"][top], &format!("{kind}.{top}"), &mut missing);
+        }
+    }
+    assert!(missing.is_empty(), "fields without a description (kubectl explain): {missing:#?}");
+}
+
+#[test]
+fn should_accept_a_minimal_queue_and_fill_defaults() {
+    validate_object(&queue(json!({"brokerRef": {"name": "warren"}})), None).unwrap();
+    let q: Queue = serde_json::from_value(queue(json!({"brokerRef": {"name": "warren"}}))).unwrap();
+    assert!(q.spec.durable);
+    assert_eq!(q.broker_name(), "orders");
+}
+
+#[test]
+fn should_reject_out_of_range_and_unknown_queue_fields() {
+    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "maxPriority": 256})), None);
+    assert!(e.contains("spec.maxPriority: must be less than or equal to 255"), "{e}");
+    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "overflow": "drop-tail"})), None);
+    assert!(e.contains("spec.overflow: unsupported value"), "{e}");
+    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "messageTTL": 5})), None);
+    assert!(e.contains("unknown field \"messageTTL\""), "{e}");
+    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "type": "quorum"})), None);
+    assert!(e.contains("spec.type: unsupported value"), "{e}");
+    let e = errors_of(&queue(json!({"durable": true})), None);
+    assert!(e.contains("spec.brokerRef: Required value"), "{e}");
+}
+
+#[test]
+fn should_reject_inconsistent_queue_arguments_with_cel() {
+    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "overflow": "reject-publish"})), None);
+    assert!(e.contains("overflow needs maxLength or maxLengthBytes"), "{e}");
+    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "deadLetterRoutingKey": "dead"})), None);
+    assert!(e.contains("deadLetterRoutingKey needs deadLetterExchange"), "{e}");
+    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "arguments": {"x-message-ttl": 5}})), None);
+    assert!(e.contains("use its typed field"), "{e}");
+    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "name": "amq.private"})), None);
+    assert!(e.contains("reserved"), "{e}");
+    validate_object(&queue(json!({"brokerRef": {"name": "w"}, "arguments": {"x-custom": "yes"}})), None).unwrap();
+}
+
+#[test]
+fn should_refuse_changing_what_the_broker_cannot_change() {
+    let old = queue(json!({"brokerRef": {"name": "w"}, "messageTtlMs": 1000}));
+    let changed = queue(json!({"brokerRef": {"name": "w"}, "messageTtlMs": 2000}));
+    let e = errors_of(&changed, Some(&old));
+    assert!(e.contains("messageTtlMs is immutable: the broker cannot change it in place"), "{e}");
+
+    // Adding or removing an optional argument is a change too.
+    let added = queue(json!({"brokerRef": {"name": "w"}, "messageTtlMs": 1000, "maxLength": 10}));
+    assert!(errors_of(&added, Some(&old)).contains("maxLength is immutable"));
+    let removed = queue(json!({"brokerRef": {"name": "w"}}));
+    assert!(errors_of(&removed, Some(&old)).contains("messageTtlMs is immutable"));
+    let durable = queue(json!({"brokerRef": {"name": "w"}, "messageTtlMs": 1000, "durable": false}));
+    assert!(errors_of(&durable, Some(&old)).contains("durable is immutable"));
+
+    // What the operator can apply stays mutable: deletion policy, autoscaling.
+    let mutable = queue(json!({
+        "brokerRef": {"name": "w"}, "messageTtlMs": 1000, "deletionPolicy": "Retain",
+        "autoscaling": {"target": {"name": "worker"}, "maxReplicas": 5}
+    }));
+    validate_object(&mutable, Some(&old)).unwrap();
+}
+
+#[test]
+fn should_validate_autoscaling_bounds() {
+    let spec = |a: Value| queue(json!({"brokerRef": {"name": "w"}, "autoscaling": a}));
+    validate_object(&spec(json!({"target": {"name": "worker"}, "minReplicas": 0, "maxReplicas": 3})), None).unwrap();
+    let e = errors_of(&spec(json!({"target": {"name": "worker"}, "minReplicas": 4, "maxReplicas": 3})), None);
+    assert!(e.contains("maxReplicas must be at least minReplicas"), "{e}");
+    let e = errors_of(&spec(json!({"target": {"name": "worker"}, "maxReplicas": 3, "pollingSeconds": 0})), None);
+    assert!(e.contains("pollingSeconds: must be greater than or equal to 1"), "{e}");
+    let e = errors_of(&spec(json!({"target": {"name": "worker"}, "maxReplicas": 3, "backlog": "All"})), None);
+    assert!(e.contains("backlog: unsupported value"), "{e}");
+    let q: Queue = serde_json::from_value(spec(json!({"target": {"name": "worker"}, "maxReplicas": 3}))).unwrap();
+    let a = q.spec.autoscaling.unwrap();
+    assert_eq!((a.polling_seconds, a.messages_per_replica, a.target.kind.as_str()), (5, 10, "Deployment"));
+}
+
+#[test]
+fn should_make_bindings_and_exchanges_immutable_and_brokers_storage_immutable() {
+    let binding = |key: &str| {
+        json!({"apiVersion": "warren.dev/v1alpha1", "kind": "Binding", "metadata": {"name": "b"},
+               "spec": {"brokerRef": {"name": "w"}, "source": "orders", "destination": "q", "routingKey": key}})
+    };
+    let e = errors_of(&binding("b"), Some(&binding("a")));
+    assert!(e.contains("routingKey is immutable"), "{e}");
+
+    let exchange = |t: &str| {
+        json!({"apiVersion": "warren.dev/v1alpha1", "kind": "Exchange", "metadata": {"name": "x"},
+               "spec": {"brokerRef": {"name": "w"}, "type": t}})
+    };
+    let e = errors_of(&exchange("fanout"), Some(&exchange("topic")));
+    assert!(e.contains("type is immutable"), "{e}");
+    let e = errors_of(&exchange("random"), None);
+    assert!(e.contains("spec.type: unsupported value"), "{e}");
+
+    let broker = |size: &str, replicas: i64| {
+        json!({"apiVersion": "warren.dev/v1alpha1", "kind": "Broker", "metadata": {"name": "w"},
+               "spec": {"replicas": replicas, "storage": {"size": size}}})
+    };
+    validate_object(&broker("10Gi", 1), None).unwrap();
+    let e = errors_of(&broker("20Gi", 1), Some(&broker("10Gi", 1)));
+    assert!(e.contains("storage is immutable"), "{e}");
+    let e = errors_of(&broker("10Gi", 3), None);
+    assert!(e.contains("spec.replicas: must be less than or equal to 1"), "{e}");
+}
+
+#[test]
+fn should_round_trip_every_kind_through_serde() {
+    // The generated types deserialize what the schema accepts.
+    for (file, doc) in support::warren_documents(&support::repo_root().join("examples")) {
+        let kind = doc["kind"].as_str().unwrap();
+        let ok = match kind {
+            "Broker" => serde_json::from_value::<Broker>(doc.clone()).is_ok(),
+            "Exchange" => serde_json::from_value::<Exchange>(doc.clone()).is_ok(),
+            "Queue" => serde_json::from_value::<Queue>(doc.clone()).is_ok(),
+            "Binding" => serde_json::from_value::<Binding>(doc.clone()).is_ok(),
+            other => panic!("{}: unexpected kind {other}", file.display()),
+        };
+        assert!(ok, "{}: {kind} does not deserialize", file.display());
+    }
+}

@@ -38,10 +38,10 @@ pub fn validate_object(obj: &Value, old: Option<&Value>) -> Result<(), Vec<Strin
         map.remove("metadata");
         map.remove("apiVersion");
         map.remove("kind");
-        if let Some(md) = obj.get("metadata") {
-            if md.get("name").and_then(Value::as_str).unwrap_or("").is_empty() {
-                errors.push("metadata.name: required".into());
-            }
+        if let Some(md) = obj.get("metadata")
+            && md.get("name").and_then(Value::as_str).unwrap_or("").is_empty()
+        {
+            errors.push("metadata.name: required".into());
         }
     }
     let mut schema_no_md = schema.clone();
@@ -85,46 +85,46 @@ fn validate(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>)
             return;
         }
     }
-    if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
-        if !allowed.contains(value) {
-            errors.push(format!("{here}: unsupported value {value}; supported values: {allowed:?}"));
-        }
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+        && !allowed.contains(value)
+    {
+        errors.push(format!("{here}: unsupported value {value}; supported values: {allowed:?}"));
     }
     if let Some(n) = value.as_f64() {
-        if let Some(min) = schema.get("minimum").and_then(Value::as_f64) {
-            if n < min {
-                errors.push(format!("{here}: must be greater than or equal to {min}"));
-            }
+        if let Some(min) = schema.get("minimum").and_then(Value::as_f64)
+            && n < min
+        {
+            errors.push(format!("{here}: must be greater than or equal to {min}"));
         }
-        if let Some(max) = schema.get("maximum").and_then(Value::as_f64) {
-            if n > max {
-                errors.push(format!("{here}: must be less than or equal to {max}"));
-            }
+        if let Some(max) = schema.get("maximum").and_then(Value::as_f64)
+            && n > max
+        {
+            errors.push(format!("{here}: must be less than or equal to {max}"));
         }
     }
     if let Some(s) = value.as_str() {
         let len = s.chars().count() as u64;
-        if let Some(min) = schema.get("minLength").and_then(Value::as_u64) {
-            if len < min {
-                errors.push(format!("{here}: should be at least {min} chars long"));
-            }
+        if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
+            && len < min
+        {
+            errors.push(format!("{here}: should be at least {min} chars long"));
         }
-        if let Some(max) = schema.get("maxLength").and_then(Value::as_u64) {
-            if len > max {
-                errors.push(format!("{here}: may not be more than {max} chars long"));
-            }
+        if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
+            && len > max
+        {
+            errors.push(format!("{here}: may not be more than {max} chars long"));
         }
-        if let Some(p) = schema.get("pattern").and_then(Value::as_str) {
-            if !regex::Regex::new(p).unwrap().is_match(s) {
-                errors.push(format!("{here}: should match '{p}'"));
-            }
+        if let Some(p) = schema.get("pattern").and_then(Value::as_str)
+            && !regex::Regex::new(p).unwrap().is_match(s)
+        {
+            errors.push(format!("{here}: should match '{p}'"));
         }
     }
     if let Some(items) = value.as_array() {
-        if let Some(max) = schema.get("maxItems").and_then(Value::as_u64) {
-            if items.len() as u64 > max {
-                errors.push(format!("{here}: must have at most {max} items"));
-            }
+        if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
+            && items.len() as u64 > max
+        {
+            errors.push(format!("{here}: must have at most {max} items"));
         }
         if let Some(item_schema) = schema.get("items") {
             for (i, item) in items.iter().enumerate() {
@@ -133,10 +133,10 @@ fn validate(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>)
         }
     }
     if let Some(map) = value.as_object() {
-        if let Some(max) = schema.get("maxProperties").and_then(Value::as_u64) {
-            if map.len() as u64 > max {
-                errors.push(format!("{here}: must have at most {max} properties"));
-            }
+        if let Some(max) = schema.get("maxProperties").and_then(Value::as_u64)
+            && map.len() as u64 > max
+        {
+            errors.push(format!("{here}: must have at most {max} properties"));
         }
         for req in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
             let req = req.as_str().unwrap_or_default();

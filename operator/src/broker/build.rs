@@ -1,0 +1,438 @@
+//! Pure builders: a validated Broker in, Kubernetes objects out. No API
+//! calls here, so every object is unit-tested as plain data.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+    Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, SleepAction, TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use warren_crds::v1alpha1::{Broker, BrokerSpec};
+
+use crate::error::{Error, Result};
+
+/// gRPC port of the broker.
+pub const GRPC_PORT: i32 = 5680;
+/// HTTP port of the broker: `/metrics`, `/healthz`, `/readyz`.
+pub const HTTP_PORT: i32 = 15680;
+/// Where the data volume is mounted.
+pub const DATA_DIR: &str = "/var/lib/warren";
+/// Where the ConfigMap is mounted.
+pub const CONFIG_DIR: &str = "/etc/warren";
+/// The configuration file's name in the ConfigMap.
+pub const CONFIG_FILE: &str = "warren.toml";
+/// UID and GID the broker runs as (distroless `nonroot`).
+pub const RUN_AS: i64 = 65532;
+/// Annotation on the pod template carrying the configuration's hash, so a
+/// configuration change rolls the pods.
+pub const CONFIG_HASH_ANNOTATION: &str = "warren.dev/config-hash";
+/// The longest Broker name: the StatefulSet's `controller-revision-hash`
+/// label (`<name>-<10 chars>`) must fit in 63 characters.
+pub const MAX_NAME_LEN: usize = 52;
+
+/// A Broker whose spec has been checked; everything downstream reads this,
+/// never the raw object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ValidatedBroker {
+    /// Name of the Broker (and of the StatefulSet, client Service, PDB,
+    /// ServiceAccount).
+    pub name: String,
+    /// Namespace of the Broker and of everything it owns.
+    pub namespace: String,
+    /// Controller owner reference pointing at the Broker.
+    pub owner: OwnerReference,
+    /// `metadata.generation` of the Broker.
+    pub generation: Option<i64>,
+    /// The image to run.
+    pub image: String,
+    /// The spec, defaults applied.
+    pub spec: BrokerSpec,
+}
+
+/// Checks a Broker and resolves its defaults (the image comes from the
+/// operator's configuration unless the spec sets one).
+pub fn validate(broker: &Broker, default_image: &str) -> Result<ValidatedBroker> {
+    let name = broker.metadata.name.clone().ok_or(Error::MissingObjectKey("name"))?;
+    let namespace = broker.namespace().ok_or(Error::MissingObjectKey("namespace"))?;
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::InvalidSpec(format!(
+            "metadata.name is {} characters; a Broker name may have at most {MAX_NAME_LEN} (the StatefulSet's pod labels must fit in 63)",
+            name.len()
+        )));
+    }
+    let owner = broker.controller_owner_ref(&()).ok_or(Error::MissingObjectKey("uid"))?;
+    let image = broker.spec.image.clone().unwrap_or_else(|| default_image.to_string());
+    if image.trim().is_empty() {
+        return Err(Error::InvalidSpec("spec.image is empty and the operator has no default broker image (--broker-image)".into()));
+    }
+    if broker.spec.replicas != 1 {
+        return Err(Error::InvalidSpec(format!(
+            "spec.replicas is {}; queue replication is not implemented yet, so a Broker runs exactly 1 pod",
+            broker.spec.replicas
+        )));
+    }
+    Ok(ValidatedBroker { name, namespace, owner, generation: broker.metadata.generation, image, spec: broker.spec.clone() })
+}
+
+impl ValidatedBroker {
+    /// Name of the headless Service that gives each pod a DNS name.
+    pub fn headless_service_name(&self) -> String {
+        format!("{}-headless", self.name)
+    }
+
+    /// Name of the ConfigMap holding the broker configuration.
+    pub fn config_map_name(&self) -> String {
+        format!("{}-config", self.name)
+    }
+
+    /// The address clients use: the client Service's gRPC port.
+    pub fn endpoint(&self) -> String {
+        format!("{}.{}.svc:{GRPC_PORT}", self.name, self.namespace)
+    }
+
+    /// Labels on every object of this Broker.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        let mut labels = self.selector_labels();
+        labels.insert("app.kubernetes.io/component".into(), "broker".into());
+        labels.insert("app.kubernetes.io/part-of".into(), "warren".into());
+        labels.insert("app.kubernetes.io/managed-by".into(), "warren-operator".into());
+        labels
+    }
+
+    /// The labels selecting this Broker's pods (immutable in a StatefulSet).
+    pub fn selector_labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("app.kubernetes.io/name".to_string(), "warren-broker".to_string()),
+            ("app.kubernetes.io/instance".to_string(), self.name.clone()),
+        ])
+    }
+
+    fn meta(&self, name: String) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(self.labels()),
+            owner_references: Some(vec![self.owner.clone()]),
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+/// The broker's TOML configuration. Listen addresses, the data directory and
+/// the node name are passed as environment variables (they are per pod);
+/// the file holds the tuning. Keys are the broker's flag names in snake case.
+pub fn config_toml(v: &ValidatedBroker) -> String {
+    let c = &v.spec.config;
+    let mut out = String::from("# Warren broker configuration, written by warren-operator from the Broker spec.\n");
+    out.push_str(&format!("log_format = \"{}\"\n", c.log_format.as_str()));
+    let ints = [
+        ("max_message_size", c.max_message_size),
+        ("queue_window_messages", c.queue_window_messages),
+        ("queue_window_bytes", c.queue_window_bytes),
+        ("block_cache_bytes", c.block_cache_bytes),
+    ];
+    for (key, value) in ints {
+        if let Some(value) = value {
+            out.push_str(&format!("{key} = {value}\n"));
+        }
+    }
+    out
+}
+
+/// FNV-1a, 64 bits: a hash that is stable across operator builds (unlike
+/// std's `DefaultHasher`), so upgrading the operator does not roll pods.
+pub fn stable_hash(data: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in data.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// The ConfigMap with the broker configuration file.
+pub fn config_map(v: &ValidatedBroker) -> ConfigMap {
+    ConfigMap {
+        metadata: v.meta(v.config_map_name()),
+        data: Some(BTreeMap::from([(CONFIG_FILE.to_string(), config_toml(v))])),
+        ..ConfigMap::default()
+    }
+}
+
+/// The broker pods' ServiceAccount. The broker does not call the
+/// Kubernetes API, so its token is not mounted.
+pub fn service_account(v: &ValidatedBroker) -> ServiceAccount {
+    ServiceAccount { metadata: v.meta(v.name.clone()), automount_service_account_token: Some(false), ..ServiceAccount::default() }
+}
+
+fn ports() -> Vec<ServicePort> {
+    vec![
+        ServicePort {
+            name: Some("grpc".into()),
+            port: GRPC_PORT,
+            target_port: Some(IntOrString::String("grpc".into())),
+            app_protocol: Some("kubernetes.io/h2c".into()),
+            protocol: Some("TCP".into()),
+            ..ServicePort::default()
+        },
+        ServicePort {
+            name: Some("http".into()),
+            port: HTTP_PORT,
+            target_port: Some(IntOrString::String("http".into())),
+            protocol: Some("TCP".into()),
+            ..ServicePort::default()
+        },
+    ]
+}
+
+/// The headless Service: stable DNS names for the pods (peers find each
+/// other through it), including pods that are not ready yet.
+pub fn headless_service(v: &ValidatedBroker) -> Service {
+    Service {
+        metadata: v.meta(v.headless_service_name()),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(v.selector_labels()),
+            ports: Some(ports()),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// The client Service: gRPC (and the metrics port) of the ready pods.
+pub fn client_service(v: &ValidatedBroker) -> Service {
+    let mut meta = v.meta(v.name.clone());
+    if !v.spec.service.annotations.is_empty() {
+        meta.annotations = Some(v.spec.service.annotations.clone());
+    }
+    Service {
+        metadata: meta,
+        spec: Some(ServiceSpec {
+            type_: Some(v.spec.service.type_.as_str().into()),
+            selector: Some(v.selector_labels()),
+            ports: Some(ports()),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// The PodDisruptionBudget: voluntary disruptions (node drains) take at
+/// most one broker pod at a time.
+pub fn pod_disruption_budget(v: &ValidatedBroker) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata: v.meta(v.name.clone()),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector { match_labels: Some(v.selector_labels()), ..LabelSelector::default() }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+fn env(name: &str, value: &str) -> EnvVar {
+    EnvVar { name: name.into(), value: Some(value.into()), ..EnvVar::default() }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("http".into()), ..HTTPGetAction::default() }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(3),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+/// The StatefulSet running the broker.
+pub fn stateful_set(v: &ValidatedBroker) -> StatefulSet {
+    let spec = &v.spec;
+    let config_hash = stable_hash(&config_toml(v));
+    let mut pod_annotations = BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_string(), config_hash)]);
+    if spec.metrics.enabled {
+        pod_annotations.insert("prometheus.io/scrape".into(), "true".into());
+        pod_annotations.insert("prometheus.io/port".into(), HTTP_PORT.to_string());
+        pod_annotations.insert("prometheus.io/path".into(), "/metrics".into());
+    }
+    let mut pod_labels = v.labels();
+    pod_labels.extend(v.selector_labels());
+
+    let container = Container {
+        name: "broker".into(),
+        image: Some(v.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
+        env: Some(vec![
+            EnvVar {
+                name: "WARREN_NODE_NAME".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..ObjectFieldSelector::default() }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+            env("WARREN_DATA_DIR", DATA_DIR),
+            env("WARREN_GRPC_ADDR", &format!("0.0.0.0:{GRPC_PORT}")),
+            env("WARREN_HTTP_ADDR", &format!("0.0.0.0:{HTTP_PORT}")),
+            env("WARREN_CONFIG", &format!("{CONFIG_DIR}/{CONFIG_FILE}")),
+        ]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("grpc".into()),
+                container_port: GRPC_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: HTTP_PORT,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            },
+        ]),
+        // Opening a large RocksDB can take a while: up to 5 minutes before
+        // liveness applies.
+        startup_probe: Some(http_probe("/healthz", 5, 60)),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        // Leave time for the Service endpoints to drop the pod before the
+        // broker stops accepting connections.
+        lifecycle: Some(Lifecycle {
+            pre_stop: Some(LifecycleHandler { sleep: Some(SleepAction { seconds: 5 }), ..LifecycleHandler::default() }),
+            ..Lifecycle::default()
+        }),
+        resources: spec.resources.clone(),
+        security_context: Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS),
+            run_as_group: Some(RUN_AS),
+            read_only_root_filesystem: Some(true),
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount { name: "data".into(), mount_path: DATA_DIR.into(), ..VolumeMount::default() },
+            VolumeMount { name: "config".into(), mount_path: CONFIG_DIR.into(), read_only: Some(true), ..VolumeMount::default() },
+            VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() },
+        ]),
+        ..Container::default()
+    };
+
+    let spread = |key: &str| TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: key.into(),
+        when_unsatisfiable: "ScheduleAnyway".into(),
+        label_selector: Some(LabelSelector { match_labels: Some(v.selector_labels()), ..LabelSelector::default() }),
+        ..TopologySpreadConstraint::default()
+    };
+
+    let pod = PodSpec {
+        service_account_name: Some(v.name.clone()),
+        automount_service_account_token: Some(false),
+        termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUN_AS),
+            run_as_group: Some(RUN_AS),
+            fs_group: Some(RUN_AS),
+            fs_group_change_policy: Some("OnRootMismatch".into()),
+            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..SeccompProfile::default() }),
+            ..PodSecurityContext::default()
+        }),
+        containers: vec![container],
+        volumes: Some(vec![
+            Volume {
+                name: "config".into(),
+                config_map: Some(ConfigMapVolumeSource { name: v.config_map_name(), ..ConfigMapVolumeSource::default() }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "tmp".into(),
+                empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity("64Mi".into())), ..EmptyDirVolumeSource::default() }),
+                ..Volume::default()
+            },
+        ]),
+        topology_spread_constraints: Some(vec![spread("kubernetes.io/hostname"), spread("topology.kubernetes.io/zone")]),
+        node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
+        tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+        image_pull_secrets: (!spec.image_pull_secrets.is_empty())
+            .then(|| spec.image_pull_secrets.iter().map(|name| LocalObjectReference { name: name.clone() }).collect()),
+        ..PodSpec::default()
+    };
+
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta { name: Some("data".into()), labels: Some(v.selector_labels()), ..ObjectMeta::default() },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            storage_class_name: spec.storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".to_string(), spec.storage.size.clone())])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    };
+
+    StatefulSet {
+        metadata: v.meta(v.name.clone()),
+        spec: StatefulSetSpec {
+            replicas: Some(spec.replicas),
+            service_name: Some(v.headless_service_name()),
+            pod_management_policy: Some("Parallel".into()),
+            selector: LabelSelector { match_labels: Some(v.selector_labels()), ..LabelSelector::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(pod_labels), annotations: Some(pod_annotations), ..ObjectMeta::default() }),
+                spec: Some(pod),
+            },
+            volume_claim_templates: Some(vec![claim]),
+            // Messages outlive the Broker object: deleting or scaling the
+            // Broker never deletes a volume.
+            persistent_volume_claim_retention_policy: Some(StatefulSetPersistentVolumeClaimRetentionPolicy {
+                when_deleted: Some("Retain".into()),
+                when_scaled: Some("Retain".into()),
+            }),
+            ..StatefulSetSpec::default()
+        },
+        ..StatefulSet::default()
+    }
+}
+
+/// Every object a Broker owns, in the order they are applied.
+pub struct Children {
+    /// The pods' ServiceAccount.
+    pub service_account: ServiceAccount,
+    /// The configuration.
+    pub config_map: ConfigMap,
+    /// Per-pod DNS.
+    pub headless_service: Service,
+    /// Client access.
+    pub client_service: Service,
+    /// The pods.
+    pub stateful_set: StatefulSet,
+    /// Disruption budget.
+    pub pod_disruption_budget: PodDisruptionBudget,
+}
+
+/// Builds every child of a Broker.
+pub fn build(v: &ValidatedBroker) -> Children {
+    Children {
+        service_account: service_account(v),
+        config_map: config_map(v),
+        headless_service: headless_service(v),
+        client_service: client_service(v),
+        stateful_set: stateful_set(v),
+        pod_disruption_budget: pod_disruption_budget(v),
+    }
+}

@@ -1,0 +1,168 @@
+//! The Binding controller: binds once the source exchange and the
+//! destination exist, and re-binds when the binding disappears.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use tonic::Code;
+use tonic::transport::Channel;
+use warren_client::proto::warren_client::WarrenClient;
+use warren_client::proto::{BindRequest, DeclareExchangeRequest, DeclareQueueRequest, DestinationKind, ListBindingsRequest};
+use warren_crds::v1alpha1::{Binding, BindingStatus, DeletionPolicy, TopologyStatus};
+
+use super::{BrokerTarget, FINALIZER, args, broker_target, namespace_of, patch_status, publish, ready, reason_for};
+use crate::conditions::{self, READY};
+use crate::context::Context;
+use crate::error::{Error, Result};
+
+/// Controller name in metrics and logs.
+pub const CONTROLLER: &str = "binding";
+
+/// Reconciles one Binding.
+pub async fn reconcile(b: Arc<Binding>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile(CONTROLLER);
+    let api: Api<Binding> = Api::namespaced(ctx.client.clone(), &namespace_of(b.as_ref())?);
+    finalizer(&api, FINALIZER, b, |event| async {
+        match event {
+            Finalizer::Apply(b) => apply(&b, &ctx, &api).await,
+            Finalizer::Cleanup(b) => cleanup(&b, &ctx).await,
+        }
+    })
+    .await
+    .map_err(Error::from)
+}
+
+async fn write(api: &Api<Binding>, b: &Binding, condition: k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition) -> Result<()> {
+    let previous = b.status.clone().unwrap_or_default().topology;
+    let status = BindingStatus {
+        topology: TopologyStatus {
+            observed_generation: b.metadata.generation,
+            conditions: conditions::merge(&previous.conditions, vec![condition]),
+        },
+    };
+    patch_status(api, &b.name_any(), &status).await
+}
+
+async fn wait(api: &Api<Binding>, b: &Binding, reason: &str, message: String) -> Result<Action> {
+    write(api, b, ready(false, reason, message, b.metadata.generation)).await?;
+    Ok(Action::requeue(Duration::from_secs(10)))
+}
+
+/// Whether an exchange (`is_queue` false) or queue exists on the broker.
+async fn exists(client: &mut WarrenClient<Channel>, name: &str, is_queue: bool) -> Result<bool, tonic::Status> {
+    let result = if is_queue {
+        let req = DeclareQueueRequest { name: name.into(), passive: true, ..DeclareQueueRequest::default() };
+        client.declare_queue(req).await.map(|_| ())
+    } else {
+        let req = DeclareExchangeRequest { name: name.into(), passive: true, ..DeclareExchangeRequest::default() };
+        client.declare_exchange(req).await.map(|_| ())
+    };
+    match result {
+        Ok(()) => Ok(true),
+        Err(s) if s.code() == Code::NotFound => Ok(false),
+        Err(s) => Err(s),
+    }
+}
+
+fn same_binding(info: &warren_client::proto::BindingInfo, r: &BindRequest) -> bool {
+    let kind = |k: i32| if k == DestinationKind::Unspecified as i32 { DestinationKind::Queue as i32 } else { k };
+    info.source == r.source
+        && info.destination == r.destination
+        && kind(info.destination_kind) == kind(r.destination_kind)
+        && info.routing_key == r.routing_key
+        && info.arguments == r.arguments
+}
+
+async fn apply(b: &Binding, ctx: &Context, api: &Api<Binding>) -> Result<Action> {
+    let generation = b.metadata.generation;
+    let request = match args::bind(b) {
+        Ok(r) => r,
+        Err(Error::InvalidSpec(message)) => {
+            write(api, b, ready(false, "InvalidSpec", message, generation)).await?;
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(e),
+    };
+    let mut client = match broker_target(ctx, &namespace_of(b)?, &b.spec.broker_ref).await? {
+        BrokerTarget::Ready(client) => client,
+        BrokerTarget::Missing(m) => return wait(api, b, "BrokerNotFound", m).await,
+        BrokerTarget::NotReady(m) | BrokerTarget::Deleting(m) => return wait(api, b, "BrokerNotReady", m).await,
+    };
+
+    let to_queue = args::destination_kind(b) == DestinationKind::Queue;
+    let what = if to_queue { "queue" } else { "exchange" };
+    match exists(&mut client, &request.source, false).await {
+        Ok(true) => {}
+        Ok(false) => {
+            let m = format!("waiting for source exchange {} to exist on the broker", request.source);
+            return wait(api, b, "WaitingForSource", m).await;
+        }
+        Err(s) => return wait(api, b, reason_for(&s), format!("checking exchange {}: {}", request.source, s.message())).await,
+    }
+    match exists(&mut client, &request.destination, to_queue).await {
+        Ok(true) => {}
+        Ok(false) => {
+            let m = format!("waiting for destination {what} {} to exist on the broker", request.destination);
+            return wait(api, b, "WaitingForDestination", m).await;
+        }
+        Err(s) => return wait(api, b, reason_for(&s), format!("checking {what} {}: {}", request.destination, s.message())).await,
+    }
+    let existed = match client.list_bindings(ListBindingsRequest {}).await {
+        Ok(list) => list.into_inner().bindings.iter().any(|i| same_binding(i, &request)),
+        Err(s) => return wait(api, b, reason_for(&s), format!("listing bindings: {}", s.message())).await,
+    };
+    let describe = format!("{} -> {what} {} (key {:?})", request.source, request.destination, request.routing_key);
+    if let Err(s) = client.bind(request).await {
+        let reason = reason_for(&s);
+        if reason == "NotFound" {
+            // Deleted between the check and the bind: wait for it again.
+            return wait(api, b, "WaitingForDestination", format!("binding {describe}: {}", s.message())).await;
+        }
+        let message = format!("the broker refused binding {describe}: {}", s.message());
+        write(api, b, ready(false, reason, message, generation)).await?;
+        return Ok(Action::requeue(Duration::from_secs(10)));
+    }
+    let was_ready = b.status.as_ref().is_some_and(|s| conditions::is_true(&s.topology.conditions, READY));
+    if !existed && was_ready {
+        let note = format!("binding {describe} was missing on the broker; re-created it");
+        publish(ctx, b, EventType::Warning, "Recreated", "Bind", note).await;
+    } else if !existed {
+        publish(ctx, b, EventType::Normal, "Created", "Bind", format!("bound {describe}")).await;
+    }
+    write(api, b, ready(true, "Bound", format!("bound {describe}"), generation)).await?;
+    Ok(Action::requeue(ctx.settings.resync))
+}
+
+async fn cleanup(b: &Binding, ctx: &Context) -> Result<Action> {
+    if b.spec.deletion_policy == DeletionPolicy::Retain {
+        publish(ctx, b, EventType::Normal, "Retained", "Delete", "binding left on the broker (deletionPolicy: Retain)".into()).await;
+        return Ok(Action::await_change());
+    }
+    let mut client = match broker_target(ctx, &namespace_of(b)?, &b.spec.broker_ref).await? {
+        BrokerTarget::Ready(client) => client,
+        BrokerTarget::Missing(m) | BrokerTarget::Deleting(m) => {
+            publish(ctx, b, EventType::Normal, "BrokerGone", "Delete", format!("{m}; nothing to unbind")).await;
+            return Ok(Action::await_change());
+        }
+        BrokerTarget::NotReady(m) => return Err(Error::BrokerNotReady(format!("cannot unbind yet: {m}"))),
+    };
+    let request = match args::unbind(b) {
+        Ok(r) => r,
+        // A spec the broker never accepted was never bound.
+        Err(Error::InvalidSpec(_)) => return Ok(Action::await_change()),
+        Err(e) => return Err(e),
+    };
+    match client.unbind(request).await {
+        Ok(_) => {
+            publish(ctx, b, EventType::Normal, "Deleted", "Unbind", "unbound".into()).await;
+            Ok(Action::await_change())
+        }
+        Err(s) if s.code() == Code::NotFound => Ok(Action::await_change()),
+        Err(s) => Err(Error::broker("Unbind", s)),
+    }
+}

@@ -1,0 +1,201 @@
+//! The Queue controller: declares the queue, mirrors its counts into the
+//! status, and runs the autoscaler every `pollingSeconds`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::ResourceExt;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use tonic::Code;
+use warren_client::proto::{DeclareQueueRequest, DeleteQueueRequest, QueueInfo};
+use warren_crds::v1alpha1::{AutoscalingStatus, DeletionPolicy, Queue, QueueStatus, TopologyStatus};
+
+use super::{BrokerTarget, FINALIZER, args, broker_target, namespace_of, patch_status, publish, ready, reason_for};
+use crate::autoscaler;
+use crate::conditions::{self, AUTOSCALING_ACTIVE, READY};
+use crate::context::Context;
+use crate::error::{Error, Result};
+
+/// Controller name in metrics and logs.
+pub const CONTROLLER: &str = "queue";
+
+/// Reconciles one Queue.
+pub async fn reconcile(q: Arc<Queue>, ctx: Arc<Context>) -> Result<Action> {
+    let _timer = ctx.metrics.reconcile(CONTROLLER);
+    let api: Api<Queue> = Api::namespaced(ctx.client.clone(), &namespace_of(q.as_ref())?);
+    finalizer(&api, FINALIZER, q, |event| async {
+        match event {
+            Finalizer::Apply(q) => apply(&q, &ctx, &api).await,
+            Finalizer::Cleanup(q) => cleanup(&q, &ctx, &api).await,
+        }
+    })
+    .await
+    .map_err(Error::from)
+}
+
+/// What to write into the status.
+struct Update {
+    conditions: Vec<Condition>,
+    info: Option<QueueInfo>,
+    autoscaling: Option<AutoscalingStatus>,
+}
+
+async fn write(api: &Api<Queue>, q: &Queue, update: Update) -> Result<()> {
+    let previous = q.status.clone().unwrap_or_default();
+    let mut conditions = conditions::merge(&previous.topology.conditions, update.conditions);
+    if q.spec.autoscaling.is_none() {
+        conditions.retain(|c| c.type_ != AUTOSCALING_ACTIVE);
+    }
+    let info = update.info;
+    let status = QueueStatus {
+        topology: TopologyStatus { observed_generation: q.metadata.generation, conditions },
+        ready: info.as_ref().map(|i| i.ready).or(previous.ready),
+        unacked: info.as_ref().map(|i| i.unacked).or(previous.unacked),
+        delayed: info.as_ref().map(|i| i.delayed).or(previous.delayed),
+        consumers: info.as_ref().map(|i| i.consumers).or(previous.consumers),
+        autoscaling: if q.spec.autoscaling.is_some() { update.autoscaling.or(previous.autoscaling) } else { None },
+    };
+    patch_status(api, &q.name_any(), &status).await
+}
+
+fn only(condition: Condition) -> Update {
+    Update { conditions: vec![condition], info: None, autoscaling: None }
+}
+
+/// How soon to look again: the autoscaler's polling interval, or the resync.
+fn next_poll(q: &Queue, ctx: &Context) -> Action {
+    match &q.spec.autoscaling {
+        Some(a) => Action::requeue(Duration::from_secs(u64::try_from(a.polling_seconds).unwrap_or(5).max(1))),
+        None => Action::requeue(ctx.settings.resync),
+    }
+}
+
+async fn apply(q: &Queue, ctx: &Context, api: &Api<Queue>) -> Result<Action> {
+    let generation = q.metadata.generation;
+    let request = match args::declare_queue(q) {
+        Ok(r) => r,
+        Err(Error::InvalidSpec(message)) => {
+            write(api, q, only(ready(false, "InvalidSpec", message, generation))).await?;
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(e),
+    };
+    let retry = Action::requeue(Duration::from_secs(10));
+    let mut client = match broker_target(ctx, &namespace_of(q)?, &q.spec.broker_ref).await? {
+        BrokerTarget::Ready(client) => client,
+        BrokerTarget::Missing(m) => {
+            write(api, q, only(ready(false, "BrokerNotFound", m, generation))).await?;
+            return Ok(retry);
+        }
+        BrokerTarget::NotReady(m) | BrokerTarget::Deleting(m) => {
+            write(api, q, only(ready(false, "BrokerNotReady", m, generation))).await?;
+            return Ok(retry);
+        }
+    };
+
+    let name = request.name.clone();
+    let passive = DeclareQueueRequest { passive: true, ..request.clone() };
+    let existed = match client.declare_queue(passive).await {
+        Ok(_) => true,
+        Err(s) if s.code() == Code::NotFound => false,
+        Err(s) => {
+            let message = format!("checking queue {name}: {}", s.message());
+            write(api, q, only(ready(false, reason_for(&s), message, generation))).await?;
+            return Ok(retry);
+        }
+    };
+    let info = match client.declare_queue(request).await {
+        Ok(response) => {
+            let was_ready = q.status.as_ref().is_some_and(|s| conditions::is_true(&s.topology.conditions, READY));
+            if !existed && was_ready {
+                let note = format!("queue {name} was missing on the broker (deleted by hand, or auto-deleted); re-created it");
+                publish(ctx, q, EventType::Warning, "Recreated", "Declare", note).await;
+            } else if !existed {
+                publish(ctx, q, EventType::Normal, "Created", "Declare", format!("declared queue {name}")).await;
+            }
+            response.into_inner().queue.unwrap_or_default()
+        }
+        Err(s) => {
+            let reason = reason_for(&s);
+            let message = format!("the broker refused queue {name}: {}", s.message());
+            let already =
+                q.status.as_ref().and_then(|st| conditions::find(&st.topology.conditions, READY)).is_some_and(|c| c.reason == reason);
+            if matches!(s.code(), Code::FailedPrecondition | Code::InvalidArgument) && !already {
+                publish(ctx, q, EventType::Warning, reason, "Declare", message.clone()).await;
+            }
+            // The queue may still exist with other properties: keep
+            // mirroring its counts from a passive declare.
+            let passive = DeclareQueueRequest { name: name.clone(), passive: true, ..DeclareQueueRequest::default() };
+            let info = client.declare_queue(passive).await.ok().and_then(|r| r.into_inner().queue);
+            let update = Update { conditions: vec![ready(false, reason, message, generation)], info, autoscaling: None };
+            write(api, q, update).await?;
+            return Ok(retry);
+        }
+    };
+
+    let mut update = Update {
+        conditions: vec![ready(true, "Declared", format!("queue {name} exists on the broker as declared"), generation)],
+        info: Some(info.clone()),
+        autoscaling: None,
+    };
+    if let Some(a) = &q.spec.autoscaling {
+        let outcome = autoscaler::run(ctx, q, a, &info).await;
+        update.conditions.push(outcome.condition);
+        update.autoscaling = Some(outcome.status);
+    }
+    write(api, q, update).await?;
+    Ok(next_poll(q, ctx))
+}
+
+async fn cleanup(q: &Queue, ctx: &Context, api: &Api<Queue>) -> Result<Action> {
+    let name = q.broker_name();
+    if let Some(uid) = q.uid() {
+        ctx.histories.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
+    }
+    if q.spec.deletion_policy == DeletionPolicy::Retain {
+        let note = format!("queue {name} and its messages left on the broker (deletionPolicy: Retain)");
+        publish(ctx, q, EventType::Normal, "Retained", "Delete", note).await;
+        return Ok(Action::await_change());
+    }
+    let mut client = match broker_target(ctx, &namespace_of(q)?, &q.spec.broker_ref).await? {
+        BrokerTarget::Ready(client) => client,
+        BrokerTarget::Missing(m) | BrokerTarget::Deleting(m) => {
+            publish(ctx, q, EventType::Normal, "BrokerGone", "Delete", format!("{m}; nothing to delete")).await;
+            return Ok(Action::await_change());
+        }
+        BrokerTarget::NotReady(m) => return Err(Error::BrokerNotReady(format!("cannot delete queue {name} yet: {m}"))),
+    };
+    let request = DeleteQueueRequest { name: name.clone(), if_unused: false, if_empty: !q.spec.delete_with_messages };
+    match client.delete_queue(request).await {
+        Ok(response) => {
+            let lost = response.into_inner().message_count;
+            let note = if lost > 0 {
+                format!("deleted queue {name} with {lost} messages (deleteWithMessages: true)")
+            } else {
+                format!("deleted queue {name}")
+            };
+            publish(ctx, q, EventType::Normal, "Deleted", "Delete", note).await;
+            Ok(Action::await_change())
+        }
+        Err(s) if s.code() == Code::NotFound => Ok(Action::await_change()),
+        Err(s) if s.code() == Code::FailedPrecondition => {
+            let passive = DeclareQueueRequest { name: name.clone(), passive: true, ..DeclareQueueRequest::default() };
+            let info = client.declare_queue(passive).await.ok().and_then(|r| r.into_inner().queue);
+            let messages = info.as_ref().map(|i| i.ready + i.unacked + i.delayed).unwrap_or(0);
+            let message = format!(
+                "queue {name} still holds {messages} messages, so it is not deleted; it will be once it is empty. \
+                 To delete it now set spec.deleteWithMessages: true; to keep it set spec.deletionPolicy: Retain"
+            );
+            let update =
+                Update { conditions: vec![ready(false, "QueueNotEmpty", message.clone(), q.metadata.generation)], info, autoscaling: None };
+            write(api, q, update).await?;
+            publish(ctx, q, EventType::Warning, "QueueNotEmpty", "Delete", message).await;
+            Err(Error::QueueNotEmpty { queue: name, messages })
+        }
+        Err(s) => Err(Error::broker("DeleteQueue", s)),
+    }
+}

@@ -14,8 +14,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Bodies and byte values are `bytes::Bytes`: fan-out shares one buffer.
     config.bytes(["."]);
 
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out_dir.join("warren_descriptor.bin"))
-        .compile_with_config(config, &[proto], &[proto_root])?;
+    tonic_prost_build::configure().file_descriptor_set_path(out_dir.join("warren_descriptor.bin")).compile_with_config(
+        config,
+        &[proto],
+        &[proto_root],
+    )?;
     Ok(())
 }

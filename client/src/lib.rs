@@ -824,6 +824,28 @@ impl Consumer {
         self.acker.set_prefetch(prefetch).await
     }
 
+    /// Ends the subscription cleanly: acknowledgements sent before are
+    /// applied, unacknowledged deliveries (including any that arrive
+    /// meanwhile) return to the queue. Waits (bounded) for the broker to
+    /// close the stream.
+    pub async fn cancel(self) -> Result<()> {
+        self.acker.send(proto::consume_request::Request::Cancel(proto::Cancel {})).await?;
+        let mut stream = self.stream.lock().await;
+        let drain = async {
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Ok(()),
+                    Err(s) if s.code() == tonic::Code::Cancelled => return Ok(()),
+                    Err(s) => return Err(Error::Status(s)),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), drain)
+            .await
+            .map_err(|_| Error::Protocol("the broker did not end the subscription within 30s".into()))?
+    }
+
     /// Turns the consumer into a stream of deliveries. The stream ends after
     /// the first error (a cancellation included), which it yields.
     pub fn into_stream(self) -> impl futures::Stream<Item = Result<Delivery>> {

@@ -437,8 +437,8 @@ async fn consume(client: &Client, a: ConsumeArgs, out: &Printer) -> Result<(), F
         }
         seen += 1;
     }
-    // Let the last acknowledgements reach the broker before the stream ends.
-    drop(consumer);
+    // The last acknowledgements reach the broker before the stream ends.
+    consumer.cancel().await?;
     Ok(())
 }
 

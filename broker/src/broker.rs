@@ -1,0 +1,921 @@
+//! The broker core: topology changes, publishing, consuming. Transport-free:
+//! the gRPC layer decodes a request, calls one method here and maps the
+//! result.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use rand::Rng;
+use tokio::sync::{Mutex, mpsc, oneshot};
+use warren_client::proto::{self, ConfirmStatus, Value};
+
+use crate::confirm::{self, ConfirmSink, ConfirmTracker, PartOutcome};
+use crate::error::{Error, Result};
+use crate::model::args::{ExchangeArgs, validate_binding_args};
+use crate::model::{self, ExchangeKind, MessageData, QueueArgs, validate_name, validate_routing_key};
+use crate::queue::state::{ConsumerId, ConsumerSpec, Limits, QueueState, SeqAllocator};
+use crate::queue::task::{self, QueueEvent};
+use crate::queue::{ConsumerEvent, QueueCmd, QueueRef};
+use crate::routing::Dest;
+use crate::store::counters::QueueCounters;
+use crate::store::keys::{self, meta};
+use crate::store::{Cf, Op, Store};
+use crate::topology::{BindingDef, ExchangeDef, QueueDef, QueueEntry, SessionId, Snapshot, Topology};
+
+/// Settings of the broker core.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    pub node_name: String,
+    /// Largest message body accepted, in bytes.
+    pub max_message_size: usize,
+    /// Per-queue in-memory window.
+    pub limits: Limits,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig { node_name: "warren".into(), max_message_size: 16 << 20, limits: Limits::default() }
+    }
+}
+
+/// Node-wide counters.
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub published: AtomicU64,
+    pub delivered: AtomicU64,
+    pub acked: AtomicU64,
+}
+
+/// A client connection. Exclusive queues belong to one; when the last
+/// handle on it drops (the connection closed), they are deleted.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub id: SessionId,
+    pub peer: Arc<str>,
+    _guard: Arc<SessionGuard>,
+}
+
+#[derive(Debug)]
+struct SessionGuard {
+    id: SessionId,
+    tx: mpsc::UnboundedSender<SessionId>,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let _ = self.tx.send(self.id);
+    }
+}
+
+/// An active subscription.
+pub struct Subscription {
+    pub queue: QueueRef,
+    pub consumer: ConsumerId,
+    pub tag: Arc<str>,
+    pub events: mpsc::Receiver<ConsumerEvent>,
+}
+
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: BrokerConfig,
+    store: Store,
+    seqs: Arc<SeqAllocator>,
+    topo: Mutex<Topology>,
+    snapshot: ArcSwap<Snapshot>,
+    queue_events: mpsc::UnboundedSender<QueueEvent>,
+    session_events: mpsc::UnboundedSender<SessionId>,
+    next_session: AtomicU64,
+    open_sessions: AtomicU64,
+    shutting_down: AtomicBool,
+    started: Instant,
+    totals: Totals,
+}
+
+fn random_suffix() -> String {
+    let mut rng = rand::rng();
+    (0..22)
+        .map(|_| {
+            const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+            ALPHABET[rng.random_range(0..ALPHABET.len())] as char
+        })
+        .collect()
+}
+
+impl Broker {
+    /// Recovers the broker's state from `store` and starts its queues.
+    pub async fn open(store: Store, config: BrokerConfig) -> Result<Broker> {
+        let engine = store.engine().clone();
+        let Recovered { mut topo, queues, counters } = tokio::task::spawn_blocking(move || load(engine.as_ref()))
+            .await
+            .map_err(|e| Error::Store(crate::store::StoreError::Io(format!("recovery task failed: {e}"))))??;
+        let max_seq = counters.values().map(|c| c.max_seq).max().unwrap_or(0);
+        let seqs = Arc::new(SeqAllocator::starting_at(max_seq + 1));
+        let (queue_tx, queue_rx) = mpsc::unbounded_channel();
+        let (session_tx, session_rx) = mpsc::unbounded_channel();
+        // Start the recovered queues.
+        for def in queues {
+            let c = counters.get(&def.id).copied().unwrap_or_default();
+            let state = QueueState::recover(def.id, def.name.clone(), def.args.clone(), config.limits, seqs.clone(), c);
+            let handle = task::spawn(state, def.auto_delete, store.clone(), queue_tx.clone());
+            topo.queues.insert(def.name.clone(), QueueEntry { def: Arc::new(def), handle });
+        }
+        let snapshot = topo.full_snapshot();
+        let broker = Broker {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                seqs,
+                topo: Mutex::new(topo),
+                snapshot: ArcSwap::from_pointee(snapshot),
+                queue_events: queue_tx,
+                session_events: session_tx,
+                next_session: AtomicU64::new(1),
+                open_sessions: AtomicU64::new(0),
+                shutting_down: AtomicBool::new(false),
+                started: Instant::now(),
+                totals: Totals::default(),
+            }),
+        };
+        tokio::spawn(broker.clone().event_loop(queue_rx, session_rx));
+        Ok(broker)
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn totals(&self) -> &Totals {
+        &self.inner.totals
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.inner.started.elapsed()
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.inner.snapshot.load_full()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Registers a client connection.
+    pub fn open_session(&self, peer: impl Into<Arc<str>>) -> Session {
+        let id = self.inner.next_session.fetch_add(1, Ordering::Relaxed);
+        self.inner.open_sessions.fetch_add(1, Ordering::Relaxed);
+        Session { id, peer: peer.into(), _guard: Arc::new(SessionGuard { id, tx: self.inner.session_events.clone() }) }
+    }
+
+    pub fn open_sessions(&self) -> u64 {
+        self.inner.open_sessions.load(Ordering::Relaxed)
+    }
+
+    async fn event_loop(self, mut queues: mpsc::UnboundedReceiver<QueueEvent>, mut sessions: mpsc::UnboundedReceiver<SessionId>) {
+        loop {
+            tokio::select! {
+                Some(ev) = queues.recv() => match ev {
+                    QueueEvent::AutoDelete { id, name } => {
+                        if let Err(e) = self.delete_queue_if(&name, Some(id), true, false, "queue was auto-deleted").await {
+                            tracing::debug!(queue = %name, error = %e, "auto-delete skipped");
+                        } else {
+                            tracing::info!(queue = %name, "auto-deleted queue after its last consumer left");
+                        }
+                    }
+                },
+                Some(session) = sessions.recv() => {
+                    self.inner.open_sessions.fetch_sub(1, Ordering::Relaxed);
+                    self.session_closed(session).await;
+                }
+                else => break,
+            }
+        }
+    }
+
+    async fn session_closed(&self, session: SessionId) {
+        let owned: Vec<(Arc<str>, u64)> = {
+            let topo = self.inner.topo.lock().await;
+            topo.queues.values().filter(|e| e.def.owner == Some(session)).map(|e| (e.def.name.clone(), e.def.id)).collect()
+        };
+        for (name, id) in owned {
+            match self.delete_queue_if(&name, Some(id), false, false, "its exclusive connection closed").await {
+                Ok(_) => tracing::info!(queue = %name, "deleted exclusive queue: its connection closed"),
+                Err(e) => tracing::warn!(queue = %name, error = %e, "could not delete exclusive queue"),
+            }
+        }
+    }
+
+    fn publish_snapshot(&self, topo: &Topology, changed: &[Arc<str>], queues_changed: bool) {
+        let old = self.inner.snapshot.load();
+        self.inner.snapshot.store(Arc::new(topo.snapshot(&old, changed, queues_changed)));
+    }
+
+    fn ensure_running(&self) -> Result<()> {
+        if self.is_shutting_down() { Err(Error::ShuttingDown) } else { Ok(()) }
+    }
+
+    // ---------------------------------------------------------- exchanges
+
+    pub async fn declare_exchange(&self, req: proto::DeclareExchangeRequest) -> Result<proto::ExchangeInfo> {
+        self.ensure_running()?;
+        validate_name("exchange", &req.name, req.passive)?;
+        let mut topo = self.inner.topo.lock().await;
+        if req.passive {
+            return topo.exchanges.get(req.name.as_str()).map(ExchangeDef::info).ok_or_else(|| Error::not_found("exchange", &req.name));
+        }
+        let kind = match proto::ExchangeType::try_from(req.r#type) {
+            Ok(proto::ExchangeType::Direct) => ExchangeKind::Direct,
+            Ok(proto::ExchangeType::Fanout) => ExchangeKind::Fanout,
+            Ok(proto::ExchangeType::Topic) => ExchangeKind::Topic,
+            Ok(proto::ExchangeType::Headers) => ExchangeKind::Headers,
+            _ => {
+                return Err(Error::InvalidArgument(format!("exchange '{}': type must be direct, fanout, topic or headers", req.name)));
+            }
+        };
+        let args = ExchangeArgs::parse(&req.arguments)?;
+        if let Some(existing) = topo.exchanges.get(req.name.as_str()) {
+            let mismatch = if existing.kind != kind {
+                Some(("type", existing.kind.as_str().to_string(), kind.as_str().to_string()))
+            } else if existing.durable != req.durable {
+                Some(("durable", existing.durable.to_string(), req.durable.to_string()))
+            } else if existing.auto_delete != req.auto_delete {
+                Some(("auto_delete", existing.auto_delete.to_string(), req.auto_delete.to_string()))
+            } else if existing.internal != req.internal {
+                Some(("internal", existing.internal.to_string(), req.internal.to_string()))
+            } else {
+                arguments_mismatch(&existing.arguments, &req.arguments)
+            };
+            if let Some((field, current, requested)) = mismatch {
+                return Err(Error::PreconditionFailed(format!(
+                    "exchange '{}' exists with {field} = {current}; cannot re-declare it with {field} = {requested}",
+                    req.name
+                )));
+            }
+            return Ok(existing.info());
+        }
+        if req.name.starts_with("amq.") {
+            return Err(Error::AccessRefused(format!(
+                "exchange name '{}' is reserved: names starting with 'amq.' belong to the broker",
+                req.name
+            )));
+        }
+        let def = ExchangeDef {
+            name: req.name.as_str().into(),
+            kind,
+            durable: req.durable,
+            auto_delete: req.auto_delete,
+            internal: req.internal,
+            arguments: req.arguments,
+            args,
+            builtin: false,
+        };
+        if def.durable {
+            self.inner.store.write(vec![def.put_op()], true).await?;
+        }
+        let info = def.info();
+        let name = def.name.clone();
+        topo.exchanges.insert(name.clone(), def);
+        self.publish_snapshot(&topo, &[name], false);
+        Ok(info)
+    }
+
+    pub async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+        self.ensure_running()?;
+        validate_name("exchange", name, true)?;
+        let mut topo = self.inner.topo.lock().await;
+        let Some(def) = topo.exchanges.get(name) else {
+            return Err(Error::not_found("exchange", name));
+        };
+        if def.builtin {
+            return Err(Error::AccessRefused(format!("exchange '{name}' is built in and cannot be deleted")));
+        }
+        let outgoing = topo.bindings.get(name).map_or(0, Vec::len);
+        if if_unused && outgoing > 0 {
+            return Err(Error::PreconditionFailed(format!("exchange '{name}' is in use ({outgoing} binding(s))")));
+        }
+        self.remove_exchange_locked(&mut topo, name).await
+    }
+
+    async fn remove_exchange_locked(&self, topo: &mut Topology, name: &str) -> Result<()> {
+        let Some(def) = topo.exchanges.get(name).cloned() else {
+            return Ok(());
+        };
+        let mut ops = Vec::new();
+        if def.durable {
+            ops.push(def.delete_op());
+        }
+        // Bindings from it and to it go with it.
+        let mut changed: Vec<Arc<str>> = vec![def.name.clone()];
+        let from = topo.bindings.remove(name).unwrap_or_default();
+        for b in &from {
+            ops.push(b.delete_op());
+        }
+        for (source, list) in topo.bindings.iter_mut() {
+            let before = list.len();
+            list.retain(|b| {
+                let hit = matches!(&b.dest, Dest::Exchange(x) if &**x == name);
+                if hit {
+                    ops.push(b.delete_op());
+                }
+                !hit
+            });
+            if list.len() != before {
+                changed.push(source.clone());
+            }
+        }
+        topo.bindings.retain(|_, l| !l.is_empty());
+        if !ops.is_empty() {
+            self.inner.store.write(ops, true).await?;
+        }
+        topo.exchanges.remove(name);
+        self.publish_snapshot(topo, &changed, false);
+        Ok(())
+    }
+
+    pub async fn list_exchanges(&self) -> Vec<proto::ExchangeInfo> {
+        self.inner.topo.lock().await.exchanges.values().map(ExchangeDef::info).collect()
+    }
+
+    // -------------------------------------------------------------- queues
+
+    pub async fn declare_queue(&self, session: &Session, req: proto::DeclareQueueRequest) -> Result<proto::QueueInfo> {
+        self.ensure_running()?;
+        validate_name("queue", &req.name, true)?;
+        let mut topo = self.inner.topo.lock().await;
+        if let Some(entry) = topo.queues.get(req.name.as_str()) {
+            check_owner(&entry.def, session)?;
+            if !req.passive {
+                let d = &entry.def;
+                let mismatch = if d.durable != req.durable {
+                    Some(("durable", d.durable.to_string(), req.durable.to_string()))
+                } else if d.exclusive != req.exclusive {
+                    Some(("exclusive", d.exclusive.to_string(), req.exclusive.to_string()))
+                } else if d.auto_delete != req.auto_delete {
+                    Some(("auto_delete", d.auto_delete.to_string(), req.auto_delete.to_string()))
+                } else {
+                    arguments_mismatch(&d.arguments, &req.arguments)
+                };
+                if let Some((field, current, requested)) = mismatch {
+                    return Err(Error::PreconditionFailed(format!(
+                        "queue '{}' exists with {field} = {current}; cannot re-declare it with {field} = {requested}",
+                        req.name
+                    )));
+                }
+            }
+            return Ok(queue_info(entry));
+        }
+        if req.passive {
+            return Err(Error::not_found("queue", &req.name));
+        }
+        let name: Arc<str> = if req.name.is_empty() {
+            format!("amq.gen-{}", random_suffix()).into()
+        } else if req.name.starts_with("amq.") {
+            return Err(Error::AccessRefused(format!(
+                "queue name '{}' is reserved: names starting with 'amq.' belong to the broker",
+                req.name
+            )));
+        } else {
+            req.name.as_str().into()
+        };
+        let args = QueueArgs::parse(&req.arguments)?;
+        let id = topo.next_queue_id;
+        topo.next_queue_id += 1;
+        // Exclusive queues live and die with their connection: never stored.
+        let durable = req.durable && !req.exclusive;
+        let def = QueueDef {
+            id,
+            name: name.clone(),
+            durable: req.durable,
+            exclusive: req.exclusive,
+            auto_delete: req.auto_delete,
+            arguments: req.arguments,
+            args: args.clone(),
+            owner: req.exclusive.then_some(session.id),
+        };
+        let mut ops = vec![Op::Put(Cf::Meta, meta::NEXT_QUEUE_ID.to_vec(), topo.next_queue_id.to_be_bytes().to_vec())];
+        if durable {
+            ops.push(def.put_op());
+        }
+        self.inner.store.write(ops, true).await?;
+        let state = QueueState::new(id, name.clone(), durable, args, self.inner.config.limits, self.inner.seqs.clone());
+        let handle = task::spawn(state, def.auto_delete, self.inner.store.clone(), self.inner.queue_events.clone());
+        let entry = QueueEntry { def: Arc::new(def), handle };
+        let info = queue_info(&entry);
+        topo.queues.insert(name, entry);
+        self.publish_snapshot(&topo, &[], true);
+        Ok(info)
+    }
+
+    /// Deletes a queue. `id` guards against deleting a newer queue of the
+    /// same name (for deletions decided asynchronously).
+    pub async fn delete_queue(&self, session: &Session, name: &str, if_unused: bool, if_empty: bool) -> Result<u64> {
+        self.ensure_running()?;
+        validate_name("queue", name, false)?;
+        {
+            let topo = self.inner.topo.lock().await;
+            let entry = topo.queues.get(name).ok_or_else(|| Error::not_found("queue", name))?;
+            check_owner(&entry.def, session)?;
+        }
+        self.delete_queue_if(name, None, if_unused, if_empty, "queue was deleted").await
+    }
+
+    async fn delete_queue_if(&self, name: &str, id: Option<u64>, if_unused: bool, if_empty: bool, reason: &str) -> Result<u64> {
+        let mut topo = self.inner.topo.lock().await;
+        let Some(entry) = topo.queues.get(name).cloned() else {
+            return Err(Error::not_found("queue", name));
+        };
+        if id.is_some_and(|id| id != entry.def.id) {
+            return Err(Error::not_found("queue", name));
+        }
+        let (reply, rx) = oneshot::channel();
+        let sent = entry.handle.tx.send(QueueCmd::Delete { if_unused, if_empty, reason: reason.to_string(), reply }).await;
+        let (count, mut ops) = match sent {
+            Ok(()) => rx.await.map_err(|_| Error::ShuttingDown)??,
+            Err(_) => (0, Vec::new()),
+        };
+        if entry.def.durable && !entry.def.exclusive {
+            ops.push(entry.def.delete_op());
+        }
+        // Bindings to the queue go with it; auto-delete exchanges that lose
+        // their last binding go too.
+        let mut changed: Vec<Arc<str>> = Vec::new();
+        for (source, list) in topo.bindings.iter_mut() {
+            let before = list.len();
+            list.retain(|b| {
+                let hit = matches!(&b.dest, Dest::Queue(q) if &**q == name);
+                if hit {
+                    ops.push(b.delete_op());
+                }
+                !hit
+            });
+            if list.len() != before {
+                changed.push(source.clone());
+            }
+        }
+        topo.bindings.retain(|_, l| !l.is_empty());
+        self.inner.store.write(ops, true).await?;
+        topo.queues.remove(name);
+        self.publish_snapshot(&topo, &changed, true);
+        for source in changed {
+            self.auto_delete_exchange_locked(&mut topo, &source).await;
+        }
+        Ok(count)
+    }
+
+    async fn auto_delete_exchange_locked(&self, topo: &mut Topology, name: &str) {
+        let unused = topo.bindings.get(name).is_none_or(Vec::is_empty);
+        let auto = topo.exchanges.get(name).is_some_and(|x| x.auto_delete);
+        if unused && auto {
+            match self.remove_exchange_locked(topo, name).await {
+                Ok(()) => tracing::info!(exchange = %name, "auto-deleted exchange after its last binding was removed"),
+                Err(e) => tracing::warn!(exchange = %name, error = %e, "could not auto-delete exchange"),
+            }
+        }
+    }
+
+    pub async fn purge_queue(&self, session: &Session, name: &str) -> Result<u64> {
+        self.ensure_running()?;
+        let entry = self.queue_for(session, name)?;
+        let (reply, rx) = oneshot::channel();
+        entry.handle.tx.send(QueueCmd::Purge { reply }).await.map_err(|_| Error::not_found("queue", name))?;
+        rx.await.map_err(|_| Error::not_found("queue", name))
+    }
+
+    pub fn list_queues(&self) -> Vec<proto::QueueInfo> {
+        let snap = self.snapshot();
+        let mut out: Vec<proto::QueueInfo> = snap.queues.values().map(queue_info).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Looks a queue up for use by `session` (exclusive queues only by their
+    /// owner).
+    fn queue_for(&self, session: &Session, name: &str) -> Result<QueueEntry> {
+        validate_name("queue", name, false)?;
+        let snap = self.snapshot();
+        let entry = snap.queues.get(name).ok_or_else(|| Error::not_found("queue", name))?;
+        check_owner(&entry.def, session)?;
+        Ok(entry.clone())
+    }
+
+    // ------------------------------------------------------------ bindings
+
+    /// Validates a bind / unbind request into a binding.
+    fn binding_def(&self, topo: &Topology, session: &Session, req: proto::BindRequest) -> Result<BindingDef> {
+        let dest_exchange = req.destination_kind == proto::DestinationKind::Exchange as i32;
+        let (source, dest, key, args) = (req.source.as_str(), req.destination.as_str(), req.routing_key.as_str(), req.arguments);
+        validate_name("exchange", source, true)?;
+        validate_name(if dest_exchange { "exchange" } else { "queue" }, dest, false)?;
+        validate_routing_key(key)?;
+        validate_binding_args(&args)?;
+        if source.is_empty() {
+            return Err(Error::AccessRefused(
+                "the default exchange cannot be bound to or unbound from: it routes to every queue by name".into(),
+            ));
+        }
+        if !topo.exchanges.contains_key(source) {
+            return Err(Error::not_found("exchange", source));
+        }
+        let dest = if dest_exchange {
+            if !topo.exchanges.contains_key(dest) {
+                return Err(Error::not_found("exchange", dest));
+            }
+            Dest::Exchange(dest.into())
+        } else {
+            let entry = topo.queues.get(dest).ok_or_else(|| Error::not_found("queue", dest))?;
+            check_owner(&entry.def, session)?;
+            Dest::Queue(entry.def.name.clone())
+        };
+        Ok(BindingDef { source: source.into(), dest, routing_key: key.to_string(), arguments: args })
+    }
+
+    /// A binding survives a restart when both its ends do.
+    fn binding_durable(topo: &Topology, b: &BindingDef) -> bool {
+        let source = topo.exchanges.get(&*b.source).is_some_and(|x| x.durable);
+        let dest = match &b.dest {
+            Dest::Queue(q) => topo.queues.get(&**q).is_some_and(|e| e.def.durable && !e.def.exclusive),
+            Dest::Exchange(x) => topo.exchanges.get(&**x).is_some_and(|x| x.durable),
+        };
+        source && dest
+    }
+
+    pub async fn bind(&self, session: &Session, req: proto::BindRequest) -> Result<()> {
+        self.ensure_running()?;
+        let mut topo = self.inner.topo.lock().await;
+        let b = self.binding_def(&topo, session, req)?;
+        if topo.bindings.get(&*b.source).is_some_and(|l| l.contains(&b)) {
+            return Ok(());
+        }
+        if Self::binding_durable(&topo, &b) {
+            self.inner.store.write(vec![b.put_op()], true).await?;
+        }
+        let source = b.source.clone();
+        topo.bindings.entry(source.clone()).or_default().push(b);
+        self.publish_snapshot(&topo, &[source], false);
+        Ok(())
+    }
+
+    /// Removes a binding; removing one that does not exist succeeds (the
+    /// exchange and destination must exist).
+    pub async fn unbind(&self, session: &Session, req: proto::UnbindRequest) -> Result<()> {
+        self.ensure_running()?;
+        let mut topo = self.inner.topo.lock().await;
+        let req = proto::BindRequest {
+            source: req.source,
+            destination: req.destination,
+            destination_kind: req.destination_kind,
+            routing_key: req.routing_key,
+            arguments: req.arguments,
+        };
+        let b = self.binding_def(&topo, session, req)?;
+        let Some(list) = topo.bindings.get_mut(&*b.source) else {
+            return Ok(());
+        };
+        let Some(pos) = list.iter().position(|x| *x == b) else {
+            return Ok(());
+        };
+        list.remove(pos);
+        if list.is_empty() {
+            topo.bindings.remove(&*b.source);
+        }
+        self.inner.store.write(vec![b.delete_op()], true).await?;
+        self.publish_snapshot(&topo, std::slice::from_ref(&b.source), false);
+        self.auto_delete_exchange_locked(&mut topo, &b.source).await;
+        Ok(())
+    }
+
+    pub async fn list_bindings(&self) -> Vec<proto::BindingInfo> {
+        let topo = self.inner.topo.lock().await;
+        topo.all_bindings().map(BindingDef::info).collect()
+    }
+
+    // ----------------------------------------------------------- publish
+
+    /// Routes and enqueues one message; the confirm goes to `sink`.
+    pub async fn publish(&self, msg: proto::Message, seq: u64, sink: ConfirmSink) {
+        self.inner.totals.published.fetch_add(1, Ordering::Relaxed);
+        match self.route(&msg) {
+            Err(reason) => sink.send(confirm::immediate(seq, ConfirmStatus::Rejected, reason)),
+            Ok((queues, _via_alternate)) if queues.is_empty() => {
+                let (status, reason) = if msg.mandatory {
+                    (ConfirmStatus::Returned, format!("no queue is bound to '{}' for routing key '{}'", msg.exchange, msg.routing_key))
+                } else {
+                    (ConfirmStatus::Unroutable, String::new())
+                };
+                sink.send(confirm::immediate(seq, status, reason));
+            }
+            Ok((queues, _)) => {
+                let tracker = ConfirmTracker::new(seq, msg.mandatory, queues.len(), sink);
+                let data = Arc::new(MessageData {
+                    exchange: msg.exchange,
+                    routing_key: msg.routing_key,
+                    properties: msg.properties.unwrap_or_default(),
+                    body: msg.body,
+                });
+                for q in queues {
+                    let cmd = QueueCmd::Enqueue { data: data.clone(), confirm: Some(tracker.clone()) };
+                    if q.tx.send(cmd).await.is_err() {
+                        tracker.part_done(PartOutcome::Dropped);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes and waits for the confirm.
+    pub async fn publish_one(&self, msg: proto::Message, seq: u64) -> proto::Confirm {
+        let (tx, rx) = oneshot::channel();
+        self.publish(msg, seq, ConfirmSink::Oneshot(tx)).await;
+        rx.await.unwrap_or_else(|_| confirm::immediate(seq, ConfirmStatus::Rejected, "the broker stopped before confirming"))
+    }
+
+    /// The queues a message goes to (and whether an alternate exchange took
+    /// it), or why it is rejected.
+    fn route(&self, msg: &proto::Message) -> std::result::Result<(Vec<QueueRef>, bool), String> {
+        let reject = |reason: String| reason;
+        if self.is_shutting_down() {
+            return Err(reject("the broker is shutting down".into()));
+        }
+        let max = self.inner.config.max_message_size;
+        if msg.body.len() > max {
+            return Err(reject(format!("message body is {} bytes; the limit (max_message_size) is {max}", msg.body.len())));
+        }
+        if msg.exchange.len() > model::MAX_NAME_BYTES || msg.routing_key.len() > model::MAX_NAME_BYTES {
+            return Err(reject("exchange name or routing key is longer than 255 bytes".into()));
+        }
+        let snap = self.inner.snapshot.load();
+        if msg.exchange.is_empty() {
+            let queues = snap.queues.get(msg.routing_key.as_str()).map(|e| vec![e.handle.clone()]).unwrap_or_default();
+            return Ok((queues, false));
+        }
+        let Some(ex) = snap.routes.exchange(&msg.exchange) else {
+            return Err(reject(format!("exchange '{}' not found", msg.exchange)));
+        };
+        if ex.internal {
+            return Err(reject(format!("exchange '{}' is internal: it cannot be published to directly", msg.exchange)));
+        }
+        let empty = HashMap::new();
+        let headers = msg.properties.as_ref().map_or(&empty, |p| &p.headers);
+        let routed = snap.routes.route(&msg.exchange, &msg.routing_key, headers);
+        let queues = routed.queues.iter().filter_map(|q| snap.queues.get(q).map(|e| e.handle.clone())).collect();
+        Ok((queues, routed.via_alternate))
+    }
+
+    // ----------------------------------------------------------- consume
+
+    pub async fn subscribe(&self, session: &Session, sub: proto::Subscribe) -> Result<Subscription> {
+        self.ensure_running()?;
+        let entry = self.queue_for(session, &sub.queue)?;
+        let tag: Arc<str> = if sub.consumer_tag.is_empty() {
+            format!("amq.ctag-{}", random_suffix()).into()
+        } else {
+            validate_name("consumer tag", &sub.consumer_tag, false)?;
+            sub.consumer_tag.as_str().into()
+        };
+        let capacity = if sub.auto_ack || sub.prefetch == 0 { 512 } else { (sub.prefetch as usize).clamp(16, 8192) };
+        let (sink, events) = mpsc::channel(capacity);
+        let (reply, rx) = oneshot::channel();
+        let spec = ConsumerSpec {
+            tag: tag.clone(),
+            prefetch: sub.prefetch,
+            auto_ack: sub.auto_ack,
+            exclusive: sub.exclusive,
+            priority: sub.priority,
+            peer: session.peer.to_string(),
+        };
+        entry.handle.tx.send(QueueCmd::Subscribe { spec, sink, reply }).await.map_err(|_| Error::not_found("queue", &sub.queue))?;
+        let consumer = rx.await.map_err(|_| Error::not_found("queue", &sub.queue))??;
+        Ok(Subscription { queue: entry.handle, consumer, tag, events })
+    }
+
+    pub async fn get(&self, session: &Session, req: proto::GetRequest) -> Result<Vec<proto::Delivery>> {
+        self.ensure_running()?;
+        let entry = self.queue_for(session, &req.queue)?;
+        let (reply, rx) = oneshot::channel();
+        entry
+            .handle
+            .tx
+            .send(QueueCmd::Get { max: req.max_messages.clamp(1, 10_000) as usize, ack: req.ack, reply })
+            .await
+            .map_err(|_| Error::not_found("queue", &req.queue))?;
+        let out = rx.await.map_err(|_| Error::not_found("queue", &req.queue))?;
+        self.inner.totals.delivered.fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    pub async fn list_consumers(&self) -> Vec<proto::ConsumerInfo> {
+        let snap = self.snapshot();
+        let mut out = Vec::new();
+        for entry in snap.queues.values() {
+            if entry.handle.shared.stats().consumers == 0 {
+                continue;
+            }
+            let (reply, rx) = oneshot::channel();
+            if entry.handle.tx.send(QueueCmd::Consumers { reply }).await.is_err() {
+                continue;
+            }
+            if let Ok(views) = rx.await {
+                out.extend(views.into_iter().map(|v| proto::ConsumerInfo {
+                    queue: entry.def.name.to_string(),
+                    consumer_tag: v.spec.tag.to_string(),
+                    prefetch: v.spec.prefetch,
+                    auto_ack: v.spec.auto_ack,
+                    exclusive: v.spec.exclusive,
+                    priority: v.spec.priority,
+                    unacked: v.unacked,
+                    peer: v.spec.peer,
+                    active: v.active,
+                }));
+            }
+        }
+        out.sort_by(|a, b| (&a.queue, &a.consumer_tag).cmp(&(&b.queue, &b.consumer_tag)));
+        out
+    }
+
+    // ------------------------------------------------------------- status
+
+    pub async fn status(&self) -> proto::StatusResponse {
+        let (exchanges, bindings) = {
+            let topo = self.inner.topo.lock().await;
+            (topo.exchanges.len() as u64, topo.binding_count() as u64)
+        };
+        let snap = self.snapshot();
+        let mut totals = proto::Totals {
+            exchanges,
+            queues: snap.queues.len() as u64,
+            bindings,
+            connections: self.open_sessions(),
+            published: self.inner.totals.published.load(Ordering::Relaxed),
+            delivered: self.inner.totals.delivered.load(Ordering::Relaxed),
+            acked: self.inner.totals.acked.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        for e in snap.queues.values() {
+            let s = e.handle.shared.stats();
+            totals.consumers += s.consumers as u64;
+            totals.messages_ready += s.ready;
+            totals.messages_unacked += s.unacked;
+            totals.messages_delayed += s.delayed;
+        }
+        proto::StatusResponse {
+            node: self.inner.config.node_name.clone(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: self.uptime().as_secs(),
+            alarms: Vec::new(),
+            totals: Some(totals),
+            data_dir: String::new(),
+            grpc_addr: String::new(),
+        }
+    }
+
+    // ----------------------------------------------------------- shutdown
+
+    /// Refuses new work from now on.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutting_down.store(true, Ordering::Release);
+    }
+
+    /// Ends every subscription with `reason`; queues keep running.
+    pub async fn cancel_consumers(&self, reason: &str) {
+        let queues: Vec<QueueRef> = self.snapshot().queues.values().map(|e| e.handle.clone()).collect();
+        for q in queues {
+            let (reply, rx) = oneshot::channel();
+            let cmd = QueueCmd::CancelConsumers { reason: reason.to_string(), reply };
+            if q.tx.send(cmd).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+    }
+
+    /// Stops every queue (ending its subscriptions) and closes storage after
+    /// every accepted write is applied.
+    pub async fn shutdown(&self) -> Result<()> {
+        self.begin_shutdown();
+        let queues: Vec<QueueRef> = self.snapshot().queues.values().map(|e| e.handle.clone()).collect();
+        for q in queues {
+            let (reply, rx) = oneshot::channel();
+            if q.tx.send(QueueCmd::Shutdown { reply }).await.is_ok() {
+                let _ = rx.await;
+            }
+        }
+        let store = self.inner.store.clone();
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .map_err(|e| Error::Store(crate::store::StoreError::Io(format!("closing storage failed: {e}"))))??;
+        Ok(())
+    }
+
+    /// Counts an acknowledgement (for status and metrics).
+    pub fn count_acks(&self, n: u64) {
+        self.inner.totals.acked.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn count_deliveries(&self, n: u64) {
+        self.inner.totals.delivered.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+fn check_owner(def: &QueueDef, session: &Session) -> Result<()> {
+    match def.owner {
+        Some(owner) if owner != session.id => Err(Error::AccessRefused(format!("queue '{}' is exclusive to another connection", def.name))),
+        _ => Ok(()),
+    }
+}
+
+fn queue_info(entry: &QueueEntry) -> proto::QueueInfo {
+    let s = entry.handle.shared.stats();
+    proto::QueueInfo {
+        name: entry.def.name.to_string(),
+        durable: entry.def.durable,
+        exclusive: entry.def.exclusive,
+        auto_delete: entry.def.auto_delete,
+        arguments: entry.def.arguments.clone(),
+        ready: s.ready,
+        unacked: s.unacked,
+        delayed: s.delayed,
+        consumers: s.consumers,
+        ready_bytes: s.ready_bytes,
+    }
+}
+
+fn show_value(v: Option<&Value>) -> String {
+    match v.and_then(|v| v.kind.as_ref()) {
+        None => "(absent)".into(),
+        Some(proto::value::Kind::String(s)) => format!("{s:?}"),
+        Some(proto::value::Kind::Int(i)) => i.to_string(),
+        Some(proto::value::Kind::Bool(b)) => b.to_string(),
+        Some(proto::value::Kind::Double(d)) => d.to_string(),
+        Some(other) => format!("{other:?}"),
+    }
+}
+
+/// The first argument that differs, as (field, current, requested).
+fn arguments_mismatch(current: &HashMap<String, Value>, requested: &HashMap<String, Value>) -> Option<(&'static str, String, String)> {
+    let mut names: Vec<&String> = current.keys().chain(requested.keys()).collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        let (a, b) = (current.get(name), requested.get(name));
+        if a != b {
+            return Some(("argument", format!("'{name}' = {}", show_value(a)), format!("'{name}' = {}", show_value(b))));
+        }
+    }
+    None
+}
+
+/// What recovery reads before the queues start.
+struct Recovered {
+    topo: Topology,
+    queues: Vec<QueueDef>,
+    counters: HashMap<u64, QueueCounters>,
+}
+
+/// Reads the metadata and queue counters.
+fn load(engine: &dyn crate::store::Engine) -> Result<Recovered> {
+    let mut topo = Topology::default();
+    let (from, to) = meta::range(meta::EXCHANGE);
+    for (_, v) in engine.scan(Cf::Meta, &from, &to, usize::MAX)? {
+        let def = ExchangeDef::decode(&v)?;
+        topo.exchanges.insert(def.name.clone(), def);
+    }
+    topo.add_builtins();
+    let mut queue_defs = Vec::new();
+    let (from, to) = meta::range(meta::QUEUE);
+    for (_, v) in engine.scan(Cf::Meta, &from, &to, usize::MAX)? {
+        queue_defs.push(QueueDef::decode(&v)?);
+    }
+    let (from, to) = meta::range(meta::BINDING);
+    for (_, v) in engine.scan(Cf::Meta, &from, &to, usize::MAX)? {
+        let b = BindingDef::decode(&v)?;
+        topo.bindings.entry(b.source.clone()).or_default().push(b);
+    }
+    topo.next_queue_id = match engine.get(Cf::Meta, meta::NEXT_QUEUE_ID)? {
+        Some(v) => u64::from_be_bytes(
+            v.as_slice()
+                .try_into()
+                .map_err(|_| Error::Store(crate::store::StoreError::Corrupt { cf: "meta", detail: "queue id counter".into() }))?,
+        ),
+        None => 1,
+    };
+    let mut counters = HashMap::new();
+    for (k, v) in engine.scan(Cf::QueueState, &[], &[0xff; 9], usize::MAX)? {
+        if let (Some(id), Some(c)) = (keys::decode_queue_state(&k), QueueCounters::decode(&v)) {
+            counters.insert(id, c);
+        }
+    }
+    for def in &queue_defs {
+        topo.next_queue_id = topo.next_queue_id.max(def.id + 1);
+    }
+    Ok(Recovered { topo, queues: queue_defs, counters })
+}

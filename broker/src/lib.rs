@@ -1,0 +1,27 @@
+//! Warren's broker: exchanges, queues and bindings with AMQP 0-9-1
+//! semantics, served over gRPC and stored in RocksDB.
+//!
+//! Layers, each knowing only the ones below it:
+//! * [`server`]: the gRPC edge (tonic) — decode, call, map.
+//! * [`broker`]: topology changes, publishing, consuming.
+//! * [`queue`]: one owner task per queue applying commands to a
+//!   deterministic state machine; [`routing`]: exchange matching.
+//! * [`store`]: the only code that touches the database.
+
+#![forbid(unsafe_code)]
+
+pub mod broker;
+pub mod config;
+pub mod confirm;
+pub mod error;
+pub mod model;
+pub mod queue;
+pub mod routing;
+pub mod run;
+pub mod server;
+pub mod store;
+pub mod topology;
+
+pub use broker::{Broker, BrokerConfig};
+pub use config::Config;
+pub use error::{Error, Result};

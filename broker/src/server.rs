@@ -1,0 +1,387 @@
+//! The gRPC edge: decode a request, call the broker, map the result. No
+//! broker logic lives here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::{Stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status, Streaming};
+use warren_client::proto::{self, warren_server::Warren};
+
+use crate::broker::{Broker, Session, Subscription};
+use crate::confirm::{self, ConfirmSink};
+use crate::error::Error;
+use crate::queue::{ConsumerEvent, QueueCmd};
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidArgument(_) => Status::invalid_argument(msg),
+            Error::NotFound { .. } => Status::not_found(msg),
+            Error::PreconditionFailed(_) => Status::failed_precondition(msg),
+            Error::AccessRefused(_) => Status::permission_denied(msg),
+            Error::AlreadyExists(_) => Status::already_exists(msg),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
+            Error::ShuttingDown => Status::unavailable(msg),
+            Error::Store(_) => Status::internal(msg),
+        }
+    }
+}
+
+/// Most confirms one publish stream may have outstanding; past it the
+/// broker stops reading the stream (HTTP/2 flow control pushes back).
+const MAX_IN_FLIGHT_PER_STREAM: usize = 8192;
+
+/// A TCP connection carrying its [`Session`]: every request on it sees the
+/// same session, and when the connection closes the session ends.
+pub struct SessionIo {
+    io: TcpStream,
+    session: Session,
+}
+
+impl Connected for SessionIo {
+    type ConnectInfo = Session;
+
+    fn connect_info(&self) -> Session {
+        self.session.clone()
+    }
+}
+
+impl AsyncRead for SessionIo {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SessionIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Accepted connections, each with a new session. Accept errors are logged
+/// and skipped (a full file table must not stop the server).
+pub fn incoming(listener: TcpListener, broker: Broker) -> impl Stream<Item = Result<SessionIo, std::io::Error>> {
+    futures::stream::unfold((listener, broker), |(listener, broker)| async move {
+        loop {
+            match listener.accept().await {
+                Ok((io, peer)) => {
+                    let _ = io.set_nodelay(true);
+                    let session = broker.open_session(peer.to_string());
+                    return Some((Ok(SessionIo { io, session }), (listener, broker)));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+}
+
+/// The `warren.v1.Warren` service.
+pub struct WarrenService {
+    broker: Broker,
+    shutdown: CancellationToken,
+    data_dir: String,
+    grpc_addr: String,
+}
+
+impl WarrenService {
+    pub fn new(broker: Broker, shutdown: CancellationToken, data_dir: String, grpc_addr: String) -> Self {
+        WarrenService { broker, shutdown, data_dir, grpc_addr }
+    }
+
+    fn session<T>(&self, req: &Request<T>) -> Session {
+        req.extensions().get::<Session>().cloned().unwrap_or_else(|| self.broker.open_session("unknown"))
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Warren for WarrenService {
+    async fn declare_exchange(
+        &self,
+        req: Request<proto::DeclareExchangeRequest>,
+    ) -> Result<Response<proto::DeclareExchangeResponse>, Status> {
+        let exchange = self.broker.declare_exchange(req.into_inner()).await?;
+        Ok(Response::new(proto::DeclareExchangeResponse { exchange: Some(exchange) }))
+    }
+
+    async fn delete_exchange(&self, req: Request<proto::DeleteExchangeRequest>) -> Result<Response<proto::DeleteExchangeResponse>, Status> {
+        let r = req.into_inner();
+        self.broker.delete_exchange(&r.name, r.if_unused).await?;
+        Ok(Response::new(proto::DeleteExchangeResponse {}))
+    }
+
+    async fn list_exchanges(&self, _req: Request<proto::ListExchangesRequest>) -> Result<Response<proto::ListExchangesResponse>, Status> {
+        Ok(Response::new(proto::ListExchangesResponse { exchanges: self.broker.list_exchanges().await }))
+    }
+
+    async fn declare_queue(&self, req: Request<proto::DeclareQueueRequest>) -> Result<Response<proto::DeclareQueueResponse>, Status> {
+        let session = self.session(&req);
+        let queue = self.broker.declare_queue(&session, req.into_inner()).await?;
+        Ok(Response::new(proto::DeclareQueueResponse { queue: Some(queue) }))
+    }
+
+    async fn delete_queue(&self, req: Request<proto::DeleteQueueRequest>) -> Result<Response<proto::DeleteQueueResponse>, Status> {
+        let session = self.session(&req);
+        let r = req.into_inner();
+        let message_count = self.broker.delete_queue(&session, &r.name, r.if_unused, r.if_empty).await?;
+        Ok(Response::new(proto::DeleteQueueResponse { message_count }))
+    }
+
+    async fn purge_queue(&self, req: Request<proto::PurgeQueueRequest>) -> Result<Response<proto::PurgeQueueResponse>, Status> {
+        let session = self.session(&req);
+        let message_count = self.broker.purge_queue(&session, &req.into_inner().name).await?;
+        Ok(Response::new(proto::PurgeQueueResponse { message_count }))
+    }
+
+    async fn list_queues(&self, _req: Request<proto::ListQueuesRequest>) -> Result<Response<proto::ListQueuesResponse>, Status> {
+        Ok(Response::new(proto::ListQueuesResponse { queues: self.broker.list_queues() }))
+    }
+
+    async fn bind(&self, req: Request<proto::BindRequest>) -> Result<Response<proto::BindResponse>, Status> {
+        let session = self.session(&req);
+        self.broker.bind(&session, req.into_inner()).await?;
+        Ok(Response::new(proto::BindResponse {}))
+    }
+
+    async fn unbind(&self, req: Request<proto::UnbindRequest>) -> Result<Response<proto::UnbindResponse>, Status> {
+        let session = self.session(&req);
+        self.broker.unbind(&session, req.into_inner()).await?;
+        Ok(Response::new(proto::UnbindResponse {}))
+    }
+
+    async fn list_bindings(&self, _req: Request<proto::ListBindingsRequest>) -> Result<Response<proto::ListBindingsResponse>, Status> {
+        Ok(Response::new(proto::ListBindingsResponse { bindings: self.broker.list_bindings().await }))
+    }
+
+    async fn publish(&self, req: Request<proto::PublishRequest>) -> Result<Response<proto::PublishResponse>, Status> {
+        if self.broker.is_shutting_down() {
+            return Err(Error::ShuttingDown.into());
+        }
+        let messages = req.into_inner().messages;
+        let mut pending = Vec::with_capacity(messages.len());
+        for (i, msg) in messages.into_iter().enumerate() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.broker.publish(msg, i as u64, ConfirmSink::Oneshot(tx)).await;
+            pending.push((i as u64, rx));
+        }
+        let mut confirms = Vec::with_capacity(pending.len());
+        for (seq, rx) in pending {
+            confirms.push(
+                rx.await
+                    .unwrap_or_else(|_| confirm::immediate(seq, proto::ConfirmStatus::Rejected, "the broker stopped before confirming")),
+            );
+        }
+        Ok(Response::new(proto::PublishResponse { confirms }))
+    }
+
+    type PublishStreamStream = BoxStream<proto::Confirm>;
+
+    async fn publish_stream(
+        &self,
+        req: Request<Streaming<proto::PublishStreamRequest>>,
+    ) -> Result<Response<Self::PublishStreamStream>, Status> {
+        if self.broker.is_shutting_down() {
+            return Err(Error::ShuttingDown.into());
+        }
+        let session = self.session(&req);
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel::<proto::Confirm>();
+        let window = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
+        let broker = self.broker.clone();
+        let shutdown = self.shutdown.clone();
+        {
+            let window = window.clone();
+            tokio::spawn(async move {
+                let _session = session;
+                loop {
+                    // Wait for room before reading: a publisher that does not
+                    // read its confirms is slowed down, not buffered.
+                    let permit = tokio::select! {
+                        p = window.acquire() => match p { Ok(p) => p, Err(_) => break },
+                        _ = shutdown.cancelled() => break,
+                    };
+                    let next = tokio::select! {
+                        m = inbound.message() => m,
+                        _ = shutdown.cancelled() => break,
+                    };
+                    match next {
+                        Ok(Some(req)) => {
+                            permit.forget();
+                            match req.message {
+                                Some(msg) => broker.publish(msg, req.seq, ConfirmSink::Stream(tx.clone())).await,
+                                None => {
+                                    let _ =
+                                        tx.send(confirm::immediate(req.seq, proto::ConfirmStatus::Rejected, "request carries no message"));
+                                }
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!(%status, "publish stream ended with an error");
+                            break;
+                        }
+                    }
+                }
+                // Dropping our sender: the response ends once every
+                // outstanding confirm has been sent.
+            });
+        }
+        let out = UnboundedReceiverStream::new(rx).map(move |c| {
+            window.add_permits(1);
+            Ok(c)
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+
+    type ConsumeStream = BoxStream<proto::ConsumeResponse>;
+
+    async fn consume(&self, req: Request<Streaming<proto::ConsumeRequest>>) -> Result<Response<Self::ConsumeStream>, Status> {
+        let session = self.session(&req);
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("the stream closed before a subscribe request"))?;
+        let Some(proto::consume_request::Request::Subscribe(sub)) = first.request else {
+            return Err(Status::invalid_argument("the first request on a consume stream must be subscribe"));
+        };
+        let Subscription { queue, consumer, tag, events } = self.broker.subscribe(&session, sub).await?;
+        let guard = Arc::new(Unsubscribe { tx: queue.tx.clone(), consumer });
+        // Client → queue: acknowledgements.
+        {
+            let guard = guard.clone();
+            let broker = self.broker.clone();
+            let shutdown = self.shutdown.clone();
+            tokio::spawn(async move {
+                let _session = session;
+                loop {
+                    let next = tokio::select! {
+                        m = inbound.message() => m,
+                        _ = shutdown.cancelled() => return,
+                    };
+                    let cmd = match next {
+                        Ok(Some(r)) => match r.request {
+                            Some(proto::consume_request::Request::Ack(a)) => {
+                                broker.count_acks(1);
+                                QueueCmd::Ack { consumer, tag: a.delivery_tag, multiple: a.multiple }
+                            }
+                            Some(proto::consume_request::Request::Nack(n)) => {
+                                QueueCmd::Nack { consumer, tag: n.delivery_tag, multiple: n.multiple, requeue: n.requeue }
+                            }
+                            Some(proto::consume_request::Request::Reject(n)) => {
+                                QueueCmd::Nack { consumer, tag: n.delivery_tag, multiple: n.multiple, requeue: n.requeue }
+                            }
+                            Some(proto::consume_request::Request::Qos(q)) => QueueCmd::Qos { consumer, prefetch: q.prefetch },
+                            Some(proto::consume_request::Request::Cancel(_)) => break,
+                            Some(proto::consume_request::Request::Subscribe(_)) | None => {
+                                // One subscription per stream: end it.
+                                tracing::debug!("protocol error on a consume stream: second subscribe or empty request");
+                                break;
+                            }
+                        },
+                        // Half-closed: the client may still read deliveries
+                        // (auto-ack, grpcurl); the response side decides.
+                        Ok(None) => return,
+                        Err(_) => break,
+                    };
+                    if guard.tx.send(cmd).await.is_err() {
+                        return;
+                    }
+                }
+                guard.send();
+            });
+        }
+        // Queue → client: deliveries. Dropping this stream (the call ended)
+        // unsubscribes.
+        let first = futures::stream::once(async move {
+            Ok(proto::ConsumeResponse {
+                response: Some(proto::consume_response::Response::SubscribeOk(proto::SubscribeOk { consumer_tag: tag.to_string() })),
+            })
+        });
+        let broker = self.broker.clone();
+        let rest = ReceiverStream::new(events).map(move |ev| {
+            let _keep = &guard;
+            match ev {
+                ConsumerEvent::Delivery(d) => {
+                    broker.count_deliveries(1);
+                    Ok(proto::ConsumeResponse { response: Some(proto::consume_response::Response::Delivery(*d)) })
+                }
+                ConsumerEvent::Cancelled(reason) => Ok(proto::ConsumeResponse {
+                    response: Some(proto::consume_response::Response::Cancelled(proto::Cancelled { consumer_tag: String::new(), reason })),
+                }),
+                ConsumerEvent::Failed(e) => Err(Status::from(e)),
+            }
+        });
+        Ok(Response::new(Box::pin(first.chain(rest))))
+    }
+
+    async fn get(&self, req: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
+        let session = self.session(&req);
+        let deliveries = self.broker.get(&session, req.into_inner()).await?;
+        Ok(Response::new(proto::GetResponse { deliveries }))
+    }
+
+    async fn list_consumers(&self, _req: Request<proto::ListConsumersRequest>) -> Result<Response<proto::ListConsumersResponse>, Status> {
+        Ok(Response::new(proto::ListConsumersResponse { consumers: self.broker.list_consumers().await }))
+    }
+
+    async fn status(&self, _req: Request<proto::StatusRequest>) -> Result<Response<proto::StatusResponse>, Status> {
+        let mut status = self.broker.status().await;
+        status.data_dir = self.data_dir.clone();
+        status.grpc_addr = self.grpc_addr.clone();
+        Ok(Response::new(status))
+    }
+}
+
+/// Unsubscribes a consumer when the last handle on it goes (the response
+/// stream was dropped, or the request stream failed).
+struct Unsubscribe {
+    tx: mpsc::Sender<QueueCmd>,
+    consumer: u64,
+}
+
+impl Unsubscribe {
+    fn send(&self) {
+        let cmd = QueueCmd::Unsubscribe { consumer: self.consumer };
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.tx.try_send(cmd)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let tx = self.tx.clone();
+            rt.spawn(async move {
+                let _ = tx.send(cmd).await;
+            });
+        }
+    }
+}
+
+impl Drop for Unsubscribe {
+    fn drop(&mut self) {
+        self.send();
+    }
+}

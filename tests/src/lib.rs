@@ -1,0 +1,314 @@
+//! Test harness: runs the real `warren-broker` binary on a free loopback
+//! port in a temporary directory, and the real `warrenctl`.
+//!
+//! * The binaries are built once per test process (`cargo build` of the two
+//!   packages, a no-op when up to date), so a test never runs a stale
+//!   binary. Set `WARREN_BROKER_BIN` / `WARRENCTL_BIN` to use given binaries
+//!   instead.
+//! * A [`TestBroker`] is killed when dropped; its data directory lives as long
+//!   as the value, so a test can kill, restart and inspect it.
+//! * Everything listens on 127.0.0.1; every wait is bounded.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use warren_client::Client;
+
+/// How long a broker may take to start (recovery of a large backlog
+/// included) before a test fails.
+pub const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn target_bin_dir() -> Result<PathBuf> {
+    // Test executables live in `<target>/<profile>/deps/`.
+    let exe = std::env::current_exe().context("cannot find the test executable")?;
+    let deps = exe.parent().ok_or_else(|| anyhow!("test executable has no directory"))?;
+    let dir = if deps.ends_with("deps") { deps.parent().unwrap_or(deps) } else { deps };
+    Ok(dir.to_path_buf())
+}
+
+fn build_binaries() -> Result<PathBuf> {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let dir = target_bin_dir().map_err(|e| e.to_string())?;
+            if std::env::var_os("WARREN_SKIP_BUILD").is_some() {
+                return Ok(dir);
+            }
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+            let mut cmd = Command::new(cargo);
+            cmd.args(["build", "--quiet", "--manifest-path"]).arg(&manifest).args([
+                "-p",
+                "warren-broker",
+                "--bin",
+                "warren-broker",
+                "-p",
+                "warren-client",
+                "--bin",
+                "warrenctl",
+            ]);
+            if dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().map_err(|e| format!("cannot run cargo to build the binaries: {e}"))?;
+            if !status.success() {
+                return Err(format!("building warren-broker and warrenctl failed ({status})"));
+            }
+            Ok(dir)
+        })
+        .clone()
+        .map_err(|e| anyhow!(e))
+}
+
+fn binary(env: &str, name: &str) -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os(env) {
+        return Ok(PathBuf::from(p));
+    }
+    let path = build_binaries()?.join(name);
+    if !path.exists() {
+        bail!("{} does not exist; run `cargo build -p warren-broker -p warren-client --bins` first", path.display());
+    }
+    Ok(path)
+}
+
+/// The `warren-broker` binary.
+pub fn broker_bin() -> Result<PathBuf> {
+    binary("WARREN_BROKER_BIN", "warren-broker")
+}
+
+/// The `warrenctl` binary.
+pub fn warrenctl_bin() -> Result<PathBuf> {
+    binary("WARRENCTL_BIN", "warrenctl")
+}
+
+/// A running broker process.
+pub struct TestBroker {
+    child: Option<Child>,
+    data: tempfile::TempDir,
+    extra: Vec<String>,
+    /// The gRPC address it listens on.
+    pub addr: String,
+    /// Lines the broker printed to stdout (its configuration, the ready line).
+    pub stdout: Vec<String>,
+}
+
+impl TestBroker {
+    /// Starts a broker in a new temporary directory.
+    pub async fn start() -> Result<TestBroker> {
+        TestBroker::start_with(&[]).await
+    }
+
+    /// Starts a broker with extra command-line arguments.
+    pub async fn start_with(args: &[&str]) -> Result<TestBroker> {
+        let data = tempfile::Builder::new().prefix("warren-test-").tempdir().context("cannot create a temp dir")?;
+        let mut b =
+            TestBroker { child: None, data, extra: args.iter().map(|s| s.to_string()).collect(), addr: String::new(), stdout: Vec::new() };
+        b.spawn().await?;
+        Ok(b)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let bin = broker_bin()?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--data-dir")
+            .arg(self.data.path().join("data"))
+            .args(["--grpc-addr", "127.0.0.1:0"])
+            .args(&self.extra)
+            .env("RUST_LOG", std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        // Read lines on a thread until the ready line; keep draining after so
+        // the broker never blocks on a full pipe.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                // Once nobody listens, keep draining.
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + START_TIMEOUT;
+        self.stdout.clear();
+        self.child = Some(child);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("the broker did not print its ready line within {START_TIMEOUT:?}; output so far: {:?}", self.stdout);
+            }
+            let line = tokio::time::timeout(left.min(Duration::from_millis(200)), rx.recv()).await;
+            match line {
+                Ok(Some(line)) => {
+                    if let Some(addr) = line.strip_prefix("warren-broker ready: grpc=") {
+                        self.addr = addr.split_whitespace().next().unwrap_or(addr).to_string();
+                        self.stdout.push(line);
+                        return Ok(());
+                    }
+                    self.stdout.push(line);
+                }
+                Err(_) => {
+                    if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                        bail!("the broker exited with {status} before it was ready; output: {:?}", self.stdout);
+                    }
+                }
+                Ok(None) => {
+                    let status = self.child.as_mut().map(|c| c.wait());
+                    bail!("the broker closed its stdout before it was ready ({status:?}); output: {:?}", self.stdout);
+                }
+            }
+        }
+    }
+
+    /// A new client connection.
+    pub async fn client(&self) -> Result<Client> {
+        Ok(Client::connect(self.url()).await?)
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits (bounded) for a clean exit; returns whether it
+    /// exited successfully.
+    pub fn stop(&mut self) -> Result<bool> {
+        let Some(mut c) = self.child.take() else { return Ok(true) };
+        let status = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().context("cannot run kill")?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = c.try_wait()? {
+                return Ok(status.success());
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("the broker did not stop within 60s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the broker again on the same data directory (after
+    /// [`kill`](Self::kill) or [`stop`](Self::stop)); the address may change.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        self.spawn().await
+    }
+
+    /// The broker's resident set size, from /proc.
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let pid = self.pid()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+
+    /// Runs `warrenctl --server <this broker> args...`.
+    pub fn warrenctl(&self, args: &[&str]) -> Result<CtlOutput> {
+        self.warrenctl_stdin(args, None)
+    }
+
+    /// Runs `warrenctl` with `stdin` as its standard input.
+    pub fn warrenctl_stdin(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<CtlOutput> {
+        run_warrenctl(&self.url(), args, stdin)
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What a `warrenctl` run printed and returned.
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtlOutput {
+    pub fn ok(&self) -> bool {
+        self.code == 0
+    }
+}
+
+/// Runs `warrenctl --server <server> args...` with a bounded wait.
+pub fn run_warrenctl(server: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<CtlOutput> {
+    use std::io::Write;
+    let mut child = Command::new(warrenctl_bin()?)
+        .arg("--server")
+        .arg(server)
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start warrenctl")?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input)?;
+    }
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(out) => out?,
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            bail!("warrenctl {args:?} did not finish within 60s");
+        }
+    };
+    Ok(CtlOutput {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, failing after
+/// `timeout`. For conditions that become true eventually (a count that
+/// settles), never for timing assertions.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

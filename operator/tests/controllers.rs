@@ -1,0 +1,366 @@
+//! Controller tests against a mocked Kubernetes API server (kube-rs
+//! `tower-test` idiom) and, for the topology controllers, a fake broker
+//! served over real gRPC. Each scenario asserts the exact sequence of API
+//! requests the reconcile made.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+use support::fake_broker::FakeBroker;
+use support::{ApiServer, Fixture, broker, context, object, path, within};
+use warren_client::proto::QueueInfo;
+use warren_crds::v1alpha1::{Binding, Broker, Exchange, Queue};
+use warren_operator::error::Error;
+use warren_operator::topology::{binding, exchange, queue};
+
+const NS: &str = "ns";
+
+/// The scenarios, named for what the operator does.
+enum Scenario {
+    /// A new Queue gets the finalizer, and nothing else happens yet.
+    QueueFinalizerAdded,
+    /// A finalized Queue is declared: broker lookup, Created event, status.
+    QueueCreated,
+    /// A Queue that exists with other arguments: condition and warning, no
+    /// silent success.
+    QueueUpdateRefused,
+    /// A Queue deleted by hand is re-declared with a Recreated event.
+    QueueDriftRepaired,
+    /// Deletion with Retain: the queue stays, the finalizer goes.
+    QueueDeletedWithRetain,
+    /// Deletion with Delete on an empty queue: deleted, finalizer removed.
+    QueueDeletedWithDelete,
+    /// Deletion with Delete on a queue holding messages: kept, condition
+    /// says why, finalizer stays.
+    QueueDeletionBlockedByMessages,
+    /// An autoscaled Queue with a backlog scales its Deployment from zero.
+    QueueAutoscaledFromZero,
+    /// An Exchange is declared, then deleted.
+    ExchangeCreatedAndDeleted,
+    /// A Binding waits for its source, then binds once it exists.
+    BindingWaitsThenBinds,
+}
+
+struct Env {
+    api: ApiServer,
+    broker: FakeBroker,
+    ctx: Arc<warren_operator::context::Context>,
+}
+
+async fn env() -> Env {
+    let (client, api) = ApiServer::start();
+    let (fake, addr) = FakeBroker::start().await;
+    api.put(&path("brokers", NS, "warren"), broker(NS, "warren", &addr));
+    Env { api, broker: fake, ctx: context(client) }
+}
+
+fn queue_obj(spec_extra: Value) -> Value {
+    let mut spec = json!({"brokerRef": {"name": "warren"}, "messageTtlMs": 60000});
+    spec.as_object_mut().unwrap().extend(spec_extra.as_object().unwrap().clone());
+    object("Queue", NS, "orders", spec)
+}
+
+fn qpath() -> String {
+    path("queues", NS, "orders")
+}
+
+async fn reconcile_queue(e: &Env, obj: Value) -> Result<kube::runtime::controller::Action, Error> {
+    e.api.put(&qpath(), obj.clone());
+    let q: Queue = serde_json::from_value(obj).unwrap();
+    within(queue::reconcile(Arc::new(q), e.ctx.clone())).await
+}
+
+fn status_patch(p: &str) -> String {
+    format!("PATCH {p}/status")
+}
+
+async fn run(scenario: Scenario) {
+    let e = env().await;
+    let broker_get = format!("GET {}", path("brokers", NS, "warren"));
+    let events = format!("POST /apis/events.k8s.io/v1/namespaces/{NS}/events");
+    match scenario {
+        Scenario::QueueFinalizerAdded => {
+            reconcile_queue(&e, queue_obj(json!({}))).await.unwrap();
+            assert_eq!(e.api.lines(), [format!("PATCH {}", qpath())]);
+            let patch = &e.api.recorded()[0];
+            assert_eq!(patch.content_type, "application/json-patch+json");
+            assert_eq!(patch.body[1]["path"], "/metadata/finalizers");
+            assert_eq!(patch.body[1]["value"], json!([warren_operator::topology::FINALIZER]));
+            assert!(!e.broker.has_queue("orders"), "nothing is declared before the finalizer is in place");
+        }
+        Scenario::QueueCreated => {
+            reconcile_queue(&e, queue_obj(json!({})).finalized()).await.unwrap();
+            assert_eq!(e.api.lines(), [broker_get, events, status_patch(&qpath())]);
+            let status_req = e.api.recorded()[2].clone();
+            assert_eq!(status_req.content_type, "application/apply-patch+yaml");
+            assert!(status_req.uri.contains("fieldManager=warren-operator") && status_req.uri.contains("force=true"), "{}", status_req.uri);
+            let status = e.api.last_status("orders");
+            assert_eq!(status["conditions"][0]["type"], "Ready");
+            assert_eq!(status["conditions"][0]["status"], "True");
+            assert_eq!(status["conditions"][0]["observedGeneration"], 1);
+            assert_eq!(status["ready"], 0);
+            assert_eq!(e.api.events()[0].1, "Created");
+            let q = e.broker.queue("orders").unwrap();
+            assert!(q.durable);
+            assert_eq!(q.arguments["x-message-ttl"].kind, Some(warren_client::proto::value::Kind::Int(60000)));
+        }
+        Scenario::QueueUpdateRefused => {
+            e.broker.add_queue(QueueInfo { name: "orders".into(), durable: true, ready: 4, ..QueueInfo::default() });
+            reconcile_queue(&e, queue_obj(json!({})).finalized()).await.unwrap();
+            assert_eq!(e.api.lines(), [broker_get, events, status_patch(&qpath())]);
+            let status = e.api.last_status("orders");
+            let ready = &status["conditions"][0];
+            assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("False"), Some("PropertiesMismatch")));
+            assert!(ready["message"].as_str().unwrap().contains("x-message-ttl"), "{ready}");
+            assert_eq!(status["ready"], 4, "counts are still mirrored");
+            assert_eq!(e.api.events()[0].0, "Warning");
+        }
+        Scenario::QueueDriftRepaired => {
+            reconcile_queue(&e, queue_obj(json!({})).finalized().was_ready()).await.unwrap();
+            assert_eq!(e.api.lines(), [broker_get, events, status_patch(&qpath())]);
+            let (type_, reason, note) = e.api.events()[0].clone();
+            assert_eq!((type_.as_str(), reason.as_str()), ("Warning", "Recreated"));
+            assert!(note.contains("missing on the broker"), "{note}");
+            assert!(e.broker.has_queue("orders"));
+        }
+        Scenario::QueueDeletedWithRetain => {
+            e.broker.add_queue(QueueInfo { name: "orders".into(), ready: 10, ..QueueInfo::default() });
+            reconcile_queue(&e, queue_obj(json!({"deletionPolicy": "Retain"})).finalized().deleting()).await.unwrap();
+            assert_eq!(e.api.lines(), [events, format!("PATCH {}", qpath())]);
+            assert_eq!(e.api.events()[0].1, "Retained");
+            let patch = &e.api.recorded()[1];
+            assert_eq!(patch.body[1]["op"], "remove");
+            assert_eq!(patch.body[1]["path"], "/metadata/finalizers/0");
+            assert!(e.broker.has_queue("orders"), "Retain keeps the queue and its messages");
+        }
+        Scenario::QueueDeletedWithDelete => {
+            e.broker.add_queue(QueueInfo { name: "orders".into(), ..QueueInfo::default() });
+            reconcile_queue(&e, queue_obj(json!({})).finalized().deleting()).await.unwrap();
+            assert_eq!(e.api.lines(), [broker_get, events, format!("PATCH {}", qpath())]);
+            assert_eq!(e.api.events()[0].1, "Deleted");
+            assert!(!e.broker.has_queue("orders"));
+        }
+        Scenario::QueueDeletionBlockedByMessages => {
+            e.broker.add_queue(QueueInfo { name: "orders".into(), ready: 3, unacked: 2, ..QueueInfo::default() });
+            let err = reconcile_queue(&e, queue_obj(json!({})).finalized().deleting()).await.unwrap_err();
+            assert!(err.to_string().contains("still holds 5 messages"), "{err}");
+            assert_eq!(e.api.lines(), [broker_get, status_patch(&qpath()), events], "no finalizer removal");
+            let status = e.api.last_status("orders");
+            assert_eq!(status["conditions"][0]["reason"], "QueueNotEmpty");
+            assert!(status["conditions"][0]["message"].as_str().unwrap().contains("deleteWithMessages"));
+            assert!(e.broker.has_queue("orders"));
+            // Opting in deletes it with its messages.
+            e.api.clear();
+            reconcile_queue(&e, queue_obj(json!({"deleteWithMessages": true})).finalized().deleting()).await.unwrap();
+            assert!(!e.broker.has_queue("orders"));
+            assert!(e.api.events()[0].2.contains("with 5 messages"));
+        }
+        Scenario::QueueAutoscaledFromZero => {
+            let scale = "/apis/apps/v1/namespaces/ns/deployments/worker/scale";
+            e.api.put(
+                scale,
+                json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "worker"}, "spec": {"replicas": 0}}),
+            );
+            e.broker.add_queue(QueueInfo {
+                name: "orders".into(),
+                durable: true,
+                arguments: [
+                    (
+                        "x-message-ttl".to_string(),
+                        warren_client::proto::Value { kind: Some(warren_client::proto::value::Kind::Int(60000)) },
+                    ),
+                    (
+                        "x-queue-type".to_string(),
+                        warren_client::proto::Value { kind: Some(warren_client::proto::value::Kind::String("classic".into())) },
+                    ),
+                ]
+                .into(),
+                ready: 25,
+                unacked: 4,
+                ..QueueInfo::default()
+            });
+            let autoscaling =
+                json!({"autoscaling": {"target": {"name": "worker"}, "maxReplicas": 10, "messagesPerReplica": 10, "pollingSeconds": 2}});
+            let action = reconcile_queue(&e, queue_obj(autoscaling).finalized().was_ready()).await.unwrap();
+            assert_eq!(action, kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(2)), "polls every pollingSeconds");
+            assert_eq!(e.api.lines(), [broker_get, format!("GET {scale}"), format!("PATCH {scale}"), events, status_patch(&qpath())]);
+            assert_eq!(e.api.recorded()[2].body, json!({"spec": {"replicas": 3}}), "ceil((25 + 4) / 10)");
+            let status = e.api.last_status("orders");
+            assert_eq!(status["autoscaling"]["desiredReplicas"], 3);
+            assert_eq!(status["autoscaling"]["currentReplicas"], 3);
+            assert_eq!(status["autoscaling"]["backlog"], 29);
+            assert_eq!(status["autoscaling"]["reason"], "ScaledUp");
+            assert_eq!(e.api.events()[0].1, "ScaledUp");
+            let metrics = e.ctx.metrics.encode().unwrap();
+            assert!(
+                metrics.contains("warren_operator_scaling_decisions_total{namespace=\"ns\",queue=\"orders\",direction=\"up\"} 1"),
+                "{metrics}"
+            );
+        }
+        Scenario::ExchangeCreatedAndDeleted => {
+            let xpath = path("exchanges", NS, "orders");
+            let obj = object("Exchange", NS, "orders", json!({"brokerRef": {"name": "warren"}, "type": "topic"})).finalized();
+            e.api.put(&xpath, obj.clone());
+            let x: Exchange = serde_json::from_value(obj.clone()).unwrap();
+            within(exchange::reconcile(Arc::new(x), e.ctx.clone())).await.unwrap();
+            assert_eq!(e.api.lines(), [broker_get.clone(), events.clone(), status_patch(&xpath)]);
+            assert!(e.broker.state.lock().unwrap().exchanges.contains_key("orders"));
+            e.api.clear();
+            let x: Exchange = serde_json::from_value(obj.deleting()).unwrap();
+            within(exchange::reconcile(Arc::new(x), e.ctx.clone())).await.unwrap();
+            assert_eq!(e.api.lines(), [broker_get, events, format!("PATCH {xpath}")]);
+            assert!(!e.broker.state.lock().unwrap().exchanges.contains_key("orders"));
+        }
+        Scenario::BindingWaitsThenBinds => {
+            let bpath = path("bindings", NS, "orders-to-jobs");
+            let obj = object(
+                "Binding",
+                NS,
+                "orders-to-jobs",
+                json!({"brokerRef": {"name": "warren"}, "source": "orders", "destination": "jobs", "routingKey": "order.*"}),
+            )
+            .finalized();
+            e.api.put(&bpath, obj.clone());
+            let b: Binding = serde_json::from_value(obj.clone()).unwrap();
+            within(binding::reconcile(Arc::new(b.clone()), e.ctx.clone())).await.unwrap();
+            assert_eq!(e.api.lines(), [broker_get.clone(), status_patch(&bpath)]);
+            assert_eq!(e.api.last_status("orders-to-jobs")["conditions"][0]["reason"], "WaitingForSource");
+            e.broker.add_exchange("orders");
+            e.api.clear();
+            within(binding::reconcile(Arc::new(b.clone()), e.ctx.clone())).await.unwrap();
+            assert_eq!(e.api.last_status("orders-to-jobs")["conditions"][0]["reason"], "WaitingForDestination");
+            e.broker.add_queue(QueueInfo { name: "jobs".into(), ..QueueInfo::default() });
+            e.api.clear();
+            within(binding::reconcile(Arc::new(b), e.ctx.clone())).await.unwrap();
+            assert_eq!(e.api.lines(), [broker_get, events, status_patch(&bpath)]);
+            assert_eq!(e.api.last_status("orders-to-jobs")["conditions"][0]["reason"], "Bound");
+            assert_eq!(e.broker.bindings()[0].routing_key, "order.*");
+        }
+    }
+}
+
+#[tokio::test]
+async fn should_add_the_finalizer_before_touching_the_broker() {
+    run(Scenario::QueueFinalizerAdded).await;
+}
+
+#[tokio::test]
+async fn should_declare_a_queue_and_patch_its_status() {
+    run(Scenario::QueueCreated).await;
+}
+
+#[tokio::test]
+async fn should_report_a_change_the_broker_refuses() {
+    run(Scenario::QueueUpdateRefused).await;
+}
+
+#[tokio::test]
+async fn should_recreate_a_queue_deleted_by_hand() {
+    run(Scenario::QueueDriftRepaired).await;
+}
+
+#[tokio::test]
+async fn should_keep_the_queue_with_retain_and_remove_the_finalizer() {
+    run(Scenario::QueueDeletedWithRetain).await;
+}
+
+#[tokio::test]
+async fn should_delete_an_empty_queue_and_remove_the_finalizer() {
+    run(Scenario::QueueDeletedWithDelete).await;
+}
+
+#[tokio::test]
+async fn should_not_delete_a_queue_that_holds_messages() {
+    run(Scenario::QueueDeletionBlockedByMessages).await;
+}
+
+#[tokio::test]
+async fn should_scale_a_deployment_from_zero_on_backlog() {
+    run(Scenario::QueueAutoscaledFromZero).await;
+}
+
+#[tokio::test]
+async fn should_declare_and_delete_an_exchange() {
+    run(Scenario::ExchangeCreatedAndDeleted).await;
+}
+
+#[tokio::test]
+async fn should_wait_for_source_and_destination_before_binding() {
+    run(Scenario::BindingWaitsThenBinds).await;
+}
+
+#[tokio::test]
+async fn should_report_a_missing_broker_in_the_condition() {
+    let (client, api) = ApiServer::start();
+    let ctx = context(client);
+    let obj = queue_obj(json!({})).finalized();
+    api.put(&qpath(), obj.clone());
+    let q: Queue = serde_json::from_value(obj).unwrap();
+    within(queue::reconcile(Arc::new(q), ctx)).await.unwrap();
+    let status = api.last_status("orders");
+    assert_eq!(status["conditions"][0]["reason"], "BrokerNotFound");
+    assert!(status["conditions"][0]["message"].as_str().unwrap().contains("Broker ns/warren not found"));
+}
+
+#[tokio::test]
+async fn should_apply_every_broker_child_with_one_field_manager_then_the_status() {
+    let (client, api) = ApiServer::start();
+    let ctx = context(client);
+    let bpath = path("brokers", NS, "warren");
+    let obj = json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Broker",
+        "metadata": {"name": "warren", "namespace": NS, "uid": "u1", "generation": 2},
+        "spec": {"storage": {"size": "5Gi"}}
+    });
+    api.put(&bpath, obj.clone());
+    // The StatefulSet the API server holds reports one ready pod.
+    let sts = "/apis/apps/v1/namespaces/ns/statefulsets/warren";
+    api.put(sts, json!({"status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": 1}}));
+    let b: Broker = serde_json::from_value(obj).unwrap();
+    within(warren_operator::broker::reconcile(Arc::new(b), ctx)).await.unwrap();
+    assert_eq!(
+        api.lines(),
+        [
+            "PATCH /api/v1/namespaces/ns/serviceaccounts/warren",
+            "PATCH /api/v1/namespaces/ns/configmaps/warren-config",
+            "PATCH /api/v1/namespaces/ns/services/warren-headless",
+            "PATCH /api/v1/namespaces/ns/services/warren",
+            "PATCH /apis/apps/v1/namespaces/ns/statefulsets/warren",
+            "PATCH /apis/policy/v1/namespaces/ns/poddisruptionbudgets/warren",
+            "PATCH /apis/warren.dev/v1alpha1/namespaces/ns/brokers/warren/status",
+        ]
+    );
+    for r in api.recorded() {
+        assert_eq!(r.content_type, "application/apply-patch+yaml", "{}", r.path);
+        assert!(r.uri.contains("fieldManager=warren-operator") && r.uri.contains("force=true"), "{}", r.uri);
+    }
+    let applied_sts = &api.recorded()[4].body;
+    assert_eq!(applied_sts["metadata"]["ownerReferences"][0]["uid"], "u1");
+    assert_eq!(applied_sts["metadata"]["ownerReferences"][0]["controller"], true);
+    let status = api.last_status("warren");
+    assert_eq!(status["endpoint"], "warren.ns.svc:5680");
+    assert_eq!(status["readyReplicas"], 1);
+    assert_eq!(status["observedGeneration"], 2);
+    let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("True"), Some("AllReplicasReady")));
+}
+
+#[tokio::test]
+async fn should_report_an_invalid_broker_spec_without_applying_anything() {
+    let (client, api) = ApiServer::start();
+    let ctx = context(client);
+    let name = "a".repeat(60);
+    let bpath = path("brokers", NS, &name);
+    let obj = json!({"apiVersion": "warren.dev/v1alpha1", "kind": "Broker", "metadata": {"name": name, "namespace": NS, "uid": "u1", "generation": 1}, "spec": {}});
+    api.put(&bpath, obj.clone());
+    let b: Broker = serde_json::from_value(obj).unwrap();
+    within(warren_operator::broker::reconcile(Arc::new(b), ctx)).await.unwrap();
+    assert_eq!(api.lines(), [format!("PATCH {bpath}/status")]);
+    let status = api.last_status(&name);
+    let degraded = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Degraded").unwrap();
+    assert_eq!(degraded["reason"], "InvalidSpec");
+    assert!(degraded["message"].as_str().unwrap().contains("at most 52"));
+}

@@ -128,8 +128,10 @@ impl Warren for FakeBroker {
             Some(existing) if r.passive => Ok(Response::new(DeclareQueueResponse { queue: Some(existing.clone()) })),
             None if r.passive => Err(Status::not_found(format!("no queue '{}'", r.name))),
             Some(existing) => {
-                for (key, value) in &r.arguments {
-                    if existing.arguments.get(key) != Some(value) {
+                let mut keys: Vec<_> = r.arguments.keys().collect();
+                keys.sort();
+                for key in keys {
+                    if existing.arguments.get(key) != r.arguments.get(key) {
                         return Err(Status::failed_precondition(format!("queue '{}' exists with a different {key}", r.name)));
                     }
                 }

@@ -132,6 +132,35 @@ impl ApiServer {
         match method.as_str() {
             "GET" => self.get(&path).map(|o| (200, o)).unwrap_or(not_found),
             "POST" if path.ends_with("/events") => (201, body),
+            "POST" => {
+                // Create: 409 if it exists.
+                let name = body["metadata"]["name"].as_str().unwrap_or_default();
+                let object_path = format!("{path}/{name}");
+                if self.get(&object_path).is_some() {
+                    return (
+                        409,
+                        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409}),
+                    );
+                }
+                let mut obj = body.clone();
+                obj["metadata"]["resourceVersion"] = "1".into();
+                self.put(&object_path, obj.clone());
+                (201, obj)
+            }
+            "PUT" => match self.get(&path) {
+                // Replace with optimistic concurrency on resourceVersion.
+                Some(existing) if existing["metadata"]["resourceVersion"] != body["metadata"]["resourceVersion"] => {
+                    (409, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409}))
+                }
+                Some(existing) => {
+                    let version: u64 = existing["metadata"]["resourceVersion"].as_str().and_then(|v| v.parse().ok()).unwrap_or(0);
+                    let mut obj = body.clone();
+                    obj["metadata"]["resourceVersion"] = (version + 1).to_string().into();
+                    self.put(&path, obj.clone());
+                    (200, obj)
+                }
+                None => not_found,
+            },
             "PATCH" if path.ends_with("/scale") => {
                 let mut scale = self.get(&path).unwrap_or_else(|| json!({"apiVersion": "autoscaling/v1", "kind": "Scale", "spec": {}}));
                 if let Some(r) = body["spec"]["replicas"].as_i64() {

@@ -1,0 +1,179 @@
+//! Pure builder tests: the objects produced from Broker specs, and the
+//! Broker status computed from a StatefulSet. No API server involved.
+#![allow(clippy::unwrap_used)]
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetStatus};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use serde_json::json;
+use warren_crds::v1alpha1::{Broker, BrokerStatus};
+use warren_operator::broker::build::{self, ValidatedBroker};
+use warren_operator::broker::status;
+
+fn broker(spec: serde_json::Value) -> Broker {
+    serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Broker",
+        "metadata": {"name": "warren", "namespace": "messaging", "uid": "uid-1", "generation": 3},
+        "spec": spec
+    }))
+    .unwrap()
+}
+
+fn validated(spec: serde_json::Value) -> ValidatedBroker {
+    build::validate(&broker(spec), "warren/broker:1.0").unwrap()
+}
+
+#[test]
+fn should_run_a_non_root_read_only_pod_with_probes_and_a_volume_claim() {
+    let v = validated(json!({"storage": {"size": "20Gi", "storageClassName": "fast"}, "resources": {"limits": {"memory": "1Gi"}}}));
+    let sts = build::stateful_set(&v);
+    let spec = &sts.spec;
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(spec.service_name.as_deref(), Some("warren-headless"));
+    let pod = spec.template.spec.as_ref().unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("warren/broker:1.0"));
+
+    let psc = pod.security_context.as_ref().unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(psc.fs_group, Some(build::RUN_AS));
+    assert_eq!(psc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+    let csc = c.security_context.as_ref().unwrap();
+    assert_eq!(csc.read_only_root_filesystem, Some(true));
+    assert_eq!(csc.allow_privilege_escalation, Some(false));
+    assert_eq!(csc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(pod.service_account_name.as_deref(), Some("warren"));
+
+    let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| p.as_ref().unwrap().http_get.as_ref().unwrap().path.clone().unwrap();
+    assert_eq!(probe_path(&c.liveness_probe), "/healthz");
+    assert_eq!(probe_path(&c.readiness_probe), "/readyz");
+    assert_eq!(probe_path(&c.startup_probe), "/healthz");
+    assert_eq!(pod.termination_grace_period_seconds, Some(60));
+    assert!(c.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap().sleep.is_some());
+
+    let env: Vec<_> = c.env.as_ref().unwrap().iter().map(|e| (e.name.as_str(), e.value.clone())).collect();
+    assert!(env.contains(&("WARREN_GRPC_ADDR", Some("0.0.0.0:5680".into()))));
+    assert!(env.contains(&("WARREN_HTTP_ADDR", Some("0.0.0.0:15680".into()))));
+    assert!(env.contains(&("WARREN_DATA_DIR", Some("/var/lib/warren".into()))));
+    assert!(env.contains(&("WARREN_CONFIG", Some("/etc/warren/warren.toml".into()))));
+    assert!(env.iter().any(|(n, _)| *n == "WARREN_NODE_NAME"));
+
+    let claims = spec.volume_claim_templates.as_ref().unwrap();
+    let claim = claims[0].spec.as_ref().unwrap();
+    assert_eq!(claim.storage_class_name.as_deref(), Some("fast"));
+    assert_eq!(claim.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0, "20Gi");
+    let retention = spec.persistent_volume_claim_retention_policy.as_ref().unwrap();
+    assert_eq!(retention.when_deleted.as_deref(), Some("Retain"), "deleting a Broker never deletes its messages");
+
+    let spread = pod.topology_spread_constraints.as_ref().unwrap();
+    assert_eq!(spread[0].topology_key, "kubernetes.io/hostname");
+    assert_eq!(c.resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0, "1Gi");
+    assert_eq!(sts.metadata.owner_references.as_ref().unwrap()[0].uid, "uid-1");
+}
+
+#[test]
+fn should_roll_pods_when_the_configuration_changes() {
+    let hash = |spec| {
+        let sts = build::stateful_set(&validated(spec));
+        sts.spec.template.metadata.unwrap().annotations.unwrap()[build::CONFIG_HASH_ANNOTATION].clone()
+    };
+    assert_eq!(hash(json!({})), hash(json!({})), "stable across builds");
+    assert_ne!(hash(json!({})), hash(json!({"config": {"maxMessageSize": 1024}})));
+}
+
+#[test]
+fn should_write_the_broker_configuration_file() {
+    let v = validated(json!({"config": {"maxMessageSize": 1048576, "queueWindowMessages": 100, "logFormat": "text"}}));
+    let cm = build::config_map(&v);
+    assert_eq!(cm.metadata.name.as_deref(), Some("warren-config"));
+    let toml = &cm.data.as_ref().unwrap()[build::CONFIG_FILE];
+    assert!(toml.contains("log_format = \"text\"\n"), "{toml}");
+    assert!(toml.contains("max_message_size = 1048576\n"), "{toml}");
+    assert!(toml.contains("queue_window_messages = 100\n"), "{toml}");
+    assert!(!toml.contains("block_cache_bytes"), "unset settings keep the broker's defaults: {toml}");
+}
+
+#[test]
+fn should_expose_grpc_through_a_client_and_a_headless_service() {
+    let v = validated(json!({"service": {"type": "LoadBalancer", "annotations": {"lb": "internal"}}}));
+    let client = build::client_service(&v);
+    let spec = client.spec.as_ref().unwrap();
+    assert_eq!(client.metadata.name.as_deref(), Some("warren"));
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(client.metadata.annotations.as_ref().unwrap()["lb"], "internal");
+    let ports: Vec<_> = spec.ports.as_ref().unwrap().iter().map(|p| (p.name.clone().unwrap(), p.port)).collect();
+    assert_eq!(ports, [("grpc".to_string(), 5680), ("http".to_string(), 15680)]);
+    assert_eq!(spec.selector.as_ref().unwrap()["app.kubernetes.io/instance"], "warren");
+
+    let headless = build::headless_service(&v);
+    let spec = headless.spec.as_ref().unwrap();
+    assert_eq!(headless.metadata.name.as_deref(), Some("warren-headless"));
+    assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(spec.publish_not_ready_addresses, Some(true));
+    assert_eq!(v.endpoint(), "warren.messaging.svc:5680");
+}
+
+#[test]
+fn should_budget_one_voluntary_disruption() {
+    let pdb = build::pod_disruption_budget(&validated(json!({})));
+    let spec = pdb.spec.unwrap();
+    assert_eq!(spec.max_unavailable, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1)));
+    assert_eq!(spec.selector.unwrap().match_labels.unwrap()["app.kubernetes.io/name"], "warren-broker");
+}
+
+#[test]
+fn should_refuse_names_too_long_for_statefulset_labels_and_replication() {
+    let mut b = broker(json!({}));
+    b.metadata.name = Some("x".repeat(53));
+    let e = build::validate(&b, "img").unwrap_err().to_string();
+    assert!(e.contains("at most 52"), "{e}");
+    let mut b = broker(json!({}));
+    b.spec.replicas = 3;
+    let e = build::validate(&b, "img").unwrap_err().to_string();
+    assert!(e.contains("replication is not implemented"), "{e}");
+    let v = build::validate(&broker(json!({"image": "mine:2"})), "img").unwrap();
+    assert_eq!(v.image, "mine:2", "spec.image wins over the operator default");
+}
+
+fn sts(ready: i32, updated: i32, observed: i64, generation: i64) -> StatefulSet {
+    let mut s = StatefulSet::default();
+    s.metadata.generation = Some(generation);
+    s.status = Some(StatefulSetStatus {
+        replicas: 1,
+        ready_replicas: Some(ready),
+        updated_replicas: Some(updated),
+        observed_generation: Some(observed),
+        ..StatefulSetStatus::default()
+    });
+    s
+}
+
+fn condition<'a>(s: &'a BrokerStatus, t: &str) -> (&'a str, &'a str) {
+    let c = s.conditions.iter().find(|c| c.type_ == t).unwrap();
+    (c.status.as_str(), c.reason.as_str())
+}
+
+#[test]
+fn should_report_ready_progressing_and_degraded() {
+    let v = validated(json!({}));
+    let now = Timestamp::now();
+    let s = status::from_stateful_set(&v, &sts(1, 1, 1, 1), &BrokerStatus::default(), now);
+    assert_eq!(condition(&s, "Ready"), ("True", "AllReplicasReady"));
+    assert_eq!(condition(&s, "Progressing"), ("False", "RolloutComplete"));
+    assert_eq!(condition(&s, "Degraded"), ("False", "AsExpected"));
+    assert_eq!(s.observed_generation, Some(3));
+
+    let starting = status::from_stateful_set(&v, &sts(0, 1, 1, 1), &BrokerStatus::default(), now);
+    assert_eq!(condition(&starting, "Ready"), ("False", "ReplicasNotReady"));
+    assert_eq!(condition(&starting, "Progressing"), ("True", "WaitingForReadiness"));
+    assert_eq!(condition(&starting, "Degraded").0, "False");
+
+    let rolling = status::from_stateful_set(&v, &sts(1, 0, 1, 2), &s, now);
+    assert_eq!(condition(&rolling, "Progressing"), ("True", "RollingOut"));
+
+    // Not ready for longer than the progress deadline: degraded.
+    let later = now.checked_add(status::PROGRESS_DEADLINE + SignedDuration::from_secs(1)).unwrap();
+    let stuck = status::from_stateful_set(&v, &sts(0, 1, 1, 1), &starting, later);
+    assert_eq!(condition(&stuck, "Degraded"), ("True", "ReplicasNotReady"));
+    assert_eq!(condition(&stuck, "Progressing").0, "False");
+}

@@ -45,3 +45,16 @@ fn should_reject_a_bad_example() {
     let e = support::validate_object(&queue, None).unwrap_err().join("\n");
     assert!(e.contains("use its typed field"), "{e}");
 }
+
+#[test]
+fn should_validate_the_charts_optional_broker_against_the_schema() {
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(support::repo_root().join("charts/warren/values.yaml")).unwrap()).unwrap();
+    let values = serde_json::to_value(values).unwrap();
+    let broker = serde_json::json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Broker",
+        "metadata": {"name": values["broker"]["name"]},
+        "spec": values["broker"]["spec"],
+    });
+    support::validate_object(&broker, None).unwrap();
+}

@@ -47,6 +47,8 @@ fn run() -> Result<ExitCode, String> {
         files.push((warren_crds::file_name(&crd), yaml));
     }
 
+    let reference = ("reference.md".to_string(), warren_crds::reference_markdown());
+
     if stdout {
         for (_, yaml) in &files {
             println!("---\n{}", yaml.trim_end());
@@ -72,6 +74,15 @@ fn run() -> Result<ExitCode, String> {
                 std::fs::write(&path, yaml).map_err(|e| format!("writing {}: {e}", path.display()))?;
                 println!("wrote {}", path.display());
             }
+        }
+    }
+    let path = root.join("crds/generated").join(&reference.0);
+    if std::fs::read_to_string(&path).ok().as_deref() != Some(reference.1.as_str()) {
+        if check {
+            stale.push(path);
+        } else {
+            std::fs::write(&path, &reference.1).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            println!("wrote {}", path.display());
         }
     }
     if !stale.is_empty() {

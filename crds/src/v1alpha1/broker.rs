@@ -92,7 +92,11 @@ fn broker_spec_rules(schema: &mut Schema) {
     );
 }
 
-/// Image pull policies.
+/// When the kubelet pulls the image: `Always`, `IfNotPresent` or `Never`.
+/// Defaults to Kubernetes' rule (`Always` for `:latest`, else
+/// `IfNotPresent`).
+// (This doc is the field's `kubectl explain` text: optional enums take
+// their description from the type.)
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum PullPolicy {
     /// Pull on every pod start.

@@ -167,7 +167,13 @@ impl QueueType {
     }
 }
 
-/// What a full queue does with a new message.
+/// What happens to a publish beyond `maxLength` / `maxLengthBytes`
+/// (argument `x-overflow`): `drop-head` (the oldest message is dropped or
+/// dead-lettered; the broker's default), `reject-publish` (the publish is
+/// rejected), `reject-publish-dlx` (rejected, and dead-lettered). Needs
+/// `maxLength` or `maxLengthBytes`. Immutable.
+// (This doc is the field's `kubectl explain` text: optional enums take
+// their description from the type.)
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Overflow {

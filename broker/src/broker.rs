@@ -14,10 +14,11 @@ use warren_client::proto::{self, ConfirmStatus, Value};
 
 use crate::confirm::{self, ConfirmSink, ConfirmTracker, PartOutcome};
 use crate::error::{Error, Result};
+use crate::model::StoredMessage;
 use crate::model::args::{ExchangeArgs, validate_binding_args};
 use crate::model::{self, ExchangeKind, MessageData, QueueArgs, validate_name, validate_routing_key};
 use crate::queue::state::{ConsumerId, ConsumerSpec, Limits, QueueState, SeqAllocator};
-use crate::queue::task::{self, QueueEvent};
+use crate::queue::task::{self, QueueEvent, TaskEnv};
 use crate::queue::{ConsumerEvent, QueueCmd, QueueRef};
 use crate::routing::Dest;
 use crate::store::counters::QueueCounters;
@@ -88,8 +89,9 @@ struct Inner {
     store: Store,
     seqs: Arc<SeqAllocator>,
     topo: Mutex<Topology>,
-    snapshot: ArcSwap<Snapshot>,
-    queue_events: mpsc::UnboundedSender<QueueEvent>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    /// What new queue tasks get.
+    env: TaskEnv,
     session_events: mpsc::UnboundedSender<SessionId>,
     next_session: AtomicU64,
     open_sessions: AtomicU64,
@@ -112,29 +114,36 @@ impl Broker {
     /// Recovers the broker's state from `store` and starts its queues.
     pub async fn open(store: Store, config: BrokerConfig) -> Result<Broker> {
         let engine = store.engine().clone();
-        let Recovered { mut topo, queues, counters } = tokio::task::spawn_blocking(move || load(engine.as_ref()))
-            .await
-            .map_err(|e| Error::Store(crate::store::StoreError::Io(format!("recovery task failed: {e}"))))??;
-        let max_seq = counters.values().map(|c| c.max_seq).max().unwrap_or(0);
+        let Recovered { mut topo, queues, counters, mut dedup, mut inbox, max_inbox_seq, garbage } =
+            tokio::task::spawn_blocking(move || load(engine.as_ref()))
+                .await
+                .map_err(|e| Error::Store(crate::store::StoreError::Io(format!("recovery task failed: {e}"))))??;
+        if !garbage.is_empty() {
+            store.write(garbage, true).await?;
+        }
+        let max_seq = counters.values().map(|c| c.max_seq).max().unwrap_or(0).max(max_inbox_seq);
         let seqs = Arc::new(SeqAllocator::starting_at(max_seq + 1));
         let (queue_tx, queue_rx) = mpsc::unbounded_channel();
         let (session_tx, session_rx) = mpsc::unbounded_channel();
+        let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+        let env = TaskEnv { store: store.clone(), events: queue_tx.clone(), snapshot: snapshot.clone() };
         // Start the recovered queues.
         for def in queues {
             let c = counters.get(&def.id).copied().unwrap_or_default();
-            let state = QueueState::recover(def.id, def.name.clone(), def.args.clone(), config.limits, seqs.clone(), c);
-            let handle = task::spawn(state, def.auto_delete, store.clone(), queue_tx.clone());
+            let window = dedup.remove(&def.id).unwrap_or_default();
+            let state = QueueState::recover(def.id, def.name.clone(), def.args.clone(), config.limits, seqs.clone(), c, window);
+            let handle = task::spawn(state, def.auto_delete, env.clone(), inbox.remove(&def.id).unwrap_or_default());
             topo.queues.insert(def.name.clone(), QueueEntry { def: Arc::new(def), handle });
         }
-        let snapshot = topo.full_snapshot();
+        snapshot.store(Arc::new(topo.full_snapshot()));
         let broker = Broker {
             inner: Arc::new(Inner {
                 config,
                 store,
                 seqs,
                 topo: Mutex::new(topo),
-                snapshot: ArcSwap::from_pointee(snapshot),
-                queue_events: queue_tx,
+                snapshot,
+                env,
                 session_events: session_tx,
                 next_session: AtomicU64::new(1),
                 open_sessions: AtomicU64::new(0),
@@ -191,6 +200,13 @@ impl Broker {
                             tracing::debug!(queue = %name, error = %e, "auto-delete skipped");
                         } else {
                             tracing::info!(queue = %name, "auto-deleted queue after its last consumer left");
+                        }
+                    }
+                    QueueEvent::Expired { id, name } => {
+                        if let Err(e) = self.delete_queue_if(&name, Some(id), true, false, "queue expired (x-expires)").await {
+                            tracing::debug!(queue = %name, error = %e, "queue expiry skipped");
+                        } else {
+                            tracing::info!(queue = %name, "deleted queue unused for its x-expires period");
                         }
                     }
                 },
@@ -373,6 +389,8 @@ impl Broker {
                     )));
                 }
             }
+            // A declare counts as a use (x-expires).
+            let _ = entry.handle.tx.try_send(QueueCmd::Touch);
             return Ok(queue_info(entry));
         }
         if req.passive {
@@ -409,7 +427,7 @@ impl Broker {
         }
         self.inner.store.write(ops, true).await?;
         let state = QueueState::new(id, name.clone(), durable, args, self.inner.config.limits, self.inner.seqs.clone());
-        let handle = task::spawn(state, def.auto_delete, self.inner.store.clone(), self.inner.queue_events.clone());
+        let handle = task::spawn(state, def.auto_delete, self.inner.env.clone(), Vec::new());
         let entry = QueueEntry { def: Arc::new(def), handle };
         let info = queue_info(&entry);
         topo.queues.insert(name, entry);
@@ -605,6 +623,10 @@ impl Broker {
     /// Routes and enqueues one message; the confirm goes to `sink`.
     pub async fn publish(&self, msg: proto::Message, seq: u64, sink: ConfirmSink) {
         self.inner.totals.published.fetch_add(1, Ordering::Relaxed);
+        let delay_ms = match message_delay(&msg) {
+            Ok(d) => d,
+            Err(reason) => return sink.send(confirm::immediate(seq, ConfirmStatus::Rejected, reason)),
+        };
         match self.route(&msg) {
             Err(reason) => sink.send(confirm::immediate(seq, ConfirmStatus::Rejected, reason)),
             Ok((queues, _via_alternate)) if queues.is_empty() => {
@@ -624,7 +646,7 @@ impl Broker {
                     body: msg.body,
                 });
                 for q in queues {
-                    let cmd = QueueCmd::Enqueue { data: data.clone(), confirm: Some(tracker.clone()) };
+                    let cmd = QueueCmd::Enqueue { data: data.clone(), confirm: Some(tracker.clone()), delay_ms };
                     if q.tx.send(cmd).await.is_err() {
                         tracker.part_done(PartOutcome::Dropped);
                     }
@@ -826,6 +848,20 @@ impl Broker {
     }
 }
 
+/// The delay a message asks for: the `delay_ms` field, else the `x-delay`
+/// header (milliseconds, as RabbitMQ's delayed-message exchange reads it).
+fn message_delay(msg: &proto::Message) -> std::result::Result<Option<u64>, String> {
+    if msg.delay_ms.is_some() {
+        return Ok(msg.delay_ms);
+    }
+    let Some(v) = msg.properties.as_ref().and_then(|p| p.headers.get("x-delay")) else { return Ok(None) };
+    match &v.kind {
+        Some(proto::value::Kind::Int(ms)) if *ms >= 0 => Ok(Some(*ms as u64)),
+        Some(proto::value::Kind::String(s)) if s.parse::<u64>().is_ok() => Ok(s.parse().ok()),
+        _ => Err(format!("header 'x-delay' must be a non-negative integer (milliseconds), got {}", show_value(Some(v)))),
+    }
+}
+
 fn check_owner(def: &QueueDef, session: &Session) -> Result<()> {
     match def.owner {
         Some(owner) if owner != session.id => Err(Error::AccessRefused(format!("queue '{}' is exclusive to another connection", def.name))),
@@ -879,6 +915,13 @@ struct Recovered {
     topo: Topology,
     queues: Vec<QueueDef>,
     counters: HashMap<u64, QueueCounters>,
+    /// Deduplication windows by queue: (message id, window end).
+    dedup: HashMap<u64, Vec<(String, u64)>>,
+    /// Dead-lettered messages a crash left in inboxes, by target queue.
+    inbox: HashMap<u64, Vec<(Vec<u8>, StoredMessage)>>,
+    max_inbox_seq: u64,
+    /// Writes that remove leftovers of queues that no longer exist.
+    garbage: Vec<Op>,
 }
 
 /// Reads the metadata and queue counters.
@@ -917,5 +960,26 @@ fn load(engine: &dyn crate::store::Engine) -> Result<Recovered> {
     for def in &queue_defs {
         topo.next_queue_id = topo.next_queue_id.max(def.id + 1);
     }
-    Ok(Recovered { topo, queues: queue_defs, counters })
+    let known: std::collections::HashSet<u64> = queue_defs.iter().map(|d| d.id).collect();
+    let now = model::now_ms();
+    let mut dedup: HashMap<u64, Vec<(String, u64)>> = HashMap::new();
+    let mut garbage = Vec::new();
+    for (k, v) in engine.scan(Cf::Dedup, &[], &[0xff; 9], usize::MAX)? {
+        let until = <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes).unwrap_or(0);
+        match keys::decode_dedup(&k) {
+            Some((queue, id)) if known.contains(&queue) && until > now => dedup.entry(queue).or_default().push((id, until)),
+            _ => garbage.push(Op::Delete(Cf::Dedup, k)),
+        }
+    }
+    let mut inbox: HashMap<u64, Vec<(Vec<u8>, StoredMessage)>> = HashMap::new();
+    let mut max_inbox_seq = 0;
+    for (queue, k, message) in crate::queue::read::read_inboxes(engine)? {
+        max_inbox_seq = max_inbox_seq.max(keys::decode_inbox(&k).map_or(0, |(_, seq)| seq));
+        if known.contains(&queue) {
+            inbox.entry(queue).or_default().push((k, message));
+        } else {
+            garbage.push(Op::Delete(Cf::Inbox, k));
+        }
+    }
+    Ok(Recovered { topo, queues: queue_defs, counters, dedup, inbox, max_inbox_seq, garbage })
 }

@@ -54,6 +54,19 @@ impl StoredMessage {
         StoredMessage::decode(bytes).map_err(|e| StoreError::Corrupt { cf: "messages", detail: e.to_string() })
     }
 
+    /// A message as first stored (enqueued at `now_ms`, never delivered).
+    pub fn from_data(data: &MessageData, now_ms: u64) -> StoredMessage {
+        StoredMessage {
+            exchange: data.exchange.clone(),
+            routing_key: data.routing_key.clone(),
+            properties: Some(data.properties.clone()),
+            body: data.body.clone(),
+            enqueued_at_ms: now_ms,
+            expires_at_ms: None,
+            delivery_count: 0,
+        }
+    }
+
     pub fn into_data(self) -> MessageData {
         MessageData {
             exchange: self.exchange,

@@ -1,6 +1,7 @@
 //! Queues: each is owned by one task ([`task`]) that applies commands to its
 //! state ([`state`]) in order and carries out the resulting effects.
 
+pub mod deadletter;
 pub mod read;
 pub mod state;
 pub mod task;
@@ -16,7 +17,7 @@ use crate::error::Result;
 use crate::model::MessageData;
 use crate::store::keys::QueueId;
 use crate::store::{Op, StoreError};
-use state::{ConsumerId, ConsumerSpec, ConsumerView, QueueStats, RefillEntry};
+use state::{ConsumerId, ConsumerSpec, ConsumerView, QueueStats, RefillEntry, TimerResult};
 
 /// What a consumer's stream receives from its queue.
 #[derive(Debug)]
@@ -33,6 +34,20 @@ pub enum QueueCmd {
     Enqueue {
         data: Arc<MessageData>,
         confirm: Option<Arc<ConfirmTracker>>,
+        /// Hold the message back this long before it becomes ready.
+        delay_ms: Option<u64>,
+    },
+    /// A dead-lettered message already written to this queue's inbox.
+    Adopt {
+        inbox_key: Vec<u8>,
+        data: Arc<MessageData>,
+    },
+    /// A use of the queue (a declare), for `x-expires`.
+    Touch,
+    /// A timer read came back.
+    TimerDone {
+        epoch: u64,
+        result: std::result::Result<TimerResult, StoreError>,
     },
     Subscribe {
         spec: ConsumerSpec,

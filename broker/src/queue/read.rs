@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use super::state::{Loc, RefillEntry, RefillRequest};
+use super::state::{DueDelay, DueExpiry, Loc, RefillEntry, RefillRequest, TimerRequest, TimerResult};
 use crate::model::StoredMessage;
 use crate::store::keys::{self, QueueId, Record};
 use crate::store::{Cf, Engine, StoreError};
@@ -78,4 +78,71 @@ fn read_cf(engine: &dyn Engine, cf: Cf, queue: QueueId, req: &RefillRequest) -> 
         }
     }
     Ok((out, scanned_all && !stopped))
+}
+
+/// Reads a queue's due timers: expiry index entries and delayed messages due
+/// at or before `req.now` (up to `req.limit` of each kind), the stored
+/// bodies of the due expiry entries, and the next due times.
+pub fn read_timers(engine: &dyn Engine, queue: QueueId, req: &TimerRequest) -> Result<TimerResult, StoreError> {
+    let start = keys::queue_start(queue);
+    let due_end = keys::time_bound(queue, req.now);
+    let end = keys::queue_end(queue);
+    let corrupt = |cf: Cf, k: &[u8]| StoreError::Corrupt { cf: cf.name(), detail: format!("malformed time key {k:02x?}") };
+    let next_due = |cf: Cf| -> Result<Option<u64>, StoreError> {
+        match engine.scan(cf, &due_end, &end, 1)?.first() {
+            Some((k, _)) => keys::decode_time(k).map(|(_, due, _)| Some(due)).ok_or_else(|| corrupt(cf, k)),
+            None => Ok(None),
+        }
+    };
+    let min = |a: Option<u64>, b: Option<u64>| match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    };
+    let mut out = TimerResult::default();
+    for cf in [Cf::Expiry, Cf::ExpiryTransient] {
+        let rows = engine.scan(cf, &start, &due_end, req.limit)?;
+        out.more |= rows.len() >= req.limit;
+        for (k, _) in rows {
+            let (_, due, key) = keys::decode_time(&k).ok_or_else(|| corrupt(cf, &k))?;
+            out.expired.push(DueExpiry { cf, due, key });
+        }
+        out.next_expiry = min(out.next_expiry, next_due(cf)?);
+    }
+    for e in &out.expired {
+        let mk = keys::encode_msg(queue, e.key, Record::Message);
+        if let Some(v) = engine.get(Cf::Messages, &mk)? {
+            let message = StoredMessage::decode_bytes(Bytes::from(v))?;
+            let count = engine
+                .get(Cf::Messages, &keys::encode_msg(queue, e.key, Record::Deliveries))?
+                .and_then(|raw| <[u8; 4]>::try_from(raw.as_slice()).ok())
+                .map_or(0, u32::from_le_bytes);
+            out.bodies.insert(e.key, (Loc::Stored, message, count));
+        } else if let Some(v) = engine.get(Cf::Paged, &mk)? {
+            let message = StoredMessage::decode_bytes(Bytes::from(v))?;
+            let count = message.delivery_count;
+            out.bodies.insert(e.key, (Loc::Paged, message, count));
+        }
+    }
+    for cf in [Cf::Delays, Cf::DelaysTransient] {
+        let rows = engine.scan(cf, &start, &due_end, req.limit)?;
+        out.more |= rows.len() >= req.limit;
+        for (k, v) in rows {
+            let message = StoredMessage::decode_bytes(Bytes::from(v))?;
+            out.delayed.push(DueDelay { cf, index_key: k, message });
+        }
+        out.next_delay = min(out.next_delay, next_due(cf)?);
+    }
+    Ok(out)
+}
+
+/// Dead-lettered messages waiting in queues' inboxes (left by a crash
+/// between the two halves of a move), by queue.
+pub fn read_inboxes(engine: &dyn Engine) -> Result<Vec<(QueueId, Vec<u8>, StoredMessage)>, StoreError> {
+    let mut out = Vec::new();
+    for (k, v) in engine.scan(Cf::Inbox, &[], &[0xff; 17], usize::MAX)? {
+        let (queue, _) = keys::decode_inbox(&k)
+            .ok_or_else(|| StoreError::Corrupt { cf: Cf::Inbox.name(), detail: format!("malformed inbox key {k:02x?}") })?;
+        out.push((queue, k, StoredMessage::decode_bytes(Bytes::from(v))?));
+    }
+    Ok(out)
 }

@@ -23,6 +23,35 @@
 //! while a read is in flight wait in `side` (in memory) and are placed when
 //! the read returns, so a read can never skip a message or return one twice.
 //!
+//! # Time
+//!
+//! The owner task sets the clock ([`QueueState::set_now`]) before each round;
+//! every transition reads time from there, never from the system.
+//!
+//! * Expiry: a message with a TTL gets an entry in the queue's expiry index
+//!   (`expiry` when the message is stored, else `expiry_transient`). An
+//!   expired message is never delivered: the head is checked when a message
+//!   is taken, and a *timer read* of the index finds due messages anywhere
+//!   in the queue, on disk or in memory, so they leave the ready count with
+//!   nobody consuming.
+//! * Delays: a delayed message lives only in the `delays` (or
+//!   `delays_transient`) index, keyed by due time, with its body; no memory
+//!   per message. The timer read returns due ones and they are enqueued in
+//!   the same batch that removes them from the index.
+//! * A timer read, like a refill, is ordered after the queue's earlier
+//!   writes. Messages consumed while it is in flight are remembered so that a
+//!   stale result cannot resurrect them; messages expired from disk while a
+//!   refill is in flight are remembered so the refill cannot return them.
+//!
+//! # Dead-lettering
+//!
+//! A message that is rejected without requeue, expires, is dropped by a
+//! length limit or exceeds the delivery limit is removed from the queue and,
+//! when the queue has a dead-letter exchange, handed to the owner task in
+//! [`Effects::dead_letters`]: the task routes it and writes it into the
+//! target queues' inboxes in the same batch as the removal, so that a crash
+//! neither loses nor duplicates it.
+//!
 //! # Counters
 //!
 //! `ready` counts every ready message (window, side and disk-only). The
@@ -30,14 +59,14 @@
 //! through deltas in [`Effects::counters`], written in the same batch as the
 //! message records they describe.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prost::Message as _;
 
 use crate::error::{Error, Result};
-use crate::model::{MessageData, QueueArgs, StoredMessage};
+use crate::model::{MessageData, Overflow, QueueArgs, StoredMessage};
 use crate::store::counters::QueueCounters;
 use crate::store::keys::{self, MsgKey, QueueId, Record};
 use crate::store::{Cf, Op};
@@ -97,7 +126,19 @@ pub struct QMsg {
 }
 
 impl QMsg {
-    fn stored_form(&self) -> StoredMessage {
+    /// Where its expiry index entry lives (when it has an expiry).
+    fn expiry_cf(&self) -> Cf {
+        if self.loc == Loc::Stored { Cf::Expiry } else { Cf::ExpiryTransient }
+    }
+
+    /// Expired at `now` (a TTL of 0 allows delivery within the same
+    /// millisecond, as RabbitMQ delivers such a message to a waiting
+    /// consumer).
+    fn is_expired(&self, now: u64) -> bool {
+        self.expires_at_ms.is_some_and(|t| t < now)
+    }
+
+    pub fn stored_form(&self) -> StoredMessage {
         StoredMessage {
             exchange: self.data.exchange.clone(),
             routing_key: self.data.routing_key.clone(),
@@ -169,14 +210,99 @@ pub struct Effects {
     pub refill: Option<RefillRequest>,
     /// Consumers to end with an error (for example an unknown delivery tag).
     pub consumer_errors: Vec<(ConsumerId, Error)>,
+    /// Messages removed from the queue to be dead-lettered; the task routes
+    /// them and adds their writes to `ops`.
+    pub dead_letters: Vec<DeadLetter>,
+    pub timer_read: Option<TimerRequest>,
+    /// Messages that expired in this round.
+    pub expired: u64,
+    /// Messages dropped (not dead-lettered) in this round, by reason.
+    pub dropped: Vec<DeathReason>,
 }
 
 /// How a published message fared in this queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EnqueueOutcome {
-    /// Enqueued; the confirm must wait for the batch to be synced when
-    /// `needs_sync`.
+    /// Enqueued (or held back by a delay); the confirm must wait for the
+    /// batch to be synced when `needs_sync`.
     Enqueued { needs_sync: bool },
+    /// Its message id is within the deduplication window: not enqueued.
+    Duplicate,
+    /// Refused (a full queue with `x-overflow: reject-publish`).
+    Rejected(String),
+}
+
+/// Why a message left its queue without being acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeathReason {
+    /// Rejected or nacked without requeue.
+    Rejected,
+    /// Its TTL passed.
+    Expired,
+    /// Dropped or refused by a length limit.
+    Maxlen,
+    /// Delivered more times than `x-delivery-limit`.
+    DeliveryLimit,
+}
+
+impl DeathReason {
+    /// The reason as RabbitMQ's `x-death` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeathReason::Rejected => "rejected",
+            DeathReason::Expired => "expired",
+            DeathReason::Maxlen => "maxlen",
+            DeathReason::DeliveryLimit => "delivery_limit",
+        }
+    }
+}
+
+/// A message leaving the queue for its dead-letter exchange. Its removal
+/// from this queue is already in the effects' ops.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    pub data: Arc<MessageData>,
+    pub reason: DeathReason,
+}
+
+/// Asks the owner task to read the queue's due timers: expiry index entries
+/// and delayed messages due at or before `now`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimerRequest {
+    pub epoch: u64,
+    pub now: u64,
+    pub limit: usize,
+}
+
+/// A due expiry index entry, as read.
+#[derive(Clone, Debug)]
+pub struct DueExpiry {
+    pub cf: Cf,
+    pub due: u64,
+    pub key: MsgKey,
+}
+
+/// A due delayed message, as read.
+#[derive(Clone, Debug)]
+pub struct DueDelay {
+    pub cf: Cf,
+    pub index_key: Vec<u8>,
+    pub message: StoredMessage,
+}
+
+/// What a timer read found.
+#[derive(Clone, Debug, Default)]
+pub struct TimerResult {
+    pub expired: Vec<DueExpiry>,
+    /// Stored messages of the due expiry entries that are not in memory,
+    /// by key, with their location and delivery count.
+    pub bodies: HashMap<MsgKey, (Loc, StoredMessage, u32)>,
+    pub delayed: Vec<DueDelay>,
+    /// The earliest entries after `now`.
+    pub next_expiry: Option<u64>,
+    pub next_delay: Option<u64>,
+    /// The read stopped at its limit: more may be due.
+    pub more: bool,
 }
 
 /// A subscription request, as the queue sees it.
@@ -242,6 +368,8 @@ pub struct QueueState {
     pub name: Arc<str>,
     pub durable: bool,
     pub args: QueueArgs,
+    /// The clock, set by the owner task before each round.
+    now: u64,
     limits: Limits,
     seqs: Arc<SeqAllocator>,
     window: BTreeMap<MsgKey, QMsg>,
@@ -258,7 +386,42 @@ pub struct QueueState {
     rr: usize,
     unacked: u64,
     had_consumer: bool,
+    /// Delayed messages (in the delay index, not ready).
+    delayed: u64,
+    /// The earliest known expiry / delay due time, if any.
+    next_expiry: Option<u64>,
+    next_delay: Option<u64>,
+    timer_in_flight: bool,
+    timer_epoch: u64,
+    /// Keys consumed while a timer read was in flight: its result may still
+    /// list them.
+    consumed_during_timer: HashSet<MsgKey>,
+    /// Disk-only keys expired while a refill was in flight: its result may
+    /// still return them.
+    expired_during_refill: HashSet<MsgKey>,
+    /// Deduplication window: message id -> end of its window, and the ids
+    /// in window-end order for pruning.
+    dedup: HashMap<String, u64>,
+    dedup_order: VecDeque<(u64, String)>,
+    /// When the queue was last used (consumer, get, declare), for `x-expires`.
+    last_used: u64,
 }
+
+/// The writes that delete everything stored for queue `id`.
+pub fn delete_queue_ops(id: QueueId) -> Vec<Op> {
+    let start = keys::queue_start(id).to_vec();
+    let end = keys::queue_end(id);
+    let mut ops: Vec<Op> =
+        [Cf::Messages, Cf::Paged, Cf::Delays, Cf::DelaysTransient, Cf::Expiry, Cf::ExpiryTransient, Cf::Dedup, Cf::Inbox]
+            .into_iter()
+            .map(|cf| Op::DeleteRange(cf, start.clone(), end.clone()))
+            .collect();
+    ops.push(Op::Delete(Cf::QueueState, keys::encode_queue_state(id).to_vec()));
+    ops
+}
+
+/// Due timer entries handled per read.
+pub const TIMER_BATCH: usize = 1024;
 
 /// The next key in key order.
 fn successor(k: MsgKey) -> MsgKey {
@@ -291,12 +454,48 @@ impl QueueState {
             rr: 0,
             unacked: 0,
             had_consumer: false,
+            now: 0,
+            delayed: 0,
+            next_expiry: None,
+            next_delay: None,
+            timer_in_flight: false,
+            timer_epoch: 0,
+            consumed_during_timer: HashSet::new(),
+            expired_during_refill: HashSet::new(),
+            dedup: HashMap::new(),
+            dedup_order: VecDeque::new(),
+            last_used: 0,
         }
+    }
+
+    /// Sets the clock (milliseconds since the Unix epoch) for the next
+    /// transitions. Time never goes backwards here.
+    pub fn set_now(&mut self, now_ms: u64) {
+        if self.last_used == 0 {
+            self.last_used = now_ms;
+        }
+        self.now = self.now.max(now_ms);
+    }
+
+    pub fn now(&self) -> u64 {
+        self.now
     }
 
     /// A durable queue after a restart: everything it stored is ready and
     /// on disk; the first refill loads the window.
-    pub fn recover(id: QueueId, name: Arc<str>, args: QueueArgs, limits: Limits, seqs: Arc<SeqAllocator>, counters: QueueCounters) -> Self {
+    ///
+    /// `dedup` is the stored deduplication window (message id, window end).
+    /// The first timer read finds what expired or fell due while the broker
+    /// was down.
+    pub fn recover(
+        id: QueueId,
+        name: Arc<str>,
+        args: QueueArgs,
+        limits: Limits,
+        seqs: Arc<SeqAllocator>,
+        counters: QueueCounters,
+        dedup: Vec<(String, u64)>,
+    ) -> Self {
         let mut q = QueueState::new(id, name, true, args, limits, seqs);
         let stored = Tally { count: counters.messages.max(0) as u64, bytes: counters.bytes.max(0) as u64 };
         if stored.count > 0 {
@@ -304,6 +503,17 @@ impl QueueState {
             q.disk_only = stored;
             q.disk_only_stored = stored;
             q.ready = stored;
+            q.next_expiry = Some(0);
+        }
+        q.delayed = counters.delayed.max(0) as u64;
+        if q.delayed > 0 {
+            q.next_delay = Some(0);
+        }
+        let mut dedup = dedup;
+        dedup.sort_by_key(|(_, until)| *until);
+        for (id, until) in dedup {
+            q.dedup.insert(id.clone(), until);
+            q.dedup_order.push_back((until, id));
         }
         q
     }
@@ -314,7 +524,7 @@ impl QueueState {
             ready_bytes: self.ready.bytes,
             unacked: self.unacked,
             consumers: self.consumers.len() as u32,
-            delayed: 0,
+            delayed: self.delayed,
         }
     }
 
@@ -356,30 +566,209 @@ impl QueueState {
 
     // ------------------------------------------------------------ enqueue
 
-    pub fn enqueue(&mut self, data: Arc<MessageData>, now_ms: u64, fx: &mut Effects) -> EnqueueOutcome {
+    /// Takes a published message: deduplication, delay, length limits, TTL,
+    /// then into the ready set. `delay_ms` holds it back that long.
+    pub fn enqueue(&mut self, data: Arc<MessageData>, delay_ms: Option<u64>, fx: &mut Effects) -> EnqueueOutcome {
+        let dedup_id = self.args.deduplication_window_ms.and_then(|_| {
+            let id = &data.properties.message_id;
+            (!id.is_empty()).then(|| id.clone())
+        });
+        if let Some(id) = &dedup_id {
+            self.prune_dedup(fx);
+            if self.dedup.contains_key(id) {
+                return EnqueueOutcome::Duplicate;
+            }
+        }
+        let stored = data.persistent() && self.durable;
+        if let Some(delay) = delay_ms.filter(|d| *d > 0) {
+            self.remember_dedup(dedup_id, fx);
+            self.hold_back(data, delay, fx);
+            return EnqueueOutcome::Enqueued { needs_sync: stored };
+        }
+        if let Some(reason) = self.refuses(&data) {
+            if self.args.overflow == Overflow::RejectPublishDlx {
+                self.dead_letter(data, DeathReason::Maxlen, fx);
+            }
+            return EnqueueOutcome::Rejected(reason);
+        }
+        self.remember_dedup(dedup_id, fx);
+        self.admit(data, fx);
+        EnqueueOutcome::Enqueued { needs_sync: stored }
+    }
+
+    /// Takes a dead-lettered message from another queue: written to this
+    /// queue's inbox in the source's batch, moved out of it in this batch.
+    /// Subject to this queue's length limits, not to deduplication.
+    pub fn adopt(&mut self, inbox_key: Vec<u8>, data: Arc<MessageData>, fx: &mut Effects) {
+        fx.ops.push(Op::Delete(Cf::Inbox, inbox_key));
+        fx.sync = true;
+        if self.refuses(&data).is_some() {
+            if self.args.overflow == Overflow::RejectPublishDlx {
+                self.dead_letter(data, DeathReason::Maxlen, fx);
+            } else {
+                fx.dropped.push(DeathReason::Maxlen);
+            }
+            return;
+        }
+        self.admit(data, fx);
+    }
+
+    /// Why a full queue refuses a message (`reject-publish` overflow).
+    fn refuses(&self, data: &MessageData) -> Option<String> {
+        if self.args.overflow == Overflow::DropHead {
+            return None;
+        }
+        let size = data.body.len() as u64;
+        if let Some(max) = self.args.max_length
+            && self.ready.count >= max
+        {
+            return Some(format!("queue '{}' is full: x-max-length is {max} (x-overflow {})", self.name, self.args.overflow.as_str()));
+        }
+        if let Some(max) = self.args.max_length_bytes
+            && self.ready.bytes + size > max
+        {
+            return Some(format!(
+                "queue '{}' is full: x-max-length-bytes is {max} (x-overflow {})",
+                self.name,
+                self.args.overflow.as_str()
+            ));
+        }
+        None
+    }
+
+    /// Makes a message ready: a new key, the store when it must survive, the
+    /// expiry index when it has a TTL, then the length limits.
+    fn admit(&mut self, data: Arc<MessageData>, fx: &mut Effects) {
         let priority = match self.args.max_priority {
             Some(max) => data.priority().min(max as u32) as u8,
             None => 0,
         };
         let key = MsgKey::new(priority, self.seqs.next());
         let stored = data.persistent() && self.durable;
+        let ttl = match (self.args.message_ttl_ms, data.properties.expiration_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let msg = QMsg {
             key,
             size: data.body.len() as u64,
             data,
             delivery_count: 0,
             loc: if stored { Loc::Stored } else { Loc::Memory },
-            enqueued_at_ms: now_ms,
-            expires_at_ms: None,
+            enqueued_at_ms: self.now,
+            expires_at_ms: ttl.map(|t| self.now.saturating_add(t)),
         };
         if stored {
             fx.ops.push(Op::Put(Cf::Messages, self.msg_key(Record::Message, key), msg.stored_form().encode_to_vec()));
             fx.sync = true;
-            fx.counters = fx.counters.merge(&QueueCounters { messages: 1, bytes: msg.size as i64, max_seq: key.seq });
+            fx.counters = fx.counters.merge(&QueueCounters { messages: 1, bytes: msg.size as i64, max_seq: key.seq, delayed: 0 });
         }
+        self.index_expiry(&msg, fx);
         self.ready.add(msg.size);
         self.place(msg, fx);
-        EnqueueOutcome::Enqueued { needs_sync: stored }
+        self.enforce_limits(fx);
+    }
+
+    /// Writes a message's expiry index entry, if it has a TTL.
+    fn index_expiry(&mut self, msg: &QMsg, fx: &mut Effects) {
+        if let Some(at) = msg.expires_at_ms {
+            fx.ops.push(Op::Put(msg.expiry_cf(), keys::encode_time(self.id, at, msg.key).to_vec(), Vec::new()));
+            self.next_expiry = Some(self.next_expiry.map_or(at, |n| n.min(at)));
+        }
+    }
+
+    /// Stores a delayed message in the delay index until it is due.
+    fn hold_back(&mut self, data: Arc<MessageData>, delay: u64, fx: &mut Effects) {
+        let stored = data.persistent() && self.durable;
+        let due = self.now.saturating_add(delay);
+        let seq = self.seqs.next();
+        let record = StoredMessage {
+            exchange: data.exchange.clone(),
+            routing_key: data.routing_key.clone(),
+            properties: Some(data.properties.clone()),
+            body: data.body.clone(),
+            enqueued_at_ms: self.now,
+            expires_at_ms: None,
+            delivery_count: 0,
+        };
+        let cf = if stored { Cf::Delays } else { Cf::DelaysTransient };
+        fx.ops.push(Op::Put(cf, keys::encode_time(self.id, due, MsgKey { prio_inv: 0, seq }).to_vec(), record.encode_to_vec()));
+        if stored {
+            fx.sync = true;
+            fx.counters = fx.counters.merge(&QueueCounters { messages: 0, bytes: 0, max_seq: seq, delayed: 1 });
+        }
+        self.delayed += 1;
+        self.next_delay = Some(self.next_delay.map_or(due, |n| n.min(due)));
+    }
+
+    fn remember_dedup(&mut self, id: Option<String>, fx: &mut Effects) {
+        let (Some(id), Some(window)) = (id, self.args.deduplication_window_ms) else { return };
+        let until = self.now.saturating_add(window);
+        if self.durable {
+            fx.ops.push(Op::Put(Cf::Dedup, keys::encode_dedup(self.id, &id), until.to_be_bytes().to_vec()));
+        }
+        self.dedup.insert(id.clone(), until);
+        self.dedup_order.push_back((until, id));
+    }
+
+    /// Forgets message ids whose window has passed.
+    fn prune_dedup(&mut self, fx: &mut Effects) {
+        while let Some((until, _)) = self.dedup_order.front() {
+            if *until > self.now {
+                break;
+            }
+            let Some((until, id)) = self.dedup_order.pop_front() else { break };
+            if self.dedup.get(&id) == Some(&until) {
+                self.dedup.remove(&id);
+                if self.durable {
+                    fx.ops.push(Op::Delete(Cf::Dedup, keys::encode_dedup(self.id, &id)));
+                }
+            }
+        }
+    }
+
+    /// A sequence number for a key in another queue's space (an inbox).
+    pub fn next_seq(&self) -> u64 {
+        self.seqs.next()
+    }
+
+    /// Message ids remembered for deduplication.
+    pub fn dedup_len(&self) -> usize {
+        self.dedup.len()
+    }
+
+    /// Drops (and dead-letters) the oldest ready messages while the queue
+    /// is over a length limit with `drop-head` overflow. Only the window's
+    /// head can be dropped; a head still on disk is dropped once read.
+    fn enforce_limits(&mut self, fx: &mut Effects) {
+        if self.args.overflow != Overflow::DropHead {
+            return;
+        }
+        let over = |q: &QueueState| {
+            q.args.max_length.is_some_and(|m| q.ready.count > m) || q.args.max_length_bytes.is_some_and(|m| q.ready.bytes > m)
+        };
+        while over(self) {
+            let Some(msg) = self.pop_ready() else { break };
+            self.remove_and_dead_letter(msg, DeathReason::Maxlen, fx);
+        }
+    }
+
+    /// Removes a message for good and hands it to the dead-letter exchange,
+    /// if the queue has one.
+    fn remove_and_dead_letter(&mut self, msg: QMsg, reason: DeathReason, fx: &mut Effects) {
+        self.consume(&msg, fx);
+        if reason == DeathReason::Expired {
+            fx.expired += 1;
+        }
+        self.dead_letter(msg.data, reason, fx);
+    }
+
+    fn dead_letter(&mut self, data: Arc<MessageData>, reason: DeathReason, fx: &mut Effects) {
+        if self.args.dead_letter_exchange.is_some() {
+            fx.dead_letters.push(DeadLetter { data, reason });
+        } else {
+            fx.dropped.push(reason);
+        }
     }
 
     /// Puts a ready message where the window invariant says it belongs.
@@ -459,11 +848,17 @@ impl QueueState {
     /// of the queue's key range.
     pub fn refilled(&mut self, epoch: u64, entries: Vec<RefillEntry>, exhausted: bool, fx: &mut Effects) {
         self.refill_in_flight = false;
+        let tombstones = std::mem::take(&mut self.expired_during_refill);
         if epoch == self.epoch {
             // The store also holds messages that are not ready: unacknowledged
             // deliveries of stored messages keep their record until acked.
-            let skip: HashSet<MsgKey> =
-                self.side.iter().map(|m| m.key).chain(self.consumers.iter().flat_map(|c| c.unacked.values().map(|m| m.key))).collect();
+            let skip: HashSet<MsgKey> = self
+                .side
+                .iter()
+                .map(|m| m.key)
+                .chain(self.consumers.iter().flat_map(|c| c.unacked.values().map(|m| m.key)))
+                .chain(tombstones.iter().copied())
+                .collect();
             let last = entries.last().map(|e| e.key);
             for e in entries {
                 if self.window.contains_key(&e.key) || skip.contains(&e.key) {
@@ -503,6 +898,8 @@ impl QueueState {
             self.place(msg, fx);
         }
         self.enforce_window(fx);
+        // A head that was on disk can now be dropped by a length limit.
+        self.enforce_limits(fx);
         self.maybe_refill(fx);
     }
 
@@ -510,11 +907,159 @@ impl QueueState {
     /// next round asks again.
     pub fn refill_failed(&mut self, fx: &mut Effects) {
         self.refill_in_flight = false;
+        self.expired_during_refill.clear();
         self.epoch += 1;
         for msg in std::mem::take(&mut self.side) {
             self.place(msg, fx);
         }
         self.enforce_window(fx);
+    }
+
+    // -------------------------------------------------------------- timers
+
+    /// When the queue next needs its timers looked at (expiry, delays,
+    /// `x-expires`), for the owner task's sleep.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let mut times: Vec<u64> = Vec::new();
+        if !self.timer_in_flight {
+            times.extend(self.next_expiry);
+            times.extend(self.next_delay);
+        }
+        if let Some(expires) = self.args.expires_ms
+            && self.consumers.is_empty()
+        {
+            times.push(self.last_used.saturating_add(expires));
+        }
+        times.into_iter().min()
+    }
+
+    /// Asks for a timer read when an expiry or a delay is due.
+    pub fn poll_timers(&mut self, fx: &mut Effects) {
+        if self.timer_in_flight {
+            return;
+        }
+        let due = |t: Option<u64>| t.is_some_and(|t| t <= self.now);
+        if due(self.next_expiry) || due(self.next_delay) {
+            self.timer_in_flight = true;
+            self.consumed_during_timer.clear();
+            // What arrives while the read is in flight sets these again.
+            self.next_expiry = None;
+            self.next_delay = None;
+            fx.timer_read = Some(TimerRequest { epoch: self.timer_epoch, now: self.now, limit: TIMER_BATCH });
+        }
+    }
+
+    /// `x-expires`: unused (no consumers, no get, no declare) for its period.
+    pub fn unused_too_long(&self) -> bool {
+        self.args.expires_ms.is_some_and(|e| self.consumers.is_empty() && self.now >= self.last_used.saturating_add(e))
+    }
+
+    /// Counts as a use for `x-expires` (a declare).
+    pub fn touch(&mut self) {
+        self.last_used = self.now;
+    }
+
+    /// A timer read failed: ask again on the next poll.
+    pub fn timer_failed(&mut self) {
+        self.timer_in_flight = false;
+        self.consumed_during_timer.clear();
+        self.next_expiry = Some(self.now);
+        self.next_delay = Some(self.now);
+    }
+
+    /// Takes a timer read: expires what is due, wherever it is, and makes
+    /// due delayed messages ready.
+    pub fn timer_done(&mut self, epoch: u64, mut result: TimerResult, fx: &mut Effects) {
+        self.timer_in_flight = false;
+        let consumed = std::mem::take(&mut self.consumed_during_timer);
+        if epoch == self.timer_epoch {
+            for e in std::mem::take(&mut result.expired) {
+                self.expire_due(e, &consumed, &mut result.bodies, fx);
+            }
+        }
+        for d in result.delayed {
+            fx.ops.push(Op::Delete(d.cf, d.index_key));
+            self.delayed = self.delayed.saturating_sub(1);
+            if d.cf == Cf::Delays {
+                fx.counters = fx.counters.merge(&QueueCounters { delayed: -1, ..Default::default() });
+                fx.sync = true;
+            }
+            let data = Arc::new(d.message.into_data());
+            if self.refuses(&data).is_some() {
+                if self.args.overflow == Overflow::RejectPublishDlx {
+                    self.dead_letter(data, DeathReason::Maxlen, fx);
+                } else {
+                    fx.dropped.push(DeathReason::Maxlen);
+                }
+            } else {
+                self.admit(data, fx);
+            }
+        }
+        let merge = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        };
+        self.next_expiry = merge(self.next_expiry, result.next_expiry);
+        self.next_delay = merge(self.next_delay, result.next_delay);
+        if result.more {
+            self.next_expiry = Some(self.now);
+            self.next_delay = Some(self.now);
+        }
+        self.maybe_refill(fx);
+    }
+
+    /// One due expiry index entry.
+    fn expire_due(
+        &mut self,
+        e: DueExpiry,
+        consumed: &HashSet<MsgKey>,
+        bodies: &mut HashMap<MsgKey, (Loc, StoredMessage, u32)>,
+        fx: &mut Effects,
+    ) {
+        let index_key = keys::encode_time(self.id, e.due, e.key).to_vec();
+        if consumed.contains(&e.key) {
+            // Consumed since the read: its entry went with it.
+            return;
+        }
+        if let Some(msg) = self.window.remove(&e.key) {
+            self.window_tally.sub(msg.size);
+            self.ready.sub(msg.size);
+            self.remove_and_dead_letter(msg, DeathReason::Expired, fx);
+            return;
+        }
+        if let Some(pos) = self.side.iter().position(|m| m.key == e.key) {
+            let msg = self.side.remove(pos);
+            self.ready.sub(msg.size);
+            self.remove_and_dead_letter(msg, DeathReason::Expired, fx);
+            return;
+        }
+        let unacked = self.consumers.iter().any(|c| c.unacked.values().any(|m| m.key == e.key));
+        let disk_only = !unacked && self.frontier.is_some_and(|f| e.key >= f);
+        match bodies.remove(&e.key) {
+            Some((loc, stored, delivery_count)) if disk_only => {
+                let msg = QMsg {
+                    key: e.key,
+                    size: stored.body.len() as u64,
+                    delivery_count,
+                    loc,
+                    enqueued_at_ms: stored.enqueued_at_ms,
+                    expires_at_ms: stored.expires_at_ms,
+                    data: Arc::new(stored.into_data()),
+                };
+                self.disk_only.sub(msg.size);
+                if loc == Loc::Stored {
+                    self.disk_only_stored.sub(msg.size);
+                }
+                self.ready.sub(msg.size);
+                if self.refill_in_flight {
+                    self.expired_during_refill.insert(msg.key);
+                }
+                self.remove_and_dead_letter(msg, DeathReason::Expired, fx);
+            }
+            // Unacked (it expires if it comes back), or already gone: the
+            // entry has done its job.
+            _ => fx.ops.push(Op::Delete(e.cf, index_key)),
+        }
     }
 
     // ----------------------------------------------------------- consumers
@@ -537,6 +1082,7 @@ impl QueueState {
         self.next_consumer += 1;
         self.consumers.push(Consumer { id, spec, next_tag: 1, unacked: BTreeMap::new() });
         self.had_consumer = true;
+        self.last_used = self.now;
         Ok(id)
     }
 
@@ -550,6 +1096,7 @@ impl QueueState {
         if self.rr > pos {
             self.rr -= 1;
         }
+        self.last_used = self.now;
         for (_, msg) in consumer.unacked {
             self.unacked -= 1;
             self.requeue(msg, fx);
@@ -563,12 +1110,33 @@ impl QueueState {
         }
     }
 
+    /// Returns a delivered message to the ready set, unless it expired
+    /// meanwhile or has used up its delivery limit.
     fn requeue(&mut self, msg: QMsg, fx: &mut Effects) {
+        if msg.is_expired(self.now) {
+            self.remove_and_dead_letter(msg, DeathReason::Expired, fx);
+            return;
+        }
+        if self.over_delivery_limit(&msg) {
+            self.remove_and_dead_letter(msg, DeathReason::DeliveryLimit, fx);
+            return;
+        }
+        // Its index entry may have been consumed while it was out (a due
+        // entry of an unacked message is dropped); writing it again is
+        // idempotent.
+        self.index_expiry(&msg, fx);
         self.ready.add(msg.size);
         self.place(msg, fx);
+        self.enforce_limits(fx);
     }
 
-    /// Removes a message for good: acked, auto-acked, discarded.
+    /// Delivered more times than `x-delivery-limit` allows.
+    fn over_delivery_limit(&self, msg: &QMsg) -> bool {
+        self.args.delivery_limit.is_some_and(|limit| msg.delivery_count > limit)
+    }
+
+    /// Removes a message for good: acked, auto-acked, discarded, expired,
+    /// dead-lettered.
     fn consume(&mut self, msg: &QMsg, fx: &mut Effects) {
         match msg.loc {
             Loc::Stored => {
@@ -576,10 +1144,17 @@ impl QueueState {
                 if msg.delivery_count > 0 {
                     fx.ops.push(Op::Delete(Cf::Messages, self.msg_key(Record::Deliveries, msg.key)));
                 }
-                fx.counters = fx.counters.merge(&QueueCounters { messages: -1, bytes: -(msg.size as i64), max_seq: 0 });
+                fx.counters = fx.counters.merge(&QueueCounters { messages: -1, bytes: -(msg.size as i64), max_seq: 0, delayed: 0 });
+                fx.sync = true;
             }
             Loc::Paged => fx.ops.push(Op::Delete(Cf::Paged, self.msg_key(Record::Message, msg.key))),
             Loc::Memory => {}
+        }
+        if let Some(at) = msg.expires_at_ms {
+            fx.ops.push(Op::Delete(msg.expiry_cf(), keys::encode_time(self.id, at, msg.key).to_vec()));
+        }
+        if self.timer_in_flight {
+            self.consumed_during_timer.insert(msg.key);
         }
     }
 
@@ -589,6 +1164,21 @@ impl QueueState {
         self.window_tally.sub(msg.size);
         self.ready.sub(msg.size);
         Some(msg)
+    }
+
+    /// Takes the first ready message that may be delivered: expired ones and
+    /// ones over the delivery limit leave the queue on the way.
+    fn pop_deliverable(&mut self, fx: &mut Effects) -> Option<QMsg> {
+        loop {
+            let msg = self.pop_ready()?;
+            if msg.is_expired(self.now) {
+                self.remove_and_dead_letter(msg, DeathReason::Expired, fx);
+            } else if self.over_delivery_limit(&msg) {
+                self.remove_and_dead_letter(msg, DeathReason::DeliveryLimit, fx);
+            } else {
+                return Some(msg);
+            }
+        }
     }
 
     /// Counts a delivery: bumps the count and, for a stored message that
@@ -624,7 +1214,7 @@ impl QueueState {
             let Some(idx) = (0..n).map(|k| (self.rr + k) % n).find(|i| credit[*i] > 0 && self.consumers[*i].spec.priority == best) else {
                 break;
             };
-            let Some(mut msg) = self.pop_ready() else { break };
+            let Some(mut msg) = self.pop_deliverable(fx) else { break };
             let auto_ack = self.consumers[idx].spec.auto_ack;
             let redelivered = self.count_delivery(&mut msg, !auto_ack, fx);
             let consumer_id = self.consumers[idx].id;
@@ -678,13 +1268,14 @@ impl QueueState {
         Ok(())
     }
 
-    /// Negative acknowledgement (nack and reject): requeue, or discard.
+    /// Negative acknowledgement (nack and reject): requeue, or discard
+    /// (dead-letter with reason `rejected`).
     pub fn nack(&mut self, id: ConsumerId, tag: u64, multiple: bool, requeue: bool, fx: &mut Effects) -> Result<()> {
         for msg in self.take_unacked(id, tag, multiple)? {
             if requeue {
                 self.requeue(msg, fx);
             } else {
-                self.consume(&msg, fx);
+                self.remove_and_dead_letter(msg, DeathReason::Rejected, fx);
             }
         }
         Ok(())
@@ -699,10 +1290,11 @@ impl QueueState {
             self.maybe_refill(fx);
             return GetOutcome::NeedRefill;
         }
+        self.last_used = self.now;
         let mut out = Vec::new();
         let mut back = Vec::new();
         while out.len() < max {
-            let Some(mut msg) = self.pop_ready() else { break };
+            let Some(mut msg) = self.pop_deliverable(fx) else { break };
             let redelivered = self.count_delivery(&mut msg, !ack, fx);
             if ack {
                 self.consume(&msg, fx);
@@ -738,37 +1330,45 @@ impl QueueState {
                 messages: -(self.disk_only_stored.count as i64),
                 bytes: -(self.disk_only_stored.bytes as i64),
                 max_seq: 0,
+                delayed: 0,
             });
+            fx.sync = true;
+            // The expiry index of the purged messages goes too.
+            let (start, end) = (keys::queue_start(self.id).to_vec(), keys::queue_end(self.id));
+            fx.ops.push(Op::DeleteRange(Cf::Expiry, start.clone(), end.clone()));
+            fx.ops.push(Op::DeleteRange(Cf::ExpiryTransient, start, end));
             // Unacknowledged messages above the frontier were caught by the
-            // range delete: write them back.
-            let rewrite: Vec<QMsg> =
-                self.consumers.iter().flat_map(|c| c.unacked.values()).filter(|m| m.key >= from && m.loc != Loc::Memory).cloned().collect();
-            for m in rewrite {
-                let cf = if m.loc == Loc::Stored { Cf::Messages } else { Cf::Paged };
-                fx.ops.push(Op::Put(cf, self.msg_key(Record::Message, m.key), m.stored_form().encode_to_vec()));
-                if m.loc == Loc::Stored && m.delivery_count > 0 {
-                    fx.ops.push(Op::Put(Cf::Messages, self.msg_key(Record::Deliveries, m.key), m.delivery_count.to_le_bytes().to_vec()));
+            // range deletes: write them (and their index entries) back.
+            let unacked: Vec<QMsg> = self.consumers.iter().flat_map(|c| c.unacked.values()).cloned().collect();
+            for m in unacked {
+                if m.key >= from && m.loc != Loc::Memory {
+                    let cf = if m.loc == Loc::Stored { Cf::Messages } else { Cf::Paged };
+                    fx.ops.push(Op::Put(cf, self.msg_key(Record::Message, m.key), m.stored_form().encode_to_vec()));
+                    if m.loc == Loc::Stored && m.delivery_count > 0 {
+                        fx.ops.push(Op::Put(
+                            Cf::Messages,
+                            self.msg_key(Record::Deliveries, m.key),
+                            m.delivery_count.to_le_bytes().to_vec(),
+                        ));
+                    }
                 }
+                self.index_expiry(&m, fx);
             }
         }
         self.disk_only = Tally::default();
         self.disk_only_stored = Tally::default();
         self.ready = Tally::default();
-        // A refill in flight now reads a stale range: ignore its result.
+        // A refill or timer read in flight now reads a stale range: ignore
+        // what it says about ready messages.
         self.epoch += 1;
+        self.timer_epoch += 1;
         purged
     }
 
     /// The writes that delete the queue's data; the caller adds its metadata
     /// removal to the same batch.
     pub fn delete_ops(&self) -> Vec<Op> {
-        let start = keys::queue_start(self.id).to_vec();
-        let end = keys::queue_end(self.id).to_vec();
-        vec![
-            Op::DeleteRange(Cf::Messages, start.clone(), end.clone()),
-            Op::DeleteRange(Cf::Paged, start, end),
-            Op::Delete(Cf::QueueState, keys::encode_queue_state(self.id).to_vec()),
-        ]
+        delete_queue_ops(self.id)
     }
 
     /// Everything held: ready and unacknowledged.

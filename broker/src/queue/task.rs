@@ -1,23 +1,30 @@
 //! The owner task of one queue: receives commands, applies them to the
 //! [`QueueState`], and carries out the effects — one store batch per round
 //! of commands, confirms after the batch is durable, deliveries to consumer
-//! channels, refill reads.
+//! channels, refill and timer reads, dead-letter routing.
+//!
+//! The task sleeps until its next command or its state's next deadline
+//! (an expiry, a delay, `x-expires`), whichever comes first.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 use warren_client::proto;
 
-use super::read::read_refill;
-use super::state::{ConsumerId, Effects, GetOutcome, OutDelivery, QueueState};
+use super::deadletter;
+use super::read::{read_refill, read_timers};
+use super::state::{ConsumerId, DeadLetter, Effects, EnqueueOutcome, GetOutcome, OutDelivery, QueueState};
 use super::{ConsumerEvent, QueueCmd, QueueRef, QueueShared};
 use crate::confirm::{ConfirmTracker, PartOutcome};
 use crate::error::Error;
-use crate::model::now_ms;
+use crate::model::{MessageData, StoredMessage, now_ms};
 use crate::store::keys;
 use crate::store::{Cf, Op, Store, WriteRequest};
+use crate::topology::Snapshot;
 
 /// Commands applied per round before effects are flushed: larger rounds mean
 /// bigger batches, smaller ones lower latency.
@@ -31,6 +38,33 @@ pub const QUEUE_CHANNEL: usize = 4096;
 pub enum QueueEvent {
     /// An auto-delete queue lost its last consumer.
     AutoDelete { id: u64, name: Arc<str> },
+    /// A queue with `x-expires` went unused for that long.
+    Expired { id: u64, name: Arc<str> },
+}
+
+/// What the task needs from the rest of the broker.
+#[derive(Clone)]
+pub struct TaskEnv {
+    pub store: Store,
+    pub events: mpsc::UnboundedSender<QueueEvent>,
+    /// The routing snapshot, for dead-lettering.
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+}
+
+/// A dead-lettered message to hand to another queue once the batch that
+/// moves it is durable.
+enum Handoff {
+    Adopt { tx: mpsc::Sender<QueueCmd>, inbox_key: Vec<u8>, data: Arc<MessageData> },
+    Enqueue { tx: mpsc::Sender<QueueCmd>, data: Arc<MessageData> },
+}
+
+impl Handoff {
+    async fn send(self) {
+        let _ = match self {
+            Handoff::Adopt { tx, inbox_key, data } => tx.send(QueueCmd::Adopt { inbox_key, data }).await,
+            Handoff::Enqueue { tx, data } => tx.send(QueueCmd::Enqueue { data, confirm: None, delay_ms: None }).await,
+        };
+    }
 }
 
 /// Where a delete's outcome goes: the message count and the writes that
@@ -51,6 +85,12 @@ pub struct QueueTask {
     me: mpsc::WeakSender<QueueCmd>,
     shared: Arc<QueueShared>,
     events: mpsc::UnboundedSender<QueueEvent>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    runtime: tokio::runtime::Handle,
+    /// Dead-lettered messages found in the inbox at recovery.
+    inbox: Vec<(Vec<u8>, StoredMessage)>,
+    /// The `x-expires` event was sent for the current idle period.
+    expiry_sent: bool,
     sinks: HashMap<ConsumerId, ConsumerSink>,
     pending_gets: Vec<(usize, bool, oneshot::Sender<Vec<proto::Delivery>>)>,
     stopped: bool,
@@ -59,8 +99,9 @@ pub struct QueueTask {
     delete_reply: Option<(DeleteReply, u64)>,
 }
 
-/// Starts the owner task of `state`; returns its handle.
-pub fn spawn(state: QueueState, auto_delete: bool, store: Store, events: mpsc::UnboundedSender<QueueEvent>) -> QueueRef {
+/// Starts the owner task of `state`; returns its handle. `inbox` holds
+/// dead-lettered messages a crash left in the queue's inbox.
+pub fn spawn(state: QueueState, auto_delete: bool, env: TaskEnv, inbox: Vec<(Vec<u8>, StoredMessage)>) -> QueueRef {
     let (tx, rx) = mpsc::channel(QUEUE_CHANNEL);
     let shared = Arc::new(QueueShared::default());
     shared.publish(state.stats());
@@ -68,11 +109,15 @@ pub fn spawn(state: QueueState, auto_delete: bool, store: Store, events: mpsc::U
     let task = QueueTask {
         state,
         auto_delete,
-        store,
+        store: env.store,
         rx,
         me: tx.downgrade(),
         shared,
-        events,
+        events: env.events,
+        snapshot: env.snapshot,
+        runtime: tokio::runtime::Handle::current(),
+        inbox,
+        expiry_sent: false,
         sinks: HashMap::new(),
         pending_gets: Vec::new(),
         stopped: false,
@@ -84,25 +129,44 @@ pub fn spawn(state: QueueState, auto_delete: bool, store: Store, events: mpsc::U
 
 impl QueueTask {
     async fn run(mut self) {
-        // A recovered queue loads its window right away.
+        // A recovered queue takes what its inbox holds, loads its window and
+        // looks at its timers right away.
         let mut fx = Effects::default();
+        self.state.set_now(now_ms());
+        for (key, stored) in std::mem::take(&mut self.inbox) {
+            self.state.adopt(key, Arc::new(stored.into_data()), &mut fx);
+        }
         self.state.dispatch(&mut fx, &mut |_| 0);
+        self.state.poll_timers(&mut fx);
         self.flush(fx, Vec::new());
-        while let Some(cmd) = self.rx.recv().await {
+        loop {
+            let sleep = self.sleep_duration();
+            let first = tokio::select! {
+                cmd = self.rx.recv() => match cmd {
+                    Some(cmd) => Some(cmd),
+                    None => break,
+                },
+                _ = tokio::time::sleep(sleep.unwrap_or(Duration::MAX)), if sleep.is_some() => None,
+            };
+            self.state.set_now(now_ms());
             let mut fx = Effects::default();
             let mut synced: Vec<Arc<ConfirmTracker>> = Vec::new();
-            self.handle(cmd, &mut fx, &mut synced);
-            let mut n = 1;
-            while n < ROUND && !self.stopped {
-                match self.rx.try_recv() {
-                    Ok(cmd) => self.handle(cmd, &mut fx, &mut synced),
-                    Err(_) => break,
+            if let Some(cmd) = first {
+                self.handle(cmd, &mut fx, &mut synced);
+                let mut n = 1;
+                while n < ROUND && !self.stopped {
+                    match self.rx.try_recv() {
+                        Ok(cmd) => self.handle(cmd, &mut fx, &mut synced),
+                        Err(_) => break,
+                    }
+                    n += 1;
                 }
-                n += 1;
             }
             if !self.stopped {
                 let sinks = &self.sinks;
                 self.state.dispatch(&mut fx, &mut |id| sinks.get(&id).map_or(0, |s| s.tx.capacity()));
+                self.state.poll_timers(&mut fx);
+                self.check_expires();
             }
             self.flush(fx, synced);
             if let Some((reply, count)) = self.delete_reply.take() {
@@ -114,18 +178,55 @@ impl QueueTask {
         }
     }
 
+    /// How long to sleep before the state's next deadline, if it has one.
+    fn sleep_duration(&self) -> Option<Duration> {
+        let deadline = if self.expiry_sent {
+            // The x-expires event is out; only expiry and delays matter.
+            let mut s = self.state.next_deadline();
+            if self.state.unused_too_long() {
+                s = None;
+            }
+            s
+        } else {
+            self.state.next_deadline()
+        }?;
+        // Wake a millisecond late so that `now > deadline` holds.
+        Some(Duration::from_millis(deadline.saturating_sub(now_ms()).saturating_add(1)))
+    }
+
+    /// Tells the broker once when an `x-expires` queue has gone unused too
+    /// long; it deletes the queue unless it is in use again.
+    fn check_expires(&mut self) {
+        if !self.state.unused_too_long() {
+            self.expiry_sent = false;
+        } else if !self.expiry_sent {
+            self.expiry_sent = true;
+            let _ = self.events.send(QueueEvent::Expired { id: self.state.id, name: self.state.name.clone() });
+        }
+    }
+
     fn handle(&mut self, cmd: QueueCmd, fx: &mut Effects, synced: &mut Vec<Arc<ConfirmTracker>>) {
         match cmd {
-            QueueCmd::Enqueue { data, confirm } => {
-                let super::state::EnqueueOutcome::Enqueued { needs_sync } = self.state.enqueue(data, now_ms(), fx);
+            QueueCmd::Enqueue { data, confirm, delay_ms } => {
+                let outcome = self.state.enqueue(data, delay_ms, fx);
                 if let Some(c) = confirm {
-                    if needs_sync {
-                        synced.push(c);
-                    } else {
-                        c.part_done(PartOutcome::Enqueued);
+                    match outcome {
+                        EnqueueOutcome::Enqueued { needs_sync: true } => synced.push(c),
+                        EnqueueOutcome::Enqueued { needs_sync: false } => c.part_done(PartOutcome::Enqueued),
+                        EnqueueOutcome::Duplicate => c.part_done(PartOutcome::Duplicate),
+                        EnqueueOutcome::Rejected(reason) => c.part_done(PartOutcome::Rejected(reason)),
                     }
                 }
             }
+            QueueCmd::Adopt { inbox_key, data } => self.state.adopt(inbox_key, data, fx),
+            QueueCmd::Touch => self.state.touch(),
+            QueueCmd::TimerDone { epoch, result } => match result {
+                Ok(result) => self.state.timer_done(epoch, result, fx),
+                Err(e) => {
+                    tracing::error!(queue = %self.state.name, error = %e, "reading due timers failed; retrying");
+                    self.state.timer_failed();
+                }
+            },
             QueueCmd::Subscribe { spec, sink, reply } => {
                 let tag = spec.tag.clone();
                 match self.state.add_consumer(spec) {
@@ -252,21 +353,85 @@ impl QueueTask {
         }
     }
 
+    /// Routes a dead-lettered message through the queue's dead-letter
+    /// exchange. Persistent messages bound for durable queues are written to
+    /// the targets' inboxes in `ops` (the batch that removes them here);
+    /// the rest is handed over directly.
+    fn route_dead_letter(&self, dl: DeadLetter, ops: &mut Vec<Op>, handoffs: &mut Vec<Handoff>) {
+        let Some(dlx) = self.state.args.dead_letter_exchange.as_deref() else { return };
+        let data = deadletter::dead_lettered(
+            &dl.data,
+            &self.state.name,
+            dl.reason,
+            self.state.now(),
+            dlx,
+            self.state.args.dead_letter_routing_key.as_deref(),
+        );
+        let snap = self.snapshot.load();
+        let targets: Vec<Arc<str>> = if dlx.is_empty() {
+            snap.queues.get(data.routing_key.as_str()).map(|e| vec![e.def.name.clone()]).unwrap_or_default()
+        } else {
+            snap.routes.route(dlx, &data.routing_key, &data.properties.headers).queues
+        };
+        if targets.is_empty() {
+            tracing::debug!(queue = %self.state.name, dlx, routing_key = %data.routing_key, "dead-lettered message routes nowhere; dropped");
+            return;
+        }
+        let data = Arc::new(data);
+        for target in targets {
+            let Some(entry) = snap.queues.get(&target) else { continue };
+            if deadletter::is_cycle(&data, &target) {
+                tracing::debug!(queue = %self.state.name, target = %target, "dead-letter cycle; dropped for that queue");
+                continue;
+            }
+            let tx = entry.handle.tx.clone();
+            if entry.def.durable && !entry.def.exclusive && data.persistent() {
+                let inbox_key = keys::encode_inbox(entry.def.id, self.state.next_seq()).to_vec();
+                ops.push(Op::Put(Cf::Inbox, inbox_key.clone(), StoredMessage::from_data(&data, self.state.now()).encode_to_vec()));
+                handoffs.push(Handoff::Adopt { tx, inbox_key, data: data.clone() });
+            } else {
+                handoffs.push(Handoff::Enqueue { tx, data: data.clone() });
+            }
+        }
+    }
+
     fn flush(&mut self, mut fx: Effects, synced: Vec<Arc<ConfirmTracker>>) {
+        let mut handoffs: Vec<Handoff> = Vec::new();
+        for dl in std::mem::take(&mut fx.dead_letters) {
+            self.route_dead_letter(dl, &mut fx.ops, &mut handoffs);
+        }
+        if !handoffs.is_empty() {
+            fx.sync = true;
+        }
         if !fx.counters.is_zero() {
             fx.ops.push(Op::Merge(Cf::QueueState, keys::encode_queue_state(self.state.id).to_vec(), fx.counters.encode()));
         }
         if !fx.ops.is_empty() {
-            let done: Option<crate::store::Completion> = if synced.is_empty() {
+            let runtime = self.runtime.clone();
+            let name = self.state.name.clone();
+            let done: Option<crate::store::Completion> = if synced.is_empty() && handoffs.is_empty() {
                 None
             } else {
                 Some(Box::new(move |result| {
-                    let outcome = match result {
+                    let outcome = match &result {
                         Ok(()) => PartOutcome::Enqueued,
                         Err(e) => PartOutcome::Rejected(format!("storage failure: {e}")),
                     };
                     for c in synced {
                         c.part_done(outcome.clone());
+                    }
+                    match result {
+                        // Hand dead letters over only once their move is
+                        // durable; the targets may be this very queue.
+                        Ok(()) if !handoffs.is_empty() => {
+                            runtime.spawn(async move {
+                                for h in handoffs {
+                                    h.send().await;
+                                }
+                            });
+                        }
+                        Ok(()) => {}
+                        Err(e) => tracing::error!(queue = %name, error = %e, "a batch with dead-lettered messages failed"),
                     }
                 }))
             };
@@ -294,6 +459,20 @@ impl QueueTask {
                 send_last(&sink.tx, ConsumerEvent::Failed(error));
             }
             gone.push(id);
+        }
+        if let Some(req) = fx.timer_read {
+            let store = self.store.clone();
+            let me = self.me.clone();
+            let queue = self.state.id;
+            tokio::spawn(async move {
+                let result = store.read_after_writes(move |engine| read_timers(engine, queue, &req)).await;
+                if let Some(tx) = me.upgrade() {
+                    let _ = tx.send(QueueCmd::TimerDone { epoch: req.epoch, result }).await;
+                }
+            });
+        }
+        if fx.expired > 0 || !fx.dropped.is_empty() {
+            tracing::debug!(queue = %self.state.name, expired = fx.expired, dropped = fx.dropped.len(), "messages left the queue");
         }
         if let Some(req) = fx.refill {
             let store = self.store.clone();

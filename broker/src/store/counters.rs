@@ -6,15 +6,17 @@
 //! always consistent with the messages in the same atomic batches.
 
 /// A queue's durable facts: how many persistent messages (and body bytes) it
-/// stores, and the highest sequence number it has used.
+/// stores ready or unacknowledged, how many it holds delayed, and the highest
+/// sequence number it has used.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QueueCounters {
     pub messages: i64,
     pub bytes: i64,
     pub max_seq: u64,
+    pub delayed: i64,
 }
 
-pub const ENCODED_LEN: usize = 24;
+pub const ENCODED_LEN: usize = 32;
 
 impl QueueCounters {
     pub fn encode(&self) -> Vec<u8> {
@@ -22,6 +24,7 @@ impl QueueCounters {
         out.extend_from_slice(&self.messages.to_le_bytes());
         out.extend_from_slice(&self.bytes.to_le_bytes());
         out.extend_from_slice(&self.max_seq.to_le_bytes());
+        out.extend_from_slice(&self.delayed.to_le_bytes());
         out
     }
 
@@ -33,6 +36,7 @@ impl QueueCounters {
             messages: i64::from_le_bytes(bytes[0..8].try_into().ok()?),
             bytes: i64::from_le_bytes(bytes[8..16].try_into().ok()?),
             max_seq: u64::from_le_bytes(bytes[16..24].try_into().ok()?),
+            delayed: i64::from_le_bytes(bytes[24..32].try_into().ok()?),
         })
     }
 
@@ -42,6 +46,7 @@ impl QueueCounters {
             messages: self.messages + other.messages,
             bytes: self.bytes + other.bytes,
             max_seq: self.max_seq.max(other.max_seq),
+            delayed: self.delayed + other.delayed,
         }
     }
 
@@ -69,8 +74,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn merging_is_order_independent(deltas in prop::collection::vec((-5i64..5, -500i64..500, 0u64..1000), 0..20)) {
-            let ds: Vec<QueueCounters> = deltas.iter().map(|(m, b, s)| QueueCounters { messages: *m, bytes: *b, max_seq: *s }).collect();
+        fn merging_is_order_independent(deltas in prop::collection::vec((-5i64..5, -500i64..500, 0u64..1000, -3i64..3), 0..20)) {
+            let ds: Vec<QueueCounters> = deltas.iter().map(|(m, b, s, d)| QueueCounters { messages: *m, bytes: *b, max_seq: *s, delayed: *d }).collect();
             let enc: Vec<Vec<u8>> = ds.iter().map(QueueCounters::encode).collect();
             let forward = merge_values(None, enc.iter().map(|v| v.as_slice()));
             let backward = merge_values(None, enc.iter().rev().map(|v| v.as_slice()));

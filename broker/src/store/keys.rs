@@ -93,28 +93,74 @@ pub fn decode_queue_state(bytes: &[u8]) -> Option<QueueId> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
-/// Key of a time index (delayed messages, expiry): due time in milliseconds
-/// since the Unix epoch, then the queue and the message.
+/// Key of a per-queue time index (delayed messages, expiry): the queue, a
+/// time in milliseconds since the Unix epoch, then the message key. A
+/// queue's entries sort by time, so "everything due by now" is one prefix
+/// scan.
 pub const TIME_KEY_LEN: usize = 8 + 8 + 1 + 8;
 
-pub fn encode_time(due_ms: u64, queue: QueueId, key: MsgKey) -> [u8; TIME_KEY_LEN] {
+pub fn encode_time(queue: QueueId, due_ms: u64, key: MsgKey) -> [u8; TIME_KEY_LEN] {
     let mut out = [0u8; TIME_KEY_LEN];
-    out[..8].copy_from_slice(&due_ms.to_be_bytes());
-    out[8..16].copy_from_slice(&queue.to_be_bytes());
+    out[..8].copy_from_slice(&queue.to_be_bytes());
+    out[8..16].copy_from_slice(&due_ms.to_be_bytes());
     out[16] = key.prio_inv;
     out[17..25].copy_from_slice(&key.seq.to_be_bytes());
     out
 }
 
-pub fn decode_time(bytes: &[u8]) -> Option<(u64, QueueId, MsgKey)> {
+pub fn decode_time(bytes: &[u8]) -> Option<(QueueId, u64, MsgKey)> {
     if bytes.len() != TIME_KEY_LEN {
         return None;
     }
-    let due = u64::from_be_bytes(bytes[..8].try_into().ok()?);
-    let queue = u64::from_be_bytes(bytes[8..16].try_into().ok()?);
+    let queue = u64::from_be_bytes(bytes[..8].try_into().ok()?);
+    let due = u64::from_be_bytes(bytes[8..16].try_into().ok()?);
     let prio_inv = bytes[16];
     let seq = u64::from_be_bytes(bytes[17..25].try_into().ok()?);
-    Some((due, queue, MsgKey { prio_inv, seq }))
+    Some((queue, due, MsgKey { prio_inv, seq }))
+}
+
+/// The first time-index key after every entry of `queue` due at or before
+/// `due_ms` (exclusive upper bound of "due by then").
+pub fn time_bound(queue: QueueId, due_ms: u64) -> Vec<u8> {
+    match due_ms.checked_add(1) {
+        Some(next) => {
+            let mut out = Vec::with_capacity(16);
+            out.extend_from_slice(&queue.to_be_bytes());
+            out.extend_from_slice(&next.to_be_bytes());
+            out
+        }
+        None => queue_end(queue),
+    }
+}
+
+/// Key of a deduplication record: the queue, then the message id.
+pub fn encode_dedup(queue: QueueId, message_id: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + message_id.len());
+    out.extend_from_slice(&queue.to_be_bytes());
+    out.extend_from_slice(message_id.as_bytes());
+    out
+}
+
+pub fn decode_dedup(bytes: &[u8]) -> Option<(QueueId, String)> {
+    let queue = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+    let id = String::from_utf8(bytes.get(8..)?.to_vec()).ok()?;
+    Some((queue, id))
+}
+
+/// Key of an inbox record (a dead-lettered message on its way into a
+/// queue): the target queue, then a sequence number.
+pub fn encode_inbox(queue: QueueId, seq: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&queue.to_be_bytes());
+    out[8..].copy_from_slice(&seq.to_be_bytes());
+    out
+}
+
+pub fn decode_inbox(bytes: &[u8]) -> Option<(QueueId, u64)> {
+    if bytes.len() != 16 {
+        return None;
+    }
+    Some((u64::from_be_bytes(bytes[..8].try_into().ok()?), u64::from_be_bytes(bytes[8..].try_into().ok()?)))
 }
 
 /// Metadata keys: a one-byte kind tag, then the object's identity.
@@ -220,6 +266,16 @@ mod tests {
             let kb = encode_time(b.0, b.1, MsgKey { prio_inv: b.2, seq: b.3 });
             prop_assert_eq!(ka.cmp(&kb), a.cmp(&b));
             prop_assert_eq!(decode_time(&ka), Some((a.0, a.1, MsgKey { prio_inv: a.2, seq: a.3 })));
+            // "Due by b's time" includes a exactly when a is b's queue and not later.
+            let due = ka.as_slice() >= queue_start(b.0).as_slice() && ka.as_slice() < time_bound(b.0, b.1).as_slice();
+            prop_assert_eq!(due, a.0 == b.0 && a.1 <= b.1);
+        }
+
+        #[test]
+        fn dedup_and_inbox_keys_round_trip(q in any::<u64>(), id in "[a-z0-9-]{0,40}", seq in any::<u64>()) {
+            prop_assert_eq!(decode_dedup(&encode_dedup(q, &id)), Some((q, id.clone())));
+            prop_assert_eq!(decode_inbox(&encode_inbox(q, seq)), Some((q, seq)));
+            prop_assert!(encode_dedup(q, &id).as_slice() < queue_end(q).as_slice());
         }
 
         #[test]

@@ -31,7 +31,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-/// Column families: one per kind of data, each with its own tuning.
+/// Column families: one per kind of data, each with its own tuning. The
+/// `*Transient` families (and `Paged`) hold what must not survive a restart
+/// and are emptied when the database opens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cf {
     /// Exchanges, queues, bindings, id counters.
@@ -39,20 +41,43 @@ pub enum Cf {
     /// Persistent messages of durable queues (and their delivery counts).
     Messages,
     /// Messages that need not survive a restart, written only to keep a
-    /// queue's memory bounded. Emptied at start.
+    /// queue's memory bounded.
     Paged,
     /// Per-queue counters and next sequence number.
     QueueState,
-    /// Time index of delayed messages: due time -> queue, message.
+    /// Delayed persistent messages of durable queues: queue, due time,
+    /// sequence -> message.
     Delays,
-    /// Time index of expiring messages: expiry time -> queue, message.
+    /// Delayed messages that need not survive a restart.
+    DelaysTransient,
+    /// Expiry index of stored messages: queue, expiry time, message key.
     Expiry,
-    /// Deduplication windows: queue, message id -> time seen.
+    /// Expiry index of messages that need not survive a restart.
+    ExpiryTransient,
+    /// Deduplication windows: queue, message id -> time the window ends.
     Dedup,
+    /// Dead-lettered persistent messages on their way into a durable queue:
+    /// written atomically with their removal from the source queue, moved
+    /// into the target queue atomically by its owner.
+    Inbox,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 7] = [Cf::Meta, Cf::Messages, Cf::Paged, Cf::QueueState, Cf::Delays, Cf::Expiry, Cf::Dedup];
+    pub const ALL: [Cf; 10] = [
+        Cf::Meta,
+        Cf::Messages,
+        Cf::Paged,
+        Cf::QueueState,
+        Cf::Delays,
+        Cf::DelaysTransient,
+        Cf::Expiry,
+        Cf::ExpiryTransient,
+        Cf::Dedup,
+        Cf::Inbox,
+    ];
+
+    /// Emptied at open: their content never outlives the process.
+    pub const TRANSIENT: [Cf; 3] = [Cf::Paged, Cf::DelaysTransient, Cf::ExpiryTransient];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -61,8 +86,11 @@ impl Cf {
             Cf::Paged => "paged",
             Cf::QueueState => "queue_state",
             Cf::Delays => "delays",
+            Cf::DelaysTransient => "delays_transient",
             Cf::Expiry => "expiry",
+            Cf::ExpiryTransient => "expiry_transient",
             Cf::Dedup => "dedup",
+            Cf::Inbox => "inbox",
         }
     }
 
@@ -73,8 +101,11 @@ impl Cf {
             Cf::Paged => 2,
             Cf::QueueState => 3,
             Cf::Delays => 4,
-            Cf::Expiry => 5,
-            Cf::Dedup => 6,
+            Cf::DelaysTransient => 5,
+            Cf::Expiry => 6,
+            Cf::ExpiryTransient => 7,
+            Cf::Dedup => 8,
+            Cf::Inbox => 9,
         }
     }
 }

@@ -53,9 +53,12 @@ impl RocksEngine {
         let descriptors: Vec<ColumnFamilyDescriptor> =
             Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf, &cache, tuning))).collect();
         let mut db = DB::open_cf_descriptors(&db_opts, path, descriptors).map_err(io)?;
-        // Paged (transient) messages do not survive a restart: start empty.
-        db.drop_cf(Cf::Paged.name()).map_err(io)?;
-        db.create_cf(Cf::Paged.name(), &cf_options(Cf::Paged, &cache, tuning)).map_err(io)?;
+        // Paged messages and transient delays / expiry entries do not
+        // survive a restart: start empty.
+        for cf in Cf::TRANSIENT {
+            db.drop_cf(cf.name()).map_err(io)?;
+            db.create_cf(cf.name(), &cf_options(cf, &cache, tuning)).map_err(io)?;
+        }
         Ok(RocksEngine { db, path: path.to_path_buf() })
     }
 
@@ -191,7 +194,7 @@ mod tests {
     fn should_merge_queue_counters_across_batches_and_reopen() {
         use super::super::counters::QueueCounters;
         let dir = tempfile::tempdir().unwrap();
-        let delta = |m, b, s| QueueCounters { messages: m, bytes: b, max_seq: s }.encode();
+        let delta = |m, b, s| QueueCounters { messages: m, bytes: b, max_seq: s, delayed: 0 }.encode();
         {
             let e = RocksEngine::open(dir.path(), RocksTuning::default()).unwrap();
             e.write(&[Op::Merge(Cf::QueueState, b"q".to_vec(), delta(3, 30, 7))], true).unwrap();
@@ -199,7 +202,7 @@ mod tests {
         }
         let e = RocksEngine::open(dir.path(), RocksTuning::default()).unwrap();
         let v = e.get(Cf::QueueState, b"q").unwrap().unwrap();
-        assert_eq!(QueueCounters::decode(&v), Some(QueueCounters { messages: 2, bytes: 20, max_seq: 7 }));
+        assert_eq!(QueueCounters::decode(&v), Some(QueueCounters { messages: 2, bytes: 20, max_seq: 7, delayed: 0 }));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use warren_client::proto::Properties;
 
 use super::*;
-use crate::queue::read::read_refill;
+use crate::queue::read::{read_refill, read_timers};
 use crate::store::memory::MemoryEngine;
 use crate::store::{Engine, keys};
 
@@ -34,7 +34,9 @@ struct Harness {
     q: QueueState,
     engine: MemoryEngine,
     refill: Option<RefillRequest>,
+    timer: Option<TimerRequest>,
     delivered: Vec<OutDelivery>,
+    dead: Vec<DeadLetter>,
 }
 
 impl Harness {
@@ -43,7 +45,9 @@ impl Harness {
             q: QueueState::new(7, "q".into(), durable, args, limits, Arc::new(SeqAllocator::default())),
             engine: MemoryEngine::new(),
             refill: None,
+            timer: None,
             delivered: Vec::new(),
+            dead: Vec::new(),
         }
     }
 
@@ -53,9 +57,14 @@ impl Harness {
         }
         self.engine.write(&fx.ops, fx.sync).unwrap();
         self.delivered.extend(fx.deliveries);
+        self.dead.extend(fx.dead_letters);
         if let Some(r) = fx.refill {
             assert!(self.refill.is_none(), "two refills in flight");
             self.refill = Some(r);
+        }
+        if let Some(t) = fx.timer_read {
+            assert!(self.timer.is_none(), "two timer reads in flight");
+            self.timer = Some(t);
         }
         self.q.check_invariants();
     }
@@ -64,6 +73,23 @@ impl Harness {
         let mut fx = Effects::default();
         f(&mut self.q, &mut fx);
         self.apply(fx);
+    }
+
+    /// Moves the clock and runs a timer read if one is due.
+    fn advance(&mut self, to_ms: u64) {
+        self.q.set_now(to_ms);
+        self.run(|q, fx| q.poll_timers(fx));
+        while self.complete_timer() {}
+    }
+
+    fn complete_timer(&mut self) -> bool {
+        let Some(t) = self.timer.take() else { return false };
+        let result = read_timers(&self.engine, self.q.id, &t).unwrap();
+        self.run(|q, fx| {
+            q.timer_done(t.epoch, result, fx);
+            q.poll_timers(fx);
+        });
+        true
     }
 
     fn complete_refill(&mut self) -> bool {
@@ -75,7 +101,7 @@ impl Harness {
 
     fn publish(&mut self, id: u64, persistent: bool, priority: Option<u32>) {
         self.run(|q, fx| {
-            q.enqueue(data(id, persistent, priority), 0, fx);
+            q.enqueue(data(id, persistent, priority), None, fx);
         });
     }
 
@@ -115,7 +141,17 @@ impl Harness {
         self.engine.write(&[Op::DeleteRange(Cf::Paged, vec![0], vec![0xff; 20])], true).unwrap();
         let counters = self.stored_counters();
         let seqs = Arc::new(SeqAllocator::starting_at(counters.max_seq + 1_000_000));
-        self.q = QueueState::recover(self.q.id, "q".into(), self.q.args.clone(), self.q.limits, seqs, counters);
+        let dedup: Vec<(String, u64)> = self
+            .engine
+            .scan(Cf::Dedup, &[], &[0xff; 9], usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (keys::decode_dedup(&k).unwrap().1, u64::from_be_bytes(v.try_into().unwrap())))
+            .collect();
+        let now = self.q.now();
+        self.q = QueueState::recover(self.q.id, "q".into(), self.q.args.clone(), self.q.limits, seqs, counters, dedup);
+        self.q.set_now(now);
+        self.timer = None;
         self.refill = None;
         self.delivered.clear();
         self.q.check_invariants();

@@ -364,3 +364,21 @@ async fn should_report_an_invalid_broker_spec_without_applying_anything() {
     assert_eq!(degraded["reason"], "InvalidSpec");
     assert!(degraded["message"].as_str().unwrap().contains("at most 52"));
 }
+
+#[tokio::test]
+async fn should_exit_with_a_hint_when_the_crds_are_missing() {
+    let (client, api) = ApiServer::start();
+    let hint = warren_operator::check_crds(&client, None).await.unwrap_err();
+    assert!(hint.contains("brokers.warren.dev is not installed"), "{hint}");
+    assert!(hint.contains("kubectl apply --server-side -f charts/warren/crds/"), "{hint}");
+    assert_eq!(api.lines(), ["GET /apis/warren.dev/v1alpha1/brokers"]);
+
+    // Installed: every kind lists.
+    for plural in ["brokers", "exchanges", "queues", "bindings"] {
+        api.put(
+            &format!("/apis/warren.dev/v1alpha1/namespaces/{NS}/{plural}"),
+            json!({"apiVersion": "warren.dev/v1alpha1", "kind": "List", "metadata": {}, "items": []}),
+        );
+    }
+    warren_operator::check_crds(&client, Some(NS)).await.unwrap();
+}

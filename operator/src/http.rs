@@ -46,3 +46,32 @@ pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<()>
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     axum::serve(listener, router(health)).await
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    async fn get(health: &Arc<Health>, path: &str) -> (StatusCode, String) {
+        let response = router(health.clone()).oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn should_serve_health_readiness_and_metrics() {
+        let health = Arc::new(Health { metrics: Arc::new(Metrics::default()), ready: AtomicBool::new(false) });
+        assert_eq!(get(&health, "/healthz").await.0, StatusCode::OK);
+        assert_eq!(get(&health, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        health.ready.store(true, Ordering::Relaxed);
+        assert_eq!(get(&health, "/readyz").await.0, StatusCode::OK);
+        drop(health.metrics.reconcile("queue"));
+        let (status, body) = get(&health, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("warren_operator_reconciles_total{controller=\"queue\"} 1"), "{body}");
+    }
+}

@@ -85,11 +85,14 @@ fn read_cf(engine: &dyn Engine, cf: Cf, queue: QueueId, req: &RefillRequest) -> 
 /// bodies of the due expiry entries, and the next due times.
 pub fn read_timers(engine: &dyn Engine, queue: QueueId, req: &TimerRequest) -> Result<TimerResult, StoreError> {
     let start = keys::queue_start(queue);
+    // A message expires once its expiry time has passed (`at < now`); a
+    // delayed message is due at its time (`at <= now`).
+    let expired_end = if req.now == 0 { start.to_vec() } else { keys::time_bound(queue, req.now - 1) };
     let due_end = keys::time_bound(queue, req.now);
     let end = keys::queue_end(queue);
     let corrupt = |cf: Cf, k: &[u8]| StoreError::Corrupt { cf: cf.name(), detail: format!("malformed time key {k:02x?}") };
-    let next_due = |cf: Cf| -> Result<Option<u64>, StoreError> {
-        match engine.scan(cf, &due_end, &end, 1)?.first() {
+    let next_due = |cf: Cf, from: &[u8]| -> Result<Option<u64>, StoreError> {
+        match engine.scan(cf, from, &end, 1)?.first() {
             Some((k, _)) => keys::decode_time(k).map(|(_, due, _)| Some(due)).ok_or_else(|| corrupt(cf, k)),
             None => Ok(None),
         }
@@ -100,13 +103,13 @@ pub fn read_timers(engine: &dyn Engine, queue: QueueId, req: &TimerRequest) -> R
     };
     let mut out = TimerResult::default();
     for cf in [Cf::Expiry, Cf::ExpiryTransient] {
-        let rows = engine.scan(cf, &start, &due_end, req.limit)?;
+        let rows = engine.scan(cf, &start, &expired_end, req.limit)?;
         out.more |= rows.len() >= req.limit;
         for (k, _) in rows {
             let (_, due, key) = keys::decode_time(&k).ok_or_else(|| corrupt(cf, &k))?;
             out.expired.push(DueExpiry { cf, due, key });
         }
-        out.next_expiry = min(out.next_expiry, next_due(cf)?);
+        out.next_expiry = min(out.next_expiry, next_due(cf, &expired_end)?);
     }
     for e in &out.expired {
         let mk = keys::encode_msg(queue, e.key, Record::Message);
@@ -130,7 +133,7 @@ pub fn read_timers(engine: &dyn Engine, queue: QueueId, req: &TimerRequest) -> R
             let message = StoredMessage::decode_bytes(Bytes::from(v))?;
             out.delayed.push(DueDelay { cf, index_key: k, message });
         }
-        out.next_delay = min(out.next_delay, next_due(cf)?);
+        out.next_delay = min(out.next_delay, next_due(cf, &due_end)?);
     }
     Ok(out)
 }

@@ -423,6 +423,9 @@ pub fn delete_queue_ops(id: QueueId) -> Vec<Op> {
 /// Due timer entries handled per read.
 pub const TIMER_BATCH: usize = 1024;
 
+/// How soon the expiry of an unacknowledged message is looked at again.
+const UNACKED_RECHECK_MS: u64 = 1000;
+
 /// The next key in key order.
 fn successor(k: MsgKey) -> MsgKey {
     match k.seq.checked_add(1) {
@@ -922,7 +925,8 @@ impl QueueState {
     pub fn next_deadline(&self) -> Option<u64> {
         let mut times: Vec<u64> = Vec::new();
         if !self.timer_in_flight {
-            times.extend(self.next_expiry);
+            // An expiry is due once its time has passed.
+            times.extend(self.next_expiry.map(|t| t.saturating_add(1)));
             times.extend(self.next_delay);
         }
         if let Some(expires) = self.args.expires_ms
@@ -938,8 +942,7 @@ impl QueueState {
         if self.timer_in_flight {
             return;
         }
-        let due = |t: Option<u64>| t.is_some_and(|t| t <= self.now);
-        if due(self.next_expiry) || due(self.next_delay) {
+        if self.next_expiry.is_some_and(|t| t < self.now) || self.next_delay.is_some_and(|t| t <= self.now) {
             self.timer_in_flight = true;
             self.consumed_during_timer.clear();
             // What arrives while the read is in flight sets these again.
@@ -1021,13 +1024,25 @@ impl QueueState {
             // Consumed since the read: its entry went with it.
             return;
         }
-        if let Some(msg) = self.window.remove(&e.key) {
-            self.window_tally.sub(msg.size);
-            self.ready.sub(msg.size);
-            self.remove_and_dead_letter(msg, DeathReason::Expired, fx);
+        let now = self.now;
+        let stale = |at: Option<u64>| !at.is_some_and(|t| t < now);
+        if let Some(msg) = self.window.get(&e.key) {
+            if stale(msg.expires_at_ms) {
+                fx.ops.push(Op::Delete(e.cf, index_key));
+                return;
+            }
+            if let Some(msg) = self.window.remove(&e.key) {
+                self.window_tally.sub(msg.size);
+                self.ready.sub(msg.size);
+                self.remove_and_dead_letter(msg, DeathReason::Expired, fx);
+            }
             return;
         }
         if let Some(pos) = self.side.iter().position(|m| m.key == e.key) {
+            if stale(self.side[pos].expires_at_ms) {
+                fx.ops.push(Op::Delete(e.cf, index_key));
+                return;
+            }
             let msg = self.side.remove(pos);
             self.ready.sub(msg.size);
             self.remove_and_dead_letter(msg, DeathReason::Expired, fx);
@@ -1036,7 +1051,7 @@ impl QueueState {
         let unacked = self.consumers.iter().any(|c| c.unacked.values().any(|m| m.key == e.key));
         let disk_only = !unacked && self.frontier.is_some_and(|f| e.key >= f);
         match bodies.remove(&e.key) {
-            Some((loc, stored, delivery_count)) if disk_only => {
+            Some((loc, stored, delivery_count)) if disk_only && !stale(stored.expires_at_ms) => {
                 let msg = QMsg {
                     key: e.key,
                     size: stored.body.len() as u64,
@@ -1056,8 +1071,16 @@ impl QueueState {
                 }
                 self.remove_and_dead_letter(msg, DeathReason::Expired, fx);
             }
-            // Unacked (it expires if it comes back), or already gone: the
-            // entry has done its job.
+            // Unacknowledged: it expires when it comes back (requeue checks),
+            // but a crash brings it back without that check. Look again in a
+            // second, so that the sweep never stalls on it.
+            _ if unacked => {
+                let later = self.now.saturating_add(UNACKED_RECHECK_MS);
+                fx.ops.push(Op::Delete(e.cf, index_key));
+                fx.ops.push(Op::Put(e.cf, keys::encode_time(self.id, later, e.key).to_vec(), Vec::new()));
+                self.next_expiry = Some(self.next_expiry.map_or(later, |n| n.min(later)));
+            }
+            // Already gone: the entry has done its job.
             _ => fx.ops.push(Op::Delete(e.cf, index_key)),
         }
     }

@@ -392,23 +392,309 @@ fn should_refuse_conflicting_exclusive_consumers_and_duplicate_tags() {
 
 // ------------------------------------------------------------ model test
 
+// ------------------------------------------------------------ semantics
+
+fn args(f: impl FnOnce(&mut QueueArgs)) -> QueueArgs {
+    let mut a = QueueArgs::default();
+    f(&mut a);
+    a
+}
+
+fn with_dlx(f: impl FnOnce(&mut QueueArgs)) -> QueueArgs {
+    args(|a| {
+        a.dead_letter_exchange = Some("dlx".into());
+        f(a);
+    })
+}
+
+fn ttl_data(id: u64, persistent: bool, expiration_ms: Option<u64>) -> Arc<MessageData> {
+    let mut d = (*data(id, persistent, None)).clone();
+    d.properties.expiration_ms = expiration_ms;
+    d.properties.message_id = format!("m{id}");
+    Arc::new(d)
+}
+
+impl Harness {
+    fn publish_data(&mut self, d: Arc<MessageData>, delay: Option<u64>) -> EnqueueOutcome {
+        let mut out = None;
+        self.run(|q, fx| out = Some(q.enqueue(d, delay, fx)));
+        out.unwrap()
+    }
+
+    fn dead_ids(&self) -> Vec<(u64, DeathReason)> {
+        self.dead.iter().map(|d| (u64::from_be_bytes(d.data.body.as_ref().try_into().unwrap()), d.reason)).collect()
+    }
+}
+
+#[test]
+fn should_expire_messages_with_no_consumer_and_dead_letter_them() {
+    let mut h = Harness::new(true, with_dlx(|a| a.message_ttl_ms = Some(1000)), Limits::default());
+    h.q.set_now(10_000);
+    h.publish_data(ttl_data(1, true, None), None);
+    h.publish_data(ttl_data(2, true, Some(200)), None);
+    h.publish_data(ttl_data(3, false, Some(5000)), None);
+    assert_eq!(h.q.stats().ready, 3);
+    assert_eq!(h.q.next_deadline(), Some(10_201), "the earliest expiry, once passed");
+    h.advance(10_201);
+    assert_eq!(h.dead_ids(), vec![(2, DeathReason::Expired)]);
+    h.advance(11_001);
+    // The queue TTL (1000) is below message 3's own (5000): the lower wins.
+    assert_eq!(h.dead_ids(), vec![(2, DeathReason::Expired), (1, DeathReason::Expired), (3, DeathReason::Expired)]);
+    assert_eq!(h.q.stats().ready, 0);
+    assert_eq!(h.stored_counters().messages, 0);
+    assert!(h.engine.scan(Cf::Expiry, &[], &[0xff; 30], 10).unwrap().is_empty(), "index entries go with their messages");
+}
+
+#[test]
+fn should_never_deliver_an_expired_message() {
+    let mut h = Harness::new(false, args(|a| a.message_ttl_ms = Some(100)), Limits::default());
+    h.q.set_now(1000);
+    h.publish_data(ttl_data(1, false, None), None);
+    h.publish_data(ttl_data(2, false, Some(1000)), None);
+    // Time passes without a timer read: the head check still refuses it.
+    h.q.set_now(1101);
+    let c = h.q.add_consumer(spec("c", 0)).unwrap();
+    let _ = c;
+    h.dispatch(10);
+    assert!(h.delivered.is_empty(), "{:?}", h.delivered.iter().map(|d| id_of(&d.msg)).collect::<Vec<_>>());
+    assert_eq!(h.q.stats().ready, 0);
+}
+
+#[test]
+fn should_expire_a_disk_only_backlog_without_reading_it_into_memory() {
+    let mut h = Harness::new(true, args(|a| a.message_ttl_ms = Some(50)), small());
+    h.q.set_now(100);
+    for i in 0..20 {
+        h.publish_data(ttl_data(i, i % 2 == 0, None), None);
+    }
+    assert_eq!(h.q.stats().ready, 20);
+    h.advance(151);
+    assert_eq!(h.q.stats().ready, 0);
+    assert_eq!(h.stored_counters().messages, 0);
+    assert!(h.engine.scan(Cf::Paged, &[], &[0xff; 30], 10).unwrap().is_empty());
+    assert!(h.drain_ids().is_empty());
+}
+
+#[test]
+fn should_expire_returned_messages_and_recheck_unacked_ones() {
+    let mut h = Harness::new(true, with_dlx(|_| {}), Limits::default());
+    h.q.set_now(1000);
+    h.publish_data(ttl_data(1, true, Some(100)), None);
+    let c = h.q.add_consumer(spec("c", 0)).unwrap();
+    h.dispatch(10);
+    assert_eq!(h.delivered.len(), 1);
+    // Due while unacked: not expired under the consumer's feet.
+    h.advance(1200);
+    assert!(h.dead.is_empty());
+    assert_eq!(h.q.stats().unacked, 1);
+    // Returned after its TTL: expired instead of requeued.
+    h.run(|q, fx| q.nack(c, 1, false, true, fx).unwrap());
+    assert_eq!(h.dead_ids(), vec![(1, DeathReason::Expired)]);
+    assert_eq!(h.q.stats().ready, 0);
+    // The re-check entry left behind is cleaned up by the next sweep.
+    h.advance(2300);
+    assert!(h.engine.scan(Cf::Expiry, &[], &[0xff; 30], 10).unwrap().is_empty());
+}
+
+#[test]
+fn should_hold_back_delayed_messages_and_release_them_in_due_order() {
+    let mut h = Harness::new(true, QueueArgs::default(), Limits::default());
+    h.q.set_now(1000);
+    h.publish_data(ttl_data(1, true, None), Some(500));
+    h.publish_data(ttl_data(2, false, None), Some(100));
+    h.publish_data(ttl_data(3, true, None), None);
+    assert_eq!(h.q.stats().delayed, 2);
+    assert_eq!(h.q.stats().ready, 1);
+    assert_eq!(h.stored_counters().delayed, 1, "only the persistent delayed message is counted durably");
+    h.advance(1100);
+    assert_eq!((h.q.stats().delayed, h.q.stats().ready), (1, 2));
+    h.advance(1499);
+    assert_eq!(h.q.stats().delayed, 1);
+    h.advance(1500);
+    assert_eq!((h.q.stats().delayed, h.q.stats().ready), (0, 3));
+    assert_eq!(h.drain_ids(), vec![3, 2, 1]);
+    assert_eq!(h.stored_counters().delayed, 0);
+}
+
+#[test]
+fn should_keep_persistent_delayed_messages_across_a_restart() {
+    let mut h = Harness::new(true, QueueArgs::default(), Limits::default());
+    h.q.set_now(1000);
+    h.publish_data(ttl_data(1, true, None), Some(90 * 24 * 3600 * 1000));
+    h.publish_data(ttl_data(2, false, None), Some(10));
+    h.engine.write(&[Op::DeleteRange(Cf::DelaysTransient, vec![0], vec![0xff; 30])], true).unwrap();
+    h.restart();
+    assert_eq!(h.q.stats().delayed, 1);
+    h.advance(2000);
+    assert_eq!(h.q.stats().ready, 0);
+    h.advance(1000 + 90 * 24 * 3600 * 1000);
+    assert_eq!(h.drain_ids(), vec![1]);
+}
+
+#[test]
+fn should_drop_the_head_over_max_length() {
+    let mut h = Harness::new(true, with_dlx(|a| a.max_length = Some(2)), Limits::default());
+    for i in 0..5 {
+        assert!(matches!(h.publish_data(ttl_data(i, true, None), None), EnqueueOutcome::Enqueued { .. }));
+    }
+    assert_eq!(h.dead_ids(), vec![(0, DeathReason::Maxlen), (1, DeathReason::Maxlen), (2, DeathReason::Maxlen)]);
+    assert_eq!(h.drain_ids(), vec![3, 4]);
+    assert_eq!(h.stored_counters().messages, 0);
+}
+
+#[test]
+fn should_drop_by_bytes_too() {
+    let mut h = Harness::new(false, args(|a| a.max_length_bytes = Some(16)), Limits::default());
+    for i in 0..4 {
+        h.publish_data(ttl_data(i, false, None), None);
+    }
+    // Each body is 8 bytes: two fit.
+    assert_eq!(h.drain_ids(), vec![2, 3]);
+}
+
+#[test]
+fn should_reject_publishes_when_full_with_reject_publish() {
+    for (overflow, dead) in [(Overflow::RejectPublish, false), (Overflow::RejectPublishDlx, true)] {
+        let mut h = Harness::new(
+            true,
+            with_dlx(|a| {
+                a.max_length = Some(1);
+                a.overflow = overflow;
+            }),
+            Limits::default(),
+        );
+        assert!(matches!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Enqueued { .. }));
+        match h.publish_data(ttl_data(2, true, None), None) {
+            EnqueueOutcome::Rejected(reason) => assert!(reason.contains("x-max-length"), "{reason}"),
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+        assert_eq!(h.dead_ids(), if dead { vec![(2, DeathReason::Maxlen)] } else { vec![] });
+        assert_eq!(h.drain_ids(), vec![1]);
+    }
+}
+
+#[test]
+fn should_dead_letter_rejected_messages() {
+    let mut h = Harness::new(true, with_dlx(|_| {}), Limits::default());
+    h.publish(1, true, None);
+    let c = h.q.add_consumer(spec("c", 0)).unwrap();
+    h.dispatch(10);
+    h.run(|q, fx| q.nack(c, 1, false, false, fx).unwrap());
+    assert_eq!(h.dead_ids(), vec![(1, DeathReason::Rejected)]);
+    assert_eq!(h.stored_counters().messages, 0);
+}
+
+#[test]
+fn should_dead_letter_after_delivery_limit() {
+    let mut h = Harness::new(true, with_dlx(|a| a.delivery_limit = Some(2)), Limits::default());
+    h.publish(1, true, None);
+    let c = h.q.add_consumer(spec("c", 0)).unwrap();
+    let mut counts = Vec::new();
+    for _ in 0..5 {
+        let before = h.delivered.len();
+        h.dispatch(10);
+        let Some(d) = h.delivered.get(before).cloned() else { break };
+        counts.push(d.msg.delivery_count);
+        h.run(|q, fx| q.nack(c, d.tag, false, true, fx).unwrap());
+    }
+    assert_eq!(counts, vec![1, 2, 3], "delivered limit + 1 times");
+    assert_eq!(h.dead_ids(), vec![(1, DeathReason::DeliveryLimit)]);
+    assert_eq!(h.q.stats().ready, 0);
+}
+
+#[test]
+fn should_deduplicate_within_the_window_across_a_restart() {
+    let mut h = Harness::new(true, args(|a| a.deduplication_window_ms = Some(1000)), Limits::default());
+    h.q.set_now(5000);
+    assert!(matches!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Enqueued { .. }));
+    assert_eq!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Duplicate);
+    h.restart();
+    h.q.set_now(5999);
+    assert_eq!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Duplicate, "the window survives a restart");
+    h.q.set_now(6000);
+    assert!(matches!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Enqueued { .. }), "the window has passed");
+    assert_eq!(h.drain_ids(), vec![1, 1]);
+    // Messages without an id are never duplicates.
+    let mut anon = (*data(9, true, None)).clone();
+    anon.properties.message_id.clear();
+    let anon = Arc::new(anon);
+    for _ in 0..2 {
+        assert!(matches!(h.publish_data(anon.clone(), None), EnqueueOutcome::Enqueued { .. }));
+    }
+}
+
+#[test]
+fn should_hand_over_to_the_next_single_active_consumer_unacked_first() {
+    let mut h = Harness::new(true, args(|a| a.single_active_consumer = true), Limits::default());
+    let a = h.q.add_consumer(spec("a", 2)).unwrap();
+    let b = h.q.add_consumer(spec("b", 2)).unwrap();
+    for i in 0..4 {
+        h.publish(i, true, None);
+    }
+    h.dispatch(10);
+    assert!(h.delivered.iter().all(|d| d.consumer == a));
+    assert_eq!(h.delivered.len(), 2);
+    h.run(|q, fx| {
+        q.remove_consumer(a, fx);
+    });
+    h.dispatch(10);
+    let to_b: Vec<(u64, bool)> = h.delivered[2..].iter().map(|d| (id_of(&d.msg), d.redelivered)).collect();
+    assert_eq!(to_b, vec![(0, true), (1, true)]);
+    assert!(h.delivered[2..].iter().all(|d| d.consumer == b));
+}
+
+#[test]
+fn should_prefer_higher_priority_consumers_while_they_have_room() {
+    let mut h = Harness::new(true, QueueArgs::default(), Limits::default());
+    let low = h.q.add_consumer(spec("low", 10)).unwrap();
+    let mut high_spec = spec("high", 2);
+    high_spec.priority = 5;
+    let high = h.q.add_consumer(high_spec).unwrap();
+    for i in 0..5 {
+        h.publish(i, true, None);
+    }
+    h.dispatch(10);
+    let to: Vec<ConsumerId> = h.delivered.iter().map(|d| d.consumer).collect();
+    assert_eq!(to, vec![high, high, low, low, low]);
+}
+
 #[derive(Clone, Debug)]
 enum Step {
-    Publish { persistent: bool, priority: u8 },
-    Subscribe { prefetch: u32 },
+    Publish {
+        persistent: bool,
+        priority: u8,
+        ttl: Option<u64>,
+    },
+    Subscribe {
+        prefetch: u32,
+    },
     Unsubscribe(usize),
     Dispatch(usize),
-    Ack { consumer: usize, pick: usize, multiple: bool },
-    Nack { consumer: usize, pick: usize, requeue: bool },
-    Get { max: usize, ack: bool },
+    Ack {
+        consumer: usize,
+        pick: usize,
+        multiple: bool,
+    },
+    Nack {
+        consumer: usize,
+        pick: usize,
+        requeue: bool,
+    },
+    Get {
+        max: usize,
+        ack: bool,
+    },
     Refill,
     Purge,
+    /// Time passes; due timers run.
+    Advance(u64),
     Restart,
 }
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        8 => (any::<bool>(), 0u8..4).prop_map(|(persistent, priority)| Step::Publish { persistent, priority }),
+        8 => (any::<bool>(), 0u8..4, prop_oneof![3 => Just(None), 1 => (0u64..300).prop_map(Some)])
+            .prop_map(|(persistent, priority, ttl)| Step::Publish { persistent, priority, ttl }),
         1 => (0u32..4).prop_map(|prefetch| Step::Subscribe { prefetch }),
         1 => (0usize..3).prop_map(Step::Unsubscribe),
         3 => (0usize..5).prop_map(Step::Dispatch),
@@ -416,45 +702,74 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (0usize..3, 0usize..8, any::<bool>()).prop_map(|(consumer, pick, requeue)| Step::Nack { consumer, pick, requeue }),
         2 => (1usize..4, any::<bool>()).prop_map(|(max, ack)| Step::Get { max, ack }),
         3 => Just(Step::Refill),
+        2 => (0u64..200).prop_map(Step::Advance),
         1 => prop_oneof![19 => Just(Step::Refill), 1 => Just(Step::Purge)],
         1 => prop_oneof![9 => Just(Step::Refill), 1 => Just(Step::Restart)],
     ]
 }
 
-/// The reference model: which message ids are ready (in delivery order) and
-/// which each consumer holds.
-/// A delivery the model holds: (priority key, sequence), id, persistent.
-type Held = ((u8, u64), u64, bool);
+/// A message as the model sees it: id, persistent, expiry time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ModelMsg {
+    id: u64,
+    persistent: bool,
+    expires_at: Option<u64>,
+}
 
+impl ModelMsg {
+    fn expired(&self, now: u64) -> bool {
+        self.expires_at.is_some_and(|t| t < now)
+    }
+}
+
+/// A delivery the model holds: its delivery-order key and the message.
+type Held = ((u8, u64), ModelMsg);
+
+/// The reference model: which messages are ready (in delivery order), which
+/// each consumer holds, and the clock.
 #[derive(Default)]
 struct Model {
-    ready: BTreeMap<(u8, u64), (u64, bool)>,
+    ready: BTreeMap<(u8, u64), ModelMsg>,
     unacked: HashMap<ConsumerId, BTreeMap<u64, Held>>,
     next_id: u64,
+    now: u64,
+}
+
+impl Model {
+    /// A message comes back: ready again, unless it expired meanwhile.
+    fn requeue(&mut self, key: (u8, u64), m: ModelMsg) {
+        if !m.expired(self.now) {
+            self.ready.insert(key, m);
+        }
+    }
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
 
     /// Across any sequence of publish / deliver / ack / nack / requeue / get /
-    /// purge / restart, the queue delivers exactly the messages the model
-    /// says are ready, in delivery order, and loses or duplicates none.
+    /// purge / expiry / restart, the queue delivers exactly the messages the
+    /// model says are ready, in delivery order, never an expired one, and
+    /// loses or duplicates none.
     #[test]
     fn queue_agrees_with_the_model(steps in prop::collection::vec(step(), 1..120)) {
         let args = QueueArgs { max_priority: Some(3), ..Default::default() };
         let mut h = Harness::new(true, args, small());
-        let mut m = Model::default();
+        let mut m = Model { now: 1000, ..Default::default() };
+        h.q.set_now(m.now);
         let mut consumers: Vec<ConsumerId> = Vec::new();
         let mut tags = 0u32;
         for s in steps {
             match s {
-                Step::Publish { persistent, priority } => {
+                Step::Publish { persistent, priority, ttl } => {
                     let id = m.next_id;
                     m.next_id += 1;
-                    h.publish(id, persistent, Some(priority as u32));
+                    let mut d = (*data(id, persistent, Some(priority as u32))).clone();
+                    d.properties.expiration_ms = ttl;
+                    h.publish_data(Arc::new(d), None);
                     // Keys use the queue's allocator; the model orders by id,
                     // which is the same order since ids and seqs grow together.
-                    m.ready.insert((255 - priority, id), (id, persistent));
+                    m.ready.insert((255 - priority, id), ModelMsg { id, persistent, expires_at: ttl.map(|t| m.now + t) });
                 }
                 Step::Subscribe { prefetch } => {
                     if consumers.len() < 3 {
@@ -468,8 +783,8 @@ proptest! {
                     if i < consumers.len() {
                         let c = consumers.remove(i);
                         h.run(|q, fx| { q.remove_consumer(c, fx); });
-                        for (_, (key, id, p)) in m.unacked.remove(&c).unwrap_or_default() {
-                            m.ready.insert(key, (id, p));
+                        for (_, (key, msg)) in m.unacked.remove(&c).unwrap_or_default() {
+                            m.requeue(key, msg);
                         }
                     }
                 }
@@ -478,10 +793,11 @@ proptest! {
                     h.dispatch(room);
                     for d in h.delivered[before..].iter().cloned() {
                         let id = id_of(&d.msg);
-                        let (&key, &(mid, p)) = m.ready.iter().next().expect("delivered from an empty model");
-                        prop_assert_eq!(mid, id, "delivered out of order");
+                        let (&key, &msg) = m.ready.iter().next().expect("delivered from an empty model");
+                        prop_assert_eq!(msg.id, id, "delivered out of order");
+                        prop_assert!(!msg.expired(m.now), "delivered an expired message");
                         m.ready.remove(&key);
-                        m.unacked.get_mut(&d.consumer).unwrap().insert(d.tag, (key, id, p));
+                        m.unacked.get_mut(&d.consumer).unwrap().insert(d.tag, (key, msg));
                     }
                 }
                 Step::Ack { consumer, pick, multiple } | Step::Nack { consumer, pick, requeue: multiple } if consumers.get(consumer).is_none() => {
@@ -500,8 +816,8 @@ proptest! {
                     let held = m.unacked.get_mut(&c).unwrap();
                     if let Some(&tag) = held.keys().nth(pick % held.len().max(1)) {
                         h.run(|q, fx| q.nack(c, tag, false, requeue, fx).unwrap());
-                        let (key, id, p) = held.remove(&tag).unwrap();
-                        if requeue { m.ready.insert(key, (id, p)); }
+                        let (key, msg) = held.remove(&tag).unwrap();
+                        if requeue { m.requeue(key, msg); }
                     }
                 }
                 Step::Get { max, ack } => {
@@ -511,7 +827,7 @@ proptest! {
                     if let GetOutcome::Messages(ds) = got {
                         // Up to `max`, from what the window holds: a prefix of
                         // the model's ready messages, empty only when none is.
-                        let expected: Vec<u64> = m.ready.values().take(max).map(|(id, _)| *id).collect();
+                        let expected: Vec<u64> = m.ready.values().take(max).map(|msg| msg.id).collect();
                         let ids: Vec<u64> = ds.iter().map(|d| id_of(&d.msg)).collect();
                         prop_assert_eq!(&ids[..], &expected[..ids.len().min(expected.len())]);
                         prop_assert_eq!(ids.is_empty(), m.ready.is_empty());
@@ -529,14 +845,26 @@ proptest! {
                     prop_assert_eq!(n, m.ready.len() as u64);
                     m.ready.clear();
                 }
+                Step::Advance(ms) => {
+                    m.now += ms;
+                    h.advance(m.now);
+                    let now = m.now;
+                    m.ready.retain(|_, msg| !msg.expired(now));
+                }
                 Step::Restart => {
                     h.restart();
                     consumers.clear();
-                    // Unacked come back; transient messages are gone.
-                    for (_, held) in m.unacked.drain() {
-                        for (_, (key, id, p)) in held { m.ready.insert(key, (id, p)); }
-                    }
-                    m.ready.retain(|_, (_, p)| *p);
+                    // Unacked come back (expired ones do not); transient
+                    // messages are gone.
+                    let held: Vec<Held> = m.unacked.drain().flat_map(|(_, held)| held.into_values()).collect();
+                    for (key, msg) in held { m.requeue(key, msg); }
+                    m.ready.retain(|_, msg| msg.persistent);
+                    // An unacked message that expired before the crash is
+                    // found by the sweep within a second.
+                    m.now += 1001;
+                    h.advance(m.now);
+                    let now = m.now;
+                    m.ready.retain(|_, msg| !msg.expired(now));
                 }
             }
             prop_assert_eq!(h.q.stats().ready, m.ready.len() as u64);
@@ -544,13 +872,13 @@ proptest! {
         // Nothing lost, nothing duplicated.
         for c in consumers.drain(..) {
             h.run(|q, fx| { q.remove_consumer(c, fx); });
-            for (_, (key, id, p)) in m.unacked.remove(&c).unwrap_or_default() {
-                m.ready.insert(key, (id, p));
+            for (_, (key, msg)) in m.unacked.remove(&c).unwrap_or_default() {
+                m.requeue(key, msg);
             }
         }
         h.complete_refill();
         let drained = h.drain_ids();
-        let expected: Vec<u64> = m.ready.values().map(|(id, _)| *id).collect();
+        let expected: Vec<u64> = m.ready.values().map(|msg| msg.id).collect();
         prop_assert_eq!(drained, expected);
         prop_assert_eq!(h.stored_counters().messages, 0);
     }

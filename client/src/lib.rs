@@ -440,6 +440,13 @@ impl Client {
         resp.into_inner().queue.ok_or_else(|| missing("queue"))
     }
 
+    /// Declares a private reply queue for request / reply (RPC): a
+    /// server-named, exclusive, auto-delete queue owned by this connection.
+    /// Send requests with `reply_to` set to its name and a `correlation_id`.
+    pub async fn declare_reply_queue(&self) -> Result<QueueInfo> {
+        self.declare_queue("", QueueOptions::default().exclusive().auto_delete()).await
+    }
+
     /// A queue's properties and counts (a passive declare).
     pub async fn queue_info(&self, name: &str) -> Result<QueueInfo> {
         let resp =

@@ -7,6 +7,7 @@
 mod consuming;
 mod durability;
 mod routing;
+mod semantics;
 mod topology;
 mod warrenctl;
 

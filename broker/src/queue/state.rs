@@ -1025,7 +1025,7 @@ impl QueueState {
             return;
         }
         let now = self.now;
-        let stale = |at: Option<u64>| !at.is_some_and(|t| t < now);
+        let stale = |at: Option<u64>| at.is_none_or(|t| t >= now);
         if let Some(msg) = self.window.get(&e.key) {
             if stale(msg.expires_at_ms) {
                 fx.ops.push(Op::Delete(e.cf, index_key));

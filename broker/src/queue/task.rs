@@ -440,6 +440,15 @@ impl QueueTask {
             for c in synced {
                 c.part_done(PartOutcome::Enqueued);
             }
+            // Transient dead letters from transient messages: nothing to
+            // write first.
+            if !handoffs.is_empty() {
+                self.runtime.spawn(async move {
+                    for h in handoffs {
+                        h.send().await;
+                    }
+                });
+            }
         }
         let mut gone: Vec<ConsumerId> = Vec::new();
         for d in fx.deliveries {

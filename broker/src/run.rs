@@ -49,7 +49,7 @@ fn memory_limit(watermark: MemoryWatermark) -> (u64, String) {
 /// addresses once the node serves.
 pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnOnce(Ready)) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    let _telemetry = telemetry::init(&config.node_name()).context("starting OpenTelemetry")?;
+    let traces = telemetry::init(&config.node_name()).context("starting OpenTelemetry")?;
     if telemetry::enabled() {
         tracing::info!("exporting traces over OTLP");
     }
@@ -161,6 +161,11 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server stopped with an error"),
         Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
         Err(_) => tracing::debug!("HTTP connections still open; stopping anyway"),
+    }
+    if let Some(guard) = traces {
+        // Flushing exports the last spans through the runtime: block a
+        // blocking-pool thread on it, not a runtime worker.
+        let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
     }
     tracing::info!("stopped cleanly");
     Ok(())

@@ -200,8 +200,8 @@ async fn should_block_publishers_during_a_memory_alarm_and_resume_once_consumers
     // confirmed, and nothing enters the queue.
     let next = confirmed.len() as u64 + 2;
     let mut probe = publisher.send(numbered(next, MIB)).await.unwrap();
-    let ready_before = c.queue_info("big").await.unwrap().ready;
     assert!(tokio::time::timeout(Duration::from_secs(1), &mut probe).await.is_err(), "a streamed message was confirmed during the alarm");
+    let ready_before = c.queue_info("big").await.unwrap().ready;
     // A unary publish waits publish_block_timeout (1s), then fails.
     let (status, message) = code(c.publish(numbered(next + 1, 16)).await);
     assert_eq!(status, tonic::Code::ResourceExhausted, "{message}");

@@ -147,6 +147,7 @@ impl TestBroker {
             .args(["--grpc-addr", "127.0.0.1:0"])
             .args(["--http-addr", "127.0.0.1:0"])
             .args(&self.extra)
+            .env_remove("WARREN_CONFIG")
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())

@@ -627,7 +627,10 @@ impl Broker {
             Ok(d) => d,
             Err(reason) => return sink.send(confirm::immediate(seq, ConfirmStatus::Rejected, reason)),
         };
-        match self.route(&msg) {
+        let span = crate::telemetry::route_span(&msg);
+        let routed = self.route(&msg);
+        crate::telemetry::end_route(span, routed.as_ref().map_or(0, |(queues, _)| queues.len()));
+        match routed {
             Err(reason) => sink.send(confirm::immediate(seq, ConfirmStatus::Rejected, reason)),
             Ok((queues, _via_alternate)) if queues.is_empty() => {
                 let (status, reason) = if msg.mandatory {
@@ -794,7 +797,7 @@ impl Broker {
             node: self.inner.config.node_name.clone(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_seconds: self.uptime().as_secs(),
-            alarms: Vec::new(),
+            alarms: crate::alarms::global().active(),
             totals: Some(totals),
             data_dir: String::new(),
             grpc_addr: String::new(),

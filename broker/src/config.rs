@@ -1,10 +1,24 @@
-//! The broker's configuration: one typed struct, from flags and `WARREN_*`
-//! environment variables, validated at start and printed once.
+//! The broker's configuration: one typed struct, from flags, `WARREN_*`
+//! environment variables and an optional TOML file, validated at start and
+//! printed once.
+//!
+//! Precedence, highest first: command-line flag, environment variable,
+//! configuration file (`--config` / `WARREN_CONFIG`), built-in default. The
+//! file's keys are the flag names in snake case (`disk_free_limit = "1GiB"`);
+//! an unknown key is an error, never ignored.
+//!
+//! Sizes accept plain bytes (`1048576`) or a binary/decimal unit (`512MiB`,
+//! `2GB`); durations accept `250ms`, `10s`, `5m`, `1h` (a plain number is
+//! seconds). Every error names the setting it is about.
 
+use std::ffi::OsString;
+use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -12,47 +26,300 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the memory alarm measures the broker's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MemoryStrategy {
+    /// Resident set size of the process, as the kernel reports it
+    /// (`/proc/self/statm`): everything, RocksDB's caches included.
+    Rss,
+    /// Bytes currently allocated by the broker's heap allocator (jemalloc):
+    /// messages, queues, connections; not RocksDB's own C++ allocations (its
+    /// block cache and memtables have fixed budgets). Falls as soon as
+    /// messages are consumed, where RSS may lag.
+    Allocated,
+}
+
+impl MemoryStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryStrategy::Rss => "rss",
+            MemoryStrategy::Allocated => "allocated",
+        }
+    }
+}
+
+/// The memory high watermark: a fraction of the memory available to the
+/// process (its cgroup limit when there is one, else the host's RAM), or an
+/// absolute number of bytes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MemoryWatermark {
+    Fraction(f64),
+    Bytes(u64),
+}
+
+impl MemoryWatermark {
+    /// The limit in bytes, given the memory available to the process.
+    pub fn resolve(self, available: u64) -> u64 {
+        match self {
+            MemoryWatermark::Bytes(b) => b,
+            MemoryWatermark::Fraction(f) => (available as f64 * f) as u64,
+        }
+    }
+}
+
+impl fmt::Display for MemoryWatermark {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MemoryWatermark::Fraction(x) => write!(f, "{x}"),
+            MemoryWatermark::Bytes(b) => write!(f, "{}", ByteSize(*b)),
+        }
+    }
+}
+
+/// A number of bytes, printed with a binary unit when it is a whole one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        for (name, size) in UNITS {
+            if self.0 >= size && self.0.is_multiple_of(size) {
+                return write!(f, "{}{name}", self.0 / size);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Parses `1048576`, `512MiB`, `2GB`, `64k`: binary units (`KiB`, `MiB`,
+/// `GiB`, `TiB`, and the shorthands `K`, `M`, `G`, `T`) are powers of 1024,
+/// decimal ones (`kB`, `MB`, `GB`, `TB`) powers of 1000.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '_').unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let digits = digits.replace('_', "");
+    if digits.is_empty() {
+        return Err(format!("'{s}' is not a size: expected bytes such as 1048576 or 512MiB"));
+    }
+    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is too large"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" | "b" => 1,
+        "K" | "k" | "KiB" | "Ki" => 1 << 10,
+        "M" | "m" | "MiB" | "Mi" => 1 << 20,
+        "G" | "g" | "GiB" | "Gi" => 1 << 30,
+        "T" | "t" | "TiB" | "Ti" => 1 << 40,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        other => return Err(format!("'{other}' is not a size unit: use B, KiB, MiB, GiB, TiB (or kB, MB, GB, TB)")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("'{s}' is too large"))
+}
+
+fn parse_usize_bytes(s: &str) -> Result<usize, String> {
+    usize::try_from(parse_bytes(s)?).map_err(|_| format!("'{s}' is too large"))
+}
+
+fn parse_byte_size(s: &str) -> Result<ByteSize, String> {
+    parse_bytes(s).map(ByteSize)
+}
+
+/// Parses a watermark: a fraction such as `0.4` (written with a decimal
+/// point), or bytes as [`parse_bytes`] reads them.
+pub fn parse_watermark(s: &str) -> Result<MemoryWatermark, String> {
+    let t = s.trim();
+    if t.contains('.') {
+        let f: f64 = t.parse().map_err(|_| format!("'{t}' is neither a fraction (such as 0.4) nor a size (such as 512MiB)"))?;
+        return Ok(MemoryWatermark::Fraction(f));
+    }
+    parse_bytes(t).map(MemoryWatermark::Bytes)
+}
+
+/// Parses `250ms`, `10s`, `5m`, `1h`; a plain number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("'{t}' is not a duration: expected such as 250ms, 10s, 5m"))?;
+    let d = match unit.trim() {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        other => return Err(format!("'{other}' is not a duration unit: use ms, s, m or h")),
+    };
+    Ok(d)
+}
+
+/// Prints a duration the way [`parse_duration`] reads it.
+pub fn show_duration(d: Duration) -> String {
+    if d.subsec_millis() != 0 || d.as_secs() == 0 { format!("{}ms", d.as_millis()) } else { format!("{}s", d.as_secs()) }
+}
+
 /// Warren message broker: AMQP 0-9-1 messaging over gRPC, stored in RocksDB.
+///
+/// Every setting is a flag, a WARREN_* environment variable, or a key of the
+/// TOML file given with --config (same name as the flag, in snake case).
+/// Precedence: flag, then environment, then file, then default.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "warren-broker", version, about, long_about = None)]
+#[command(name = "warren-broker", version, about, long_about)]
 pub struct Config {
+    /// TOML configuration file; its keys are the flag names in snake case
+    /// (`disk_free_limit = "1GiB"`). Flags and environment variables
+    /// override it.
+    #[arg(long, env = "WARREN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Directory of the node's RocksDB database (created if missing).
-    #[arg(long, env = "WARREN_DATA_DIR", default_value = "./data")]
+    #[arg(long, env = "WARREN_DATA_DIR", default_value = "./data", value_name = "DIR")]
     pub data_dir: PathBuf,
 
     /// Address the gRPC server listens on. Port 0 picks a free port (the
     /// chosen address is printed in the `ready` line).
-    #[arg(long, env = "WARREN_GRPC_ADDR", default_value = "127.0.0.1:5680")]
+    #[arg(long, env = "WARREN_GRPC_ADDR", default_value = "127.0.0.1:5680", value_name = "ADDR")]
     pub grpc_addr: SocketAddr,
 
+    /// Address of the HTTP server: Prometheus `/metrics`, `/healthz`
+    /// (alive) and `/readyz` (recovered and accepting clients). Port 0 picks
+    /// a free port (printed in the `ready` line).
+    #[arg(long, env = "WARREN_HTTP_ADDR", default_value = "127.0.0.1:15680", value_name = "ADDR")]
+    pub http_addr: SocketAddr,
+
     /// Name of this node in status and logs (default: the host name).
-    #[arg(long, env = "WARREN_NODE_NAME")]
+    #[arg(long, env = "WARREN_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
 
-    /// Largest message body accepted, in bytes.
-    #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE", default_value_t = 16 << 20)]
+    /// Largest message body accepted, in bytes (units allowed: 16MiB).
+    #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE", default_value_t = 16 << 20, value_parser = parse_usize_bytes, value_name = "BYTES")]
     pub max_message_size: usize,
 
     /// Ready messages per queue held in memory; the rest of a backlog stays
     /// on disk.
-    #[arg(long, env = "WARREN_QUEUE_WINDOW_MESSAGES", default_value_t = 2048)]
+    #[arg(long, env = "WARREN_QUEUE_WINDOW_MESSAGES", default_value_t = 2048, value_name = "N")]
     pub queue_window_messages: usize,
 
     /// Body bytes per queue held in memory.
-    #[arg(long, env = "WARREN_QUEUE_WINDOW_BYTES", default_value_t = 8 << 20)]
+    #[arg(long, env = "WARREN_QUEUE_WINDOW_BYTES", default_value_t = 8 << 20, value_parser = parse_bytes, value_name = "BYTES")]
     pub queue_window_bytes: u64,
 
     /// RocksDB block cache, in bytes.
-    #[arg(long, env = "WARREN_BLOCK_CACHE_BYTES", default_value_t = 32 << 20)]
+    #[arg(long, env = "WARREN_BLOCK_CACHE_BYTES", default_value_t = 32 << 20, value_parser = parse_usize_bytes, value_name = "BYTES")]
     pub block_cache_bytes: usize,
 
-    /// Log format: human-readable text or one JSON object per line. The level
-    /// comes from RUST_LOG (default `info`).
-    #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    /// Memory high watermark: publishers are blocked while the broker uses
+    /// more. A fraction (written with a decimal point, such as 0.4) of the
+    /// cgroup memory limit, or of the host's RAM when there is no limit; or
+    /// an absolute size such as 2GiB.
+    #[arg(long, env = "WARREN_MEMORY_HIGH_WATERMARK", default_value = "0.4", value_parser = parse_watermark, value_name = "FRACTION|BYTES")]
+    pub memory_high_watermark: MemoryWatermark,
+
+    /// What the memory alarm measures: `rss` (resident set size, everything
+    /// the process holds) or `allocated` (bytes allocated by the broker's
+    /// heap, which falls as soon as messages are consumed).
+    #[arg(long, env = "WARREN_MEMORY_CALCULATION_STRATEGY", value_enum, default_value_t = MemoryStrategy::Rss, value_name = "STRATEGY")]
+    pub memory_calculation_strategy: MemoryStrategy,
+
+    /// Disk free limit: publishers are blocked while the file system holding
+    /// data_dir has less free space than this.
+    #[arg(long, env = "WARREN_DISK_FREE_LIMIT", default_value = "50MiB", value_parser = parse_byte_size, value_name = "BYTES")]
+    pub disk_free_limit: ByteSize,
+
+    /// How long a unary Publish waits while a resource alarm blocks
+    /// publishers before it fails with RESOURCE_EXHAUSTED. (Streaming
+    /// publishes wait as long as the alarm lasts: the broker stops reading
+    /// them.)
+    #[arg(long, env = "WARREN_PUBLISH_BLOCK_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub publish_block_timeout: Duration,
+
+    /// How often memory and disk are checked against their limits.
+    #[arg(long, env = "WARREN_ALARM_CHECK_INTERVAL", default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    pub alarm_check_interval: Duration,
+
+    /// Log format: human-readable text or one JSON object per line (for log
+    /// collectors). The level comes from RUST_LOG (default `info`).
+    #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
     pub log_format: LogFormat,
 }
 
+/// Why the configuration could not be loaded.
+#[derive(Debug)]
+pub enum LoadError {
+    /// Bad flags or environment, or `--help` / `--version`: clap prints it
+    /// and picks the exit code.
+    Args(clap::Error),
+    /// The configuration file is unreadable or holds a bad setting.
+    File(String),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Args(e) => write!(f, "{e}"),
+            LoadError::File(e) => f.write_str(e),
+        }
+    }
+}
+
 impl Config {
+    /// Reads the configuration from the process's arguments, environment
+    /// and the configuration file they name.
+    pub fn load() -> Result<Config, LoadError> {
+        Config::load_from(std::env::args_os())
+    }
+
+    /// Reads the configuration from `args` (the first is the program name),
+    /// the environment, and the configuration file they name.
+    pub fn load_from<I, T>(args: I) -> Result<Config, LoadError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let cmd = Config::command();
+        let matches = cmd.clone().try_get_matches_from(&args).map_err(LoadError::Args)?;
+        let config = Config::from_arg_matches(&matches).map_err(LoadError::Args)?;
+        let Some(path) = config.config.clone() else {
+            return Ok(config);
+        };
+        let table = read_file(&path)?;
+        // Settings from the file become flags appended to the command line,
+        // but only for settings neither a flag nor the environment gave:
+        // clap then parses and checks them like any other value.
+        let mut merged = args;
+        for (key, value) in table {
+            let Some(arg) = cmd.get_arguments().find(|a| a.get_id().as_str() == key && key != "config") else {
+                return Err(LoadError::File(format!("{}: unknown setting '{key}'", path.display())));
+            };
+            if matches!(matches.value_source(&key), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+                continue;
+            }
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => {
+                    let s = f.to_string();
+                    if s.contains('.') { s } else { format!("{s}.0") }
+                }
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(LoadError::File(format!(
+                        "{}: setting '{key}' must be a string or a number, not {}",
+                        path.display(),
+                        other.type_str()
+                    )));
+                }
+            };
+            let long = arg.get_long().unwrap_or(key.as_str());
+            merged.push(format!("--{long}").into());
+            merged.push(text.into());
+        }
+        let matches = cmd.try_get_matches_from(&merged).map_err(|e| LoadError::File(file_error(&path, &e)))?;
+        Config::from_arg_matches(&matches).map_err(|e| LoadError::File(file_error(&path, &e)))
+    }
+
     /// Checks the settings; the error names the setting.
     pub fn validate(&self) -> Result<(), String> {
         if self.max_message_size == 0 {
@@ -66,6 +333,22 @@ impl Config {
         }
         if self.queue_window_bytes == 0 {
             return Err("queue_window_bytes must be greater than 0".into());
+        }
+        match self.memory_high_watermark {
+            MemoryWatermark::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
+                return Err(format!("memory_high_watermark is {f}; a fraction must be greater than 0 and at most 1.0"));
+            }
+            MemoryWatermark::Bytes(0) => return Err("memory_high_watermark must be greater than 0 bytes".into()),
+            _ => {}
+        }
+        if self.publish_block_timeout > Duration::from_secs(3600) {
+            return Err(format!("publish_block_timeout is {}; the most allowed is 1h", show_duration(self.publish_block_timeout)));
+        }
+        if self.alarm_check_interval < Duration::from_millis(10) || self.alarm_check_interval > Duration::from_secs(60) {
+            return Err(format!("alarm_check_interval is {}; it must be between 10ms and 60s", show_duration(self.alarm_check_interval)));
+        }
+        if self.http_addr.port() != 0 && self.http_addr == self.grpc_addr {
+            return Err(format!("http_addr and grpc_addr are both {}; they must differ", self.http_addr));
         }
         Ok(())
     }
@@ -84,32 +367,147 @@ impl Config {
     /// The effective configuration, one `key = value` per line.
     pub fn render(&self) -> String {
         let rows: Vec<(&str, String)> = vec![
+            ("config", self.config.as_ref().map_or_else(|| "(none)".to_string(), |p| p.display().to_string())),
             ("data_dir", self.data_dir.display().to_string()),
             ("grpc_addr", self.grpc_addr.to_string()),
+            ("http_addr", self.http_addr.to_string()),
             ("node_name", self.node_name()),
             ("max_message_size", self.max_message_size.to_string()),
             ("queue_window_messages", self.queue_window_messages.to_string()),
             ("queue_window_bytes", self.queue_window_bytes.to_string()),
             ("block_cache_bytes", self.block_cache_bytes.to_string()),
+            ("memory_high_watermark", self.memory_high_watermark.to_string()),
+            ("memory_calculation_strategy", self.memory_calculation_strategy.as_str().to_string()),
+            ("disk_free_limit", self.disk_free_limit.to_string()),
+            ("publish_block_timeout", show_duration(self.publish_block_timeout)),
+            ("alarm_check_interval", show_duration(self.alarm_check_interval)),
             ("log_format", format!("{:?}", self.log_format).to_lowercase()),
         ];
         rows.iter().map(|(k, v)| format!("  {k} = {v}\n")).collect()
     }
 }
 
+fn read_file(path: &Path) -> Result<toml::Table, LoadError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| LoadError::File(format!("cannot read the configuration file {}: {e}", path.display())))?;
+    text.parse::<toml::Table>().map_err(|e| LoadError::File(format!("{} is not valid TOML: {}", path.display(), e.message())))
+}
+
+/// A clap error about a value that came from the file, as one line that
+/// names the file and the setting.
+fn file_error(path: &Path, e: &clap::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ");
+    format!("{}: {first}", path.display())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
+
+    fn load(args: &[&str]) -> Result<Config, LoadError> {
+        Config::load_from(std::iter::once("warren-broker").chain(args.iter().copied()))
+    }
+
+    fn loaded(args: &[&str]) -> Config {
+        load(args).unwrap_or_else(|e| panic!("{e}"))
+    }
 
     #[test]
     fn should_parse_defaults_and_validate() {
         Config::command().debug_assert();
-        let c = Config::try_parse_from(["warren-broker"]).unwrap_or_else(|e| panic!("{e}"));
+        let c = loaded(&[]);
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:5680");
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:15680");
         assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.memory_high_watermark, MemoryWatermark::Fraction(0.4));
+        assert_eq!(c.disk_free_limit, ByteSize(50 << 20));
+        assert_eq!(c.publish_block_timeout, Duration::from_secs(10));
+        assert_eq!(c.alarm_check_interval, Duration::from_secs(1));
         assert!(c.validate().is_ok());
-        let c = Config::try_parse_from(["warren-broker", "--max-message-size", "0"]).unwrap_or_else(|e| panic!("{e}"));
+        let c = loaded(&["--max-message-size", "0"]);
         assert!(c.validate().unwrap_err().contains("max_message_size"));
+    }
+
+    #[test]
+    fn should_parse_sizes_fractions_and_durations() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_bytes("64k"), Ok(64 << 10));
+        assert_eq!(parse_bytes("1_000"), Ok(1000));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(parse_bytes("99999999999TiB").is_err());
+        assert_eq!(parse_watermark("0.4"), Ok(MemoryWatermark::Fraction(0.4)));
+        assert_eq!(parse_watermark("1GiB"), Ok(MemoryWatermark::Bytes(1 << 30)));
+        assert_eq!(parse_watermark("1073741824"), Ok(MemoryWatermark::Bytes(1 << 30)));
+        assert_eq!(MemoryWatermark::Fraction(0.5).resolve(1000), 500);
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+        assert_eq!(show_duration(Duration::from_millis(250)), "250ms");
+        assert_eq!(show_duration(Duration::from_secs(10)), "10s");
+        assert_eq!(ByteSize(50 << 20).to_string(), "50MiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000");
+    }
+
+    #[test]
+    fn should_name_the_setting_in_every_error() {
+        for (args, setting) in [
+            (&["--memory-high-watermark", "1.5"][..], "memory_high_watermark"),
+            (&["--memory-high-watermark", "0"][..], "memory_high_watermark"),
+            (&["--alarm-check-interval", "1ms"][..], "alarm_check_interval"),
+            (&["--publish-block-timeout", "2h"][..], "publish_block_timeout"),
+            (&["--http-addr", "127.0.0.1:5680"][..], "http_addr"),
+        ] {
+            let err = loaded(args).validate().unwrap_err();
+            assert!(err.contains(setting), "{args:?}: {err}");
+        }
+        for (args, flag) in [
+            (&["--disk-free-limit", "plenty"][..], "--disk-free-limit"),
+            (&["--memory-high-watermark", "a.b"][..], "--memory-high-watermark"),
+            (&["--publish-block-timeout", "soon"][..], "--publish-block-timeout"),
+        ] {
+            let Err(LoadError::Args(e)) = load(args) else { panic!("{args:?} should not parse") };
+            assert!(e.to_string().contains(flag), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn should_take_settings_from_the_file_below_flags() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("warren.toml");
+        std::fs::write(
+            &path,
+            "# comment\nqueue_window_messages = 77\nblock_cache_bytes = \"64MiB\"\nmemory_high_watermark = 0.5\n\
+             disk_free_limit = 1048576\npublish_block_timeout = \"250ms\"\nlog_format = \"json\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let file = path.to_str().unwrap_or_default();
+        let c = loaded(&["--config", file, "--block-cache-bytes", "1024"]);
+        assert_eq!(c.queue_window_messages, 77, "from the file");
+        assert_eq!(c.block_cache_bytes, 1024, "the flag wins over the file");
+        assert_eq!(c.memory_high_watermark, MemoryWatermark::Fraction(0.5));
+        assert_eq!(c.disk_free_limit, ByteSize(1 << 20));
+        assert_eq!(c.publish_block_timeout, Duration::from_millis(250));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:5680", "default when nobody sets it");
+
+        std::fs::write(&path, "disk_free_limt = 5\n").unwrap_or_else(|e| panic!("{e}"));
+        let err = load(&["--config", file]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("unknown setting 'disk_free_limt'"), "{err}");
+        std::fs::write(&path, "disk_free_limit = \"heaps\"\n").unwrap_or_else(|e| panic!("{e}"));
+        let err = load(&["--config", file]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("disk-free-limit") && err.contains("warren.toml"), "{err}");
+        std::fs::write(&path, "queue_window_messages = [1]\n").unwrap_or_else(|e| panic!("{e}"));
+        let err = load(&["--config", file]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("queue_window_messages"), "{err}");
+        std::fs::write(&path, "queue_window_messages = \n").unwrap_or_else(|e| panic!("{e}"));
+        let err = load(&["--config", file]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("not valid TOML"), "{err}");
+        let err = load(&["--config", "/nonexistent/warren.toml"]).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("cannot read the configuration file"), "{err}");
     }
 }

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
@@ -27,6 +28,7 @@ pub enum ConfirmSink {
 
 impl ConfirmSink {
     pub fn send(self, confirm: Confirm) {
+        crate::metrics::global().confirmed(confirm.status());
         match self {
             ConfirmSink::Oneshot(tx) => {
                 let _ = tx.send(confirm);
@@ -52,6 +54,8 @@ pub struct ConfirmTracker {
     remaining: AtomicUsize,
     tally: Mutex<Tally>,
     sink: Mutex<Option<ConfirmSink>>,
+    /// When the message was routed, for the confirm latency.
+    started: Instant,
 }
 
 impl ConfirmTracker {
@@ -62,6 +66,7 @@ impl ConfirmTracker {
             remaining: AtomicUsize::new(parts),
             tally: Mutex::new(Tally::default()),
             sink: Mutex::new(Some(sink)),
+            started: Instant::now(),
         })
     }
 
@@ -80,6 +85,7 @@ impl ConfirmTracker {
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
             let confirm = self.finish();
+            crate::metrics::global().confirm_latency(self.started);
             if let Some(sink) = self.sink.lock().take() {
                 sink.send(confirm);
             }

@@ -7,19 +7,28 @@
 //! * [`queue`]: one owner task per queue applying commands to a
 //!   deterministic state machine; [`routing`]: exchange matching.
 //! * [`store`]: the only code that touches the database.
+//!
+//! Operability sits beside them: [`config`] (flags, environment, file),
+//! [`metrics`] (Prometheus), [`alarms`] (memory and disk limits that block
+//! publishers), [`http`] (`/metrics`, `/healthz`, `/readyz`) and
+//! [`telemetry`] (OpenTelemetry traces).
 
 #![forbid(unsafe_code)]
 
+pub mod alarms;
 pub mod broker;
 pub mod config;
 pub mod confirm;
 pub mod error;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod queue;
 pub mod routing;
 pub mod run;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod topology;
 
 pub use broker::{Broker, BrokerConfig};

@@ -2,9 +2,14 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use warren_broker::config::{Config, LogFormat};
+use warren_broker::config::{Config, LoadError, LogFormat};
+
+/// jemalloc: it returns freed memory to the system steadily under a
+/// broker's churn of message buffers, and its statistics give the
+/// `allocated` memory measure (`memory_calculation_strategy`).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -17,7 +22,15 @@ fn init_logging(format: LogFormat) {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let config = match Config::load() {
+        Ok(c) => c,
+        // --help and --version exit 0; bad flags or environment exit 2.
+        Err(LoadError::Args(e)) => e.exit(),
+        Err(e @ LoadError::File(_)) => {
+            eprintln!("warren-broker: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if let Err(e) = config.validate() {
         eprintln!("warren-broker: invalid configuration: {e}");
         return ExitCode::from(2);
@@ -27,9 +40,9 @@ async fn main() -> ExitCode {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
-    let result = warren_broker::run::run(config, shutdown, |addr| {
-        // Scripts and tests wait for this line.
-        println!("warren-broker ready: grpc={addr}");
+    let result = warren_broker::run::run(config, shutdown, |ready| {
+        // Scripts and tests wait for this line; `grpc=` stays first.
+        println!("warren-broker ready: grpc={} http={}", ready.grpc, ready.http);
     })
     .await;
     match result {

@@ -1,4 +1,5 @@
-//! Running a node: open storage, recover, serve, stop cleanly.
+//! Running a node: serve health and metrics, open storage, recover, watch
+//! resources, serve gRPC, stop cleanly.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,26 +10,67 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use warren_client::proto::{FILE_DESCRIPTOR_SET, warren_server::WarrenServer};
 
+use crate::alarms::{self, MonitorSettings};
 use crate::broker::{Broker, BrokerConfig};
-use crate::config::Config;
+use crate::config::{Config, MemoryWatermark};
+use crate::http::{self, HttpState, Phase};
+use crate::metrics;
 use crate::queue::state::Limits;
 use crate::server::{WarrenService, incoming};
-use crate::store::Store;
 use crate::store::rocks::{RocksEngine, RocksTuning};
+use crate::store::{BatchObserver, Store};
+use crate::telemetry;
 
 /// How long in-flight calls get to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The addresses a node serves on once it is ready.
+#[derive(Clone, Copy, Debug)]
+pub struct Ready {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// The memory high watermark in bytes, and how it was found.
+fn memory_limit(watermark: MemoryWatermark) -> (u64, String) {
+    match watermark {
+        MemoryWatermark::Bytes(b) => (b, format!("{} (absolute)", alarms::human_bytes(b))),
+        MemoryWatermark::Fraction(f) => match alarms::available_memory() {
+            Some((available, source)) => {
+                let limit = watermark.resolve(available);
+                (limit, format!("{} ({f} of the {source}, {})", alarms::human_bytes(limit), alarms::human_bytes(available)))
+            }
+            None => (0, "none: the memory available could not be read, so the memory alarm is off".into()),
+        },
+    }
+}
+
 /// Runs the broker until `shutdown` is cancelled. `on_ready` gets the bound
-/// gRPC address once the node serves.
-pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+/// addresses once the node serves.
+pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnOnce(Ready)) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    let traces = telemetry::init(&config.node_name()).context("starting OpenTelemetry")?;
+    if telemetry::enabled() {
+        tracing::info!("exporting traces over OTLP");
+    }
+
+    // Health and metrics first: alive while recovering, ready only after.
+    let http_listener =
+        TcpListener::bind(config.http_addr).await.with_context(|| format!("cannot listen on {} (http_addr)", config.http_addr))?;
+    let http_addr = http_listener.local_addr()?;
+    let collector = metrics::BrokerCollector::new();
+    let http_state = HttpState::new(metrics::registry(collector.clone()));
+    let http_stop = CancellationToken::new();
+    let http_server = tokio::spawn(http::serve(http_listener, http_state.clone(), http_stop.clone()));
+
     let tuning = RocksTuning { block_cache_bytes: config.block_cache_bytes, ..RocksTuning::default() };
     let data_dir = config.data_dir.clone();
     let engine = tokio::task::spawn_blocking(move || RocksEngine::open(&data_dir, tuning))
         .await?
         .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
-    let store = Store::new(Arc::new(engine), None);
+    let engine: Arc<dyn crate::store::Engine> = Arc::new(engine);
+    let observer: BatchObserver = Arc::new(|requests, synced, took| metrics::global().store_batch(requests, synced, took));
+    let store = Store::new(engine.clone(), Some(observer));
     let broker = Broker::open(
         store,
         BrokerConfig {
@@ -39,6 +81,29 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     )
     .await
     .context("recovering the broker state failed")?;
+    collector.set_broker(broker.clone());
+
+    let (memory_limit, memory_text) = memory_limit(config.memory_high_watermark);
+    tracing::info!(
+        memory_limit,
+        strategy = config.memory_calculation_strategy.as_str(),
+        disk_free_limit = config.disk_free_limit.0,
+        "resource alarms: memory high watermark {memory_text}, disk free limit {}",
+        alarms::human_bytes(config.disk_free_limit.0)
+    );
+    let monitor_stop = CancellationToken::new();
+    let monitor = alarms::start_monitor(
+        MonitorSettings {
+            data_dir: config.data_dir.clone(),
+            memory_limit,
+            strategy: config.memory_calculation_strategy,
+            disk_free_limit: config.disk_free_limit.0,
+            interval: config.alarm_check_interval,
+        },
+        engine,
+        monitor_stop.clone(),
+    )
+    .await;
 
     let listener =
         TcpListener::bind(config.grpc_addr).await.with_context(|| format!("cannot listen on {} (grpc_addr)", config.grpc_addr))?;
@@ -52,10 +117,12 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         .build_v1()
         .context("building the reflection service")?;
     let limit = config.max_message_size.saturating_mul(2).saturating_add(1 << 20);
-    let service =
-        WarrenServer::new(WarrenService::new(broker.clone(), shutdown.clone(), config.data_dir.display().to_string(), addr.to_string()))
-            .max_decoding_message_size(limit)
-            .max_encoding_message_size(limit);
+    let service = WarrenServer::new(
+        WarrenService::new(broker.clone(), shutdown.clone(), config.data_dir.display().to_string(), addr.to_string())
+            .with_publish_block_timeout(config.publish_block_timeout),
+    )
+    .max_decoding_message_size(limit)
+    .max_encoding_message_size(limit);
 
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -68,12 +135,15 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         .add_service(service)
         .serve_with_incoming_shutdown(incoming(listener, broker.clone()), shutdown.clone().cancelled_owned());
     let server = tokio::spawn(server);
-    tracing::info!(%addr, recovery_ms = started.elapsed().as_millis() as u64, queues = broker.list_queues().len(), "broker ready");
-    on_ready(addr);
+    http_state.set_phase(Phase::Ready);
+    tracing::info!(%addr, %http_addr, recovery_ms = started.elapsed().as_millis() as u64, queues = broker.list_queues().len(), "broker ready");
+    on_ready(Ready { grpc: addr, http: http_addr });
 
     shutdown.cancelled().await;
     tracing::info!("stopping: no new connections; ending subscriptions and draining publishes");
+    http_state.set_phase(Phase::Stopping);
     health.set_not_serving::<WarrenServer<WarrenService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     broker.begin_shutdown();
     broker.cancel_consumers("broker is shutting down").await;
     match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
@@ -82,7 +152,21 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         Ok(Err(e)) => tracing::warn!(error = %e, "gRPC server task failed"),
         Err(_) => tracing::warn!("calls still open after {DRAIN_TIMEOUT:?}; stopping anyway"),
     }
+    monitor_stop.cancel();
+    let _ = monitor.await;
     broker.shutdown().await.context("closing storage")?;
+    http_stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(5), http_server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "HTTP server stopped with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "HTTP server task failed"),
+        Err(_) => tracing::debug!("HTTP connections still open; stopping anyway"),
+    }
+    if let Some(guard) = traces {
+        // Flushing exports the last spans through the runtime: block a
+        // blocking-pool thread on it, not a runtime worker.
+        let _ = tokio::task::spawn_blocking(move || drop(guard)).await;
+    }
     tracing::info!("stopped cleanly");
     Ok(())
 }

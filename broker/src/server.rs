@@ -109,11 +109,19 @@ pub struct WarrenService {
     shutdown: CancellationToken,
     data_dir: String,
     grpc_addr: String,
+    /// How long a unary publish waits while a resource alarm blocks
+    /// publishers.
+    publish_block_timeout: std::time::Duration,
 }
 
 impl WarrenService {
     pub fn new(broker: Broker, shutdown: CancellationToken, data_dir: String, grpc_addr: String) -> Self {
-        WarrenService { broker, shutdown, data_dir, grpc_addr }
+        WarrenService { broker, shutdown, data_dir, grpc_addr, publish_block_timeout: std::time::Duration::from_secs(10) }
+    }
+
+    pub fn with_publish_block_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.publish_block_timeout = timeout;
+        self
     }
 
     fn session<T>(&self, req: &Request<T>) -> Session {
@@ -186,10 +194,19 @@ impl Warren for WarrenService {
         if self.broker.is_shutting_down() {
             return Err(Error::ShuttingDown.into());
         }
+        // While a resource alarm is raised, wait (bounded) for it to clear.
+        let alarms = crate::alarms::global();
+        if alarms.blocked() {
+            tokio::select! {
+                cleared = alarms.wait_clear_for(self.publish_block_timeout) => cleared?,
+                _ = self.shutdown.cancelled() => return Err(Error::ShuttingDown.into()),
+            }
+        }
         let messages = req.into_inner().messages;
         let mut pending = Vec::with_capacity(messages.len());
-        for (i, msg) in messages.into_iter().enumerate() {
+        for (i, mut msg) in messages.into_iter().enumerate() {
             let (tx, rx) = tokio::sync::oneshot::channel();
+            let _span = crate::telemetry::publish_span(&mut msg);
             self.broker.publish(msg, i as u64, ConfirmSink::Oneshot(tx)).await;
             pending.push((i as u64, rx));
         }
@@ -218,6 +235,7 @@ impl Warren for WarrenService {
         let window = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
         let broker = self.broker.clone();
         let shutdown = self.shutdown.clone();
+        let alarms = crate::alarms::global();
         {
             let window = window.clone();
             tokio::spawn(async move {
@@ -229,6 +247,11 @@ impl Warren for WarrenService {
                         p = window.acquire() => match p { Ok(p) => p, Err(_) => break },
                         _ = shutdown.cancelled() => break,
                     };
+                    // While a resource alarm is raised the stream is not
+                    // read: HTTP/2 flow control pushes back on the client.
+                    if !alarms.wait_clear_unless(&shutdown).await {
+                        break;
+                    }
                     let next = tokio::select! {
                         m = inbound.message() => m,
                         _ = shutdown.cancelled() => break,
@@ -236,8 +259,16 @@ impl Warren for WarrenService {
                     match next {
                         Ok(Some(req)) => {
                             permit.forget();
+                            // A message that arrived as an alarm was raised
+                            // waits for it to clear as well.
+                            if !alarms.wait_clear_unless(&shutdown).await {
+                                break;
+                            }
                             match req.message {
-                                Some(msg) => broker.publish(msg, req.seq, ConfirmSink::Stream(tx.clone())).await,
+                                Some(mut msg) => {
+                                    let _span = crate::telemetry::publish_span(&mut msg);
+                                    broker.publish(msg, req.seq, ConfirmSink::Stream(tx.clone())).await
+                                }
                                 None => {
                                     let _ =
                                         tx.send(confirm::immediate(req.seq, proto::ConfirmStatus::Rejected, "request carries no message"));
@@ -271,6 +302,7 @@ impl Warren for WarrenService {
         let Some(proto::consume_request::Request::Subscribe(sub)) = first.request else {
             return Err(Status::invalid_argument("the first request on a consume stream must be subscribe"));
         };
+        let traces = crate::telemetry::ConsumeTraces::new(&sub.queue, sub.auto_ack);
         let Subscription { queue, consumer, tag, events } = self.broker.subscribe(&session, sub).await?;
         let guard = Arc::new(Unsubscribe { tx: queue.tx.clone(), consumer });
         // Client → queue: acknowledgements.
@@ -278,6 +310,7 @@ impl Warren for WarrenService {
             let guard = guard.clone();
             let broker = self.broker.clone();
             let shutdown = self.shutdown.clone();
+            let traces = traces.clone();
             tokio::spawn(async move {
                 let _session = session;
                 loop {
@@ -289,12 +322,21 @@ impl Warren for WarrenService {
                         Ok(Some(r)) => match r.request {
                             Some(proto::consume_request::Request::Ack(a)) => {
                                 broker.count_acks(1);
+                                if let Some(t) = &traces {
+                                    t.settle("ack", a.delivery_tag, a.multiple, None);
+                                }
                                 QueueCmd::Ack { consumer, tag: a.delivery_tag, multiple: a.multiple }
                             }
                             Some(proto::consume_request::Request::Nack(n)) => {
+                                if let Some(t) = &traces {
+                                    t.settle("nack", n.delivery_tag, n.multiple, Some(n.requeue));
+                                }
                                 QueueCmd::Nack { consumer, tag: n.delivery_tag, multiple: n.multiple, requeue: n.requeue }
                             }
                             Some(proto::consume_request::Request::Reject(n)) => {
+                                if let Some(t) = &traces {
+                                    t.settle("reject", n.delivery_tag, n.multiple, Some(n.requeue));
+                                }
                                 QueueCmd::Nack { consumer, tag: n.delivery_tag, multiple: n.multiple, requeue: n.requeue }
                             }
                             Some(proto::consume_request::Request::Qos(q)) => QueueCmd::Qos { consumer, prefetch: q.prefetch },
@@ -330,6 +372,9 @@ impl Warren for WarrenService {
             match ev {
                 ConsumerEvent::Delivery(d) => {
                     broker.count_deliveries(1);
+                    if let Some(t) = &traces {
+                        t.deliver(&d);
+                    }
                     Ok(proto::ConsumeResponse { response: Some(proto::consume_response::Response::Delivery(*d)) })
                 }
                 ConsumerEvent::Cancelled(reason) => Ok(proto::ConsumeResponse {
@@ -343,7 +388,10 @@ impl Warren for WarrenService {
 
     async fn get(&self, req: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
         let session = self.session(&req);
-        let deliveries = self.broker.get(&session, req.into_inner()).await?;
+        let req = req.into_inner();
+        let queue = req.queue.clone();
+        let deliveries = self.broker.get(&session, req).await?;
+        crate::telemetry::get_spans(&queue, &deliveries);
         Ok(Response::new(proto::GetResponse { deliveries }))
     }
 

@@ -6,6 +6,7 @@
 
 mod consuming;
 mod durability;
+mod operability;
 mod routing;
 mod semantics;
 mod topology;

@@ -90,8 +90,11 @@ pub struct TestBroker {
     child: Option<Child>,
     data: tempfile::TempDir,
     extra: Vec<String>,
+    envs: Vec<(String, String)>,
     /// The gRPC address it listens on.
     pub addr: String,
+    /// The HTTP address (`/metrics`, `/healthz`, `/readyz`) it listens on.
+    pub http_addr: String,
     /// Lines the broker printed to stdout (its configuration, the ready line).
     pub stdout: Vec<String>,
 }
@@ -104,9 +107,22 @@ impl TestBroker {
 
     /// Starts a broker with extra command-line arguments.
     pub async fn start_with(args: &[&str]) -> Result<TestBroker> {
+        TestBroker::start_with_env(args, &[]).await
+    }
+
+    /// Starts a broker with extra command-line arguments and environment
+    /// variables.
+    pub async fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Result<TestBroker> {
         let data = tempfile::Builder::new().prefix("warren-test-").tempdir().context("cannot create a temp dir")?;
-        let mut b =
-            TestBroker { child: None, data, extra: args.iter().map(|s| s.to_string()).collect(), addr: String::new(), stdout: Vec::new() };
+        let mut b = TestBroker {
+            child: None,
+            data,
+            extra: args.iter().map(|s| s.to_string()).collect(),
+            envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            addr: String::new(),
+            http_addr: String::new(),
+            stdout: Vec::new(),
+        };
         b.spawn().await?;
         Ok(b)
     }
@@ -129,7 +145,10 @@ impl TestBroker {
         cmd.arg("--data-dir")
             .arg(self.data.path().join("data"))
             .args(["--grpc-addr", "127.0.0.1:0"])
+            .args(["--http-addr", "127.0.0.1:0"])
             .args(&self.extra)
+            .env_remove("WARREN_CONFIG")
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -159,6 +178,11 @@ impl TestBroker {
                 Ok(Some(line)) => {
                     if let Some(addr) = line.strip_prefix("warren-broker ready: grpc=") {
                         self.addr = addr.split_whitespace().next().unwrap_or(addr).to_string();
+                        self.http_addr = line
+                            .split_whitespace()
+                            .find_map(|w| w.strip_prefix("http="))
+                            .ok_or_else(|| anyhow!("the ready line names no http= address: {line}"))?
+                            .to_string();
                         self.stdout.push(line);
                         return Ok(());
                     }
@@ -228,6 +252,20 @@ impl TestBroker {
         Some(kb * 1024)
     }
 
+    /// `GET path` on the broker's HTTP server: (status code, body).
+    pub async fn http_get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(&self.http_addr, path).await
+    }
+
+    /// The broker's Prometheus exposition.
+    pub async fn metrics(&self) -> Result<String> {
+        let (code, body) = self.http_get("/metrics").await?;
+        if code != 200 {
+            bail!("GET /metrics answered {code}: {body}");
+        }
+        Ok(body)
+    }
+
     /// Runs `warrenctl --server <this broker> args...`.
     pub fn warrenctl(&self, args: &[&str]) -> Result<CtlOutput> {
         self.warrenctl_stdin(args, None)
@@ -291,6 +329,41 @@ pub fn run_warrenctl(server: &str, args: &[&str], stdin: Option<&[u8]>) -> Resul
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     })
+}
+
+/// A minimal HTTP/1.1 GET (loopback, bounded): (status code, body).
+pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("cannot connect to {addr}"))?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await?;
+        anyhow::Ok(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(60), exchange).await.map_err(|_| anyhow!("GET {path} took over 60s"))??;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("malformed HTTP response: {raw:?}"))?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let body = &raw[split + 4..];
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    let body = if head.contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_vec() };
+    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Decodes a chunked HTTP/1.1 body.
+fn dechunk(mut s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = s.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(&s[..eol]);
+        let Ok(n) = usize::from_str_radix(size.split(';').next().unwrap_or_default().trim(), 16) else { break };
+        let rest = &s[eol + 2..];
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.extend_from_slice(&rest[..n]);
+        s = rest.get(n + 2..).unwrap_or_default();
+    }
+    out
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, failing after

@@ -123,6 +123,8 @@ pub struct QueueShared {
     unacked: AtomicU64,
     consumers: AtomicU64,
     delayed: AtomicU64,
+    /// `QueueStats::oldest_ready_ms`, 0 for none.
+    oldest_ready_ms: AtomicU64,
 }
 
 impl QueueShared {
@@ -132,6 +134,7 @@ impl QueueShared {
         self.unacked.store(s.unacked, Ordering::Relaxed);
         self.consumers.store(s.consumers as u64, Ordering::Relaxed);
         self.delayed.store(s.delayed, Ordering::Relaxed);
+        self.oldest_ready_ms.store(s.oldest_ready_ms.unwrap_or(0), Ordering::Relaxed);
     }
 
     pub fn stats(&self) -> QueueStats {
@@ -141,6 +144,7 @@ impl QueueShared {
             unacked: self.unacked.load(Ordering::Relaxed),
             consumers: self.consumers.load(Ordering::Relaxed) as u32,
             delayed: self.delayed.load(Ordering::Relaxed),
+            oldest_ready_ms: Some(self.oldest_ready_ms.load(Ordering::Relaxed)).filter(|t| *t != 0),
         }
     }
 }

@@ -352,6 +352,9 @@ pub struct QueueStats {
     pub unacked: u64,
     pub consumers: u32,
     pub delayed: u64,
+    /// Enqueue time (ms since the epoch) of the message at the head of the
+    /// queue, when one is in memory.
+    pub oldest_ready_ms: Option<u64>,
 }
 
 /// The result of a `get`.
@@ -528,6 +531,7 @@ impl QueueState {
             unacked: self.unacked,
             consumers: self.consumers.len() as u32,
             delayed: self.delayed,
+            oldest_ready_ms: self.window.first_key_value().map(|(_, m)| m.enqueued_at_ms),
         }
     }
 

@@ -208,6 +208,7 @@ impl QueueTask {
     fn handle(&mut self, cmd: QueueCmd, fx: &mut Effects, synced: &mut Vec<Arc<ConfirmTracker>>) {
         match cmd {
             QueueCmd::Enqueue { data, confirm, delay_ms } => {
+                let _span = crate::telemetry::enqueue_span(&data.properties, &self.state.name);
                 let outcome = self.state.enqueue(data, delay_ms, fx);
                 if let Some(c) = confirm {
                     match outcome {
@@ -240,13 +241,17 @@ impl QueueTask {
                 }
             }
             QueueCmd::Ack { consumer, tag, multiple } => {
-                if let Err(e) = self.state.ack(consumer, tag, multiple, fx) {
-                    self.fail_consumer(consumer, e, fx);
+                let unacked = self.state.stats().unacked;
+                match self.state.ack(consumer, tag, multiple, fx) {
+                    Ok(()) => crate::metrics::global().acked(unacked.saturating_sub(self.state.stats().unacked)),
+                    Err(e) => self.fail_consumer(consumer, e, fx),
                 }
             }
             QueueCmd::Nack { consumer, tag, multiple, requeue } => {
-                if let Err(e) = self.state.nack(consumer, tag, multiple, requeue, fx) {
-                    self.fail_consumer(consumer, e, fx);
+                let unacked = self.state.stats().unacked;
+                match self.state.nack(consumer, tag, multiple, requeue, fx) {
+                    Ok(()) => crate::metrics::global().nacked(unacked.saturating_sub(self.state.stats().unacked)),
+                    Err(e) => self.fail_consumer(consumer, e, fx),
                 }
             }
             QueueCmd::Qos { consumer, prefetch } => self.state.set_prefetch(consumer, prefetch),
@@ -316,6 +321,7 @@ impl QueueTask {
     fn get(&mut self, max: usize, ack: bool, reply: oneshot::Sender<Vec<proto::Delivery>>, fx: &mut Effects) {
         match self.state.get(max.max(1), ack, fx) {
             GetOutcome::Messages(ds) => {
+                crate::metrics::global().deliveries(&ds);
                 let left = self.state.stats().ready;
                 let out = ds
                     .iter()
@@ -397,7 +403,12 @@ impl QueueTask {
 
     fn flush(&mut self, mut fx: Effects, synced: Vec<Arc<ConfirmTracker>>) {
         let mut handoffs: Vec<Handoff> = Vec::new();
+        let metrics = crate::metrics::global();
+        if fx.expired > 0 {
+            metrics.expired(fx.expired);
+        }
         for dl in std::mem::take(&mut fx.dead_letters) {
+            metrics.dead_lettered(dl.reason.as_str());
             self.route_dead_letter(dl, &mut fx.ops, &mut handoffs);
         }
         if !handoffs.is_empty() {
@@ -451,6 +462,7 @@ impl QueueTask {
             }
         }
         let mut gone: Vec<ConsumerId> = Vec::new();
+        crate::metrics::global().deliveries(&fx.deliveries);
         for d in fx.deliveries {
             let Some(sink) = self.sinks.get(&d.consumer) else {
                 continue;

@@ -232,9 +232,9 @@ impl Broker {
         }
     }
 
-    fn publish_snapshot(&self, topo: &Topology, changed: &[Arc<str>], queues_changed: bool) {
+    fn publish_snapshot(&self, topo: &Topology, changed: &[Arc<str>], queues: &[Arc<str>]) {
         let old = self.inner.snapshot.load();
-        self.inner.snapshot.store(Arc::new(topo.snapshot(&old, changed, queues_changed)));
+        self.inner.snapshot.store(Arc::new(topo.snapshot(&old, changed, queues)));
     }
 
     fn ensure_running(&self) -> Result<()> {
@@ -302,7 +302,7 @@ impl Broker {
         let info = def.info();
         let name = def.name.clone();
         topo.exchanges.insert(name.clone(), def);
-        self.publish_snapshot(&topo, &[name], false);
+        self.publish_snapshot(&topo, &[name], &[]);
         Ok(info)
     }
 
@@ -355,7 +355,7 @@ impl Broker {
             self.inner.store.write(ops, true).await?;
         }
         topo.exchanges.remove(name);
-        self.publish_snapshot(topo, &changed, false);
+        self.publish_snapshot(topo, &changed, &[]);
         Ok(())
     }
 
@@ -421,17 +421,20 @@ impl Broker {
             args: args.clone(),
             owner: req.exclusive.then_some(session.id),
         };
-        let mut ops = vec![Op::Put(Cf::Meta, meta::NEXT_QUEUE_ID.to_vec(), topo.next_queue_id.to_be_bytes().to_vec())];
+        // Only durable queues leave data keyed by their id behind a restart
+        // (a non-durable queue's pages, transient delays and expiry entries
+        // are dropped at open), so only they need the id counter stored: a
+        // non-durable declare writes nothing.
         if durable {
-            ops.push(def.put_op());
+            let counter = Op::Put(Cf::Meta, meta::NEXT_QUEUE_ID.to_vec(), topo.next_queue_id.to_be_bytes().to_vec());
+            self.inner.store.write(vec![counter, def.put_op()], true).await?;
         }
-        self.inner.store.write(ops, true).await?;
         let state = QueueState::new(id, name.clone(), durable, args, self.inner.config.limits, self.inner.seqs.clone());
         let handle = task::spawn(state, def.auto_delete, self.inner.env.clone(), Vec::new());
         let entry = QueueEntry { def: Arc::new(def), handle };
         let info = queue_info(&entry);
-        topo.queues.insert(name, entry);
-        self.publish_snapshot(&topo, &[], true);
+        topo.queues.insert(name.clone(), entry);
+        self.publish_snapshot(&topo, &[], &[name]);
         Ok(info)
     }
 
@@ -483,8 +486,8 @@ impl Broker {
         }
         topo.bindings.retain(|_, l| !l.is_empty());
         self.inner.store.write(ops, true).await?;
-        topo.queues.remove(name);
-        self.publish_snapshot(&topo, &changed, true);
+        let removed = topo.queues.remove(name).map(|e| e.def.name.clone());
+        self.publish_snapshot(&topo, &changed, removed.as_slice());
         for source in changed {
             self.auto_delete_exchange_locked(&mut topo, &source).await;
         }
@@ -580,7 +583,7 @@ impl Broker {
         }
         let source = b.source.clone();
         topo.bindings.entry(source.clone()).or_default().push(b);
-        self.publish_snapshot(&topo, &[source], false);
+        self.publish_snapshot(&topo, &[source], &[]);
         Ok(())
     }
 
@@ -608,7 +611,7 @@ impl Broker {
             topo.bindings.remove(&*b.source);
         }
         self.inner.store.write(vec![b.delete_op()], true).await?;
-        self.publish_snapshot(&topo, std::slice::from_ref(&b.source), false);
+        self.publish_snapshot(&topo, std::slice::from_ref(&b.source), &[]);
         self.auto_delete_exchange_locked(&mut topo, &b.source).await;
         Ok(())
     }

@@ -496,7 +496,7 @@ mod tests {
             };
             queues.insert(name.clone(), QueueEntry { def: Arc::new(def), handle: QueueRef { id, name, tx: tx.clone(), shared } });
         }
-        let snap = Snapshot { routes: Default::default(), queues: Arc::new(queues) };
+        let snap = Snapshot { routes: Default::default(), queues: queues.into_iter().collect() };
 
         struct Queues(Snapshot);
         impl std::fmt::Debug for Queues {

@@ -272,7 +272,7 @@ pub struct QueueEntry {
 #[derive(Default)]
 pub struct Snapshot {
     pub routes: RoutingTable,
-    pub queues: Arc<HashMap<Arc<str>, QueueEntry>>,
+    pub queues: imbl::HashMap<Arc<str>, QueueEntry>,
 }
 
 /// The authoritative metadata. Mutated under the broker's lock.
@@ -341,8 +341,10 @@ impl Topology {
     }
 
     /// A new snapshot from `old`, recompiling the exchanges named in
-    /// `changed` and, when `queues_changed`, the queue map.
-    pub fn snapshot(&self, old: &Snapshot, changed: &[Arc<str>], queues_changed: bool) -> Snapshot {
+    /// `changed` and updating the queues named in `queues` (added or
+    /// removed). The maps are persistent: a change costs O(log n), not a
+    /// copy of every queue, so declaring many queues stays linear.
+    pub fn snapshot(&self, old: &Snapshot, changed: &[Arc<str>], queues: &[Arc<str>]) -> Snapshot {
         let mut routes = old.routes.clone();
         for name in changed {
             match self.route_for(name) {
@@ -354,14 +356,24 @@ impl Topology {
                 }
             }
         }
-        let queues =
-            if queues_changed { Arc::new(self.queues.iter().map(|(k, v)| (k.clone(), v.clone())).collect()) } else { old.queues.clone() };
-        Snapshot { routes, queues }
+        let mut queue_map = old.queues.clone();
+        for name in queues {
+            match self.queues.get(name) {
+                Some(entry) => {
+                    queue_map.insert(name.clone(), entry.clone());
+                }
+                None => {
+                    queue_map.remove(name);
+                }
+            }
+        }
+        Snapshot { routes, queues: queue_map }
     }
 
     /// A snapshot built from scratch.
     pub fn full_snapshot(&self) -> Snapshot {
         let names: Vec<Arc<str>> = self.exchanges.keys().cloned().collect();
-        self.snapshot(&Snapshot::default(), &names, true)
+        let queues: Vec<Arc<str>> = self.queues.keys().cloned().collect();
+        self.snapshot(&Snapshot::default(), &names, &queues)
     }
 }

@@ -103,13 +103,12 @@ async fn should_report_health_readiness_and_queue_metrics() {
     }
 }
 
-/// Every queue in one scrape. 1,000 queues by default; set
-/// `WARREN_SCRAPE_QUEUES=10000` for the full figure (declaring queues one by
-/// one is the slow part, not the scrape). The broker's own unit test encodes
-/// 10,000 queues.
+/// Every queue in one scrape: 10,000 queues by default
+/// (`WARREN_SCRAPE_QUEUES` changes it). The scrape time is printed, not
+/// asserted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn should_expose_every_queue_in_one_scrape() {
-    let queues: usize = std::env::var("WARREN_SCRAPE_QUEUES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000);
+    let queues: usize = std::env::var("WARREN_SCRAPE_QUEUES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
     let b = TestBroker::start().await.unwrap();
     let c = b.client().await.unwrap();
     let declared = Instant::now();

@@ -137,7 +137,7 @@ pub struct Routed {
 /// An immutable snapshot of every exchange.
 #[derive(Debug, Default, Clone)]
 pub struct RoutingTable {
-    pub exchanges: HashMap<Arc<str>, Arc<ExchangeRoute>>,
+    pub exchanges: imbl::HashMap<Arc<str>, Arc<ExchangeRoute>>,
 }
 
 impl RoutingTable {

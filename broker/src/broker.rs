@@ -337,20 +337,7 @@ impl Broker {
         for b in &from {
             ops.push(b.delete_op());
         }
-        for (source, list) in topo.bindings.iter_mut() {
-            let before = list.len();
-            list.retain(|b| {
-                let hit = matches!(&b.dest, Dest::Exchange(x) if &**x == name);
-                if hit {
-                    ops.push(b.delete_op());
-                }
-                !hit
-            });
-            if list.len() != before {
-                changed.push(source.clone());
-            }
-        }
-        topo.bindings.retain(|_, l| !l.is_empty());
+        changed.extend(topo.remove_bindings_to(&Dest::Exchange(def.name.clone()), &mut ops));
         if !ops.is_empty() {
             self.inner.store.write(ops, true).await?;
         }
@@ -470,21 +457,7 @@ impl Broker {
         }
         // Bindings to the queue go with it; auto-delete exchanges that lose
         // their last binding go too.
-        let mut changed: Vec<Arc<str>> = Vec::new();
-        for (source, list) in topo.bindings.iter_mut() {
-            let before = list.len();
-            list.retain(|b| {
-                let hit = matches!(&b.dest, Dest::Queue(q) if &**q == name);
-                if hit {
-                    ops.push(b.delete_op());
-                }
-                !hit
-            });
-            if list.len() != before {
-                changed.push(source.clone());
-            }
-        }
-        topo.bindings.retain(|_, l| !l.is_empty());
+        let changed = topo.remove_bindings_to(&Dest::Queue(entry.def.name.clone()), &mut ops);
         self.inner.store.write(ops, true).await?;
         let removed = topo.queues.remove(name).map(|e| e.def.name.clone());
         self.publish_snapshot(&topo, &changed, removed.as_slice());

@@ -311,6 +311,27 @@ impl Topology {
         }
     }
 
+    /// Removes every binding leading to `dest`, adding their store
+    /// deletions to `ops`; returns the source exchanges that changed.
+    pub fn remove_bindings_to(&mut self, dest: &Dest, ops: &mut Vec<Op>) -> Vec<Arc<str>> {
+        let mut changed = Vec::new();
+        for (source, list) in self.bindings.iter_mut() {
+            let before = list.len();
+            list.retain(|b| {
+                let hit = &b.dest == dest;
+                if hit {
+                    ops.push(b.delete_op());
+                }
+                !hit
+            });
+            if list.len() != before {
+                changed.push(source.clone());
+            }
+        }
+        self.bindings.retain(|_, l| !l.is_empty());
+        changed
+    }
+
     pub fn binding_count(&self) -> usize {
         self.bindings.values().map(Vec::len).sum()
     }

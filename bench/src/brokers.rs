@@ -1,0 +1,201 @@
+//! Starting and stopping the brokers under test: a Warren process the bench
+//! runs itself (from the release binary, in a temporary data directory), and
+//! the local RabbitMQ node (`rabbitmq-server -detached`, `rabbitmqctl`).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use crate::procfs;
+
+/// How long a broker may take to become ready.
+const START_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The `warren-broker` binary next to this executable (both are built into
+/// the same target directory), unless given.
+pub fn default_warren_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join("warren-broker")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("warren-broker"))
+}
+
+/// A Warren broker run by the bench. Killed when dropped.
+pub struct WarrenProcess {
+    bin: PathBuf,
+    data_dir: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+    pub addr: String,
+}
+
+impl WarrenProcess {
+    /// Starts a broker on a free loopback port with its data in `data_dir`.
+    /// Returns it and the time from spawn to the ready line.
+    pub fn start(bin: &Path, data_dir: &Path, extra: &[String]) -> Result<(WarrenProcess, Duration)> {
+        let mut p = WarrenProcess {
+            bin: bin.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+            extra: extra.to_vec(),
+            child: None,
+            addr: String::new(),
+        };
+        let took = p.spawn()?;
+        Ok((p, took))
+    }
+
+    fn spawn(&mut self) -> Result<Duration> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.with_extension("log"))
+            .context("cannot open the broker log")?;
+        let started = Instant::now();
+        let mut child = Command::new(&self.bin)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--grpc-addr", "127.0.0.1:0"])
+            .args(&self.extra)
+            .env("RUST_LOG", std::env::var("WARREN_BENCH_BROKER_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("cannot start {} (build it with `cargo build --release -p warren-broker`)", self.bin.display()))?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("warren-broker ready: grpc=")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_string());
+                }
+                // Keep reading so the broker never blocks on a full pipe.
+            }
+        });
+        self.child = Some(child);
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(addr) => {
+                self.addr = format!("http://{addr}");
+                Ok(started.elapsed())
+            }
+            Err(_) => {
+                self.kill();
+                bail!(
+                    "warren-broker did not print its ready line within {START_TIMEOUT:?} (log: {})",
+                    self.data_dir.with_extension("log").display()
+                )
+            }
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops the broker cleanly (SIGTERM, bounded wait, then SIGKILL).
+    pub fn stop(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("warren-broker did not stop within 60s of SIGTERM; killed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops and starts again on the same data; returns the time from spawn
+    /// to ready.
+    pub fn restart(&mut self) -> Result<Duration> {
+        self.stop()?;
+        self.spawn()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for WarrenProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The default AMQP URI of a local RabbitMQ.
+pub const DEFAULT_AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+fn run(cmd: &str, args: &[&str], timeout: Duration) -> Result<String> {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {cmd} (install RabbitMQ: apt-get install -y rabbitmq-server, or use bench/compare.sh)"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let out = child.wait_with_output()?;
+            let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+            if !status.success() {
+                bail!("{cmd} {} failed ({status}): {}", args.join(" "), text.trim());
+            }
+            return Ok(text);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd} {} did not finish within {timeout:?}", args.join(" "));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The local RabbitMQ node's `beam.smp` pid.
+pub fn rabbitmq_pid() -> Option<u32> {
+    procfs::find_process("beam.smp")
+}
+
+/// Starts the local RabbitMQ node unless it runs, and waits until it serves.
+pub fn ensure_rabbitmq() -> Result<u32> {
+    if rabbitmq_pid().is_none() {
+        eprintln!("starting RabbitMQ (rabbitmq-server -detached)");
+        run("rabbitmq-server", &["-detached"], Duration::from_secs(60))?;
+    }
+    run("rabbitmqctl", &["await_startup", "--timeout", "180"], Duration::from_secs(200))?;
+    rabbitmq_pid().ok_or_else(|| anyhow!("RabbitMQ started but no beam.smp process was found"))
+}
+
+/// Restarts the RabbitMQ application (the Erlang VM stays up, as with
+/// `rabbitmqctl stop_app && rabbitmqctl start_app`); returns the time
+/// `start_app` took to return, which includes recovering the queues (and
+/// about a second of `rabbitmqctl`'s own start-up).
+pub fn restart_rabbitmq_app() -> Result<Duration> {
+    run("rabbitmqctl", &["stop_app"], Duration::from_secs(300))?;
+    let started = Instant::now();
+    run("rabbitmqctl", &["start_app"], Duration::from_secs(600))?;
+    Ok(started.elapsed())
+}
+
+/// RabbitMQ's version, for the report.
+pub fn rabbitmq_version() -> Option<String> {
+    run("rabbitmqctl", &["version"], Duration::from_secs(30)).ok().map(|s| s.trim().to_string())
+}

@@ -42,6 +42,9 @@ enum Scenario {
     ExchangeCreatedAndDeleted,
     /// A Binding waits for its source, then binds once it exists.
     BindingWaitsThenBinds,
+    /// A Binding whose arguments changed: the old binding is removed, the
+    /// new one made, and the status records it.
+    BindingRebound,
 }
 
 struct Env {
@@ -238,8 +241,88 @@ async fn run(scenario: Scenario) {
             assert_eq!(e.api.lines(), [broker_get, events, status_patch(&bpath)]);
             assert_eq!(e.api.last_status("orders-to-jobs")["conditions"][0]["reason"], "Bound");
             assert_eq!(e.broker.bindings()[0].routing_key, "order.*");
+            let bound = &e.api.last_status("orders-to-jobs")["bound"];
+            assert_eq!((bound["source"].as_str(), bound["routingKey"].as_str()), (Some("orders"), Some("order.*")));
+        }
+        Scenario::BindingRebound => {
+            let bpath = path("bindings", NS, "pdfs");
+            e.broker.add_exchange("docs");
+            e.broker.add_queue(QueueInfo { name: "pdfs".into(), ..QueueInfo::default() });
+            let spec = |m: &str| json!({"brokerRef": {"name": "warren"}, "source": "docs", "destination": "pdfs", "arguments": {"x-match": m, "format": "pdf"}});
+            let first = object("Binding", NS, "pdfs", spec("all")).finalized();
+            e.api.put(&bpath, first.clone());
+            within(binding::reconcile(Arc::new(serde_json::from_value::<Binding>(first).unwrap()), e.ctx.clone())).await.unwrap();
+            let status = e.api.last_status("pdfs");
+            assert_eq!(status["bound"]["arguments"]["x-match"], "all");
+            assert_eq!(e.broker.bindings().len(), 1);
+
+            // The user edits the arguments (not immutable: CEL cannot see them).
+            let mut edited = object("Binding", NS, "pdfs", spec("any")).finalized();
+            edited["metadata"]["generation"] = 2.into();
+            edited["status"] = status;
+            e.api.clear();
+            e.api.put(&bpath, edited.clone());
+            within(binding::reconcile(Arc::new(serde_json::from_value::<Binding>(edited).unwrap()), e.ctx.clone())).await.unwrap();
+            assert_eq!(e.api.lines(), [broker_get, events, status_patch(&bpath)]);
+            assert_eq!(e.api.events()[0].1, "Rebound");
+            let bindings = e.broker.bindings();
+            assert_eq!(bindings.len(), 1, "the old binding is gone: {bindings:?}");
+            assert_eq!(bindings[0].arguments["x-match"].kind, Some(warren_client::proto::value::Kind::String("any".into())));
+            let status = e.api.last_status("pdfs");
+            assert_eq!(status["bound"]["arguments"]["x-match"], "any");
+            assert_eq!(status["conditions"][0]["reason"], "Bound");
+            assert_eq!(status["observedGeneration"], 2);
+
+            // Deleting removes what was bound.
+            let mut deleting = e.api.get(&bpath).unwrap().deleting();
+            deleting["status"] = e.api.last_status("pdfs");
+            within(binding::reconcile(Arc::new(serde_json::from_value::<Binding>(deleting).unwrap()), e.ctx.clone())).await.unwrap();
+            assert!(e.broker.bindings().is_empty());
         }
     }
+}
+
+#[tokio::test]
+async fn should_remove_the_old_binding_when_its_arguments_change() {
+    run(Scenario::BindingRebound).await;
+}
+
+#[tokio::test]
+async fn should_report_a_child_the_api_server_refuses_in_the_broker_status() {
+    let (client, api) = ApiServer::start();
+    let ctx = context(client);
+    let bpath = path("brokers", NS, "warren");
+    let obj = json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Broker",
+        "metadata": {"name": "warren", "namespace": NS, "uid": "u1", "generation": 2}, "spec": {}
+    });
+    api.put(&bpath, obj.clone());
+    let sts = "/apis/apps/v1/namespaces/ns/statefulsets/warren";
+    api.fail(
+        "PATCH",
+        sts,
+        422,
+        "StatefulSet.apps \"warren\" is invalid: spec: Forbidden: updates to statefulset spec for fields other than ...",
+    );
+    let b: Broker = serde_json::from_value(obj).unwrap();
+    let err = within(warren_operator::broker::reconcile(Arc::new(b), ctx)).await.unwrap_err();
+    assert!(err.to_string().contains("Forbidden"), "{err}");
+    assert_eq!(
+        api.lines(),
+        [
+            "PATCH /api/v1/namespaces/ns/serviceaccounts/warren",
+            "PATCH /api/v1/namespaces/ns/configmaps/warren-config",
+            "PATCH /api/v1/namespaces/ns/services/warren-headless",
+            "PATCH /api/v1/namespaces/ns/services/warren",
+            "PATCH /apis/apps/v1/namespaces/ns/statefulsets/warren",
+            "PATCH /apis/warren.dev/v1alpha1/namespaces/ns/brokers/warren/status",
+        ],
+        "stops at the refused child and reports it"
+    );
+    let status = api.last_status("warren");
+    let degraded = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Degraded").unwrap();
+    assert_eq!((degraded["status"].as_str(), degraded["reason"].as_str()), (Some("True"), Some("ApplyFailed")));
+    assert!(degraded["message"].as_str().unwrap().contains("Forbidden"), "{degraded}");
 }
 
 #[tokio::test]

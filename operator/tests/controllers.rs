@@ -465,3 +465,52 @@ async fn should_exit_with_a_hint_when_the_crds_are_missing() {
     }
     warren_operator::check_crds(&client, Some(NS)).await.unwrap();
 }
+
+#[tokio::test]
+async fn should_not_delete_a_queue_holding_only_delayed_messages() {
+    // The broker's if_empty counts ready and unacked messages, not delayed
+    // ones: the operator looks first, so a delayed backlog is never lost.
+    let e = env().await;
+    e.broker.add_queue(QueueInfo { name: "orders".into(), delayed: 4, ..QueueInfo::default() });
+    let err = reconcile_queue(&e, queue_obj(json!({})).finalized().deleting()).await.unwrap_err();
+    assert!(err.to_string().contains("still holds 4 messages"), "{err}");
+    assert!(e.broker.has_queue("orders"), "delayed messages are kept");
+    let status = e.api.last_status("orders");
+    assert_eq!(status["conditions"][0]["reason"], "QueueNotEmpty");
+    assert_eq!(status["delayed"], 4);
+    assert_eq!(e.api.events().len(), 1);
+
+    // Retried while it waits: the condition stays, no new Event each time.
+    let mut again = queue_obj(json!({})).finalized().deleting();
+    again["status"] = status;
+    e.api.clear();
+    reconcile_queue(&e, again).await.unwrap_err();
+    assert!(e.api.events().is_empty(), "one Warning, not one per retry: {:?}", e.api.lines());
+}
+
+#[tokio::test]
+async fn should_wait_for_a_broker_that_is_not_ready_and_let_go_with_retain() {
+    let e = env().await;
+    let mut b = broker(NS, "warren", "127.0.0.1:1");
+    b["status"]["conditions"] = json!([{"type": "Ready", "status": "False", "reason": "ReplicasNotReady", "message": "0/1 pods ready",
+        "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
+    e.api.put(&path("brokers", NS, "warren"), b);
+
+    reconcile_queue(&e, queue_obj(json!({})).finalized()).await.unwrap();
+    let ready = e.api.last_status("orders")["conditions"][0].clone();
+    assert_eq!(ready["reason"], "BrokerNotReady");
+    assert!(ready["message"].as_str().unwrap().contains("0/1 pods ready"), "{ready}");
+
+    // Deleting while the broker is down: blocked, and the condition says how out.
+    let err = reconcile_queue(&e, queue_obj(json!({})).finalized().deleting()).await.unwrap_err();
+    assert!(err.to_string().contains("not ready"), "{err}");
+    let ready = e.api.last_status("orders")["conditions"][0].clone();
+    assert_eq!(ready["reason"], "DeletionBlocked");
+    assert!(ready["message"].as_str().unwrap().contains("deletionPolicy: Retain"), "{ready}");
+    assert!(e.api.get(&qpath()).unwrap()["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty()));
+
+    // The way out: Retain lets the object go without the broker.
+    e.api.clear();
+    reconcile_queue(&e, queue_obj(json!({"deletionPolicy": "Retain"})).finalized().deleting()).await.unwrap();
+    assert_eq!(e.api.get(&qpath()).unwrap()["metadata"]["finalizers"], json!([]));
+}

@@ -15,7 +15,7 @@ use warren_client::proto::warren_client::WarrenClient;
 use warren_client::proto::{BindRequest, DeclareExchangeRequest, DeclareQueueRequest, DestinationKind, ListBindingsRequest};
 use warren_crds::v1alpha1::{Binding, BindingStatus, BoundBinding, DeletionPolicy, TopologyStatus};
 
-use super::{BrokerTarget, FINALIZER, args, broker_target, namespace_of, patch_status, publish, ready, reason_for};
+use super::{BrokerTarget, FINALIZER, WAY_OUT, args, broker_target, namespace_of, patch_status, publish, ready, reason_for};
 use crate::conditions::{self, READY};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -30,7 +30,7 @@ pub async fn reconcile(b: Arc<Binding>, ctx: Arc<Context>) -> Result<Action> {
     finalizer(&api, FINALIZER, b, |event| async {
         match event {
             Finalizer::Apply(b) => apply(&b, &ctx, &api).await,
-            Finalizer::Cleanup(b) => cleanup(&b, &ctx).await,
+            Finalizer::Cleanup(b) => cleanup(&b, &ctx, &api).await,
         }
     })
     .await
@@ -173,7 +173,7 @@ async fn apply(b: &Binding, ctx: &Context, api: &Api<Binding>) -> Result<Action>
     Ok(Action::requeue(ctx.settings.resync))
 }
 
-async fn cleanup(b: &Binding, ctx: &Context) -> Result<Action> {
+async fn cleanup(b: &Binding, ctx: &Context, api: &Api<Binding>) -> Result<Action> {
     if b.spec.deletion_policy == DeletionPolicy::Retain {
         publish(ctx, b, EventType::Normal, "Retained", "Delete", "binding left on the broker (deletionPolicy: Retain)".into()).await;
         return Ok(Action::await_change());
@@ -184,7 +184,11 @@ async fn cleanup(b: &Binding, ctx: &Context) -> Result<Action> {
             publish(ctx, b, EventType::Normal, "BrokerGone", "Delete", format!("{m}; nothing to unbind")).await;
             return Ok(Action::await_change());
         }
-        BrokerTarget::NotReady(m) => return Err(Error::BrokerNotReady(format!("cannot unbind yet: {m}"))),
+        BrokerTarget::NotReady(m) => {
+            let message = format!("cannot unbind yet: {m}; {WAY_OUT}");
+            write(api, b, ready(false, "DeletionBlocked", message.clone(), b.metadata.generation)).await?;
+            return Err(Error::BrokerNotReady(message));
+        }
     };
     // What the operator bound (status), else what the spec asks for.
     let bound = b.status.as_ref().and_then(|s| s.bound.clone()).unwrap_or_else(|| BoundBinding::from_spec(&b.spec));

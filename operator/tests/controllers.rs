@@ -514,3 +514,41 @@ async fn should_wait_for_a_broker_that_is_not_ready_and_let_go_with_retain() {
     reconcile_queue(&e, queue_obj(json!({"deletionPolicy": "Retain"})).finalized().deleting()).await.unwrap();
     assert_eq!(e.api.get(&qpath()).unwrap()["metadata"]["finalizers"], json!([]));
 }
+
+#[tokio::test]
+async fn should_refuse_to_scale_a_workload_another_queue_already_drives() {
+    use kube::runtime::{reflector, watcher};
+    let e = env().await;
+    e.broker.add_queue(QueueInfo {
+        name: "orders".into(),
+        durable: true,
+        arguments: [
+            ("x-message-ttl".to_string(), warren_client::proto::Value { kind: Some(warren_client::proto::value::Kind::Int(60000)) }),
+            (
+                "x-queue-type".to_string(),
+                warren_client::proto::Value { kind: Some(warren_client::proto::value::Kind::String("classic".into())) },
+            ),
+        ]
+        .into(),
+        ready: 50,
+        ..QueueInfo::default()
+    });
+    let autoscaling = json!({"autoscaling": {"target": {"name": "worker"}, "maxReplicas": 10}});
+    let mut mine = queue_obj(autoscaling.clone()).finalized();
+    mine["metadata"]["creationTimestamp"] = "2026-02-01T00:00:00Z".into();
+    let mut older = object("Queue", NS, "first", json!({"brokerRef": {"name": "warren"}, "autoscaling": autoscaling["autoscaling"]}));
+    older["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z".into();
+    let (reader, mut writer) = reflector::store::<Queue>();
+    for q in [&older, &mine] {
+        writer.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(q.clone()).unwrap()));
+    }
+    e.ctx.set_queues(reader);
+
+    reconcile_queue(&e, mine).await.unwrap();
+    let broker_get = format!("GET {}", path("brokers", NS, "warren"));
+    assert_eq!(e.api.lines(), [broker_get, status_patch(&qpath())], "no scale read or write");
+    let status = e.api.last_status("orders");
+    let active = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "AutoscalingActive").unwrap().clone();
+    assert_eq!((active["status"].as_str(), active["reason"].as_str()), (Some("False"), Some("TargetConflict")));
+    assert!(active["message"].as_str().unwrap().contains("already autoscaled by Queue first"), "{active}");
+}

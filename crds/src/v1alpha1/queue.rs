@@ -263,10 +263,14 @@ fn queue_spec_rules(schema: &mut Schema) {
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = autoscaling_rules)]
 pub struct Autoscaling {
-    /// The workload to scale, in the Queue's namespace.
+    /// The workload to scale, in the Queue's namespace. One workload is
+    /// driven by one Queue: when several target it, the oldest does and the
+    /// others report `AutoscalingActive=False`, reason `TargetConflict`. Do
+    /// not point an HPA or KEDA at it too.
     pub target: ScaleTarget,
-    /// Fewest replicas. 0 lets the workload scale to zero when the backlog
-    /// is at most `activationMessages`.
+    /// Fewest replicas. 0 lets the workload scale to zero, which happens
+    /// only once the queue has been idle (nothing ready and nothing
+    /// unacknowledged) for the whole stabilization window.
     #[serde(default)]
     #[schemars(range(min = 0, max = 10000))]
     pub min_replicas: i32,
@@ -277,8 +281,9 @@ pub struct Autoscaling {
     #[serde(default = "default_messages_per_replica")]
     #[schemars(range(min = 1))]
     pub messages_per_replica: i64,
-    /// A backlog at or below this is treated as no backlog: the workload
-    /// scales to `minReplicas` (from zero, it starts only above this).
+    /// From zero, the workload starts only when the backlog is above this.
+    /// It never stops running consumers: they scale to zero only when the
+    /// queue is idle.
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub activation_messages: i64,
@@ -292,8 +297,9 @@ pub struct Autoscaling {
     #[serde(default = "default_polling")]
     #[schemars(range(min = 1, max = 3600))]
     pub polling_seconds: i32,
-    /// Which messages count as backlog: `ReadyAndUnacked` (default: messages
-    /// being processed keep their consumers running) or `Ready`.
+    /// Which messages count as backlog for the replica count:
+    /// `ReadyAndUnacked` (default) or `Ready`. Either way a queue with
+    /// unacknowledged messages keeps at least one replica.
     #[serde(default)]
     pub backlog: Backlog,
 }

@@ -156,6 +156,7 @@ async fn cleanup(q: &Queue, ctx: &Context, api: &Api<Queue>) -> Result<Action> {
     if let Some(uid) = q.uid() {
         ctx.histories.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
     }
+    ctx.metrics.forget_queue(&namespace_of(q)?, &q.name_any());
     if q.spec.deletion_policy == DeletionPolicy::Retain {
         let note = format!("queue {name} and its messages left on the broker (deletionPolicy: Retain)");
         publish(ctx, q, EventType::Normal, "Retained", "Delete", note).await;

@@ -552,3 +552,18 @@ async fn should_refuse_to_scale_a_workload_another_queue_already_drives() {
     assert_eq!((active["status"].as_str(), active["reason"].as_str()), (Some("False"), Some("TargetConflict")));
     assert!(active["message"].as_str().unwrap().contains("already autoscaled by Queue first"), "{active}");
 }
+
+#[tokio::test]
+async fn should_not_write_an_unchanged_status_on_every_poll() {
+    let e = env().await;
+    reconcile_queue(&e, queue_obj(json!({})).finalized()).await.unwrap();
+    let mut again = queue_obj(json!({})).finalized();
+    again["status"] = e.api.last_status("orders");
+    e.api.clear();
+    reconcile_queue(&e, again.clone()).await.unwrap();
+    assert_eq!(e.api.lines(), [format!("GET {}", path("brokers", NS, "warren"))], "nothing changed, nothing written");
+    // A count changes: written.
+    e.broker.set_messages("orders", 7, 0);
+    reconcile_queue(&e, again).await.unwrap();
+    assert_eq!(e.api.last_status("orders")["ready"], 7);
+}

@@ -59,7 +59,9 @@ pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action>
     };
 
     let status = status::from_stateful_set(&validated, &sts, &previous, k8s_openapi::jiff::Timestamp::now());
-    patch_status(&brokers, &name, &status).await?;
+    if broker.status.as_ref() != Some(&status) {
+        patch_status(&brokers, &name, &status).await?;
+    }
     // Children changes wake us through `.owns()`; the requeue is a safety net.
     Ok(Action::requeue(Duration::from_secs(300)))
 }

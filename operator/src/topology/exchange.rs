@@ -42,6 +42,9 @@ async fn write(api: &Api<Exchange>, x: &Exchange, condition: k8s_openapi::apimac
             conditions: conditions::merge(&previous.conditions, vec![condition]),
         },
     };
+    if x.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
     patch_status(api, &x.name_any(), &status).await
 }
 

@@ -59,6 +59,11 @@ async fn write(api: &Api<Queue>, q: &Queue, update: Update) -> Result<()> {
         consumers: info.as_ref().map(|i| i.consumers).or(previous.consumers),
         autoscaling: if q.spec.autoscaling.is_some() { update.autoscaling.or(previous.autoscaling) } else { None },
     };
+    // Autoscaled queues are looked at every few seconds: write only what
+    // changed, not a status per poll.
+    if q.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
     patch_status(api, &q.name_any(), &status).await
 }
 

@@ -112,8 +112,9 @@ fn walk(schema: &serde_json::Value, path: &str, out: &mut String) {
         };
         let description = field["description"].as_str().unwrap_or_default().replace('\n', " ").replace('|', "\\|");
         out.push_str(&format!("| `{p}` | {ty} | {default} | {description} |\n"));
-        // Recurse into our own nested objects, not into embedded Kubernetes types.
-        let embedded = ["resources", "tolerations"].contains(&name.as_str());
+        // Recurse into our own nested objects, not into embedded Kubernetes
+        // types nor into the names an `arguments` map refuses.
+        let embedded = ["resources", "tolerations", "arguments"].contains(&name.as_str());
         if !embedded {
             walk(field, &p, out);
         }

@@ -124,10 +124,60 @@ fn should_reject_inconsistent_queue_arguments_with_cel() {
     let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "deadLetterRoutingKey": "dead"})), None);
     assert!(e.contains("deadLetterRoutingKey needs deadLetterExchange"), "{e}");
     let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "arguments": {"x-message-ttl": 5}})), None);
-    assert!(e.contains("use its typed field"), "{e}");
+    assert!(e.contains("x-message-ttl has a typed field: set spec.messageTtlMs instead"), "{e}");
+    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "arguments": {"x-single-active-consumer": true}})), None);
+    assert!(e.contains("set spec.singleActiveConsumer instead"), "{e}");
+    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "arguments": {"x-dead-letter-exchange": "dlx"}})), None);
+    assert!(e.contains("set spec.deadLetterExchange instead"), "{e}");
+    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "name": "bad\u{7}name"})), None);
+    assert!(e.contains("spec.name: should match"), "{e}");
     let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "name": "amq.private"})), None);
     assert!(e.contains("reserved"), "{e}");
-    validate_object(&queue(json!({"brokerRef": {"name": "w"}, "arguments": {"x-custom": "yes"}})), None).unwrap();
+    // Free-form values of any JSON type pass through.
+    let any = json!({"x-custom": "yes", "x-n": 5, "x-f": 1.5, "x-b": true, "x-l": [1, "a"], "x-m": {"k": "v"}});
+    validate_object(&queue(json!({"brokerRef": {"name": "w"}, "arguments": any})), None).unwrap();
+    // A delivery limit of 0 is valid for the broker (dead-letter on the first return).
+    validate_object(&queue(json!({"brokerRef": {"name": "w"}, "deliveryLimit": 0})), None).unwrap();
+    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "deliveryLimit": 4294967296_i64})), None);
+    assert!(e.contains("spec.deliveryLimit: must be less than or equal to"), "{e}");
+}
+
+/// The API server builds a CEL type from the schema and drops every field
+/// whose values have no type (free-form `arguments`): a rule naming such a
+/// field does not compile, and the API server refuses the whole CRD. This
+/// walks every rule of every CRD and checks each `self.x` / `oldSelf.x` it
+/// names against what CEL can see at that node.
+#[test]
+fn should_only_reference_fields_cel_can_see() {
+    let field = regex::Regex::new(r"(?:\bself|\boldSelf)\.([A-Za-z_][A-Za-z0-9_]*)").unwrap();
+    let mut problems = Vec::new();
+    let mut rules_seen = 0;
+    for kind in ["Broker", "Exchange", "Queue", "Binding"] {
+        let mut nodes = Vec::new();
+        support::nodes_with_rules(&support::schema_for_kind(kind), kind, &mut nodes);
+        for (path, node) in nodes {
+            let visible = support::cel_visible_properties(&node);
+            for r in node["x-kubernetes-validations"].as_array().unwrap() {
+                rules_seen += 1;
+                let text = r["rule"].as_str().unwrap();
+                for cap in field.captures_iter(text) {
+                    let name = &cap[1];
+                    if !visible.iter().any(|v| v == name) {
+                        problems.push(format!("{path}: rule `{text}` names `{name}`, which CEL cannot see"));
+                    }
+                }
+            }
+        }
+    }
+    assert!(rules_seen > 20, "the walk found the rules ({rules_seen})");
+    assert!(problems.is_empty(), "{problems:#?}");
+    // The check itself catches the original bug: a map whose values are
+    // untyped (any JSON) is invisible, so `self.arguments` cannot compile.
+    let old_schema = json!({"type": "object", "properties": {
+        "arguments": {"type": "object", "additionalProperties": {"x-kubernetes-preserve-unknown-fields": true}},
+        "messageTtlMs": {"type": "integer"},
+    }});
+    assert_eq!(support::cel_visible_properties(&old_schema), ["messageTtlMs"]);
 }
 
 #[test]
@@ -144,6 +194,16 @@ fn should_refuse_changing_what_the_broker_cannot_change() {
     assert!(errors_of(&removed, Some(&old)).contains("messageTtlMs is immutable"));
     let durable = queue(json!({"brokerRef": {"name": "w"}, "messageTtlMs": 1000, "durable": false}));
     assert!(errors_of(&durable, Some(&old)).contains("durable is immutable"));
+
+    // Arguments are not immutable in the schema (CEL cannot see them): the
+    // broker refuses the change and the operator reports it.
+    let with_args = |v: i64| queue(json!({"brokerRef": {"name": "w"}, "messageTtlMs": 1000, "arguments": {"x-custom": v}}));
+    validate_object(&with_args(2), Some(&with_args(1))).unwrap();
+
+    // Optional fields that the operator applies can be set later.
+    let later =
+        queue(json!({"brokerRef": {"name": "w"}, "messageTtlMs": 1000, "autoscaling": {"target": {"name": "w"}, "maxReplicas": 2}}));
+    validate_object(&later, Some(&old)).unwrap();
 
     // What the operator can apply stays mutable: deletion policy, autoscaling.
     let mutable = queue(json!({
@@ -194,7 +254,64 @@ fn should_make_bindings_and_exchanges_immutable_and_brokers_storage_immutable() 
     let e = errors_of(&broker("20Gi", 1), Some(&broker("10Gi", 1)));
     assert!(e.contains("storage is immutable"), "{e}");
     let e = errors_of(&broker("10Gi", 3), None);
-    assert!(e.contains("spec.replicas: must be less than or equal to 1"), "{e}");
+    assert!(e.contains("replicas must be 1: queue replication across pods is not implemented yet"), "{e}");
+    let e = errors_of(&broker("lots", 1), None);
+    assert!(e.contains("spec.storage.size: should match"), "{e}");
+
+    // Binding arguments can change: the operator re-binds.
+    let with_args = |v: &str| {
+        json!({"apiVersion": "warren.dev/v1alpha1", "kind": "Binding", "metadata": {"name": "b"},
+               "spec": {"brokerRef": {"name": "w"}, "source": "orders", "destination": "q", "arguments": {"x-match": v}}})
+    };
+    validate_object(&with_args("any"), Some(&with_args("all"))).unwrap();
+    let e = errors_of(
+        &json!({"apiVersion": "warren.dev/v1alpha1", "kind": "Exchange", "metadata": {"name": "x"},
+                "spec": {"brokerRef": {"name": "w"}, "arguments": {"alternate-exchange": "ae"}}}),
+        None,
+    );
+    assert!(e.contains("set spec.alternateExchange instead"), "{e}");
+}
+
+#[test]
+fn should_refuse_broker_settings_the_broker_would_refuse() {
+    let broker = |config: Value| json!({"apiVersion": "warren.dev/v1alpha1", "kind": "Broker", "metadata": {"name": "w"}, "spec": {"config": config}});
+    let good = [
+        json!({"memoryHighWatermark": "0.4"}),
+        json!({"memoryHighWatermark": "1.0"}),
+        json!({"memoryHighWatermark": ".5"}),
+        json!({"memoryHighWatermark": "2Gi"}),
+        json!({"memoryHighWatermark": "1073741824"}),
+        json!({"memoryCalculationStrategy": "allocated"}),
+        json!({"diskFreeLimit": "1Gi"}),
+        json!({"diskFreeLimit": 52428800}),
+        json!({"diskFreeLimit": "500M"}),
+        json!({"publishBlockTimeout": "30s"}),
+        json!({"publishBlockTimeout": "1h"}),
+        json!({"alarmCheckInterval": "250ms"}),
+        json!({"alarmCheckInterval": "60s"}),
+    ];
+    for config in good {
+        validate_object(&broker(config.clone()), None).unwrap_or_else(|e| panic!("{config} refused: {e:?}"));
+    }
+    let bad = [
+        (json!({"memoryHighWatermark": "1.5"}), "memoryHighWatermark: should match"),
+        (json!({"memoryHighWatermark": "0.0"}), "memoryHighWatermark: should match"),
+        (json!({"memoryHighWatermark": "40%"}), "memoryHighWatermark: should match"),
+        (json!({"memoryHighWatermark": "2GiB"}), "memoryHighWatermark: should match"),
+        (json!({"memoryHighWatermark": 0.4}), "memoryHighWatermark: must be of type string"),
+        (json!({"memoryCalculationStrategy": "pss"}), "memoryCalculationStrategy: unsupported value"),
+        (json!({"diskFreeLimit": "lots"}), "diskFreeLimit: should match"),
+        (json!({"diskFreeLimit": "1.5Gi"}), "diskFreeLimit: should match"),
+        (json!({"publishBlockTimeout": "2h"}), "publishBlockTimeout must be at most 1h"),
+        (json!({"publishBlockTimeout": "1m30s"}), "publishBlockTimeout: should match"),
+        (json!({"alarmCheckInterval": "5ms"}), "alarmCheckInterval must be between 10ms and 60s"),
+        (json!({"alarmCheckInterval": "2m"}), "alarmCheckInterval must be between 10ms and 60s"),
+        (json!({"diskFreeLimt": "1Gi"}), "unknown field \"diskFreeLimt\""),
+    ];
+    for (config, want) in bad {
+        let e = errors_of(&broker(config.clone()), None);
+        assert!(e.contains(want), "{config}: expected {want:?} in {e}");
+    }
 }
 
 #[test]

@@ -43,7 +43,7 @@ fn should_reject_a_bad_example() {
     queue["spec"]["messageTtlMs"] = 1000.into();
     queue["spec"]["arguments"] = serde_json::json!({"x-dead-letter-exchange": "elsewhere"});
     let e = support::validate_object(&queue, None).unwrap_err().join("\n");
-    assert!(e.contains("use its typed field"), "{e}");
+    assert!(e.contains("set spec.deadLetterExchange instead"), "{e}");
 }
 
 #[test]

@@ -3,15 +3,23 @@
 //! (reading and patching the target's `scale` subresource) is separate.
 //!
 //! Rules, in order:
-//! 1. The raw recommendation is `ceil(backlog / messagesPerReplica)`, or 0
-//!    when the backlog is at most `activationMessages`, clamped to
-//!    `[minReplicas, maxReplicas]`.
+//! 1. The raw recommendation, clamped to `[minReplicas, maxReplicas]`, is
+//!    - 0 when the queue is idle: nothing ready and nothing unacknowledged
+//!      (whatever `backlog` counts, so consumers busy with delivered
+//!      messages are never scaled away);
+//!    - 0 when the workload is at zero and the backlog is at most
+//!      `activationMessages` (the threshold only gates starting from zero);
+//!    - otherwise `ceil(backlog / messagesPerReplica)`, at least 1.
 //! 2. Scaling up (raw above current) is immediate, so a backlog on a
 //!    workload at zero starts it within one polling interval.
 //! 3. Scaling down goes only to the highest recommendation made within the
-//!    stabilization window, so a short lull never stops busy consumers.
-//!    After an operator restart the window starts again (history seeded
-//!    with the current replicas), erring on the side of keeping consumers.
+//!    stabilization window, so a short lull never stops busy consumers:
+//!    scaling to zero needs the queue idle for the whole window. After an
+//!    operator restart the window starts again (history seeded with the
+//!    current replicas), erring on the side of keeping consumers.
+//! 4. One workload, one autoscaling Queue: when several Queues target the
+//!    same workload, the oldest drives it and the others report
+//!    `TargetConflict` instead of fighting over its replicas.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -131,16 +139,37 @@ impl History {
     }
 }
 
-/// What the backlog alone asks for (rule 1).
-pub fn recommend(policy: &Policy, backlog: u64) -> i32 {
-    let raw = if backlog <= policy.activation_messages { 0 } else { backlog.div_ceil(policy.messages_per_replica) };
+/// What the autoscaler reads from the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Observation {
+    /// The backlog as the policy counts it ([`backlog`]).
+    pub backlog: u64,
+    /// Nothing ready and nothing unacknowledged: the only state in which a
+    /// workload may go to zero.
+    pub idle: bool,
+}
+
+impl Observation {
+    /// What a queue's counts mean for the policy `which`.
+    pub fn of(info: &QueueInfo, which: Backlog) -> Self {
+        Self { backlog: backlog(info, which), idle: info.ready == 0 && info.unacked == 0 }
+    }
+}
+
+/// What the queue alone asks for (rule 1).
+pub fn recommend(policy: &Policy, obs: Observation, current: i32) -> i32 {
+    let raw = if obs.idle || (current <= 0 && obs.backlog <= policy.activation_messages) {
+        0
+    } else {
+        obs.backlog.div_ceil(policy.messages_per_replica).max(1)
+    };
     let raw = i32::try_from(raw).unwrap_or(i32::MAX);
     raw.clamp(policy.min_replicas, policy.max_replicas)
 }
 
 /// Decides the replicas (rules 1 to 3) and records the recommendation.
-pub fn decide(policy: &Policy, backlog: u64, current: i32, now: Instant, history: &mut History) -> Decision {
-    let recommended = recommend(policy, backlog);
+pub fn decide(policy: &Policy, obs: Observation, current: i32, now: Instant, history: &mut History) -> Decision {
+    let recommended = recommend(policy, obs, current);
     history.record(now, recommended, policy.stabilization);
     let (desired, reason) = if recommended > current {
         (recommended, Reason::ScaledUp)
@@ -159,6 +188,37 @@ pub fn decide(policy: &Policy, backlog: u64, current: i32, now: Instant, history
         }
     };
     Decision { desired, recommended, reason }
+}
+
+/// The API group of an `apiVersion` (`apps/v1` → `apps`, `v1` → ``).
+fn group_of(api_version: &str) -> &str {
+    api_version.split_once('/').map_or("", |(g, _)| g)
+}
+
+/// Whether two Queues drive the same workload (same namespace, API group,
+/// kind and name; the version does not matter).
+fn same_target(a: &Queue, b: &Queue) -> bool {
+    match (&a.spec.autoscaling, &b.spec.autoscaling) {
+        (Some(x), Some(y)) => {
+            a.namespace() == b.namespace()
+                && group_of(&x.target.api_version) == group_of(&y.target.api_version)
+                && x.target.kind == y.target.kind
+                && x.target.name == y.target.name
+        }
+        _ => false,
+    }
+}
+
+/// When another live Queue targets the same workload and is older (by
+/// creation time, then name), the name of that Queue: it drives the
+/// workload, `q` must not (rule 4).
+pub fn conflicting_owner(q: &Queue, all: &[std::sync::Arc<Queue>]) -> Option<String> {
+    let key = |x: &Queue| (x.metadata.creation_timestamp.clone().map(|t| t.0), x.name_any());
+    all.iter()
+        .filter(|o| o.uid() != q.uid() && o.metadata.deletion_timestamp.is_none() && same_target(q, o))
+        .filter(|o| key(o) < key(q))
+        .min_by_key(|o| key(o))
+        .map(|o| o.name_any())
 }
 
 /// The API of a scale target's kind. Common workload kinds are known;
@@ -207,7 +267,8 @@ pub async fn run(ctx: &Context, q: &Queue, a: &Autoscaling, info: &QueueInfo) ->
     let generation = q.metadata.generation;
     let previous = q.status.as_ref().and_then(|s| s.autoscaling.clone()).unwrap_or_default();
     let target = format!("{}/{}", a.target.kind, a.target.name);
-    let backlog = backlog(info, a.backlog);
+    let obs = Observation::of(info, a.backlog);
+    let backlog = obs.backlog;
     let fail = |reason: &str, message: String| Outcome {
         status: AutoscalingStatus { backlog: Some(backlog), reason: Some(reason.to_string()), ..previous.clone() },
         condition: conditions::new(AUTOSCALING_ACTIVE, false, reason, message, generation),
@@ -215,6 +276,15 @@ pub async fn run(ctx: &Context, q: &Queue, a: &Autoscaling, info: &QueueInfo) ->
     let Some(namespace) = q.namespace() else {
         return fail("MissingNamespace", "the Queue has no namespace".into());
     };
+    if let Some(owner) = ctx.queues().and_then(|store| conflicting_owner(q, &store.state())) {
+        return fail(
+            "TargetConflict",
+            format!(
+                "{target} is already autoscaled by Queue {owner} (the oldest Queue targeting it); this Queue does not scale it. \
+                 Point one Queue at one workload"
+            ),
+        );
+    }
     let api = match target_api(ctx, &namespace, &a.target).await {
         Ok(api) => api,
         Err(e) => return fail("UnknownTargetKind", e.to_string()),
@@ -234,7 +304,7 @@ pub async fn run(ctx: &Context, q: &Queue, a: &Autoscaling, info: &QueueInfo) ->
     let decision = {
         let mut histories = ctx.histories.lock().unwrap_or_else(|p| p.into_inner());
         let history = histories.entry(key).or_insert_with(|| History::seeded(now, current));
-        decide(&policy, backlog, current, now, history)
+        decide(&policy, obs, current, now, history)
     };
 
     let labels = QueueLabels { namespace: namespace.clone(), queue: q.name_any() };
@@ -314,7 +384,8 @@ mod tests {
             ("below min is raised to min",                     policy(2, 10, 10, 0, 0), 0, 0, 0, 2, ScaledUp),
             ("activation: at threshold stays at zero",         policy(0, 10, 10, 50, 0), 50, 0, 0, 0, Stable),
             ("activation: above threshold starts",             policy(0, 10, 10, 50, 0), 51, 0, 0, 6, ScaledUp),
-            ("activation: at or below threshold scales to min", policy(0, 10, 10, 50, 0), 20, 3, 0, 0, ScaledDown),
+            ("activation does not stop running consumers",  policy(0, 10, 10, 50, 0), 20, 3, 0, 2, ScaledDown),
+            ("activation: a small backlog keeps one",       policy(0, 10, 10, 50, 0), 3, 3, 0, 1, ScaledDown),
             ("no window scales down at once",                  policy(0, 10, 10, 0, 0), 15, 6, 0, 2, ScaledDown),
             ("manual scale above max comes back to max",       policy(0, 3, 10, 0, 0), 1000, 7, 0, 3, ScaledDown),
             ("huge backlog does not overflow",                 policy(0, 10_000, 1, 0, 0), u64::MAX, 0, 0, 10_000, ScaledUp),
@@ -322,7 +393,9 @@ mod tests {
         let t0 = Instant::now();
         for &(name, p, backlog, current, at_s, want, reason) in rows {
             let mut h = History::seeded(t0, current);
-            let d = decide(&p, backlog, current, t0 + Duration::from_secs(at_s), &mut h);
+            // Here the backlog is all ready messages: idle exactly when empty.
+            let obs = Observation { backlog, idle: backlog == 0 };
+            let d = decide(&p, obs, current, t0 + Duration::from_secs(at_s), &mut h);
             assert_eq!((d.desired, d.reason), (want, reason), "{name}");
         }
     }
@@ -332,12 +405,13 @@ mod tests {
         let p = policy(0, 10, 10, 0, 60);
         let t0 = Instant::now();
         let s = |secs| t0 + Duration::from_secs(secs);
+        let o = |backlog| Observation { backlog, idle: backlog == 0 };
         let mut h = History::seeded(t0, 0);
-        assert_eq!(decide(&p, 80, 0, s(0), &mut h).desired, 8); // burst
-        assert_eq!(decide(&p, 30, 8, s(20), &mut h).desired, 8); // lull: hold
-        assert_eq!(decide(&p, 30, 8, s(70), &mut h).desired, 3); // burst left the window
-        assert_eq!(decide(&p, 0, 3, s(100), &mut h).desired, 3); // 30 s of zero: hold
-        let d = decide(&p, 0, 3, s(131), &mut h);
+        assert_eq!(decide(&p, o(80), 0, s(0), &mut h).desired, 8); // burst
+        assert_eq!(decide(&p, o(30), 8, s(20), &mut h).desired, 8); // lull: hold
+        assert_eq!(decide(&p, o(30), 8, s(70), &mut h).desired, 3); // burst left the window
+        assert_eq!(decide(&p, o(0), 3, s(100), &mut h).desired, 3); // 30 s of zero: hold
+        let d = decide(&p, o(0), 3, s(131), &mut h);
         assert_eq!((d.desired, d.reason), (0, Reason::ScaledDown)); // a full minute of zero
     }
 
@@ -349,7 +423,58 @@ mod tests {
         // Busy consumers (everything delivered, nothing ready) keep a replica.
         let p = policy(0, 10, 10, 0, 0);
         let mut h = History::seeded(Instant::now(), 1);
-        let d = decide(&p, backlog(&info, Backlog::ReadyAndUnacked), 1, Instant::now(), &mut h);
+        let d = decide(&p, Observation::of(&info, Backlog::ReadyAndUnacked), 1, Instant::now(), &mut h);
         assert_eq!(d.desired, 1);
+    }
+
+    /// Scale to zero only when ready and unacked are both zero, whatever the
+    /// backlog mode and activation threshold: the complaint about
+    /// autoscalers that count only ready messages.
+    #[test]
+    fn should_never_scale_busy_consumers_to_zero() {
+        let no_window = policy(0, 10, 10, 100, 0);
+        let t = Instant::now();
+        let busy = QueueInfo { ready: 0, unacked: 3, ..QueueInfo::default() };
+        for which in [Backlog::Ready, Backlog::ReadyAndUnacked] {
+            let mut h = History::seeded(t, 2);
+            let d = decide(&no_window, Observation::of(&busy, which), 2, t, &mut h);
+            assert_eq!(d.desired, 1, "{which:?}: unacked work keeps one consumer");
+        }
+        // Only delayed messages: nothing to work on yet, scale to zero.
+        let waiting = QueueInfo { delayed: 50, ..QueueInfo::default() };
+        let mut h = History::seeded(t, 1);
+        assert_eq!(decide(&no_window, Observation::of(&waiting, Backlog::ReadyAndUnacked), 1, t, &mut h).desired, 0);
+        // Idle for less than the window: held; for the whole window: zero.
+        let p = policy(0, 10, 10, 0, 60);
+        let idle = Observation::of(&QueueInfo::default(), Backlog::ReadyAndUnacked);
+        let mut h = History::seeded(t, 2);
+        assert_eq!(decide(&p, idle, 2, t + Duration::from_secs(59), &mut h).desired, 2);
+        assert_eq!(decide(&p, idle, 2, t + Duration::from_secs(61), &mut h).desired, 0);
+    }
+
+    fn autoscaled(name: &str, created: &str, target: &str) -> Queue {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "Queue",
+            "metadata": {"name": name, "namespace": "ns", "uid": name, "creationTimestamp": created},
+            "spec": {"brokerRef": {"name": "w"}, "autoscaling": {"target": {"name": target}, "maxReplicas": 3}}
+        }))
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn should_let_only_the_oldest_queue_drive_a_workload() {
+        let a = std::sync::Arc::new(autoscaled("a", "2026-01-01T00:00:00Z", "worker"));
+        let b = std::sync::Arc::new(autoscaled("b", "2026-01-02T00:00:00Z", "worker"));
+        let c = std::sync::Arc::new(autoscaled("c", "2025-01-01T00:00:00Z", "other"));
+        let all = vec![a.clone(), b.clone(), c.clone()];
+        assert_eq!(conflicting_owner(&a, &all), None, "the oldest drives it");
+        assert_eq!(conflicting_owner(&b, &all).as_deref(), Some("a"));
+        assert_eq!(conflicting_owner(&c, &all), None, "another workload");
+        // apps/v1 and apps/v1beta2 Deployment "worker" are the same workload.
+        let mut d = autoscaled("d", "2026-01-03T00:00:00Z", "worker");
+        if let Some(x) = d.spec.autoscaling.as_mut() {
+            x.target.api_version = "apps/v1beta2".into();
+        }
+        assert_eq!(conflicting_owner(&d, &all).as_deref(), Some("a"));
     }
 }

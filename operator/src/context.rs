@@ -2,14 +2,16 @@
 //! recorder, metrics, broker connections and the autoscaler's memory.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kube::Client;
 use kube::core::ApiResource;
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::Store;
 use tonic::transport::{Channel, Endpoint};
 use warren_client::proto::warren_client::WarrenClient;
+use warren_crds::v1alpha1::Queue;
 
 use crate::autoscaler::History;
 use crate::error::{Error, Result};
@@ -53,6 +55,9 @@ pub struct Context {
     scale_resources: Mutex<HashMap<String, ApiResource>>,
     /// Recent autoscaling recommendations per Queue (by uid).
     pub histories: Mutex<HashMap<String, History>>,
+    /// The Queue controller's cache, once it runs (for autoscaling
+    /// conflicts between Queues).
+    queues: OnceLock<Store<Queue>>,
 }
 
 impl Context {
@@ -67,7 +72,18 @@ impl Context {
             brokers: Mutex::default(),
             scale_resources: Mutex::default(),
             histories: Mutex::default(),
+            queues: OnceLock::new(),
         })
+    }
+
+    /// Gives the autoscaler the Queue controller's cache.
+    pub fn set_queues(&self, store: Store<Queue>) {
+        let _ = self.queues.set(store);
+    }
+
+    /// The Queue controller's cache, when it runs.
+    pub fn queues(&self) -> Option<&Store<Queue>> {
+        self.queues.get()
     }
 
     /// A gRPC client for the broker at `endpoint` (`host:port`). Channels

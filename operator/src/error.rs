@@ -64,6 +64,10 @@ pub enum Error {
         message: String,
     },
 
+    /// A call did not finish in time (renewing the leader lease).
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+
     /// Serializing an object failed.
     #[error("serializing: {0}")]
     Serialization(#[source] serde_json::Error),
@@ -85,6 +89,7 @@ impl Error {
             Error::QueueNotEmpty { .. } => "queue_not_empty",
             Error::MissingObjectKey(_) => "missing_object_key",
             Error::ScaleTarget { .. } => "scale_target",
+            Error::Timeout(_) => "timeout",
             Error::Serialization(_) => "serialization",
         }
     }

@@ -116,6 +116,7 @@ fn topology_controller<K, F, Fut>(
     ctx: Arc<Context>,
     controller: &'static str,
     reconcile: F,
+    on_store: impl FnOnce(&reflector::Store<K>),
 ) -> impl Future<Output = ()>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -123,6 +124,7 @@ where
     Fut: Future<Output = Result<Action, Error>> + Send + 'static,
 {
     let (reader, writer) = reflector::store();
+    on_store(&reader);
     let stream = watcher(api::<K>(client, namespace), watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(writer)
@@ -148,9 +150,20 @@ pub async fn run_controllers(client: Client, namespace: Option<String>, ctx: Arc
         .shutdown_on_signal()
         .run(broker::reconcile, error_policy(broker::CONTROLLER), ctx.clone())
         .for_each(log_result(broker::CONTROLLER));
-    let exchanges =
-        topology_controller::<Exchange, _, _>(&client, ns, ctx.clone(), topology::exchange::CONTROLLER, topology::exchange::reconcile);
-    let queues = topology_controller::<Queue, _, _>(&client, ns, ctx.clone(), topology::queue::CONTROLLER, topology::queue::reconcile);
-    let bindings = topology_controller::<Binding, _, _>(&client, ns, ctx, topology::binding::CONTROLLER, topology::binding::reconcile);
+    let exchanges = topology_controller::<Exchange, _, _>(
+        &client,
+        ns,
+        ctx.clone(),
+        topology::exchange::CONTROLLER,
+        topology::exchange::reconcile,
+        |_| {},
+    );
+    let queue_ctx = ctx.clone();
+    let queues =
+        topology_controller::<Queue, _, _>(&client, ns, ctx.clone(), topology::queue::CONTROLLER, topology::queue::reconcile, |s| {
+            queue_ctx.set_queues(s.clone())
+        });
+    let bindings =
+        topology_controller::<Binding, _, _>(&client, ns, ctx, topology::binding::CONTROLLER, topology::binding::reconcile, |_| {});
     futures::join!(brokers, exchanges, queues, bindings);
 }

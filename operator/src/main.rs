@@ -113,8 +113,18 @@ async fn main() -> anyhow::Result<()> {
         metrics.leader.set(1);
         tracing::info!("became leader; starting controllers");
         tokio::select! {
-            () = controllers => tracing::info!("controllers stopped"),
+            () = controllers => {
+                // A clean stop (SIGTERM): hand over at once instead of making
+                // the standby wait for the lease to expire.
+                tracing::info!("controllers stopped; releasing the leader lease");
+                metrics.leader.set(0);
+                if let Err(e) = lock.release().await {
+                    tracing::warn!(error = %e, "releasing the leader lease failed; it expires by itself");
+                }
+            }
             () = lock.hold() => {
+                // Dropping the controllers future stops every reconcile now,
+                // before the lease can expire for the other replicas.
                 metrics.leader.set(0);
                 anyhow::bail!("lost the leader lease; exiting so that only one replica reconciles");
             }

@@ -101,6 +101,13 @@ impl Metrics {
         self.errors.get_or_create(&ErrorLabels { controller, error: error.metric_label() }).inc();
     }
 
+    /// Drops the per-queue gauges of a deleted Queue.
+    pub fn forget_queue(&self, namespace: &str, queue: &str) {
+        let labels = QueueLabels { namespace: namespace.into(), queue: queue.into() };
+        self.desired_replicas.remove(&labels);
+        self.backlog.remove(&labels);
+    }
+
     /// The metrics in the Prometheus text format.
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();

@@ -54,7 +54,9 @@ fn should_run_a_non_root_read_only_pod_with_probes_and_a_volume_claim() {
     let env: Vec<_> = c.env.as_ref().unwrap().iter().map(|e| (e.name.as_str(), e.value.clone())).collect();
     assert!(env.contains(&("WARREN_GRPC_ADDR", Some("0.0.0.0:5680".into()))));
     assert!(env.contains(&("WARREN_HTTP_ADDR", Some("0.0.0.0:15680".into()))));
-    assert!(env.contains(&("WARREN_DATA_DIR", Some("/var/lib/warren".into()))));
+    assert!(env.contains(&("WARREN_DATA_DIR", Some("/var/lib/warren/data".into()))), "a directory of the volume, not its root");
+    let mounts = c.volume_mounts.as_ref().unwrap();
+    assert!(mounts.iter().any(|m| m.name == "data" && m.mount_path == "/var/lib/warren"));
     assert!(env.contains(&("WARREN_CONFIG", Some("/etc/warren/warren.toml".into()))));
     assert!(env.iter().any(|(n, _)| *n == "WARREN_NODE_NAME"));
 
@@ -91,6 +93,48 @@ fn should_write_the_broker_configuration_file() {
     assert!(toml.contains("max_message_size = 1048576\n"), "{toml}");
     assert!(toml.contains("queue_window_messages = 100\n"), "{toml}");
     assert!(!toml.contains("block_cache_bytes"), "unset settings keep the broker's defaults: {toml}");
+    assert!(!toml.contains("memory_high_watermark"), "{toml}");
+}
+
+#[test]
+fn should_write_resource_alarm_settings_in_the_brokers_units() {
+    let v = validated(json!({"config": {
+        "memoryHighWatermark": "0.5", "memoryCalculationStrategy": "allocated", "diskFreeLimit": "2Gi",
+        "publishBlockTimeout": "30s", "alarmCheckInterval": "250ms"
+    }}));
+    let toml = build::config_toml(&v);
+    assert!(toml.contains("memory_high_watermark = \"0.5\"\n"), "a fraction keeps its decimal point: {toml}");
+    assert!(toml.contains("memory_calculation_strategy = \"allocated\"\n"), "{toml}");
+    assert!(toml.contains("disk_free_limit = 2147483648\n"), "quantities become plain bytes: {toml}");
+    assert!(toml.contains("publish_block_timeout = \"30s\"\n"), "{toml}");
+    assert!(toml.contains("alarm_check_interval = \"250ms\"\n"), "{toml}");
+
+    let toml = build::config_toml(&validated(json!({"config": {"memoryHighWatermark": "1.", "diskFreeLimit": 1000}})));
+    assert!(toml.contains("memory_high_watermark = \"1.0\"\n"), "{toml}");
+    assert!(toml.contains("disk_free_limit = 1000\n"), "{toml}");
+    let toml = build::config_toml(&validated(json!({"config": {"memoryHighWatermark": "512Mi"}})));
+    assert!(toml.contains("memory_high_watermark = 536870912\n"), "absolute: bytes, no decimal point: {toml}");
+
+    // Every key written is one the broker knows (it refuses the others).
+    for line in build::config_toml(&v).lines().filter(|l| !l.starts_with('#')) {
+        let key = line.split(" = ").next().unwrap();
+        assert!(build::CONFIG_KEYS.contains(&key), "{key} is not a known broker setting");
+    }
+}
+
+#[test]
+fn should_refuse_settings_the_schema_missed_instead_of_crash_looping_the_broker() {
+    for (config, want) in [
+        (json!({"memoryHighWatermark": "1.5"}), "memoryHighWatermark is 1.5"),
+        (json!({"diskFreeLimit": "99999999999999P"}), "diskFreeLimit"),
+        (json!({"publishBlockTimeout": "10"}), "publishBlockTimeout is 10"),
+    ] {
+        let e = build::validate(&broker(json!({"config": config})), "img").unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    assert_eq!(build::quantity_bytes("1Ki"), Some(1024));
+    assert_eq!(build::quantity_bytes("1G"), Some(1_000_000_000));
+    assert_eq!(build::quantity_bytes("1.5Gi"), None);
 }
 
 #[test]

@@ -42,6 +42,9 @@ enum Scenario {
     ExchangeCreatedAndDeleted,
     /// A Binding waits for its source, then binds once it exists.
     BindingWaitsThenBinds,
+    /// A Binding whose arguments changed: the old binding is removed, the
+    /// new one made, and the status records it.
+    BindingRebound,
 }
 
 struct Env {
@@ -238,8 +241,88 @@ async fn run(scenario: Scenario) {
             assert_eq!(e.api.lines(), [broker_get, events, status_patch(&bpath)]);
             assert_eq!(e.api.last_status("orders-to-jobs")["conditions"][0]["reason"], "Bound");
             assert_eq!(e.broker.bindings()[0].routing_key, "order.*");
+            let bound = &e.api.last_status("orders-to-jobs")["bound"];
+            assert_eq!((bound["source"].as_str(), bound["routingKey"].as_str()), (Some("orders"), Some("order.*")));
+        }
+        Scenario::BindingRebound => {
+            let bpath = path("bindings", NS, "pdfs");
+            e.broker.add_exchange("docs");
+            e.broker.add_queue(QueueInfo { name: "pdfs".into(), ..QueueInfo::default() });
+            let spec = |m: &str| json!({"brokerRef": {"name": "warren"}, "source": "docs", "destination": "pdfs", "arguments": {"x-match": m, "format": "pdf"}});
+            let first = object("Binding", NS, "pdfs", spec("all")).finalized();
+            e.api.put(&bpath, first.clone());
+            within(binding::reconcile(Arc::new(serde_json::from_value::<Binding>(first).unwrap()), e.ctx.clone())).await.unwrap();
+            let status = e.api.last_status("pdfs");
+            assert_eq!(status["bound"]["arguments"]["x-match"], "all");
+            assert_eq!(e.broker.bindings().len(), 1);
+
+            // The user edits the arguments (not immutable: CEL cannot see them).
+            let mut edited = object("Binding", NS, "pdfs", spec("any")).finalized();
+            edited["metadata"]["generation"] = 2.into();
+            edited["status"] = status;
+            e.api.clear();
+            e.api.put(&bpath, edited.clone());
+            within(binding::reconcile(Arc::new(serde_json::from_value::<Binding>(edited).unwrap()), e.ctx.clone())).await.unwrap();
+            assert_eq!(e.api.lines(), [broker_get, events, status_patch(&bpath)]);
+            assert_eq!(e.api.events()[0].1, "Rebound");
+            let bindings = e.broker.bindings();
+            assert_eq!(bindings.len(), 1, "the old binding is gone: {bindings:?}");
+            assert_eq!(bindings[0].arguments["x-match"].kind, Some(warren_client::proto::value::Kind::String("any".into())));
+            let status = e.api.last_status("pdfs");
+            assert_eq!(status["bound"]["arguments"]["x-match"], "any");
+            assert_eq!(status["conditions"][0]["reason"], "Bound");
+            assert_eq!(status["observedGeneration"], 2);
+
+            // Deleting removes what was bound.
+            let mut deleting = e.api.get(&bpath).unwrap().deleting();
+            deleting["status"] = e.api.last_status("pdfs");
+            within(binding::reconcile(Arc::new(serde_json::from_value::<Binding>(deleting).unwrap()), e.ctx.clone())).await.unwrap();
+            assert!(e.broker.bindings().is_empty());
         }
     }
+}
+
+#[tokio::test]
+async fn should_remove_the_old_binding_when_its_arguments_change() {
+    run(Scenario::BindingRebound).await;
+}
+
+#[tokio::test]
+async fn should_report_a_child_the_api_server_refuses_in_the_broker_status() {
+    let (client, api) = ApiServer::start();
+    let ctx = context(client);
+    let bpath = path("brokers", NS, "warren");
+    let obj = json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Broker",
+        "metadata": {"name": "warren", "namespace": NS, "uid": "u1", "generation": 2}, "spec": {}
+    });
+    api.put(&bpath, obj.clone());
+    let sts = "/apis/apps/v1/namespaces/ns/statefulsets/warren";
+    api.fail(
+        "PATCH",
+        sts,
+        422,
+        "StatefulSet.apps \"warren\" is invalid: spec: Forbidden: updates to statefulset spec for fields other than ...",
+    );
+    let b: Broker = serde_json::from_value(obj).unwrap();
+    let err = within(warren_operator::broker::reconcile(Arc::new(b), ctx)).await.unwrap_err();
+    assert!(err.to_string().contains("Forbidden"), "{err}");
+    assert_eq!(
+        api.lines(),
+        [
+            "PATCH /api/v1/namespaces/ns/serviceaccounts/warren",
+            "PATCH /api/v1/namespaces/ns/configmaps/warren-config",
+            "PATCH /api/v1/namespaces/ns/services/warren-headless",
+            "PATCH /api/v1/namespaces/ns/services/warren",
+            "PATCH /apis/apps/v1/namespaces/ns/statefulsets/warren",
+            "PATCH /apis/warren.dev/v1alpha1/namespaces/ns/brokers/warren/status",
+        ],
+        "stops at the refused child and reports it"
+    );
+    let status = api.last_status("warren");
+    let degraded = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Degraded").unwrap();
+    assert_eq!((degraded["status"].as_str(), degraded["reason"].as_str()), (Some("True"), Some("ApplyFailed")));
+    assert!(degraded["message"].as_str().unwrap().contains("Forbidden"), "{degraded}");
 }
 
 #[tokio::test]
@@ -381,4 +464,106 @@ async fn should_exit_with_a_hint_when_the_crds_are_missing() {
         );
     }
     warren_operator::check_crds(&client, Some(NS)).await.unwrap();
+}
+
+#[tokio::test]
+async fn should_not_delete_a_queue_holding_only_delayed_messages() {
+    // The broker's if_empty counts ready and unacked messages, not delayed
+    // ones: the operator looks first, so a delayed backlog is never lost.
+    let e = env().await;
+    e.broker.add_queue(QueueInfo { name: "orders".into(), delayed: 4, ..QueueInfo::default() });
+    let err = reconcile_queue(&e, queue_obj(json!({})).finalized().deleting()).await.unwrap_err();
+    assert!(err.to_string().contains("still holds 4 messages"), "{err}");
+    assert!(e.broker.has_queue("orders"), "delayed messages are kept");
+    let status = e.api.last_status("orders");
+    assert_eq!(status["conditions"][0]["reason"], "QueueNotEmpty");
+    assert_eq!(status["delayed"], 4);
+    assert_eq!(e.api.events().len(), 1);
+
+    // Retried while it waits: the condition stays, no new Event each time.
+    let mut again = queue_obj(json!({})).finalized().deleting();
+    again["status"] = status;
+    e.api.clear();
+    reconcile_queue(&e, again).await.unwrap_err();
+    assert!(e.api.events().is_empty(), "one Warning, not one per retry: {:?}", e.api.lines());
+}
+
+#[tokio::test]
+async fn should_wait_for_a_broker_that_is_not_ready_and_let_go_with_retain() {
+    let e = env().await;
+    let mut b = broker(NS, "warren", "127.0.0.1:1");
+    b["status"]["conditions"] = json!([{"type": "Ready", "status": "False", "reason": "ReplicasNotReady", "message": "0/1 pods ready",
+        "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
+    e.api.put(&path("brokers", NS, "warren"), b);
+
+    reconcile_queue(&e, queue_obj(json!({})).finalized()).await.unwrap();
+    let ready = e.api.last_status("orders")["conditions"][0].clone();
+    assert_eq!(ready["reason"], "BrokerNotReady");
+    assert!(ready["message"].as_str().unwrap().contains("0/1 pods ready"), "{ready}");
+
+    // Deleting while the broker is down: blocked, and the condition says how out.
+    let err = reconcile_queue(&e, queue_obj(json!({})).finalized().deleting()).await.unwrap_err();
+    assert!(err.to_string().contains("not ready"), "{err}");
+    let ready = e.api.last_status("orders")["conditions"][0].clone();
+    assert_eq!(ready["reason"], "DeletionBlocked");
+    assert!(ready["message"].as_str().unwrap().contains("deletionPolicy: Retain"), "{ready}");
+    assert!(e.api.get(&qpath()).unwrap()["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty()));
+
+    // The way out: Retain lets the object go without the broker.
+    e.api.clear();
+    reconcile_queue(&e, queue_obj(json!({"deletionPolicy": "Retain"})).finalized().deleting()).await.unwrap();
+    assert_eq!(e.api.get(&qpath()).unwrap()["metadata"]["finalizers"], json!([]));
+}
+
+#[tokio::test]
+async fn should_refuse_to_scale_a_workload_another_queue_already_drives() {
+    use kube::runtime::{reflector, watcher};
+    let e = env().await;
+    e.broker.add_queue(QueueInfo {
+        name: "orders".into(),
+        durable: true,
+        arguments: [
+            ("x-message-ttl".to_string(), warren_client::proto::Value { kind: Some(warren_client::proto::value::Kind::Int(60000)) }),
+            (
+                "x-queue-type".to_string(),
+                warren_client::proto::Value { kind: Some(warren_client::proto::value::Kind::String("classic".into())) },
+            ),
+        ]
+        .into(),
+        ready: 50,
+        ..QueueInfo::default()
+    });
+    let autoscaling = json!({"autoscaling": {"target": {"name": "worker"}, "maxReplicas": 10}});
+    let mut mine = queue_obj(autoscaling.clone()).finalized();
+    mine["metadata"]["creationTimestamp"] = "2026-02-01T00:00:00Z".into();
+    let mut older = object("Queue", NS, "first", json!({"brokerRef": {"name": "warren"}, "autoscaling": autoscaling["autoscaling"]}));
+    older["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z".into();
+    let (reader, mut writer) = reflector::store::<Queue>();
+    for q in [&older, &mine] {
+        writer.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(q.clone()).unwrap()));
+    }
+    e.ctx.set_queues(reader);
+
+    reconcile_queue(&e, mine).await.unwrap();
+    let broker_get = format!("GET {}", path("brokers", NS, "warren"));
+    assert_eq!(e.api.lines(), [broker_get, status_patch(&qpath())], "no scale read or write");
+    let status = e.api.last_status("orders");
+    let active = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "AutoscalingActive").unwrap().clone();
+    assert_eq!((active["status"].as_str(), active["reason"].as_str()), (Some("False"), Some("TargetConflict")));
+    assert!(active["message"].as_str().unwrap().contains("already autoscaled by Queue first"), "{active}");
+}
+
+#[tokio::test]
+async fn should_not_write_an_unchanged_status_on_every_poll() {
+    let e = env().await;
+    reconcile_queue(&e, queue_obj(json!({})).finalized()).await.unwrap();
+    let mut again = queue_obj(json!({})).finalized();
+    again["status"] = e.api.last_status("orders");
+    e.api.clear();
+    reconcile_queue(&e, again.clone()).await.unwrap();
+    assert_eq!(e.api.lines(), [format!("GET {}", path("brokers", NS, "warren"))], "nothing changed, nothing written");
+    // A count changes: written.
+    e.broker.set_messages("orders", 7, 0);
+    reconcile_queue(&e, again).await.unwrap();
+    assert_eq!(e.api.last_status("orders")["ready"], 7);
 }

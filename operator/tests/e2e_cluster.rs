@@ -3,7 +3,7 @@
 //! scale up and back down.
 //!
 //! Skipped (with a loud message) unless KUBECONFIG is set. See
-//! README-kubernetes.md, "End-to-end tests", for building and loading the
+//! README.md, "Run on Kubernetes" > "End-to-end tests", for building and loading the
 //! images. Knobs: WARREN_E2E_OPERATOR_IMAGE, WARREN_E2E_BROKER_IMAGE
 //! (repository:tag), HELM, KUBECTL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -99,7 +99,7 @@ async fn should_scale_the_consumer_with_the_backlog_on_a_real_cluster() {
         let _ = writeln!(
             std::io::stderr(),
             "\n=== SKIPPED e2e_cluster: KUBECONFIG is not set, so there is no cluster. \
-             Run it on kind or k3d: see README-kubernetes.md, 'End-to-end tests'. ===\n"
+             Run it on kind or k3d: see README.md, 'Run on Kubernetes > End-to-end tests'. ===\n"
         );
         return;
     }

@@ -146,3 +146,44 @@ async fn should_bind_once_exchange_and_queue_exist_on_the_real_broker() {
     let passive = warren_client::proto::DeclareExchangeRequest { name: "events".into(), passive: true, ..Default::default() };
     assert_eq!(e.grpc.clone().declare_exchange(passive).await.unwrap_err().code(), tonic::Code::NotFound);
 }
+
+/// The strongest check that the operator writes only settings the broker
+/// accepts (it refuses unknown keys and bad values, and every pod would
+/// crash-loop): the configuration file generated from a Broker that sets
+/// every field starts the real broker, which prints the values it took.
+#[tokio::test]
+async fn should_start_the_real_broker_on_the_generated_configuration_file() {
+    let broker: warren_crds::v1alpha1::Broker = serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Broker",
+        "metadata": {"name": "warren", "namespace": NS, "uid": "u"},
+        "spec": {"config": {
+            "maxMessageSize": 1048576, "queueWindowMessages": 512, "queueWindowBytes": 4194304,
+            "blockCacheBytes": 16777216, "logFormat": "text",
+            "memoryHighWatermark": "0.6", "memoryCalculationStrategy": "allocated",
+            "diskFreeLimit": "10Mi", "publishBlockTimeout": "30s", "alarmCheckInterval": "500ms"
+        }}
+    }))
+    .unwrap();
+    let v = warren_operator::broker::build::validate(&broker, "img").unwrap();
+    let written: Vec<&str> = v.settings.iter().map(|(k, _)| *k).collect();
+    assert_eq!(written, warren_operator::broker::build::CONFIG_KEYS, "the test sets every key the operator can write");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("warren.toml");
+    std::fs::write(&file, warren_operator::broker::build::config_toml(&v)).unwrap();
+
+    let real = RealBroker::start_with(&["--config", file.to_str().unwrap()]);
+    for expected in [
+        "max_message_size = 1048576",
+        "queue_window_messages = 512",
+        "queue_window_bytes = 4194304",
+        "block_cache_bytes = 16777216",
+        "memory_high_watermark = 0.6",
+        "memory_calculation_strategy = allocated",
+        "disk_free_limit = 10MiB",
+        "publish_block_timeout = 30s",
+        "alarm_check_interval = 500ms",
+        "log_format = text",
+    ] {
+        assert!(real.banner.contains(expected), "the broker did not take `{expected}`:\n{}", real.banner);
+    }
+}

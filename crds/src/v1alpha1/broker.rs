@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
-use schemars::{JsonSchema, Schema};
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
-use crate::schema::{immutable_fields, push_rules};
+use crate::schema::{immutable_fields, push_rules, rule};
 
 /// A Warren message broker. The operator runs it as a StatefulSet with a
 /// persistent volume per pod, a client Service and a headless Service.
@@ -34,10 +35,10 @@ use crate::schema::{immutable_fields, push_rules};
 #[schemars(transform = broker_spec_rules)]
 pub struct BrokerSpec {
     /// Number of broker pods. Queue replication across pods is not
-    /// implemented yet, so this is 1; the field exists so that manifests stay
-    /// valid when it is.
+    /// implemented yet, so this must be 1 (the API server refuses anything
+    /// else); the field exists so that manifests stay valid when it is.
     #[serde(default = "default_replicas")]
-    #[schemars(range(min = 1, max = 1))]
+    #[schemars(range(min = 1))]
     pub replicas: i32,
     /// Broker container image. Defaults to the image the operator was
     /// configured with (the one matching its own version).
@@ -70,9 +71,11 @@ pub struct BrokerSpec {
     #[serde(default)]
     pub metrics: Metrics,
     /// Seconds a stopping pod gets to finish in-flight work and flush to disk
-    /// before it is killed.
+    /// before it is killed. The broker needs up to about 30 s: 5 s for the
+    /// Service to drop the pod, 20 s for open calls to finish, then closing
+    /// its database.
     #[serde(default = "default_grace")]
-    #[schemars(range(min = 1, max = 3600))]
+    #[schemars(range(min = 30, max = 3600))]
     pub termination_grace_period_seconds: i64,
     /// Node labels the pods must be scheduled on.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -83,12 +86,52 @@ pub struct BrokerSpec {
 }
 
 fn broker_spec_rules(schema: &mut Schema) {
+    let mut rules = immutable_fields(
+        &["storage"],
+        "a StatefulSet's volume claim templates cannot change; create a new Broker (or delete and re-create this one)",
+    );
+    rules.push(rule(
+        "self.replicas == 1",
+        "replicas must be 1: queue replication across pods is not implemented yet, so a Broker runs exactly one pod",
+    ));
+    push_rules(schema, rules);
+}
+
+/// A Kubernetes quantity of bytes without a fraction: `1073741824`, `512Mi`,
+/// `2Gi`, `1G`.
+pub const BYTES_PATTERN: &str = r"^[0-9]{1,15}(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$";
+/// The memory high watermark: a fraction above 0 and at most 1 written with
+/// a decimal point (`0.4`), or a quantity of bytes (`2Gi`).
+pub const WATERMARK_PATTERN: &str = r"^(0?\.[0-9]{0,6}[1-9][0-9]{0,6}|1\.0{0,6}|[1-9][0-9]{0,14}(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?)$";
+/// A duration the broker reads: a whole number and one unit (`250ms`,
+/// `10s`, `5m`, `1h`); also a valid Go / CEL duration.
+pub const DURATION_PATTERN: &str = r"^[0-9]{1,7}(ms|s|m|h)$";
+
+fn bytes_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({ "x-kubernetes-int-or-string": true, "pattern": BYTES_PATTERN })
+}
+
+fn watermark_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({ "type": "string", "pattern": WATERMARK_PATTERN })
+}
+
+fn duration_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({ "type": "string", "pattern": DURATION_PATTERN })
+}
+
+fn config_rules(schema: &mut Schema) {
     push_rules(
         schema,
-        immutable_fields(
-            &["storage"],
-            "a StatefulSet's volume claim templates cannot change; create a new Broker (or delete and re-create this one)",
-        ),
+        [
+            rule(
+                "!has(self.publishBlockTimeout) || duration(self.publishBlockTimeout) <= duration('1h')",
+                "publishBlockTimeout must be at most 1h",
+            ),
+            rule(
+                "!has(self.alarmCheckInterval) || (duration(self.alarmCheckInterval) >= duration('10ms') && duration(self.alarmCheckInterval) <= duration('60s'))",
+                "alarmCheckInterval must be between 10ms and 60s",
+            ),
+        ],
     );
 }
 
@@ -124,6 +167,7 @@ impl PullPolicy {
 pub struct Storage {
     /// Size of the volume, such as `10Gi`.
     #[serde(default = "default_storage_size")]
+    #[schemars(schema_with = "storage_size_schema")]
     pub size: Quantity,
     /// StorageClass of the volume. Defaults to the cluster's default class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -137,10 +181,44 @@ impl Default for Storage {
     }
 }
 
-/// Broker settings. Unset fields keep the broker's defaults.
+/// Broker settings, written to the broker's configuration file. Unset
+/// fields keep the broker's defaults. Every value is checked here, so a bad
+/// one is refused by the API server instead of stopping the broker.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = config_rules)]
 pub struct BrokerConfig {
+    /// Memory high watermark: publishers are blocked (back-pressure, never a
+    /// crash or a drop) while the broker uses more memory than this. Either
+    /// a fraction of the container's memory limit, quoted and written with a
+    /// decimal point, such as `"0.4"` (the broker's default), or an absolute
+    /// quantity such as `2Gi`. Set a memory limit in `resources` for a
+    /// fraction to be of the container rather than of the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "watermark_schema")]
+    pub memory_high_watermark: Option<String>,
+    /// What the memory alarm measures: `rss` (the broker's default: resident
+    /// memory, everything the process holds) or `allocated` (bytes held by
+    /// the broker's heap allocator, without RocksDB's fixed-size caches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_calculation_strategy: Option<MemoryCalculationStrategy>,
+    /// Disk free limit: publishers are blocked while the data volume has
+    /// less free space than this (a quantity such as `1Gi`, or bytes; the
+    /// broker's default is 50Mi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bytes_schema")]
+    pub disk_free_limit: Option<IntOrString>,
+    /// How long a unary publish waits while an alarm blocks publishers before
+    /// it fails with RESOURCE_EXHAUSTED: a whole number and a unit (`ms`,
+    /// `s`, `m`, `h`), at most `1h` (broker default `10s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration_schema")]
+    pub publish_block_timeout: Option<String>,
+    /// How often memory and disk are checked, between `10ms` and `60s`
+    /// (broker default `1s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration_schema")]
+    pub alarm_check_interval: Option<String>,
     /// Largest message body accepted, in bytes (broker default 16 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 536870912))]
@@ -161,6 +239,30 @@ pub struct BrokerConfig {
     /// Log format: `json` (default here, for log collectors) or `text`.
     #[serde(default)]
     pub log_format: LogFormat,
+}
+
+/// What the memory alarm measures: `rss` (the broker's default: resident
+/// memory, everything the process holds) or `allocated` (bytes held by the
+/// broker's heap allocator, without RocksDB's fixed-size caches).
+// (This doc is the field's `kubectl explain` text: optional enums take
+// their description from the type.)
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryCalculationStrategy {
+    /// Resident set size.
+    Rss,
+    /// Bytes allocated by the broker's heap allocator.
+    Allocated,
+}
+
+impl MemoryCalculationStrategy {
+    /// The broker's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryCalculationStrategy::Rss => "rss",
+            MemoryCalculationStrategy::Allocated => "allocated",
+        }
+    }
 }
 
 /// Broker log formats.
@@ -266,6 +368,13 @@ fn default_grace() -> i64 {
 }
 fn default_true() -> bool {
     true
+}
+fn storage_size_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "x-kubernetes-int-or-string": true,
+        "pattern": r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
+        "default": "10Gi",
+    })
 }
 fn default_storage_size() -> Quantity {
     Quantity("10Gi".into())

@@ -50,6 +50,10 @@ pub struct TopologyStatus {
     pub conditions: Vec<Condition>,
 }
 
+/// Pattern of a broker-side name (queue, exchange): no control characters,
+/// which the broker refuses.
+pub const NAME_PATTERN: &str = r"^[^\x00-\x1F\x7F-\x9F]*$";
+
 /// Message explaining why a broker-side property is immutable.
 pub(crate) const BROKER_CANNOT_CHANGE: &str =
     "the broker cannot change it in place; create a new object (or delete and re-create this one)";

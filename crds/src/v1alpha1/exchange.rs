@@ -3,11 +3,11 @@
 use std::collections::BTreeMap;
 
 use kube::CustomResource;
-use schemars::{JsonSchema, Schema};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
-use super::common::{BROKER_CANNOT_CHANGE, BrokerRef, DeletionPolicy, TopologyStatus, not_reserved_name};
-use crate::schema::{ArgumentValue, arguments_schema, immutable_fields, push_rules, rule};
+use super::common::{BROKER_CANNOT_CHANGE, BrokerRef, DeletionPolicy, NAME_PATTERN, TopologyStatus, not_reserved_name};
+use crate::schema::{ArgumentValue, KnownArgument, arguments_schema_refusing, immutable_fields, push_rules};
 
 /// An exchange in a Warren Broker: where publishers send messages and where
 /// bindings route them from.
@@ -35,7 +35,7 @@ pub struct ExchangeSpec {
     /// The exchange's name on the broker. Defaults to `metadata.name`.
     /// Immutable. Names starting with `amq.` are reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 255))]
+    #[schemars(pattern(NAME_PATTERN), length(min = 1, max = 255))]
     pub name: Option<String>,
     /// How the exchange routes: `direct` (routing key equals binding key),
     /// `fanout` (every binding), `topic` (dot-separated words; `*` matches one
@@ -57,12 +57,14 @@ pub struct ExchangeSpec {
     /// Where messages that route to no queue go (argument
     /// `alternate-exchange`). Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 255))]
+    #[schemars(pattern(NAME_PATTERN), length(min = 1, max = 255))]
     pub alternate_exchange: Option<String>,
-    /// Other exchange arguments, passed to the broker as they are. Use the
-    /// typed fields for the known ones. Immutable.
+    /// Other exchange arguments, passed to the broker as they are (any JSON
+    /// value). `alternate-exchange` is refused here: set `alternateExchange`.
+    /// The broker cannot change arguments in place: a change is reported in
+    /// the `Ready` condition (reason `PropertiesMismatch`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(schema_with = "arguments_schema")]
+    #[schemars(schema_with = "exchange_arguments_schema")]
     pub arguments: BTreeMap<String, ArgumentValue>,
     /// What happens on the broker when this object is deleted: `Delete`
     /// (default) deletes the exchange and its bindings, `Retain` leaves it.
@@ -85,19 +87,20 @@ pub enum ExchangeType {
     Headers,
 }
 
-/// Known exchange arguments, set through typed fields only.
-pub const KNOWN_EXCHANGE_ARGUMENTS: &[&str] = &["alternate-exchange"];
+/// Known exchange arguments, set through typed fields only (the API server
+/// refuses them in `arguments`).
+pub const KNOWN_EXCHANGE_ARGUMENTS: &[KnownArgument] =
+    &[KnownArgument { name: "alternate-exchange", field: "alternateExchange", boolean: false }];
+
+fn exchange_arguments_schema(_: &mut SchemaGenerator) -> Schema {
+    arguments_schema_refusing(KNOWN_EXCHANGE_ARGUMENTS)
+}
 
 fn exchange_spec_rules(schema: &mut Schema) {
-    let mut rules = immutable_fields(
-        &["brokerRef", "name", "type", "durable", "autoDelete", "internal", "alternateExchange", "arguments"],
-        BROKER_CANNOT_CHANGE,
-    );
+    // Not `arguments`: CEL cannot see free-form values (see crate::schema).
+    let mut rules =
+        immutable_fields(&["brokerRef", "name", "type", "durable", "autoDelete", "internal", "alternateExchange"], BROKER_CANNOT_CHANGE);
     rules.push(not_reserved_name("name"));
-    rules.push(rule(
-        "!has(self.arguments) || !('alternate-exchange' in self.arguments)",
-        "arguments must not set alternate-exchange: use the alternateExchange field",
-    ));
     push_rules(schema, rules);
 }
 

@@ -11,6 +11,6 @@ mod queue;
 
 pub use binding::*;
 pub use broker::*;
-pub use common::{BrokerRef, DeletionPolicy, TopologyStatus};
+pub use common::{BrokerRef, DeletionPolicy, NAME_PATTERN, TopologyStatus};
 pub use exchange::*;
 pub use queue::*;

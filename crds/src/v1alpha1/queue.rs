@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::CustomResource;
-use schemars::{JsonSchema, Schema};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
-use super::common::{BROKER_CANNOT_CHANGE, BrokerRef, DeletionPolicy, TopologyStatus, not_reserved_name};
-use crate::schema::{ArgumentValue, arguments_schema, immutable_fields, push_rules, rule};
+use super::common::{BROKER_CANNOT_CHANGE, BrokerRef, DeletionPolicy, NAME_PATTERN, TopologyStatus, not_reserved_name};
+use crate::schema::{ArgumentValue, KnownArgument, arguments_schema_refusing, immutable_fields, push_rules, rule};
 
 /// A queue in a Warren Broker. Its status mirrors the broker's counts, and
 /// `spec.autoscaling` scales a consumer workload with the backlog.
@@ -49,7 +49,7 @@ pub struct QueueSpec {
     /// The queue's name on the broker. Defaults to `metadata.name`.
     /// Immutable. Names starting with `amq.` are reserved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 255))]
+    #[schemars(pattern(NAME_PATTERN), length(min = 1, max = 255))]
     pub name: Option<String>,
     /// The queue type (argument `x-queue-type`). Only `classic` exists today.
     /// Immutable.
@@ -96,7 +96,7 @@ pub struct QueueSpec {
     /// to (argument `x-dead-letter-exchange`). The empty string is the
     /// default exchange. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 255))]
+    #[schemars(pattern(NAME_PATTERN), length(max = 255))]
     pub dead_letter_exchange: Option<String>,
     /// Routing key used when dead-lettering, instead of the message's own
     /// (argument `x-dead-letter-routing-key`). Needs `deadLetterExchange`.
@@ -109,11 +109,12 @@ pub struct QueueSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 255))]
     pub max_priority: Option<i32>,
-    /// A message delivered more often than this is a poison message: it is
-    /// dead-lettered (or dropped) instead of delivered again (argument
-    /// `x-delivery-limit`). Immutable.
+    /// A message returned to the queue (rejected, nacked, or its consumer
+    /// gone) after more deliveries than this is a poison message: it is
+    /// dead-lettered (or dropped, without `deadLetterExchange`) instead of
+    /// delivered again (argument `x-delivery-limit`). Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 0, max = 4294967295_i64))]
     pub delivery_limit: Option<i64>,
     /// A message whose `message_id` was already enqueued within this many
     /// milliseconds is not enqueued again (argument `x-deduplication-window`).
@@ -126,11 +127,13 @@ pub struct QueueSpec {
     /// Immutable.
     #[serde(default)]
     pub single_active_consumer: bool,
-    /// Other queue arguments, passed to the broker as they are. The known
-    /// ones (`x-message-ttl`, `x-max-length`, ...) must be set through their
-    /// typed fields. Immutable.
+    /// Other queue arguments, passed to the broker as they are (any JSON
+    /// value: string, integer, number, boolean, list, map). The known ones
+    /// (`x-message-ttl`, `x-max-length`, ...) are refused here: set their
+    /// typed fields. The broker cannot change arguments in place: a change is
+    /// reported in the `Ready` condition (reason `PropertiesMismatch`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(schema_with = "arguments_schema")]
+    #[schemars(schema_with = "queue_arguments_schema")]
     pub arguments: BTreeMap<String, ArgumentValue>,
     /// What happens on the broker when this object is deleted: `Delete`
     /// (default) deletes the queue, but only once it is empty unless
@@ -196,24 +199,35 @@ impl Overflow {
     }
 }
 
+const fn known(name: &'static str, field: &'static str) -> KnownArgument {
+    KnownArgument { name, field, boolean: false }
+}
+
 /// Queue arguments that have a typed field and may not appear in
-/// `arguments`.
-pub const KNOWN_QUEUE_ARGUMENTS: &[&str] = &[
-    "x-queue-type",
-    "x-message-ttl",
-    "x-expires",
-    "x-max-length",
-    "x-max-length-bytes",
-    "x-overflow",
-    "x-dead-letter-exchange",
-    "x-dead-letter-routing-key",
-    "x-max-priority",
-    "x-delivery-limit",
-    "x-deduplication-window",
-    "x-single-active-consumer",
+/// `arguments` (the API server refuses them, naming the field to use).
+pub const KNOWN_QUEUE_ARGUMENTS: &[KnownArgument] = &[
+    known("x-queue-type", "type"),
+    known("x-message-ttl", "messageTtlMs"),
+    known("x-expires", "expiresMs"),
+    known("x-max-length", "maxLength"),
+    known("x-max-length-bytes", "maxLengthBytes"),
+    known("x-overflow", "overflow"),
+    known("x-dead-letter-exchange", "deadLetterExchange"),
+    known("x-dead-letter-routing-key", "deadLetterRoutingKey"),
+    known("x-max-priority", "maxPriority"),
+    known("x-delivery-limit", "deliveryLimit"),
+    known("x-deduplication-window", "deduplicationWindowMs"),
+    KnownArgument { name: "x-single-active-consumer", field: "singleActiveConsumer", boolean: true },
 ];
 
-/// Spec fields the broker cannot change on an existing queue.
+fn queue_arguments_schema(_: &mut SchemaGenerator) -> Schema {
+    arguments_schema_refusing(KNOWN_QUEUE_ARGUMENTS)
+}
+
+/// Spec fields the broker cannot change on an existing queue: immutable in
+/// the schema. (`arguments` cannot be: CEL does not see free-form values. A
+/// change to it is refused by the broker and reported in the `Ready`
+/// condition with reason `PropertiesMismatch`.)
 pub const QUEUE_IMMUTABLE_FIELDS: &[&str] = &[
     "brokerRef",
     "name",
@@ -231,7 +245,6 @@ pub const QUEUE_IMMUTABLE_FIELDS: &[&str] = &[
     "deliveryLimit",
     "deduplicationWindowMs",
     "singleActiveConsumer",
-    "arguments",
 ];
 
 fn queue_spec_rules(schema: &mut Schema) {
@@ -240,11 +253,6 @@ fn queue_spec_rules(schema: &mut Schema) {
     rules
         .push(rule("!has(self.overflow) || has(self.maxLength) || has(self.maxLengthBytes)", "overflow needs maxLength or maxLengthBytes"));
     rules.push(rule("!has(self.deadLetterRoutingKey) || has(self.deadLetterExchange)", "deadLetterRoutingKey needs deadLetterExchange"));
-    let known = KNOWN_QUEUE_ARGUMENTS.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ");
-    rules.push(rule(
-        format!("!has(self.arguments) || self.arguments.all(k, !(k in [{known}]))"),
-        "arguments must not set a known argument (x-message-ttl, x-max-length, ...): use its typed field",
-    ));
     push_rules(schema, rules);
 }
 
@@ -255,10 +263,14 @@ fn queue_spec_rules(schema: &mut Schema) {
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = autoscaling_rules)]
 pub struct Autoscaling {
-    /// The workload to scale, in the Queue's namespace.
+    /// The workload to scale, in the Queue's namespace. One workload is
+    /// driven by one Queue: when several target it, the oldest does and the
+    /// others report `AutoscalingActive=False`, reason `TargetConflict`. Do
+    /// not point an HPA or KEDA at it too.
     pub target: ScaleTarget,
-    /// Fewest replicas. 0 lets the workload scale to zero when the backlog
-    /// is at most `activationMessages`.
+    /// Fewest replicas. 0 lets the workload scale to zero, which happens
+    /// only once the queue has been idle (nothing ready and nothing
+    /// unacknowledged) for the whole stabilization window.
     #[serde(default)]
     #[schemars(range(min = 0, max = 10000))]
     pub min_replicas: i32,
@@ -269,8 +281,9 @@ pub struct Autoscaling {
     #[serde(default = "default_messages_per_replica")]
     #[schemars(range(min = 1))]
     pub messages_per_replica: i64,
-    /// A backlog at or below this is treated as no backlog: the workload
-    /// scales to `minReplicas` (from zero, it starts only above this).
+    /// From zero, the workload starts only when the backlog is above this.
+    /// It never stops running consumers: they scale to zero only when the
+    /// queue is idle.
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub activation_messages: i64,
@@ -284,8 +297,9 @@ pub struct Autoscaling {
     #[serde(default = "default_polling")]
     #[schemars(range(min = 1, max = 3600))]
     pub polling_seconds: i32,
-    /// Which messages count as backlog: `ReadyAndUnacked` (default: messages
-    /// being processed keep their consumers running) or `Ready`.
+    /// Which messages count as backlog for the replica count:
+    /// `ReadyAndUnacked` (default) or `Ready`. Either way a queue with
+    /// unacknowledged messages keeps at least one replica.
     #[serde(default)]
     pub backlog: Backlog,
 }

@@ -64,10 +64,10 @@ fn validate(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>)
         return;
     }
     let preserve = schema.get("x-kubernetes-preserve-unknown-fields").and_then(Value::as_bool) == Some(true);
-    if schema.get("x-kubernetes-int-or-string").and_then(Value::as_bool) == Some(true) {
-        if !(value.is_i64() || value.is_u64() || value.is_string()) {
-            errors.push(format!("{here}: must be an integer or a string"));
-        }
+    if schema.get("x-kubernetes-int-or-string").and_then(Value::as_bool) == Some(true)
+        && !(value.is_i64() || value.is_u64() || value.is_string())
+    {
+        errors.push(format!("{here}: must be an integer or a string"));
         return;
     }
     if let Some(ty) = schema.get("type").and_then(Value::as_str) {
@@ -160,6 +160,51 @@ fn validate(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>)
 
 fn join(path: &str, key: &str) -> String {
     if path.is_empty() { key.to_string() } else { format!("{path}.{key}") }
+}
+
+/// The names of the properties of `schema` that CEL can see, the way the
+/// API server builds a rule's type (`SchemaDeclType`): a property is visible
+/// only when its schema has a `type` (or is `x-kubernetes-int-or-string`),
+/// and a map or list only when its values or items are visible themselves.
+/// Free-form values (`x-kubernetes-preserve-unknown-fields` without a type)
+/// make the whole field disappear.
+pub fn cel_visible_properties(schema: &Value) -> Vec<String> {
+    fn visible(s: &Value) -> bool {
+        if s.get("x-kubernetes-int-or-string").and_then(Value::as_bool) == Some(true) {
+            return true;
+        }
+        match s.get("type").and_then(Value::as_str) {
+            Some("array") => s.get("items").is_some_and(visible),
+            Some("object") => match s.get("additionalProperties") {
+                Some(a) if a.is_object() => visible(a),
+                _ => true,
+            },
+            Some(_) => true,
+            None => false,
+        }
+    }
+    schema
+        .get("properties")
+        .and_then(Value::as_object)
+        .map(|props| props.iter().filter(|(_, s)| visible(s)).map(|(k, _)| k.clone()).collect())
+        .unwrap_or_default()
+}
+
+/// Every schema node carrying `x-kubernetes-validations`, with its path.
+pub fn nodes_with_rules(schema: &Value, path: &str, out: &mut Vec<(String, Value)>) {
+    if schema.get("x-kubernetes-validations").is_some() {
+        out.push((path.to_string(), schema.clone()));
+    }
+    if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+        for (k, v) in props {
+            nodes_with_rules(v, &format!("{path}.{k}"), out);
+        }
+    }
+    for key in ["items", "additionalProperties"] {
+        if let Some(v) = schema.get(key).filter(|v| v.is_object()) {
+            nodes_with_rules(v, &format!("{path}[]"), out);
+        }
+    }
 }
 
 /// Every YAML document in the files of `dir` (recursively) whose

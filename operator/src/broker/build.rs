@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use warren_crds::v1alpha1::{Broker, BrokerSpec};
+use warren_crds::v1alpha1::{Broker, BrokerConfig, BrokerSpec};
 
 use crate::error::{Error, Result};
 
@@ -24,7 +24,10 @@ pub const GRPC_PORT: i32 = 5680;
 /// HTTP port of the broker: `/metrics`, `/healthz`, `/readyz`.
 pub const HTTP_PORT: i32 = 15680;
 /// Where the data volume is mounted.
-pub const DATA_DIR: &str = "/var/lib/warren";
+pub const VOLUME_DIR: &str = "/var/lib/warren";
+/// The broker's data directory: a directory of the volume, not its root
+/// (which may hold a file system's `lost+found`).
+pub const DATA_DIR: &str = "/var/lib/warren/data";
 /// Where the ConfigMap is mounted.
 pub const CONFIG_DIR: &str = "/etc/warren";
 /// The configuration file's name in the ConfigMap.
@@ -55,6 +58,121 @@ pub struct ValidatedBroker {
     pub image: String,
     /// The spec, defaults applied.
     pub spec: BrokerSpec,
+    /// The configuration file's settings, checked and in the broker's units.
+    pub settings: Vec<(&'static str, Setting)>,
+}
+
+/// A value in the broker's TOML configuration file.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Setting {
+    /// An integer (bytes, counts).
+    Int(u64),
+    /// A string (durations, enums, fractions).
+    Str(String),
+}
+
+/// Every key the operator may write into the configuration file. The broker
+/// refuses unknown keys (every pod would crash-loop), so each must be one of
+/// its settings: the real-broker tests start `warren-broker --config` on a
+/// file holding all of them.
+pub const CONFIG_KEYS: &[&str] = &[
+    "log_format",
+    "max_message_size",
+    "queue_window_messages",
+    "queue_window_bytes",
+    "block_cache_bytes",
+    "memory_high_watermark",
+    "memory_calculation_strategy",
+    "disk_free_limit",
+    "publish_block_timeout",
+    "alarm_check_interval",
+];
+
+/// Bytes in a Kubernetes quantity without a fraction (`512Mi`, `2Gi`,
+/// `1G`, `1048576`), as the schema's pattern allows; `None` when it is
+/// malformed or overflows.
+pub fn quantity_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
+    let (digits, suffix) = q.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let mult: u64 = match suffix {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "Pi" => 1 << 50,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        "P" => 1_000_000_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// The configuration file's settings from a Broker's `spec.config`, in the
+/// broker's units: sizes as plain bytes, a watermark fraction with its
+/// decimal point (the broker reads a number without one as bytes).
+pub fn settings(c: &BrokerConfig) -> Result<Vec<(&'static str, Setting)>> {
+    let invalid =
+        |field: &str, value: &dyn std::fmt::Display, why: &str| Error::InvalidSpec(format!("spec.config.{field} is {value}: {why}"));
+    let mut out = vec![("log_format", Setting::Str(c.log_format.as_str().into()))];
+    let ints = [
+        ("max_message_size", c.max_message_size),
+        ("queue_window_messages", c.queue_window_messages),
+        ("queue_window_bytes", c.queue_window_bytes),
+        ("block_cache_bytes", c.block_cache_bytes),
+    ];
+    for (key, value) in ints {
+        if let Some(value) = value {
+            let v = u64::try_from(value).map_err(|_| invalid(key, &value, "must not be negative"))?;
+            out.push((key, Setting::Int(v)));
+        }
+    }
+    if let Some(w) = &c.memory_high_watermark {
+        let setting = if w.contains('.') {
+            let f: f64 = w.parse().map_err(|_| invalid("memoryHighWatermark", w, "not a fraction such as \"0.4\""))?;
+            if !(f > 0.0 && f <= 1.0) {
+                return Err(invalid("memoryHighWatermark", w, "a fraction must be greater than 0 and at most 1.0"));
+            }
+            let text = f.to_string();
+            Setting::Str(if text.contains('.') { text } else { format!("{text}.0") })
+        } else {
+            match quantity_bytes(w) {
+                Some(b) if b > 0 => Setting::Int(b),
+                _ => return Err(invalid("memoryHighWatermark", w, "neither a fraction such as \"0.4\" nor a quantity such as 2Gi")),
+            }
+        };
+        out.push(("memory_high_watermark", setting));
+    }
+    if let Some(s) = c.memory_calculation_strategy {
+        out.push(("memory_calculation_strategy", Setting::Str(s.as_str().into())));
+    }
+    if let Some(limit) = &c.disk_free_limit {
+        let bytes = match limit {
+            IntOrString::Int(i) => u64::try_from(*i).ok(),
+            IntOrString::String(s) => quantity_bytes(s),
+        };
+        let bytes = bytes.ok_or_else(|| invalid("diskFreeLimit", &format!("{limit:?}"), "not a quantity of bytes such as 1Gi"))?;
+        out.push(("disk_free_limit", Setting::Int(bytes)));
+    }
+    for (key, field, value) in [
+        ("publish_block_timeout", "publishBlockTimeout", &c.publish_block_timeout),
+        ("alarm_check_interval", "alarmCheckInterval", &c.alarm_check_interval),
+    ] {
+        if let Some(d) = value {
+            let unit = d.trim_start_matches(|ch: char| ch.is_ascii_digit());
+            if unit.len() == d.len() || !["ms", "s", "m", "h"].contains(&unit) {
+                return Err(invalid(field, d, "not a duration such as 250ms, 10s, 5m or 1h"));
+            }
+            out.push((key, Setting::Str(d.clone())));
+        }
+    }
+    debug_assert!(out.iter().all(|(k, _)| CONFIG_KEYS.contains(k)));
+    Ok(out)
 }
 
 /// Checks a Broker and resolves its defaults (the image comes from the
@@ -79,7 +197,8 @@ pub fn validate(broker: &Broker, default_image: &str) -> Result<ValidatedBroker>
             broker.spec.replicas
         )));
     }
-    Ok(ValidatedBroker { name, namespace, owner, generation: broker.metadata.generation, image, spec: broker.spec.clone() })
+    let settings = settings(&broker.spec.config)?;
+    Ok(ValidatedBroker { name, namespace, owner, generation: broker.metadata.generation, image, spec: broker.spec.clone(), settings })
 }
 
 impl ValidatedBroker {
@@ -130,18 +249,12 @@ impl ValidatedBroker {
 /// the node name are passed as environment variables (they are per pod);
 /// the file holds the tuning. Keys are the broker's flag names in snake case.
 pub fn config_toml(v: &ValidatedBroker) -> String {
-    let c = &v.spec.config;
     let mut out = String::from("# Warren broker configuration, written by warren-operator from the Broker spec.\n");
-    out.push_str(&format!("log_format = \"{}\"\n", c.log_format.as_str()));
-    let ints = [
-        ("max_message_size", c.max_message_size),
-        ("queue_window_messages", c.queue_window_messages),
-        ("queue_window_bytes", c.queue_window_bytes),
-        ("block_cache_bytes", c.block_cache_bytes),
-    ];
-    for (key, value) in ints {
-        if let Some(value) = value {
-            out.push_str(&format!("{key} = {value}\n"));
+    for (key, value) in &v.settings {
+        match value {
+            Setting::Int(i) => out.push_str(&format!("{key} = {i}\n")),
+            // A JSON string is a valid TOML basic string.
+            Setting::Str(s) => out.push_str(&format!("{key} = {}\n", serde_json::Value::String(s.clone()))),
         }
     }
     out
@@ -322,7 +435,7 @@ pub fn stateful_set(v: &ValidatedBroker) -> StatefulSet {
             ..SecurityContext::default()
         }),
         volume_mounts: Some(vec![
-            VolumeMount { name: "data".into(), mount_path: DATA_DIR.into(), ..VolumeMount::default() },
+            VolumeMount { name: "data".into(), mount_path: VOLUME_DIR.into(), ..VolumeMount::default() },
             VolumeMount { name: "config".into(), mount_path: CONFIG_DIR.into(), read_only: Some(true), ..VolumeMount::default() },
             VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() },
         ]),

@@ -47,17 +47,35 @@ pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action>
     };
 
     let children = build::build(&validated);
-    apply(&ctx, &namespace, &children.service_account).await?;
-    apply(&ctx, &namespace, &children.config_map).await?;
-    apply(&ctx, &namespace, &children.headless_service).await?;
-    apply(&ctx, &namespace, &children.client_service).await?;
-    let sts = apply(&ctx, &namespace, &children.stateful_set).await?;
-    apply(&ctx, &namespace, &children.pod_disruption_budget).await?;
+    let sts = match apply_children(&ctx, &namespace, &children).await {
+        Ok(sts) => sts,
+        Err(e) => {
+            // Never silent: a child the API server refuses (an immutable
+            // StatefulSet field, a quota, RBAC) shows in the Broker status.
+            let status = status::apply_failed(&previous, broker.metadata.generation, &e.to_string());
+            patch_status(&brokers, &name, &status).await?;
+            return Err(e);
+        }
+    };
 
     let status = status::from_stateful_set(&validated, &sts, &previous, k8s_openapi::jiff::Timestamp::now());
-    patch_status(&brokers, &name, &status).await?;
+    if broker.status.as_ref() != Some(&status) {
+        patch_status(&brokers, &name, &status).await?;
+    }
     // Children changes wake us through `.owns()`; the requeue is a safety net.
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Applies every child in order; returns the StatefulSet the API server
+/// stored.
+async fn apply_children(ctx: &Context, namespace: &str, children: &build::Children) -> Result<StatefulSet> {
+    apply(ctx, namespace, &children.service_account).await?;
+    apply(ctx, namespace, &children.config_map).await?;
+    apply(ctx, namespace, &children.headless_service).await?;
+    apply(ctx, namespace, &children.client_service).await?;
+    let sts = apply(ctx, namespace, &children.stateful_set).await?;
+    apply(ctx, namespace, &children.pod_disruption_budget).await?;
+    Ok(sts)
 }
 
 /// Server-side applies one child object and returns what the API server

@@ -27,6 +27,22 @@ pub fn invalid(previous: &BrokerStatus, generation: Option<i64>, message: &str) 
     }
 }
 
+/// Status of a Broker whose children the API server refused: `Degraded`
+/// says why; `Ready` keeps what the pods last showed.
+pub fn apply_failed(previous: &BrokerStatus, generation: Option<i64>, message: &str) -> BrokerStatus {
+    let message = format!("applying the Broker's objects failed: {message}");
+    BrokerStatus {
+        conditions: conditions::merge(
+            &previous.conditions,
+            vec![
+                conditions::new(PROGRESSING, false, "ApplyFailed", &message, generation),
+                conditions::new(DEGRADED, true, "ApplyFailed", &message, generation),
+            ],
+        ),
+        ..previous.clone()
+    }
+}
+
 /// Status from the StatefulSet the API server returned.
 pub fn from_stateful_set(v: &ValidatedBroker, sts: &StatefulSet, previous: &BrokerStatus, now: Timestamp) -> BrokerStatus {
     let want = v.spec.replicas;

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use warren_client::proto::{
     self, BindRequest, DeclareExchangeRequest, DeclareQueueRequest, DestinationKind, ExchangeType, UnbindRequest, value::Kind,
 };
-use warren_crds::v1alpha1::{self as v1, Binding, Exchange, Queue};
+use warren_crds::schema::KnownArgument;
+use warren_crds::v1alpha1::{self as v1, Binding, BoundBinding, Exchange, Queue};
 
 use crate::error::{Error, Result};
 
@@ -49,11 +50,12 @@ pub fn to_value(v: &serde_json::Value, path: &str) -> Result<proto::Value> {
     Ok(proto::Value { kind: Some(kind) })
 }
 
-fn free_form(args: &BTreeMap<String, serde_json::Value>, known: &[&str]) -> Result<HashMap<String, proto::Value>> {
+fn free_form(args: &BTreeMap<String, serde_json::Value>, known: &[KnownArgument]) -> Result<HashMap<String, proto::Value>> {
     let mut out = HashMap::new();
     for (key, value) in args {
-        if known.contains(&key.as_str()) {
-            return Err(Error::InvalidSpec(format!("spec.arguments sets {key}, which has a typed field; use that field")));
+        // The schema refuses these too; this covers objects stored before it did.
+        if let Some(k) = known.iter().find(|k| k.name == key) {
+            return Err(Error::InvalidSpec(format!("spec.arguments sets {key}, which has a typed field: set spec.{} instead", k.field)));
         }
         out.insert(key.clone(), to_value(value, &format!("spec.arguments.{key}"))?);
     }
@@ -148,28 +150,37 @@ pub fn declare_exchange(x: &Exchange) -> Result<DeclareExchangeRequest> {
 
 /// The Bind request for a Binding.
 pub fn bind(b: &Binding) -> Result<BindRequest> {
-    if b.spec.source.is_empty() {
+    bind_request(&BoundBinding::from_spec(&b.spec))
+}
+
+/// The Bind request for a binding as recorded (spec or status).
+pub fn bind_request(b: &BoundBinding) -> Result<BindRequest> {
+    if b.source.is_empty() {
         return Err(Error::InvalidSpec("spec.source is empty; the default exchange cannot be bound".into()));
     }
-    if b.spec.source.len() > MAX_NAME_BYTES || b.spec.destination.len() > MAX_NAME_BYTES {
+    if b.source.len() > MAX_NAME_BYTES || b.destination.len() > MAX_NAME_BYTES {
         return Err(Error::InvalidSpec(format!("spec.source and spec.destination may have at most {MAX_NAME_BYTES} bytes")));
     }
     let mut arguments = HashMap::new();
-    for (key, value) in &b.spec.arguments {
+    for (key, value) in &b.arguments {
         arguments.insert(key.clone(), to_value(value, &format!("spec.arguments.{key}"))?);
     }
+    let kind = match b.destination_kind {
+        v1::DestinationKind::Queue => DestinationKind::Queue,
+        v1::DestinationKind::Exchange => DestinationKind::Exchange,
+    };
     Ok(BindRequest {
-        source: b.spec.source.clone(),
-        destination: b.spec.destination.clone(),
-        destination_kind: destination_kind(b) as i32,
-        routing_key: b.spec.routing_key.clone(),
+        source: b.source.clone(),
+        destination: b.destination.clone(),
+        destination_kind: kind as i32,
+        routing_key: b.routing_key.clone(),
         arguments,
     })
 }
 
-/// The Unbind request matching [`bind`].
-pub fn unbind(b: &Binding) -> Result<UnbindRequest> {
-    let r = bind(b)?;
+/// The Unbind request matching a recorded binding.
+pub fn unbind(b: &BoundBinding) -> Result<UnbindRequest> {
+    let r = bind_request(b)?;
     Ok(UnbindRequest {
         source: r.source,
         destination: r.destination,
@@ -239,7 +250,7 @@ mod tests {
     #[test]
     fn should_refuse_what_the_broker_would_refuse_with_the_field_named() {
         let e = declare_queue(&queue(json!({"brokerRef": {"name": "w"}, "arguments": {"x-max-length": 5}}))).unwrap_err();
-        assert!(e.to_string().contains("spec.arguments sets x-max-length"), "{e}");
+        assert!(e.to_string().contains("spec.arguments sets x-max-length, which has a typed field: set spec.maxLength instead"), "{e}");
         let e = declare_queue(&queue(json!({"brokerRef": {"name": "w"}, "arguments": {"x-a": null}}))).unwrap_err();
         assert!(e.to_string().contains("spec.arguments.x-a is null"), "{e}");
         let e = declare_queue(&queue(json!({"brokerRef": {"name": "w"}, "name": "é".repeat(200)}))).unwrap_err();
@@ -270,7 +281,7 @@ mod tests {
         let req = bind(&b).unwrap();
         assert_eq!(req.destination_kind, DestinationKind::Exchange as i32);
         assert_eq!(req.routing_key, "order.*");
-        let un = unbind(&b).unwrap();
+        let un = unbind(&BoundBinding::from_spec(&b.spec)).unwrap();
         assert_eq!((un.source.as_str(), un.destination.as_str()), ("orders", "audit"));
     }
 }

@@ -13,9 +13,9 @@ use tonic::Code;
 use tonic::transport::Channel;
 use warren_client::proto::warren_client::WarrenClient;
 use warren_client::proto::{BindRequest, DeclareExchangeRequest, DeclareQueueRequest, DestinationKind, ListBindingsRequest};
-use warren_crds::v1alpha1::{Binding, BindingStatus, DeletionPolicy, TopologyStatus};
+use warren_crds::v1alpha1::{Binding, BindingStatus, BoundBinding, DeletionPolicy, TopologyStatus};
 
-use super::{BrokerTarget, FINALIZER, args, broker_target, namespace_of, patch_status, publish, ready, reason_for};
+use super::{BrokerTarget, FINALIZER, WAY_OUT, args, broker_target, namespace_of, patch_status, publish, ready, reason_for};
 use crate::conditions::{self, READY};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -30,7 +30,7 @@ pub async fn reconcile(b: Arc<Binding>, ctx: Arc<Context>) -> Result<Action> {
     finalizer(&api, FINALIZER, b, |event| async {
         match event {
             Finalizer::Apply(b) => apply(&b, &ctx, &api).await,
-            Finalizer::Cleanup(b) => cleanup(&b, &ctx).await,
+            Finalizer::Cleanup(b) => cleanup(&b, &ctx, &api).await,
         }
     })
     .await
@@ -38,13 +38,28 @@ pub async fn reconcile(b: Arc<Binding>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 async fn write(api: &Api<Binding>, b: &Binding, condition: k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition) -> Result<()> {
-    let previous = b.status.clone().unwrap_or_default().topology;
+    let bound = b.status.as_ref().and_then(|s| s.bound.clone());
+    write_bound(api, b, condition, bound).await
+}
+
+/// Writes the status with `bound`, the binding now made on the broker.
+async fn write_bound(
+    api: &Api<Binding>,
+    b: &Binding,
+    condition: k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+    bound: Option<BoundBinding>,
+) -> Result<()> {
+    let previous = b.status.clone().unwrap_or_default();
     let status = BindingStatus {
         topology: TopologyStatus {
             observed_generation: b.metadata.generation,
-            conditions: conditions::merge(&previous.conditions, vec![condition]),
+            conditions: conditions::merge(&previous.topology.conditions, vec![condition]),
         },
+        bound,
     };
+    if b.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
     patch_status(api, &b.name_any(), &status).await
 }
 
@@ -112,11 +127,30 @@ async fn apply(b: &Binding, ctx: &Context, api: &Api<Binding>) -> Result<Action>
         }
         Err(s) => return wait(api, b, reason_for(&s), format!("checking {what} {}: {}", request.destination, s.message())).await,
     }
+    let wanted = BoundBinding::from_spec(&b.spec);
+    let describe = format!("{} -> {what} {} (key {:?})", request.source, request.destination, request.routing_key);
+    // The spec changed since the operator bound (its arguments: the rest is
+    // immutable): remove the old binding first, so it does not keep routing.
+    // If removing succeeds and binding fails, the status still names the old
+    // binding: the next pass removes it again (NOT_FOUND) and retries.
+    let previous = b.status.as_ref().and_then(|s| s.bound.clone()).filter(|old| *old != wanted);
+    let rebound = previous.is_some();
+    if let Some(old) = previous {
+        // An old form that does not convert was never bound.
+        if let Ok(r) = args::unbind(&old) {
+            match client.unbind(r).await {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => return wait(api, b, reason_for(&s), format!("removing the previous binding: {}", s.message())).await,
+            }
+        }
+        let note = format!("binding changed; removed the previous one, binding {describe}");
+        publish(ctx, b, EventType::Normal, "Rebound", "Bind", note).await;
+    }
     let existed = match client.list_bindings(ListBindingsRequest {}).await {
         Ok(list) => list.into_inner().bindings.iter().any(|i| same_binding(i, &request)),
         Err(s) => return wait(api, b, reason_for(&s), format!("listing bindings: {}", s.message())).await,
     };
-    let describe = format!("{} -> {what} {} (key {:?})", request.source, request.destination, request.routing_key);
     if let Err(s) = client.bind(request).await {
         let reason = reason_for(&s);
         if reason == "NotFound" {
@@ -127,18 +161,19 @@ async fn apply(b: &Binding, ctx: &Context, api: &Api<Binding>) -> Result<Action>
         write(api, b, ready(false, reason, message, generation)).await?;
         return Ok(Action::requeue(Duration::from_secs(10)));
     }
-    let was_ready = b.status.as_ref().is_some_and(|s| conditions::is_true(&s.topology.conditions, READY));
+    let was_ready =
+        b.status.as_ref().is_some_and(|s| conditions::is_true(&s.topology.conditions, READY) && s.bound.as_ref() == Some(&wanted));
     if !existed && was_ready {
         let note = format!("binding {describe} was missing on the broker; re-created it");
         publish(ctx, b, EventType::Warning, "Recreated", "Bind", note).await;
-    } else if !existed {
+    } else if !existed && !rebound {
         publish(ctx, b, EventType::Normal, "Created", "Bind", format!("bound {describe}")).await;
     }
-    write(api, b, ready(true, "Bound", format!("bound {describe}"), generation)).await?;
+    write_bound(api, b, ready(true, "Bound", format!("bound {describe}"), generation), Some(wanted)).await?;
     Ok(Action::requeue(ctx.settings.resync))
 }
 
-async fn cleanup(b: &Binding, ctx: &Context) -> Result<Action> {
+async fn cleanup(b: &Binding, ctx: &Context, api: &Api<Binding>) -> Result<Action> {
     if b.spec.deletion_policy == DeletionPolicy::Retain {
         publish(ctx, b, EventType::Normal, "Retained", "Delete", "binding left on the broker (deletionPolicy: Retain)".into()).await;
         return Ok(Action::await_change());
@@ -149,9 +184,15 @@ async fn cleanup(b: &Binding, ctx: &Context) -> Result<Action> {
             publish(ctx, b, EventType::Normal, "BrokerGone", "Delete", format!("{m}; nothing to unbind")).await;
             return Ok(Action::await_change());
         }
-        BrokerTarget::NotReady(m) => return Err(Error::BrokerNotReady(format!("cannot unbind yet: {m}"))),
+        BrokerTarget::NotReady(m) => {
+            let message = format!("cannot unbind yet: {m}; {WAY_OUT}");
+            write(api, b, ready(false, "DeletionBlocked", message.clone(), b.metadata.generation)).await?;
+            return Err(Error::BrokerNotReady(message));
+        }
     };
-    let request = match args::unbind(b) {
+    // What the operator bound (status), else what the spec asks for.
+    let bound = b.status.as_ref().and_then(|s| s.bound.clone()).unwrap_or_else(|| BoundBinding::from_spec(&b.spec));
+    let request = match args::unbind(&bound) {
         Ok(r) => r,
         // A spec the broker never accepted was never bound.
         Err(Error::InvalidSpec(_)) => return Ok(Action::await_change()),

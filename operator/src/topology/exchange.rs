@@ -12,7 +12,7 @@ use tonic::Code;
 use warren_client::proto::{DeclareExchangeRequest, DeleteExchangeRequest};
 use warren_crds::v1alpha1::{DeletionPolicy, Exchange, ExchangeStatus, TopologyStatus};
 
-use super::{BrokerTarget, FINALIZER, args, broker_target, namespace_of, patch_status, publish, ready, reason_for};
+use super::{BrokerTarget, FINALIZER, WAY_OUT, args, broker_target, namespace_of, patch_status, publish, ready, reason_for};
 use crate::conditions::{self, READY};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -27,7 +27,7 @@ pub async fn reconcile(x: Arc<Exchange>, ctx: Arc<Context>) -> Result<Action> {
     finalizer(&api, FINALIZER, x, |event| async {
         match event {
             Finalizer::Apply(x) => apply(&x, &ctx, &api).await,
-            Finalizer::Cleanup(x) => cleanup(&x, &ctx).await,
+            Finalizer::Cleanup(x) => cleanup(&x, &ctx, &api).await,
         }
     })
     .await
@@ -42,6 +42,9 @@ async fn write(api: &Api<Exchange>, x: &Exchange, condition: k8s_openapi::apimac
             conditions: conditions::merge(&previous.conditions, vec![condition]),
         },
     };
+    if x.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
     patch_status(api, &x.name_any(), &status).await
 }
 
@@ -109,7 +112,7 @@ async fn wait(api: &Api<Exchange>, x: &Exchange, reason: &str, message: String) 
     Ok(Action::requeue(Duration::from_secs(10)))
 }
 
-async fn cleanup(x: &Exchange, ctx: &Context) -> Result<Action> {
+async fn cleanup(x: &Exchange, ctx: &Context, api: &Api<Exchange>) -> Result<Action> {
     let name = x.broker_name();
     if x.spec.deletion_policy == DeletionPolicy::Retain {
         publish(ctx, x, EventType::Normal, "Retained", "Delete", format!("exchange {name} left on the broker (deletionPolicy: Retain)"))
@@ -122,7 +125,11 @@ async fn cleanup(x: &Exchange, ctx: &Context) -> Result<Action> {
             publish(ctx, x, EventType::Normal, "BrokerGone", "Delete", format!("{m}; nothing to delete")).await;
             return Ok(Action::await_change());
         }
-        BrokerTarget::NotReady(m) => return Err(Error::BrokerNotReady(format!("cannot delete exchange {name} yet: {m}"))),
+        BrokerTarget::NotReady(m) => {
+            let message = format!("cannot delete exchange {name} yet: {m}; {WAY_OUT}");
+            write(api, x, ready(false, "DeletionBlocked", message.clone(), x.metadata.generation)).await?;
+            return Err(Error::BrokerNotReady(message));
+        }
     };
     match client.delete_exchange(DeleteExchangeRequest { name: name.clone(), if_unused: false }).await {
         Ok(_) => {

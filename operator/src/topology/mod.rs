@@ -36,6 +36,10 @@ use crate::error::{Error, Result};
 /// The finalizer on every topology object.
 pub const FINALIZER: &str = "warren.dev/broker-topology";
 
+/// How to let a Terminating object go when its broker cannot be reached:
+/// the condition of a blocked deletion says it.
+pub const WAY_OUT: &str = "to let the object go without touching the broker, set spec.deletionPolicy: Retain";
+
 /// Where a topology object's Broker stands.
 pub enum BrokerTarget {
     /// Reachable at this client.
@@ -58,7 +62,13 @@ pub async fn broker_target(ctx: &Context, own_namespace: &str, r: &BrokerRef) ->
     if broker.meta().deletion_timestamp.is_some() {
         return Ok(BrokerTarget::Deleting(format!("Broker {namespace}/{} is being deleted", r.name)));
     }
-    match broker.status.as_ref().and_then(|s| s.endpoint.clone()) {
+    let status = broker.status.clone().unwrap_or_default();
+    // A Broker whose pods are not ready has a client Service without
+    // endpoints: say so rather than report a connection error.
+    if let Some(c) = conditions::find(&status.conditions, READY).filter(|c| c.status != "True") {
+        return Ok(BrokerTarget::NotReady(format!("Broker {namespace}/{} is not ready ({}: {})", r.name, c.reason, c.message)));
+    }
+    match status.endpoint {
         Some(endpoint) => Ok(BrokerTarget::Ready(ctx.broker(&endpoint)?)),
         None => Ok(BrokerTarget::NotReady(format!("Broker {namespace}/{} has no endpoint yet (not reconciled or not ready)", r.name))),
     }

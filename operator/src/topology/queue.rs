@@ -59,6 +59,11 @@ async fn write(api: &Api<Queue>, q: &Queue, update: Update) -> Result<()> {
         consumers: info.as_ref().map(|i| i.consumers).or(previous.consumers),
         autoscaling: if q.spec.autoscaling.is_some() { update.autoscaling.or(previous.autoscaling) } else { None },
     };
+    // Autoscaled queues are looked at every few seconds: write only what
+    // changed, not a status per poll.
+    if q.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
     patch_status(api, &q.name_any(), &status).await
 }
 
@@ -156,19 +161,42 @@ async fn cleanup(q: &Queue, ctx: &Context, api: &Api<Queue>) -> Result<Action> {
     if let Some(uid) = q.uid() {
         ctx.histories.lock().unwrap_or_else(|p| p.into_inner()).remove(&uid);
     }
+    ctx.metrics.forget_queue(&namespace_of(q)?, &q.name_any());
     if q.spec.deletion_policy == DeletionPolicy::Retain {
         let note = format!("queue {name} and its messages left on the broker (deletionPolicy: Retain)");
         publish(ctx, q, EventType::Normal, "Retained", "Delete", note).await;
         return Ok(Action::await_change());
     }
+    let generation = q.metadata.generation;
+    let way_out = super::WAY_OUT;
     let mut client = match broker_target(ctx, &namespace_of(q)?, &q.spec.broker_ref).await? {
         BrokerTarget::Ready(client) => client,
         BrokerTarget::Missing(m) | BrokerTarget::Deleting(m) => {
-            publish(ctx, q, EventType::Normal, "BrokerGone", "Delete", format!("{m}; nothing to delete")).await;
+            let note = format!("{m}; queue {name} is not deleted (its data stays on the Broker's retained volume)");
+            publish(ctx, q, EventType::Normal, "BrokerGone", "Delete", note).await;
             return Ok(Action::await_change());
         }
-        BrokerTarget::NotReady(m) => return Err(Error::BrokerNotReady(format!("cannot delete queue {name} yet: {m}"))),
+        BrokerTarget::NotReady(m) => {
+            let message = format!("cannot delete queue {name} yet: {m}; {way_out}");
+            write(api, q, only(ready(false, "DeletionBlocked", message.clone(), generation))).await?;
+            return Err(Error::BrokerNotReady(message));
+        }
     };
+    let passive = DeclareQueueRequest { name: name.clone(), passive: true, ..DeclareQueueRequest::default() };
+    if !q.spec.delete_with_messages {
+        // The broker's if_empty counts ready and unacknowledged messages but
+        // not delayed ones: look first, so that a delayed backlog is not lost.
+        match client.declare_queue(passive.clone()).await {
+            Ok(r) => {
+                let info = r.into_inner().queue.unwrap_or_default();
+                if info.ready + info.unacked + info.delayed > 0 {
+                    return not_empty(q, ctx, api, name, Some(info)).await;
+                }
+            }
+            Err(s) if s.code() == Code::NotFound => return Ok(Action::await_change()),
+            Err(s) => return blocked(q, api, Error::broker("DeclareQueue", s), way_out).await,
+        }
+    }
     let request = DeleteQueueRequest { name: name.clone(), if_unused: false, if_empty: !q.spec.delete_with_messages };
     match client.delete_queue(request).await {
         Ok(response) => {
@@ -183,19 +211,35 @@ async fn cleanup(q: &Queue, ctx: &Context, api: &Api<Queue>) -> Result<Action> {
         }
         Err(s) if s.code() == Code::NotFound => Ok(Action::await_change()),
         Err(s) if s.code() == Code::FailedPrecondition => {
-            let passive = DeclareQueueRequest { name: name.clone(), passive: true, ..DeclareQueueRequest::default() };
             let info = client.declare_queue(passive).await.ok().and_then(|r| r.into_inner().queue);
-            let messages = info.as_ref().map(|i| i.ready + i.unacked + i.delayed).unwrap_or(0);
-            let message = format!(
-                "queue {name} still holds {messages} messages, so it is not deleted; it will be once it is empty. \
-                 To delete it now set spec.deleteWithMessages: true; to keep it set spec.deletionPolicy: Retain"
-            );
-            let update =
-                Update { conditions: vec![ready(false, "QueueNotEmpty", message.clone(), q.metadata.generation)], info, autoscaling: None };
-            write(api, q, update).await?;
-            publish(ctx, q, EventType::Warning, "QueueNotEmpty", "Delete", message).await;
-            Err(Error::QueueNotEmpty { queue: name, messages })
+            not_empty(q, ctx, api, name, info).await
         }
-        Err(s) => Err(Error::broker("DeleteQueue", s)),
+        Err(s) => blocked(q, api, Error::broker("DeleteQueue", s), way_out).await,
     }
+}
+
+/// Deletion waits for the queue to drain: condition, Event, error (retried).
+async fn not_empty(q: &Queue, ctx: &Context, api: &Api<Queue>, name: String, info: Option<QueueInfo>) -> Result<Action> {
+    let messages = info.as_ref().map(|i| i.ready + i.unacked + i.delayed).unwrap_or(0);
+    let message = format!(
+        "queue {name} still holds {messages} messages (ready, unacknowledged or delayed), so it is not deleted; it will be once it is empty. \
+         To delete it now set spec.deleteWithMessages: true; to keep it set spec.deletionPolicy: Retain"
+    );
+    let already =
+        q.status.as_ref().and_then(|s| conditions::find(&s.topology.conditions, READY)).is_some_and(|c| c.reason == "QueueNotEmpty");
+    let update =
+        Update { conditions: vec![ready(false, "QueueNotEmpty", message.clone(), q.metadata.generation)], info, autoscaling: None };
+    write(api, q, update).await?;
+    if !already {
+        publish(ctx, q, EventType::Warning, "QueueNotEmpty", "Delete", message).await;
+    }
+    Err(Error::QueueNotEmpty { queue: name, messages })
+}
+
+/// Deletion cannot reach the broker: the condition says so and how to let
+/// the object go; the error is retried.
+async fn blocked(q: &Queue, api: &Api<Queue>, error: Error, way_out: &str) -> Result<Action> {
+    let message = format!("deleting queue {} failed: {error}; {way_out}", q.broker_name());
+    write(api, q, only(ready(false, "DeletionBlocked", message, q.metadata.generation))).await?;
+    Err(error)
 }

@@ -200,7 +200,9 @@ impl Warren for FakeBroker {
     async fn unbind(&self, r: Request<UnbindRequest>) -> Result<Response<UnbindResponse>, Status> {
         let r = r.into_inner();
         let mut s = self.state.lock().unwrap();
-        s.bindings.retain(|b| !(b.source == r.source && b.destination == r.destination && b.routing_key == r.routing_key));
+        s.bindings.retain(|b| {
+            !(b.source == r.source && b.destination == r.destination && b.routing_key == r.routing_key && b.arguments == r.arguments)
+        });
         Ok(Response::new(UnbindResponse {}))
     }
 

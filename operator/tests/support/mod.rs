@@ -45,6 +45,8 @@ impl Recorded {
 pub struct ApiServer {
     objects: Arc<Mutex<HashMap<String, Value>>>,
     pub requests: Arc<Mutex<Vec<Recorded>>>,
+    /// `METHOD path` → (code, message) answered instead of the default.
+    failures: Arc<Mutex<HashMap<String, (u16, String)>>>,
 }
 
 impl ApiServer {
@@ -70,6 +72,11 @@ impl ApiServer {
     /// Registers an object at an API path.
     pub fn put(&self, path: &str, obj: Value) {
         self.objects.lock().unwrap().insert(path.to_string(), obj);
+    }
+
+    /// Answers `method path` with an error status from now on.
+    pub fn fail(&self, method: &str, path: &str, code: u16, message: &str) {
+        self.failures.lock().unwrap().insert(format!("{method} {path}"), (code, message.to_string()));
     }
 
     /// The object registered at a path.
@@ -129,6 +136,12 @@ impl ApiServer {
             404,
             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{path} not found")}),
         );
+        if let Some((code, message)) = self.failures.lock().unwrap().get(&format!("{method} {path}")).cloned() {
+            return (
+                code,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": code, "message": message}),
+            );
+        }
         match method.as_str() {
             "GET" => self.get(&path).map(|o| (200, o)).unwrap_or(not_found),
             "POST" if path.ends_with("/events") => (201, body),

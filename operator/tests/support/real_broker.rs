@@ -11,6 +11,9 @@ pub struct RealBroker {
     child: Child,
     /// `host:port` of its gRPC server.
     pub addr: String,
+    /// What it printed on stdout up to its `ready` line (the effective
+    /// configuration).
+    pub banner: String,
     _dir: tempfile::TempDir,
 }
 
@@ -30,6 +33,13 @@ impl RealBroker {
     /// command to run when the binary is missing: this tier must not pass
     /// silently.
     pub fn start() -> RealBroker {
+        Self::start_with(&[])
+    }
+
+    /// Starts the broker with extra command-line arguments (such as
+    /// `--config FILE`). Panics with the broker's output when it exits
+    /// instead of becoming ready.
+    pub fn start_with(extra: &[&str]) -> RealBroker {
         let bin = binary();
         assert!(
             bin.exists(),
@@ -44,25 +54,42 @@ impl RealBroker {
             .args(["--grpc-addr", "127.0.0.1:0"])
             .env("WARREN_HTTP_ADDR", "127.0.0.1:0")
             .env_remove("WARREN_CONFIG")
+            .args(extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
         let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            let mut banner = String::new();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 if let Some(rest) = line.split("warren-broker ready: grpc=").nth(1) {
                     let addr = rest.split_whitespace().next().unwrap_or_default().to_string();
-                    let _ = tx.send(addr);
+                    let _ = tx.send((addr, std::mem::take(&mut banner)));
+                } else {
+                    banner.push_str(&line);
+                    banner.push('\n');
                 }
             }
         });
+        let errors = std::thread::spawn(move || {
+            let mut text = String::new();
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("{line}");
+                text.push_str(&line);
+                text.push('\n');
+            }
+            text
+        });
         match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(addr) => RealBroker { child, addr, _dir: dir },
+            Ok((addr, banner)) => RealBroker { child, addr, banner, _dir: dir },
             Err(_) => {
                 let _ = child.kill();
-                panic!("{} did not print `warren-broker ready: grpc=ADDR` within 60 s", bin.display());
+                let status = child.wait().ok();
+                let stderr = errors.join().unwrap_or_default();
+                panic!("{} did not print `warren-broker ready: grpc=ADDR` within 60 s (exit {status:?}):\n{stderr}", bin.display());
             }
         }
     }

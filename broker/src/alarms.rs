@@ -291,20 +291,52 @@ pub fn available_memory() -> Option<(u64, &'static str)> {
 }
 
 fn read_cgroup_limit() -> Option<u64> {
-    // cgroup v2, then v1. "max" (v2) and a near-u64::MAX number (v1) mean
-    // no limit.
-    for path in ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"] {
-        if let Ok(text) = std::fs::read_to_string(path) {
-            let t = text.trim();
-            if t == "max" {
-                return None;
-            }
-            if let Ok(n) = t.parse::<u64>() {
-                return (n < (1 << 60)).then_some(n);
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    cgroup_limit_files(&own).iter().filter_map(|path| std::fs::read_to_string(path).ok()).filter_map(|text| parse_limit(&text)).min()
+}
+
+/// A limit file's value: "max" (v2) and a near-u64::MAX number (v1) mean
+/// no limit.
+fn parse_limit(text: &str) -> Option<u64> {
+    let t = text.trim();
+    if t == "max" {
+        return None;
+    }
+    t.parse::<u64>().ok().filter(|n| *n < (1 << 60))
+}
+
+/// The memory limit files that apply to this process, from the content of
+/// `/proc/self/cgroup`: its own cgroup and every ancestor (the effective
+/// limit is the lowest), in v2 (`0::/path`) and v1 (`N:...memory...:/path`)
+/// form, plus the mount roots for a private cgroup namespace.
+fn cgroup_limit_files(proc_self_cgroup: &str) -> Vec<std::path::PathBuf> {
+    use std::path::{Path, PathBuf};
+    let mut out: Vec<PathBuf> = Vec::new();
+    let mut add_chain = |root: &str, file: &str, own: &str| {
+        let mut dir = Path::new(own.trim_start_matches('/')).to_path_buf();
+        loop {
+            out.push(Path::new(root).join(&dir).join(file));
+            if !dir.pop() {
+                break;
             }
         }
+    };
+    for line in proc_self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        if id == "0" && controllers.is_empty() {
+            add_chain("/sys/fs/cgroup", "memory.max", path);
+        } else if controllers.split(',').any(|c| c == "memory") {
+            add_chain("/sys/fs/cgroup/memory", "memory.limit_in_bytes", path);
+        }
     }
-    None
+    for root in ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"] {
+        let root = PathBuf::from(root);
+        if !out.contains(&root) {
+            out.push(root);
+        }
+    }
+    out
 }
 
 fn read_meminfo_total() -> Option<u64> {
@@ -407,8 +439,28 @@ pub async fn start_monitor(settings: MonitorSettings, engine: Arc<dyn Engine>, s
 
 #[cfg(test)]
 mod tests {
+
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn should_find_the_processes_own_cgroup_limits_and_their_ancestors() {
+        let files = cgroup_limit_files("4:memory:/process_api/abc\n0::/system.slice/warren.service\n");
+        let names: Vec<String> = files.iter().map(|p| p.display().to_string()).collect();
+        for expected in [
+            "/sys/fs/cgroup/memory/process_api/abc/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/process_api/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/system.slice/warren.service/memory.max",
+            "/sys/fs/cgroup/system.slice/memory.max",
+            "/sys/fs/cgroup/memory.max",
+        ] {
+            assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+        }
+        assert_eq!(parse_limit("max\n"), None);
+        assert_eq!(parse_limit("9223372036854771712\n"), None);
+        assert_eq!(parse_limit("536870912\n"), Some(536_870_912));
+    }
 
     fn sample(memory_used: u64, disk_free: u64) -> Sample {
         Sample { memory_used, memory_limit: 100, disk_free, disk_free_limit: 10, ..Sample::default() }

@@ -47,7 +47,6 @@ impl Default for BrokerConfig {
 pub struct Totals {
     pub published: AtomicU64,
     pub delivered: AtomicU64,
-    pub acked: AtomicU64,
 }
 
 /// A client connection. Exclusive queues belong to one; when the last
@@ -262,13 +261,13 @@ impl Broker {
         let args = ExchangeArgs::parse(&req.arguments)?;
         if let Some(existing) = topo.exchanges.get(req.name.as_str()) {
             let mismatch = if existing.kind != kind {
-                Some(("type", existing.kind.as_str().to_string(), kind.as_str().to_string()))
+                Some(("type".to_string(), existing.kind.as_str().to_string(), kind.as_str().to_string()))
             } else if existing.durable != req.durable {
-                Some(("durable", existing.durable.to_string(), req.durable.to_string()))
+                Some(("durable".to_string(), existing.durable.to_string(), req.durable.to_string()))
             } else if existing.auto_delete != req.auto_delete {
-                Some(("auto_delete", existing.auto_delete.to_string(), req.auto_delete.to_string()))
+                Some(("auto_delete".to_string(), existing.auto_delete.to_string(), req.auto_delete.to_string()))
             } else if existing.internal != req.internal {
-                Some(("internal", existing.internal.to_string(), req.internal.to_string()))
+                Some(("internal".to_string(), existing.internal.to_string(), req.internal.to_string()))
             } else {
                 arguments_mismatch(&existing.arguments, &req.arguments)
             };
@@ -320,12 +319,16 @@ impl Broker {
         if if_unused && outgoing > 0 {
             return Err(Error::PreconditionFailed(format!("exchange '{name}' is in use ({outgoing} binding(s))")));
         }
-        self.remove_exchange_locked(&mut topo, name).await
+        let changed = self.remove_exchange_locked(&mut topo, name).await?;
+        self.auto_delete_exchanges_locked(&mut topo, changed).await;
+        Ok(())
     }
 
-    async fn remove_exchange_locked(&self, topo: &mut Topology, name: &str) -> Result<()> {
+    /// Removes an exchange with the bindings from and to it; returns the
+    /// other exchanges that lost a binding (candidates for auto-delete).
+    async fn remove_exchange_locked(&self, topo: &mut Topology, name: &str) -> Result<Vec<Arc<str>>> {
         let Some(def) = topo.exchanges.get(name).cloned() else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let mut ops = Vec::new();
         if def.durable {
@@ -343,7 +346,7 @@ impl Broker {
         }
         topo.exchanges.remove(name);
         self.publish_snapshot(topo, &changed, &[]);
-        Ok(())
+        Ok(changed.into_iter().filter(|x| **x != *name).collect())
     }
 
     pub async fn list_exchanges(&self) -> Vec<proto::ExchangeInfo> {
@@ -355,20 +358,18 @@ impl Broker {
     pub async fn declare_queue(&self, session: &Session, req: proto::DeclareQueueRequest) -> Result<proto::QueueInfo> {
         self.ensure_running()?;
         validate_name("queue", &req.name, true)?;
+        // Bad arguments are INVALID_ARGUMENT whether or not the queue exists.
+        let args = if req.passive { QueueArgs::default() } else { QueueArgs::parse(&req.arguments)? };
         let mut topo = self.inner.topo.lock().await;
         if let Some(entry) = topo.queues.get(req.name.as_str()) {
             check_owner(&entry.def, session)?;
             if !req.passive {
                 let d = &entry.def;
-                let mismatch = if d.durable != req.durable {
-                    Some(("durable", d.durable.to_string(), req.durable.to_string()))
-                } else if d.exclusive != req.exclusive {
-                    Some(("exclusive", d.exclusive.to_string(), req.exclusive.to_string()))
-                } else if d.auto_delete != req.auto_delete {
-                    Some(("auto_delete", d.auto_delete.to_string(), req.auto_delete.to_string()))
-                } else {
-                    arguments_mismatch(&d.arguments, &req.arguments)
-                };
+                let flag = |name: &str, a: bool, b: bool| (a != b).then(|| (name.to_string(), a.to_string(), b.to_string()));
+                let mismatch = flag("durable", d.durable, req.durable)
+                    .or_else(|| flag("exclusive", d.exclusive, req.exclusive))
+                    .or_else(|| flag("auto_delete", d.auto_delete, req.auto_delete))
+                    .or_else(|| arguments_mismatch(&canonical_queue_args(&d.arguments), &canonical_queue_args(&req.arguments)));
                 if let Some((field, current, requested)) = mismatch {
                     return Err(Error::PreconditionFailed(format!(
                         "queue '{}' exists with {field} = {current}; cannot re-declare it with {field} = {requested}",
@@ -393,7 +394,6 @@ impl Broker {
         } else {
             req.name.as_str().into()
         };
-        let args = QueueArgs::parse(&req.arguments)?;
         let id = topo.next_queue_id;
         topo.next_queue_id += 1;
         // Exclusive queues live and die with their connection: never stored.
@@ -461,18 +461,25 @@ impl Broker {
         self.inner.store.write(ops, true).await?;
         let removed = topo.queues.remove(name).map(|e| e.def.name.clone());
         self.publish_snapshot(&topo, &changed, removed.as_slice());
-        for source in changed {
-            self.auto_delete_exchange_locked(&mut topo, &source).await;
-        }
+        self.auto_delete_exchanges_locked(&mut topo, changed).await;
         Ok(count)
     }
 
-    async fn auto_delete_exchange_locked(&self, topo: &mut Topology, name: &str) {
-        let unused = topo.bindings.get(name).is_none_or(Vec::is_empty);
-        let auto = topo.exchanges.get(name).is_some_and(|x| x.auto_delete);
-        if unused && auto {
-            match self.remove_exchange_locked(topo, name).await {
-                Ok(()) => tracing::info!(exchange = %name, "auto-deleted exchange after its last binding was removed"),
+    /// Deletes the auto-delete exchanges among `candidates` that have no
+    /// binding left, and in turn those that this leaves without one.
+    async fn auto_delete_exchanges_locked(&self, topo: &mut Topology, candidates: Vec<Arc<str>>) {
+        let mut work = candidates;
+        while let Some(name) = work.pop() {
+            let unused = topo.bindings.get(&*name).is_none_or(Vec::is_empty);
+            let auto = topo.exchanges.get(&*name).is_some_and(|x| x.auto_delete && !x.builtin);
+            if !(unused && auto) {
+                continue;
+            }
+            match self.remove_exchange_locked(topo, &name).await {
+                Ok(more) => {
+                    tracing::info!(exchange = %name, "auto-deleted exchange after its last binding was removed");
+                    work.extend(more);
+                }
                 Err(e) => tracing::warn!(exchange = %name, error = %e, "could not auto-delete exchange"),
             }
         }
@@ -507,7 +514,16 @@ impl Broker {
 
     /// Validates a bind / unbind request into a binding.
     fn binding_def(&self, topo: &Topology, session: &Session, req: proto::BindRequest) -> Result<BindingDef> {
-        let dest_exchange = req.destination_kind == proto::DestinationKind::Exchange as i32;
+        let dest_exchange = match proto::DestinationKind::try_from(req.destination_kind) {
+            Ok(proto::DestinationKind::Exchange) => true,
+            Ok(proto::DestinationKind::Queue | proto::DestinationKind::Unspecified) => false,
+            Err(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "destination_kind {} is not a destination kind (1 = queue, 2 = exchange)",
+                    req.destination_kind
+                )));
+            }
+        };
         let (source, dest, key, args) = (req.source.as_str(), req.destination.as_str(), req.routing_key.as_str(), req.arguments);
         validate_name("exchange", source, true)?;
         validate_name(if dest_exchange { "exchange" } else { "queue" }, dest, false)?;
@@ -585,7 +601,7 @@ impl Broker {
         }
         self.inner.store.write(vec![b.delete_op()], true).await?;
         self.publish_snapshot(&topo, std::slice::from_ref(&b.source), &[]);
-        self.auto_delete_exchange_locked(&mut topo, &b.source).await;
+        self.auto_delete_exchanges_locked(&mut topo, vec![b.source.clone()]).await;
         Ok(())
     }
 
@@ -759,7 +775,8 @@ impl Broker {
             connections: self.open_sessions(),
             published: self.inner.totals.published.load(Ordering::Relaxed),
             delivered: self.inner.totals.delivered.load(Ordering::Relaxed),
-            acked: self.inner.totals.acked.load(Ordering::Relaxed),
+            // Messages, not acknowledgement frames (one with `multiple` counts each).
+            acked: crate::metrics::global().acked_total(),
             ..Default::default()
         };
         for e in snap.queues.values() {
@@ -817,11 +834,6 @@ impl Broker {
         Ok(())
     }
 
-    /// Counts an acknowledgement (for status and metrics).
-    pub fn count_acks(&self, n: u64) {
-        self.inner.totals.acked.fetch_add(n, Ordering::Relaxed);
-    }
-
     pub fn count_deliveries(&self, n: u64) {
         self.inner.totals.delivered.fetch_add(n, Ordering::Relaxed);
     }
@@ -876,17 +888,36 @@ fn show_value(v: Option<&Value>) -> String {
 }
 
 /// The first argument that differs, as (field, current, requested).
-fn arguments_mismatch(current: &HashMap<String, Value>, requested: &HashMap<String, Value>) -> Option<(&'static str, String, String)> {
+fn arguments_mismatch(current: &HashMap<String, Value>, requested: &HashMap<String, Value>) -> Option<(String, String, String)> {
     let mut names: Vec<&String> = current.keys().chain(requested.keys()).collect();
     names.sort();
     names.dedup();
     for name in names {
         let (a, b) = (current.get(name), requested.get(name));
         if a != b {
-            return Some(("argument", format!("'{name}' = {}", show_value(a)), format!("'{name}' = {}", show_value(b))));
+            return Some((format!("argument '{name}'"), show_value(a), show_value(b)));
         }
     }
     None
+}
+
+/// Queue arguments with the ones that state a default left out, so that
+/// `x-queue-type: classic`, `x-single-active-consumer: false` or
+/// `x-overflow: drop-head` compare equal to their absence on re-declare.
+fn canonical_queue_args(args: &HashMap<String, Value>) -> HashMap<String, Value> {
+    use proto::value::Kind;
+    args.iter()
+        .filter(|(k, v)| {
+            let default = match (k.as_str(), &v.kind) {
+                ("x-queue-type", Some(Kind::String(s))) => s == "classic",
+                ("x-single-active-consumer", Some(Kind::Bool(b))) => !b,
+                ("x-overflow", Some(Kind::String(s))) => s == "drop-head",
+                _ => false,
+            };
+            !default
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// What recovery reads before the queues start.

@@ -159,11 +159,20 @@ pub fn show_duration(d: Duration) -> String {
     if d.subsec_millis() != 0 || d.as_secs() == 0 { format!("{}ms", d.as_millis()) } else { format!("{}s", d.as_secs()) }
 }
 
+/// The lowest absolute memory watermark accepted: an idle broker already
+/// holds more than a few MiB.
+pub const MIN_ABSOLUTE_WATERMARK: u64 = 32 << 20;
+
 /// Warren message broker: AMQP 0-9-1 messaging over gRPC, stored in RocksDB.
 ///
 /// Every setting is a flag, a WARREN_* environment variable, or a key of the
 /// TOML file given with --config (same name as the flag, in snake case).
 /// Precedence: flag, then environment, then file, then default.
+///
+/// Logs: level from RUST_LOG (default info). Traces: set
+/// OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) to
+/// export OpenTelemetry traces over OTLP/gRPC; OTEL_SERVICE_NAME and the other
+/// standard OTEL_* variables apply. Tracing is off when neither is set.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "warren-broker", version, about, long_about)]
 pub struct Config {
@@ -338,7 +347,14 @@ impl Config {
             MemoryWatermark::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
                 return Err(format!("memory_high_watermark is {f}; a fraction must be greater than 0 and at most 1.0"));
             }
-            MemoryWatermark::Bytes(0) => return Err("memory_high_watermark must be greater than 0 bytes".into()),
+            MemoryWatermark::Bytes(b) if b < MIN_ABSOLUTE_WATERMARK => {
+                return Err(format!(
+                    "memory_high_watermark is {}; an absolute watermark below {} would block publishers from the start: \
+                     write a fraction with a decimal point (0.4) or a size such as 2GiB",
+                    ByteSize(b),
+                    ByteSize(MIN_ABSOLUTE_WATERMARK)
+                ));
+            }
             _ => {}
         }
         if self.publish_block_timeout > Duration::from_secs(3600) {
@@ -458,6 +474,7 @@ mod tests {
         for (args, setting) in [
             (&["--memory-high-watermark", "1.5"][..], "memory_high_watermark"),
             (&["--memory-high-watermark", "0"][..], "memory_high_watermark"),
+            (&["--memory-high-watermark", "1"][..], "memory_high_watermark"),
             (&["--alarm-check-interval", "1ms"][..], "alarm_check_interval"),
             (&["--publish-block-timeout", "2h"][..], "publish_block_timeout"),
             (&["--http-addr", "127.0.0.1:5680"][..], "http_addr"),

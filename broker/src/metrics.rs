@@ -40,6 +40,10 @@ const CONFIRM_STATUSES: [&str; 5] = ["routed", "unroutable", "returned", "reject
 /// catch-all.
 const DEAD_LETTER_REASONS: [&str; 5] = ["rejected", "expired", "maxlen", "delivery_limit", "other"];
 
+fn reason_index(reason: &str) -> usize {
+    DEAD_LETTER_REASONS.iter().position(|r| *r == reason).unwrap_or(DEAD_LETTER_REASONS.len() - 1)
+}
+
 /// A histogram with fixed bucket bounds, updated with atomics only.
 /// Observations are integers in a unit `scale` times smaller than the
 /// exposed one (nanoseconds for seconds).
@@ -105,6 +109,7 @@ pub struct Metrics {
     acked: AtomicU64,
     nacked: AtomicU64,
     dead_lettered: [AtomicU64; 5],
+    dropped: [AtomicU64; 5],
     expired: AtomicU64,
     /// From a publish's arrival to its confirm, for messages routed to at
     /// least one queue (durable ones include the WAL sync).
@@ -143,6 +148,7 @@ impl Metrics {
             acked: AtomicU64::new(0),
             nacked: AtomicU64::new(0),
             dead_lettered: Default::default(),
+            dropped: Default::default(),
             expired: AtomicU64::new(0),
             // 50µs .. ~6.5s
             confirm_latency: Histogram::seconds(geometric(0.00005, 2.0, 18)),
@@ -195,6 +201,11 @@ impl Metrics {
         }
     }
 
+    /// Messages acknowledged by consumers so far.
+    pub fn acked_total(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
     /// Messages negatively acknowledged (nack or reject, requeued or not).
     pub fn nacked(&self, n: u64) {
         if n > 0 {
@@ -205,8 +216,13 @@ impl Metrics {
     /// A message was dead-lettered. `reason` is the `x-death` reason:
     /// `rejected`, `expired`, `maxlen` or `delivery_limit`.
     pub fn dead_lettered(&self, reason: &str) {
-        let i = DEAD_LETTER_REASONS.iter().position(|r| *r == reason).unwrap_or(DEAD_LETTER_REASONS.len() - 1);
-        self.dead_lettered[i].fetch_add(1, Ordering::Relaxed);
+        self.dead_lettered[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A message left its queue for one of the dead-letter reasons, but the
+    /// queue has no dead-letter exchange: it is gone.
+    pub fn dropped(&self, reason: &str) {
+        self.dropped[reason_index(reason)].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Messages expired (message TTL or per-message expiration), whether or
@@ -314,6 +330,13 @@ impl Collector for BrokerCollector {
             let help = "Messages dead-lettered, by reason (rejected, expired, maxlen, delivery_limit).";
             let mut e = enc.encode_descriptor("messages_dead_lettered", help, None, ctr)?;
             for (reason, v) in DEAD_LETTER_REASONS.iter().zip(&m.dead_lettered) {
+                labelled_counter(&mut e, &[("reason", *reason)], v.load(Ordering::Relaxed))?;
+            }
+        }
+        {
+            let help = "Messages that left their queue for a dead-letter reason with no dead-letter exchange to go to: dropped, by reason.";
+            let mut e = enc.encode_descriptor("messages_dropped", help, None, ctr)?;
+            for (reason, v) in DEAD_LETTER_REASONS.iter().zip(&m.dropped) {
                 labelled_counter(&mut e, &[("reason", *reason)], v.load(Ordering::Relaxed))?;
             }
         }
@@ -446,6 +469,7 @@ mod tests {
         m.confirmed(ConfirmStatus::Returned);
         m.dead_lettered("maxlen");
         m.dead_lettered("something new");
+        m.dropped("delivery_limit");
         m.store_batch(3, true, Duration::from_micros(300));
         let text = encode(&registry(BrokerCollector::new())).unwrap_or_default();
         for line in [
@@ -454,6 +478,7 @@ mod tests {
             "warren_messages_returned_total",
             "warren_messages_dead_lettered_total{reason=\"maxlen\"}",
             "warren_messages_dead_lettered_total{reason=\"other\"}",
+            "warren_messages_dropped_total{reason=\"delivery_limit\"}",
             "# TYPE warren_confirm_latency_seconds histogram",
             "warren_wal_sync_duration_seconds_bucket{le=\"+Inf\"}",
             "warren_wal_sync_batch_requests_count",

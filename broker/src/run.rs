@@ -21,6 +21,11 @@ use crate::store::rocks::{RocksEngine, RocksTuning};
 use crate::store::{BatchObserver, Store};
 use crate::telemetry;
 
+/// HTTP/2 flow-control windows the server grants each stream and each
+/// connection.
+const STREAM_WINDOW: u32 = 1 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+
 /// How long in-flight calls get to finish after a stop signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -126,8 +131,13 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
 
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(8 << 20))
+        // A publish stream blocked by a resource alarm is not read, so its
+        // unread data holds up to one stream window of the connection's
+        // window. Small stream windows and a large connection window keep
+        // acks and calls on the same connection flowing while up to 32
+        // publish streams are blocked.
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)

@@ -308,7 +308,6 @@ impl Warren for WarrenService {
         // Client → queue: acknowledgements.
         {
             let guard = guard.clone();
-            let broker = self.broker.clone();
             let shutdown = self.shutdown.clone();
             let traces = traces.clone();
             tokio::spawn(async move {
@@ -321,7 +320,6 @@ impl Warren for WarrenService {
                     let cmd = match next {
                         Ok(Some(r)) => match r.request {
                             Some(proto::consume_request::Request::Ack(a)) => {
-                                broker.count_acks(1);
                                 if let Some(t) = &traces {
                                     t.settle("ack", a.delivery_tag, a.multiple, None);
                                 }
@@ -361,9 +359,10 @@ impl Warren for WarrenService {
         }
         // Queue → client: deliveries. Dropping this stream (the call ended)
         // unsubscribes.
+        let ok_tag = tag.to_string();
         let first = futures::stream::once(async move {
             Ok(proto::ConsumeResponse {
-                response: Some(proto::consume_response::Response::SubscribeOk(proto::SubscribeOk { consumer_tag: tag.to_string() })),
+                response: Some(proto::consume_response::Response::SubscribeOk(proto::SubscribeOk { consumer_tag: ok_tag })),
             })
         });
         let broker = self.broker.clone();
@@ -378,7 +377,10 @@ impl Warren for WarrenService {
                     Ok(proto::ConsumeResponse { response: Some(proto::consume_response::Response::Delivery(*d)) })
                 }
                 ConsumerEvent::Cancelled(reason) => Ok(proto::ConsumeResponse {
-                    response: Some(proto::consume_response::Response::Cancelled(proto::Cancelled { consumer_tag: String::new(), reason })),
+                    response: Some(proto::consume_response::Response::Cancelled(proto::Cancelled {
+                        consumer_tag: tag.to_string(),
+                        reason,
+                    })),
                 }),
                 ConsumerEvent::Failed(e) => Err(Status::from(e)),
             }

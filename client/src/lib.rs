@@ -371,7 +371,7 @@ impl Client {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(8 << 20));
+            .initial_connection_window_size(Some(32 << 20));
         let channel = endpoint.connect().await.map_err(|e| connect_err(error_chain(&e)))?;
         Ok(Client::from_channel(channel))
     }

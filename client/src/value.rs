@@ -53,8 +53,14 @@ impl From<Vec<Value>> for Value {
 }
 
 /// A value typed from command-line text: integers become integers,
-/// `true` / `false` booleans, anything else a string.
+/// `true` / `false` booleans, anything else a string. Double quotes force a
+/// string: `"123"` is the string 123.
 pub fn parse_cli_value(text: &str) -> Value {
+    if let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"'))
+        && text.len() >= 2
+    {
+        return Value::from(inner);
+    }
     if let Ok(i) = text.parse::<i64>() {
         return Value::from(i);
     }
@@ -128,6 +134,9 @@ mod tests {
         assert_eq!(parse_cli_value("dlx"), Value::from("dlx"));
         assert_eq!(parse_cli_value("5s"), Value::from("5s"));
         assert_eq!(parse_cli_value(""), Value::from(""));
+        assert_eq!(parse_cli_value("\"123\""), Value::from("123"));
+        assert_eq!(parse_cli_value("\"true\""), Value::from("true"));
+        assert_eq!(parse_cli_value("\""), Value::from("\""));
     }
 
     #[test]

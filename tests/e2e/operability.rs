@@ -222,6 +222,20 @@ async fn should_block_publishers_during_a_memory_alarm_and_resume_once_consumers
     assert_eq!(out.code, 1, "{out:?}");
     assert!(out.stderr.contains("RESOURCE_EXHAUSTED"), "{out:?}");
 
+    // More publish streams on the same connection block too. Their unread
+    // data must not starve the connection's HTTP/2 window: the consumer
+    // below shares the connection and must still get its acks through.
+    let mut more_blocked = Vec::new();
+    let mut extra_publishers = Vec::new();
+    for p in 0..3u64 {
+        let publisher = c.publisher().await.unwrap();
+        for j in 0..3u64 {
+            let n = next + 100 + p * 10 + j;
+            more_blocked.push((n, publisher.send(numbered(n, MIB)).await.unwrap()));
+        }
+        extra_publishers.push(publisher);
+    }
+
     // Consumers keep working during the alarm; draining clears it.
     let mut received: BTreeMap<u64, usize> = BTreeMap::new();
     let mut consumer = c.consume(Subscription::new("big").prefetch(8)).await.unwrap();
@@ -235,6 +249,7 @@ async fn should_block_publishers_during_a_memory_alarm_and_resume_once_consumers
     // Publishing resumes: the blocked messages go through, new ones too.
     let mut expected: Vec<u64> = confirmed.clone();
     let mut waiting = vec![(next, probe)];
+    waiting.extend(more_blocked);
     if let Some((n, pending)) = uncertain {
         waiting.push((n, pending));
     }

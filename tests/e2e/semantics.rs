@@ -104,6 +104,18 @@ async fn should_delete_a_queue_unused_for_its_x_expires_period() {
     })
     .await
     .unwrap();
+    // Gets and re-declares count as uses; publishing does not.
+    // (Each use comes well within the 2 s period; together they span more.)
+    c.declare_queue("polled", QueueOptions::default().arg("x-expires", 2000i64)).await.unwrap();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.get("polled", 1, true).await.unwrap();
+    }
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        c.declare_queue("polled", QueueOptions::default().arg("x-expires", 2000i64)).await.unwrap();
+    }
+    assert!(c.list_queues().await.unwrap().iter().any(|q| q.name == "polled"), "gets and declares keep it in use");
     // A consumer keeps it alive.
     c.declare_queue("used", QueueOptions::default().arg("x-expires", 200i64)).await.unwrap();
     let con = c.consume(Subscription::new("used")).await.unwrap();

@@ -184,3 +184,65 @@ async fn should_serve_reflection_so_grpcurl_works() {
         assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn should_auto_delete_exchanges_that_lose_their_last_binding() {
+    let b = TestBroker::start().await.unwrap();
+    let c = b.client().await.unwrap();
+    let auto = ExchangeOptions { auto_delete: true, ..Default::default() };
+    c.declare_exchange("front", ExchangeKind::Fanout, auto.clone()).await.unwrap();
+    c.declare_exchange("middle", ExchangeKind::Fanout, auto.clone()).await.unwrap();
+    c.declare_exchange("back", ExchangeKind::Fanout, Default::default()).await.unwrap();
+    c.declare_exchange("lonely", ExchangeKind::Fanout, auto).await.unwrap();
+    queue(&c, "q").await;
+    c.bind_exchange("front", "middle", "").await.unwrap();
+    c.bind_exchange("middle", "back", "").await.unwrap();
+    c.bind_queue("back", "q", "").await.unwrap();
+    let names = |xs: Vec<warren_client::ExchangeInfo>| xs.into_iter().map(|x| x.name).collect::<Vec<_>>();
+    // Deleting "back" removes middle's only binding, then front's.
+    c.delete_exchange("back", false).await.unwrap();
+    let left = names(c.list_exchanges().await.unwrap());
+    for gone in ["back", "middle", "front"] {
+        assert!(!left.iter().any(|x| x == gone), "{gone} still listed: {left:?}");
+    }
+    assert!(left.iter().any(|x| x == "lonely"), "never bound: not auto-deleted");
+    // Unbinding a queue from an auto-delete exchange deletes it.
+    c.declare_exchange("ad", ExchangeKind::Direct, ExchangeOptions { auto_delete: true, ..Default::default() }).await.unwrap();
+    c.bind_queue("ad", "q", "k").await.unwrap();
+    c.unbind("ad", "q", false, "k", Default::default()).await.unwrap();
+    assert!(!names(c.list_exchanges().await.unwrap()).iter().any(|x| x == "ad"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn should_refuse_an_unknown_destination_kind() {
+    let b = TestBroker::start().await.unwrap();
+    let c = b.client().await.unwrap();
+    queue(&c, "q").await;
+    let req = warren_client::proto::BindRequest {
+        source: "amq.direct".into(),
+        destination: "q".into(),
+        destination_kind: 7,
+        routing_key: "k".into(),
+        arguments: Default::default(),
+    };
+    let (code_, msg) = code(c.raw().bind(req).await.map(|_| ()).map_err(warren_client::Error::from));
+    assert_eq!(code_, tonic::Code::InvalidArgument);
+    assert!(msg.contains("destination_kind"), "{msg}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn should_compare_arguments_by_meaning_on_redeclare() {
+    let b = TestBroker::start().await.unwrap();
+    let c = b.client().await.unwrap();
+    c.declare_queue("q", QueueOptions::durable()).await.unwrap();
+    // Stating a default is the same queue.
+    let explicit =
+        QueueOptions::durable().arg("x-queue-type", "classic").arg("x-single-active-consumer", false).arg("x-overflow", "drop-head");
+    c.declare_queue("q", explicit).await.unwrap();
+    // An invalid value is INVALID_ARGUMENT, existing queue or not.
+    let (code_, msg) = code(c.declare_queue("q", QueueOptions::durable().arg("x-max-priority", 0i64)).await);
+    assert_eq!(code_, tonic::Code::InvalidArgument, "{msg}");
+    let (code_, msg) = code(c.declare_queue("q", QueueOptions::durable().arg("x-max-length", 5i64)).await);
+    assert_eq!(code_, tonic::Code::FailedPrecondition);
+    assert!(msg.contains("argument 'x-max-length' = (absent)") && msg.ends_with("= 5"), "{msg}");
+}

@@ -87,3 +87,40 @@ async fn should_fail_with_a_clear_message_and_exit_code() {
     assert_eq!(out.code, 3, "{out:?}");
     assert!(out.stderr.contains("cannot connect"), "{}", out.stderr);
 }
+
+/// `consume --count N` takes exactly N messages, whatever the prefetch, with
+/// and without --no-ack: the others stay ready, not redelivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn should_consume_exactly_count_messages() {
+    let b = TestBroker::start().await.unwrap();
+    let ok = |args: &[&str]| {
+        let out = b.warrenctl(args).unwrap();
+        assert!(out.ok(), "warrenctl {args:?}: {out:?}");
+        out.stdout
+    };
+    ok(&["queue", "declare", "q", "--arg", "x-delivery-limit=0"]);
+    for i in 0..10 {
+        ok(&["publish", "--routing-key", "q", &format!("m{i}")]);
+    }
+    assert_eq!(ok(&["consume", "--queue", "q", "--count", "2", "--no-ack"]), "m0\nm1\n");
+    assert_eq!(ok(&["consume", "--queue", "q", "--count", "3", "--prefetch", "2"]), "m2\nm3\nm4\n");
+    assert_eq!(ok(&["consume", "--queue", "q", "--count", "1"]), "m5\n");
+    let c = b.client().await.unwrap();
+    let q = c.queue_info("q").await.unwrap();
+    assert_eq!((q.ready, q.unacked), (4, 0), "exactly 6 taken");
+    // None of the rest was delivered (the delivery limit of 0 would have
+    // dropped a redelivered one).
+    let rest = c.get("q", 10, true).await.unwrap();
+    assert_eq!(rest.iter().map(|d| (d.redelivered, d.delivery_count)).collect::<Vec<_>>(), vec![(false, 1); 4]);
+}
+
+/// Quotes force a string: a routing key that looks like a number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn should_send_quoted_argument_values_as_strings() {
+    let b = TestBroker::start().await.unwrap();
+    let out =
+        b.warrenctl(&["queue", "declare", "q", "--arg", "x-dead-letter-exchange=", "--arg", "x-dead-letter-routing-key=\"123\""]).unwrap();
+    assert!(out.ok(), "{out:?}");
+    let out = b.warrenctl(&["publish", "--routing-key", "q", "--property", "priority=300", "x"]).unwrap();
+    assert_eq!(out.code, 2, "priority is 0..=255: {out:?}");
+}

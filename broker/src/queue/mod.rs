@@ -37,9 +37,10 @@ pub enum QueueCmd {
         /// Hold the message back this long before it becomes ready.
         delay_ms: Option<u64>,
     },
-    /// A dead-lettered message already written to this queue's inbox.
+    /// A dead-lettered message: already written to this queue's inbox
+    /// (`inbox_key`), or transient and handed over in memory.
     Adopt {
-        inbox_key: Vec<u8>,
+        inbox_key: Option<Vec<u8>>,
         data: Arc<MessageData>,
     },
     /// A use of the queue (a declare), for `x-expires`.
@@ -134,7 +135,13 @@ impl QueueShared {
         self.unacked.store(s.unacked, Ordering::Relaxed);
         self.consumers.store(s.consumers as u64, Ordering::Relaxed);
         self.delayed.store(s.delayed, Ordering::Relaxed);
-        self.oldest_ready_ms.store(s.oldest_ready_ms.unwrap_or(0), Ordering::Relaxed);
+        match s.oldest_ready_ms {
+            Some(t) => self.oldest_ready_ms.store(t, Ordering::Relaxed),
+            // The head is on disk for a moment (a refill is reading it): the
+            // last known age stands.
+            None if s.ready > 0 => {}
+            None => self.oldest_ready_ms.store(0, Ordering::Relaxed),
+        }
     }
 
     pub fn stats(&self) -> QueueStats {

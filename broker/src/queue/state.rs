@@ -531,8 +531,25 @@ impl QueueState {
             unacked: self.unacked,
             consumers: self.consumers.len() as u32,
             delayed: self.delayed,
-            oldest_ready_ms: self.window.first_key_value().map(|(_, m)| m.enqueued_at_ms),
+            oldest_ready_ms: self.oldest_ready_ms(),
         }
+    }
+
+    /// When the oldest ready message in memory was enqueued. Within a
+    /// priority level key order is arrival order, so the oldest is the first
+    /// key of one of the levels: at most one lookup per level present.
+    fn oldest_ready_ms(&self) -> Option<u64> {
+        if self.args.max_priority.is_none() {
+            return self.window.first_key_value().map(|(_, m)| m.enqueued_at_ms);
+        }
+        let mut oldest: Option<u64> = None;
+        let mut from = MsgKey::MIN;
+        while let Some((key, msg)) = self.window.range(from..).next() {
+            oldest = Some(oldest.map_or(msg.enqueued_at_ms, |o| o.min(msg.enqueued_at_ms)));
+            let Some(next) = key.prio_inv.checked_add(1) else { break };
+            from = MsgKey { prio_inv: next, seq: 0 };
+        }
+        oldest
     }
 
     pub fn is_empty(&self) -> bool {
@@ -603,12 +620,15 @@ impl QueueState {
         EnqueueOutcome::Enqueued { needs_sync: stored }
     }
 
-    /// Takes a dead-lettered message from another queue: written to this
-    /// queue's inbox in the source's batch, moved out of it in this batch.
-    /// Subject to this queue's length limits, not to deduplication.
-    pub fn adopt(&mut self, inbox_key: Vec<u8>, data: Arc<MessageData>, fx: &mut Effects) {
-        fx.ops.push(Op::Delete(Cf::Inbox, inbox_key));
-        fx.sync = true;
+    /// Takes a dead-lettered message from another queue: when persistent,
+    /// written to this queue's inbox in the source's batch and moved out of
+    /// it in this batch. Subject to this queue's length limits, not to
+    /// deduplication (it was deduplicated when first published).
+    pub fn adopt(&mut self, inbox_key: Option<Vec<u8>>, data: Arc<MessageData>, fx: &mut Effects) {
+        if let Some(key) = inbox_key {
+            fx.ops.push(Op::Delete(Cf::Inbox, key));
+            fx.sync = true;
+        }
         if self.refuses(&data).is_some() {
             if self.args.overflow == Overflow::RejectPublishDlx {
                 self.dead_letter(data, DeathReason::Maxlen, fx);
@@ -1311,7 +1331,7 @@ impl QueueState {
     // --------------------------------------------------------- get, purge
 
     /// Pulls up to `max` messages. With `ack` they are removed; without, they
-    /// are counted as delivered and returned to the queue (a peek).
+    /// stay in the queue unchanged (a peek: not counted as a delivery).
     pub fn get(&mut self, max: usize, ack: bool, fx: &mut Effects) -> GetOutcome {
         if self.window.is_empty() && (self.disk_only.count > 0 || !self.side.is_empty()) {
             self.maybe_refill(fx);
@@ -1322,12 +1342,19 @@ impl QueueState {
         let mut back = Vec::new();
         while out.len() < max {
             let Some(mut msg) = self.pop_deliverable(fx) else { break };
-            let redelivered = self.count_delivery(&mut msg, !ack, fx);
-            if ack {
+            let redelivered = if ack {
+                let r = self.count_delivery(&mut msg, false, fx);
                 self.consume(&msg, fx);
+                r
             } else {
+                // A peek is read-only: the message goes back unchanged and
+                // does not count as a delivery (nor toward x-delivery-limit).
                 back.push(msg.clone());
-            }
+                let seen = msg.delivery_count > 0;
+                // What the caller sees counts this look.
+                msg.delivery_count = msg.delivery_count.saturating_add(1);
+                seen
+            };
             out.push(OutDelivery { consumer: 0, tag: out.len() as u64 + 1, redelivered, msg });
         }
         for msg in back {

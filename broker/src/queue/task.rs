@@ -55,14 +55,14 @@ pub struct TaskEnv {
 /// moves it is durable.
 enum Handoff {
     Adopt { tx: mpsc::Sender<QueueCmd>, inbox_key: Vec<u8>, data: Arc<MessageData> },
-    Enqueue { tx: mpsc::Sender<QueueCmd>, data: Arc<MessageData> },
+    Transient { tx: mpsc::Sender<QueueCmd>, data: Arc<MessageData> },
 }
 
 impl Handoff {
     async fn send(self) {
         let _ = match self {
-            Handoff::Adopt { tx, inbox_key, data } => tx.send(QueueCmd::Adopt { inbox_key, data }).await,
-            Handoff::Enqueue { tx, data } => tx.send(QueueCmd::Enqueue { data, confirm: None, delay_ms: None }).await,
+            Handoff::Adopt { tx, inbox_key, data } => tx.send(QueueCmd::Adopt { inbox_key: Some(inbox_key), data }).await,
+            Handoff::Transient { tx, data } => tx.send(QueueCmd::Adopt { inbox_key: None, data }).await,
         };
     }
 }
@@ -134,7 +134,7 @@ impl QueueTask {
         let mut fx = Effects::default();
         self.state.set_now(now_ms());
         for (key, stored) in std::mem::take(&mut self.inbox) {
-            self.state.adopt(key, Arc::new(stored.into_data()), &mut fx);
+            self.state.adopt(Some(key), Arc::new(stored.into_data()), &mut fx);
         }
         self.state.dispatch(&mut fx, &mut |_| 0);
         self.state.poll_timers(&mut fx);
@@ -174,6 +174,21 @@ impl QueueTask {
             }
             if self.stopped {
                 break;
+            }
+        }
+        self.fail_pending();
+    }
+
+    /// The task is stopping: commands already queued to it get an answer
+    /// instead of vanishing. A publish waiting here is confirmed as not
+    /// taken by this queue (so the publisher's confirm still arrives); the
+    /// other commands' replies are dropped, which their callers see as
+    /// "queue not found".
+    fn fail_pending(&mut self) {
+        self.rx.close();
+        while let Ok(cmd) = self.rx.try_recv() {
+            if let QueueCmd::Enqueue { confirm: Some(c), .. } = cmd {
+                c.part_done(PartOutcome::Dropped);
             }
         }
     }
@@ -267,7 +282,9 @@ impl QueueTask {
                     let _ = reply.send(Err(Error::PreconditionFailed(format!("queue '{}' is in use ({n} consumer(s))", self.state.name))));
                     return;
                 }
-                let count = self.state.message_count();
+                // Delayed messages are messages too: an "if empty" delete
+                // must not destroy them.
+                let count = self.state.message_count() + self.state.stats().delayed;
                 if if_empty && count > 0 {
                     let _ = reply
                         .send(Err(Error::PreconditionFailed(format!("queue '{}' is not empty ({count} message(s))", self.state.name))));
@@ -396,7 +413,7 @@ impl QueueTask {
                 ops.push(Op::Put(Cf::Inbox, inbox_key.clone(), StoredMessage::from_data(&data, self.state.now()).encode_to_vec()));
                 handoffs.push(Handoff::Adopt { tx, inbox_key, data: data.clone() });
             } else {
-                handoffs.push(Handoff::Enqueue { tx, data: data.clone() });
+                handoffs.push(Handoff::Transient { tx, data: data.clone() });
             }
         }
     }
@@ -406,6 +423,9 @@ impl QueueTask {
         let metrics = crate::metrics::global();
         if fx.expired > 0 {
             metrics.expired(fx.expired);
+        }
+        for reason in &fx.dropped {
+            metrics.dropped(reason.as_str());
         }
         for dl in std::mem::take(&mut fx.dead_letters) {
             metrics.dead_lettered(dl.reason.as_str());

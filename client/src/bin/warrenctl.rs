@@ -203,7 +203,9 @@ struct ConsumeArgs {
     count: Option<u64>,
     #[arg(long, default_value_t = 100)]
     prefetch: u32,
-    /// Auto-acknowledge: messages count as acknowledged once sent.
+    /// Auto-acknowledge: messages count as acknowledged once sent. With
+    /// --count, messages are acknowledged as they are printed instead, so
+    /// that no message beyond COUNT leaves the queue.
     #[arg(long)]
     no_ack: bool,
 }
@@ -365,7 +367,9 @@ fn properties(headers: Vec<(String, Value)>, props: Vec<(String, String)>, persi
         match name.as_str() {
             "content_type" => p.content_type = v,
             "content_encoding" => p.content_encoding = v,
-            "priority" => p.priority = Some(u32::try_from(int(&name, &v)?).map_err(|_| usage("property priority must be 0..=255"))?),
+            "priority" => {
+                p.priority = Some(u8::try_from(int(&name, &v)?).map(u32::from).map_err(|_| usage("property priority must be 0..=255"))?)
+            }
             "correlation_id" => p.correlation_id = v,
             "reply_to" => p.reply_to = v,
             "expiration" => {
@@ -419,12 +423,24 @@ async fn publish(client: &Client, a: PublishArgs, out: &Printer) -> Result<(), F
 }
 
 async fn consume(client: &Client, a: ConsumeArgs, out: &Printer) -> Result<(), Failure> {
-    let mut sub = Subscription::new(&a.queue).prefetch(a.prefetch);
-    if a.no_ack {
+    // With --count, the broker must never hand over more than COUNT
+    // messages: anything delivered beyond what is printed would come back
+    // redelivered (and count toward x-delivery-limit), or, with auto-ack, be
+    // lost. So --count always acknowledges manually, with a prefetch of at
+    // most COUNT, and holds back the acks of the last PREFETCH messages
+    // (delivered <= acked + prefetch <= count) until the end.
+    let prefetch = match a.count {
+        Some(n) => a.prefetch.max(1).min(u32::try_from(n).unwrap_or(u32::MAX)),
+        None => a.prefetch,
+    };
+    let auto_ack = a.no_ack && a.count.is_none();
+    let mut sub = Subscription::new(&a.queue).prefetch(prefetch);
+    if auto_ack {
         sub = sub.auto_ack();
     }
     let mut consumer = client.consume(sub).await?;
     let mut seen = 0u64;
+    let mut held_back: Option<u64> = None;
     while a.count.is_none_or(|n| seen < n) {
         let next = tokio::select! {
             d = consumer.next() => d?,
@@ -432,10 +448,17 @@ async fn consume(client: &Client, a: ConsumeArgs, out: &Printer) -> Result<(), F
         };
         let Some(d) = next else { break };
         out.bodies(std::slice::from_ref(&d));
-        if !a.no_ack {
-            consumer.ack(d.delivery_tag).await?;
-        }
         seen += 1;
+        if auto_ack {
+            continue;
+        }
+        match a.count {
+            Some(n) if seen + u64::from(prefetch) > n => held_back = Some(d.delivery_tag),
+            _ => consumer.ack(d.delivery_tag).await?,
+        }
+    }
+    if let Some(tag) = held_back {
+        consumer.ack_multiple(tag, true).await?;
     }
     // The last acknowledgements reach the broker before the stream ends.
     consumer.cancel().await?;

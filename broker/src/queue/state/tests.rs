@@ -347,12 +347,41 @@ fn should_peek_with_get_without_ack() {
     let GetOutcome::Messages(first) = h.q.get(1, false, &mut fx) else { panic!() };
     h.apply(fx);
     assert!(!first[0].redelivered);
+    assert_eq!(first[0].msg.delivery_count, 1);
+    // A peek leaves the message as it was: not redelivered, not counted.
     let mut fx = Effects::default();
     let GetOutcome::Messages(second) = h.q.get(1, true, &mut fx) else { panic!() };
     h.apply(fx);
-    assert!(second[0].redelivered);
-    assert_eq!(second[0].msg.delivery_count, 2);
+    assert!(!second[0].redelivered);
+    assert_eq!(second[0].msg.delivery_count, 1);
     assert_eq!(h.q.stats().ready, 0);
+}
+
+#[test]
+fn should_report_the_oldest_ready_message_across_priorities() {
+    let mut h = Harness::new(true, args(|a| a.max_priority = Some(5)), Limits::default());
+    h.q.set_now(1000);
+    h.publish(1, true, Some(0));
+    h.q.set_now(4000);
+    h.publish(2, true, Some(5));
+    h.publish(3, true, Some(2));
+    assert_eq!(h.q.stats().oldest_ready_ms, Some(1000), "the low-priority message waits longest");
+    assert_eq!(h.drain_ids(), vec![2, 3, 1]);
+    assert_eq!(h.q.stats().oldest_ready_ms, None);
+}
+
+#[test]
+fn should_not_count_peeks_toward_the_delivery_limit() {
+    let mut h = Harness::new(true, with_dlx(|a| a.delivery_limit = Some(1)), Limits::default());
+    h.publish(1, true, None);
+    for _ in 0..5 {
+        let mut fx = Effects::default();
+        let GetOutcome::Messages(got) = h.q.get(1, false, &mut fx) else { panic!() };
+        h.apply(fx);
+        assert_eq!(got.len(), 1);
+    }
+    assert!(h.dead.is_empty());
+    assert_eq!(h.drain_ids(), vec![1]);
 }
 
 #[test]

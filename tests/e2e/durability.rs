@@ -235,3 +235,50 @@ async fn should_keep_a_large_backlog_on_disk_with_bounded_memory() {
     assert_eq!(ids, vec![0, 1, 2]);
     assert_eq!(c.purge_queue("backlog").await.unwrap(), n - 3);
 }
+
+/// SIGTERM with a publish stream and a consumer open: the consumer is told,
+/// every confirm the publisher got stands after the restart, the broker
+/// exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn should_drain_cleanly_on_sigterm_with_streams_open() {
+    let mut b = TestBroker::start().await.unwrap();
+    let c = b.client().await.unwrap();
+    c.declare_queue("drain", QueueOptions::durable()).await.unwrap();
+    c.declare_queue("watched", QueueOptions::durable()).await.unwrap();
+    let mut consumer = c.consume(Subscription::new("watched")).await.unwrap();
+    let publisher = b.client().await.unwrap().publisher().await.unwrap();
+    let sender = tokio::spawn(async move {
+        let mut pending = Vec::new();
+        for i in 0..200_000u64 {
+            match publisher.send(Message::new("", "drain", i.to_string()).persistent()).await {
+                Ok(p) => pending.push((i, p)),
+                Err(_) => break,
+            }
+        }
+        let mut confirmed = Vec::new();
+        for (i, p) in pending {
+            if let Ok(confirm) = p.await
+                && confirm.is_routed()
+            {
+                confirmed.push(i);
+            }
+        }
+        confirmed
+    });
+    eventually(SETTLE, "publishing to be under way", || async { (c.queue_info("drain").await.ok()?.ready > 1000).then_some(()) })
+        .await
+        .unwrap();
+    assert!(b.stop().unwrap(), "the broker should exit 0 on SIGTERM");
+    match consumer.next_timeout(SETTLE).await {
+        Err(warren_client::Error::Cancelled(reason)) => assert!(reason.contains("shutting down"), "{reason}"),
+        Ok(None) => {}
+        other => panic!("the consumer should be told: {other:?}"),
+    }
+    let confirmed = tokio::time::timeout(SETTLE, sender).await.expect("the publisher ends with the broker").unwrap();
+    assert!(!confirmed.is_empty());
+    b.restart().await.unwrap();
+    let c = b.client().await.unwrap();
+    let stored: BTreeSet<u64> = drain(&c, "drain").await.iter().map(|s| s.parse().unwrap()).collect();
+    let missing: Vec<&u64> = confirmed.iter().filter(|i| !stored.contains(i)).take(5).collect();
+    assert!(missing.is_empty(), "confirmed but gone after a clean stop: {missing:?}");
+}

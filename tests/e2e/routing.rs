@@ -201,3 +201,30 @@ async fn should_stream_confirms_with_the_clients_sequence_numbers() {
     let bodies = drain(&c, "s").await;
     assert_eq!(bodies, (0..500).map(|i| format!("m{i}")).collect::<Vec<_>>());
 }
+
+/// Every published message gets its confirm, also when its queue is deleted
+/// while the message waits to be enqueued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn should_confirm_every_message_when_its_queue_is_deleted_mid_stream() {
+    let b = TestBroker::start().await.unwrap();
+    let c = b.client().await.unwrap();
+    for round in 0..5 {
+        let name = format!("race-{round}");
+        queue(&c, &name).await;
+        let publisher = c.publisher().await.unwrap();
+        let mut pending = Vec::new();
+        for i in 0..4000 {
+            pending.push(publisher.send(Message::new("", name.as_str(), format!("m{i}"))).await.unwrap());
+            if i == 2000 {
+                let deleter = b.client().await.unwrap();
+                let name = name.clone();
+                tokio::spawn(async move { deleter.delete_queue(&name, false, false).await });
+            }
+        }
+        for p in pending {
+            let confirm = tokio::time::timeout(crate::SETTLE, p).await.expect("a confirm for every message").unwrap();
+            assert!(matches!(confirm.status(), ConfirmStatus::Routed | ConfirmStatus::Unroutable), "{confirm:?}");
+        }
+        assert_eq!(publisher.in_flight(), 0);
+    }
+}

@@ -282,3 +282,36 @@ async fn should_drain_cleanly_on_sigterm_with_streams_open() {
     let missing: Vec<&u64> = confirmed.iter().filter(|i| !stored.contains(i)).take(5).collect();
     assert!(missing.is_empty(), "confirmed but gone after a clean stop: {missing:?}");
 }
+
+/// Delayed messages live in an on-disk time index: memory does not grow with
+/// their number. `WARREN_DELAYED_MESSAGES` sets how many (1,000,000 for the
+/// README figure; CI uses the default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn should_hold_many_delayed_messages_with_bounded_memory() {
+    let n: u64 = std::env::var("WARREN_DELAYED_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let b = TestBroker::start().await.unwrap();
+    let c = b.client().await.unwrap();
+    c.declare_queue("later", QueueOptions::durable()).await.unwrap();
+    let idle = b.rss_bytes().unwrap();
+    let publisher = c.publisher().await.unwrap();
+    let mut waiting = std::collections::VecDeque::new();
+    for i in 0..n {
+        let m = Message::new("", "later", vec![b'd'; 256]).persistent().delay(Duration::from_secs(30 * 24 * 3600 + i % 1000));
+        waiting.push_back(publisher.send(m).await.unwrap());
+        while waiting.len() > 4096 {
+            assert!(waiting.pop_front().unwrap().await.unwrap().is_routed());
+        }
+    }
+    for w in waiting {
+        assert!(w.await.unwrap().is_routed());
+    }
+    let info = c.queue_info("later").await.unwrap();
+    assert_eq!((info.delayed, info.ready), (n, 0));
+    let rss = b.rss_bytes().unwrap();
+    eprintln!(
+        "delayed: {n} delayed messages (256 B, due in 30 days); broker RSS {:.1} MiB (idle {:.1} MiB)",
+        rss as f64 / (1 << 20) as f64,
+        idle as f64 / (1 << 20) as f64
+    );
+    assert!(rss < 300 << 20, "RSS {rss} bytes with {n} delayed messages");
+}

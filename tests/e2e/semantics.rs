@@ -64,6 +64,21 @@ async fn should_expire_messages_with_no_consumer_and_dead_letter_them() {
         assert_eq!(deaths(d), vec![("short".to_string(), "expired".to_string(), 1)]);
         assert!(d.properties.as_ref().unwrap().expiration_ms.is_none(), "the TTL is not carried into the dead-letter queue");
     }
+    // The expiry lag, printed (not asserted): a message with a 200 ms TTL
+    // behind 5,000 others, beyond the in-memory window.
+    queue(&c, "deep").await;
+    let publisher = c.publisher().await.unwrap();
+    let mut waiting = Vec::new();
+    for i in 0..5000 {
+        waiting.push(publisher.send(Message::new("", "deep", vec![b'x'; 4096]).header("n", i as i64)).await.unwrap());
+    }
+    for w in waiting {
+        w.await.unwrap();
+    }
+    let sent = std::time::Instant::now();
+    c.publish(Message::new("", "deep", "short-lived").expiration(Duration::from_millis(200))).await.unwrap();
+    wait_ready(&c, "deep", 5000).await;
+    eprintln!("expiry: a 200 ms TTL message behind 5,000 others left the ready count after {:?}", sent.elapsed());
     // Without a dead-letter exchange, expired messages are dropped.
     c.declare_queue("drop", QueueOptions::default().arg("x-message-ttl", 0i64)).await.unwrap();
     send(&c, "drop", "gone").await;

@@ -249,14 +249,8 @@ impl Broker {
         if req.passive {
             return topo.exchanges.get(req.name.as_str()).map(ExchangeDef::info).ok_or_else(|| Error::not_found("exchange", &req.name));
         }
-        let kind = match proto::ExchangeType::try_from(req.r#type) {
-            Ok(proto::ExchangeType::Direct) => ExchangeKind::Direct,
-            Ok(proto::ExchangeType::Fanout) => ExchangeKind::Fanout,
-            Ok(proto::ExchangeType::Topic) => ExchangeKind::Topic,
-            Ok(proto::ExchangeType::Headers) => ExchangeKind::Headers,
-            _ => {
-                return Err(Error::InvalidArgument(format!("exchange '{}': type must be direct, fanout, topic or headers", req.name)));
-            }
+        let Some(kind) = ExchangeKind::from_proto(req.r#type) else {
+            return Err(Error::InvalidArgument(format!("exchange '{}': type must be direct, fanout, topic or headers", req.name)));
         };
         let args = ExchangeArgs::parse(&req.arguments)?;
         if let Some(existing) = topo.exchanges.get(req.name.as_str()) {

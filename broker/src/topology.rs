@@ -122,16 +122,6 @@ pub struct BindingRecord {
     pub arguments: HashMap<String, Value>,
 }
 
-pub fn parse_kind(s: &str) -> Option<ExchangeKind> {
-    match s {
-        "direct" => Some(ExchangeKind::Direct),
-        "fanout" => Some(ExchangeKind::Fanout),
-        "topic" => Some(ExchangeKind::Topic),
-        "headers" => Some(ExchangeKind::Headers),
-        _ => None,
-    }
-}
-
 fn corrupt(detail: String) -> Error {
     Error::Store(StoreError::Corrupt { cf: "meta", detail })
 }
@@ -154,7 +144,8 @@ impl ExchangeDef {
 
     pub fn decode(bytes: &[u8]) -> Result<ExchangeDef> {
         let rec = ExchangeRecord::decode(bytes).map_err(|e| corrupt(format!("exchange record: {e}")))?;
-        let kind = parse_kind(&rec.kind).ok_or_else(|| corrupt(format!("exchange '{}' has unknown type {:?}", rec.name, rec.kind)))?;
+        let kind: ExchangeKind =
+            rec.kind.parse().map_err(|_| corrupt(format!("exchange '{}' has unknown type {:?}", rec.name, rec.kind)))?;
         Ok(ExchangeDef {
             name: rec.name.into(),
             kind,
@@ -170,21 +161,12 @@ impl ExchangeDef {
     pub fn info(&self) -> proto::ExchangeInfo {
         proto::ExchangeInfo {
             name: self.name.to_string(),
-            r#type: kind_to_proto(self.kind) as i32,
+            r#type: self.kind.to_proto() as i32,
             durable: self.durable,
             auto_delete: self.auto_delete,
             internal: self.internal,
             arguments: self.arguments.clone(),
         }
-    }
-}
-
-pub fn kind_to_proto(kind: ExchangeKind) -> proto::ExchangeType {
-    match kind {
-        ExchangeKind::Direct => proto::ExchangeType::Direct,
-        ExchangeKind::Fanout => proto::ExchangeType::Fanout,
-        ExchangeKind::Topic => proto::ExchangeType::Topic,
-        ExchangeKind::Headers => proto::ExchangeType::Headers,
     }
 }
 

@@ -113,7 +113,7 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Exchange types.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ExchangeKind {
     Direct,
     Fanout,
@@ -128,6 +128,17 @@ impl ExchangeKind {
             ExchangeKind::Fanout => proto::ExchangeType::Fanout,
             ExchangeKind::Topic => proto::ExchangeType::Topic,
             ExchangeKind::Headers => proto::ExchangeType::Headers,
+        }
+    }
+
+    /// The kind a wire value names; `None` for unspecified or unknown.
+    pub fn from_proto(value: i32) -> Option<ExchangeKind> {
+        match proto::ExchangeType::try_from(value) {
+            Ok(proto::ExchangeType::Direct) => Some(ExchangeKind::Direct),
+            Ok(proto::ExchangeType::Fanout) => Some(ExchangeKind::Fanout),
+            Ok(proto::ExchangeType::Topic) => Some(ExchangeKind::Topic),
+            Ok(proto::ExchangeType::Headers) => Some(ExchangeKind::Headers),
+            _ => None,
         }
     }
 

@@ -15,24 +15,8 @@ use crate::error::{Error, Result};
 /// short string).
 pub const MAX_NAME_BYTES: usize = 255;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum ExchangeKind {
-    Direct,
-    Fanout,
-    Topic,
-    Headers,
-}
-
-impl ExchangeKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExchangeKind::Direct => "direct",
-            ExchangeKind::Fanout => "fanout",
-            ExchangeKind::Topic => "topic",
-            ExchangeKind::Headers => "headers",
-        }
-    }
-}
+/// Exchange types: the client crate's, so the wire mapping exists once.
+pub use warren_client::ExchangeKind;
 
 /// Checks an object name: at most 255 bytes, no control characters, and
 /// non-empty unless `allow_empty`.

@@ -474,13 +474,7 @@ fn args_json(args: &HashMap<String, Value>) -> Json {
 }
 
 fn exchange_json(x: &proto::ExchangeInfo) -> Json {
-    let kind = match proto::ExchangeType::try_from(x.r#type) {
-        Ok(proto::ExchangeType::Direct) => "direct",
-        Ok(proto::ExchangeType::Fanout) => "fanout",
-        Ok(proto::ExchangeType::Topic) => "topic",
-        Ok(proto::ExchangeType::Headers) => "headers",
-        _ => "unknown",
-    };
+    let kind = ExchangeKind::from_proto(x.r#type).map_or("unknown", ExchangeKind::as_str);
     json!({
         "name": x.name,
         "type": kind,

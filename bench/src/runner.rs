@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
+use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::task::JoinHandle;
 
@@ -212,6 +213,20 @@ pub async fn run(target: &mut Target, w: &Workload) -> Result<RunResult> {
     result
 }
 
+/// The confirm latencies of every producer and the end-to-end latencies of
+/// every consumer, each merged into one histogram.
+fn merged_latencies(producers: &[ProducerStats], consumers: &[ConsumerStats]) -> Result<(Histogram<u64>, Histogram<u64>)> {
+    let mut confirm = latency_histogram();
+    let mut e2e = latency_histogram();
+    for p in producers {
+        confirm.add(&p.confirm_latency)?;
+    }
+    for c in consumers {
+        e2e.add(&c.latency)?;
+    }
+    Ok((confirm, e2e))
+}
+
 async fn run_steady(target: &mut Target, w: &Arc<Workload>) -> Result<RunResult> {
     let monitor = Monitor::start(target.pid);
     let ctx = Arc::new(Ctx::new());
@@ -241,14 +256,7 @@ async fn run_steady(target: &mut Target, w: &Arc<Workload>) -> Result<RunResult>
     let (cpu0, self0) = cpu_start.await?;
     let peak = monitor.finish().await;
 
-    let mut confirm = latency_histogram();
-    let mut e2e = latency_histogram();
-    for p in &producers {
-        confirm.add(&p.confirm_latency)?;
-    }
-    for c in &consumers {
-        e2e.add(&c.latency)?;
-    }
+    let (confirm, e2e) = merged_latencies(&producers, &consumers)?;
     let measured_pub: u64 = producers.iter().map(|p| p.measured).sum();
     let measured_con: u64 = consumers.iter().map(|c| c.measured).sum();
     let pub_end = producers.iter().map(|p| p.last_confirm_ns).max().unwrap_or(0);
@@ -325,14 +333,7 @@ async fn run_backlog(target: &mut Target, w: &Arc<Workload>) -> Result<RunResult
         Some(before) => before + (cpu1 - cpu_drain0),
         None => cpu1 - cpu0,
     };
-    let mut confirm = latency_histogram();
-    let mut e2e = latency_histogram();
-    for p in &producers {
-        confirm.add(&p.confirm_latency)?;
-    }
-    for c in &consumers {
-        e2e.add(&c.latency)?;
-    }
+    let (confirm, e2e) = merged_latencies(&producers, &consumers)?;
     Ok(RunResult {
         broker: target.kind.name().into(),
         publish_rate: backlog.fill_rate,

@@ -575,14 +575,7 @@ impl Broker {
     pub async fn unbind(&self, session: &Session, req: proto::UnbindRequest) -> Result<()> {
         self.ensure_running()?;
         let mut topo = self.inner.topo.lock().await;
-        let req = proto::BindRequest {
-            source: req.source,
-            destination: req.destination,
-            destination_kind: req.destination_kind,
-            routing_key: req.routing_key,
-            arguments: req.arguments,
-        };
-        let b = self.binding_def(&topo, session, req)?;
+        let b = self.binding_def(&topo, session, req.into())?;
         let Some(list) = topo.bindings.get_mut(&*b.source) else {
             return Ok(());
         };

@@ -298,6 +298,31 @@ impl Message {
     }
 }
 
+/// A bind and an unbind name a binding the same way.
+impl From<proto::BindRequest> for proto::UnbindRequest {
+    fn from(b: proto::BindRequest) -> Self {
+        proto::UnbindRequest {
+            source: b.source,
+            destination: b.destination,
+            destination_kind: b.destination_kind,
+            routing_key: b.routing_key,
+            arguments: b.arguments,
+        }
+    }
+}
+
+impl From<proto::UnbindRequest> for proto::BindRequest {
+    fn from(u: proto::UnbindRequest) -> Self {
+        proto::BindRequest {
+            source: u.source,
+            destination: u.destination,
+            destination_kind: u.destination_kind,
+            routing_key: u.routing_key,
+            arguments: u.arguments,
+        }
+    }
+}
+
 impl From<Message> for proto::Message {
     fn from(m: Message) -> proto::Message {
         m.0
@@ -506,15 +531,7 @@ impl Client {
         routing_key: &str,
         arguments: HashMap<String, Value>,
     ) -> Result<()> {
-        self.raw()
-            .bind(proto::BindRequest {
-                source: source.to_string(),
-                destination: destination.to_string(),
-                destination_kind: dest_kind(to_exchange) as i32,
-                routing_key: routing_key.to_string(),
-                arguments,
-            })
-            .await?;
+        self.raw().bind(binding_request(source, destination, to_exchange, routing_key, arguments)).await?;
         Ok(())
     }
 
@@ -526,15 +543,8 @@ impl Client {
         routing_key: &str,
         arguments: HashMap<String, Value>,
     ) -> Result<()> {
-        self.raw()
-            .unbind(proto::UnbindRequest {
-                source: source.to_string(),
-                destination: destination.to_string(),
-                destination_kind: dest_kind(to_exchange) as i32,
-                routing_key: routing_key.to_string(),
-                arguments,
-            })
-            .await?;
+        let binding = binding_request(source, destination, to_exchange, routing_key, arguments);
+        self.raw().unbind(proto::UnbindRequest::from(binding)).await?;
         Ok(())
     }
 
@@ -588,6 +598,23 @@ impl Client {
     /// The node: identity, uptime, alarms, totals.
     pub async fn status(&self) -> Result<StatusResponse> {
         Ok(self.raw().status(proto::StatusRequest {}).await?.into_inner())
+    }
+}
+
+/// A binding as the wire names it (for bind, and through `From` for unbind).
+fn binding_request(
+    source: &str,
+    destination: &str,
+    to_exchange: bool,
+    routing_key: &str,
+    arguments: HashMap<String, Value>,
+) -> proto::BindRequest {
+    proto::BindRequest {
+        source: source.to_string(),
+        destination: destination.to_string(),
+        destination_kind: dest_kind(to_exchange) as i32,
+        routing_key: routing_key.to_string(),
+        arguments,
     }
 }
 

@@ -1,4 +1,4 @@
-//! `warrenctl`, run as a process against a real broker: the README's tour,
+//! `warrenctl`, run as a process against a real broker: the tour's commands,
 //! JSON output, typed arguments, exit codes and error messages.
 
 use serde_json::Value as Json;

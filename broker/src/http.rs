@@ -1,4 +1,5 @@
-//! The HTTP server for operators: Prometheus `/metrics`, liveness
+//! The HTTP server for operators: Prometheus `/metrics` (OpenMetrics or the
+//! Prometheus text format, as the scraper's `Accept` asks), liveness
 //! `/healthz` and readiness `/readyz`.
 //!
 //! It starts before storage is recovered, so that a liveness (or startup)
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::registry::Registry;
@@ -66,11 +67,12 @@ pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: Cance
     axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
-async fn metrics_handler(State(state): State<Arc<HttpState>>) -> Response {
+async fn metrics_handler(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
+    let format = metrics::Format::negotiate(headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()));
     // Encoding thousands of queues is CPU work: keep it off the I/O threads.
-    let encoded = tokio::task::spawn_blocking(move || metrics::encode(&state.registry)).await;
+    let encoded = tokio::task::spawn_blocking(move || metrics::encode_as(&state.registry, format)).await;
     match encoded {
-        Ok(Ok(text)) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Ok(Ok(text)) => ([(header::CONTENT_TYPE, format.content_type())], text).into_response(),
         Ok(Err(_)) | Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed\n").into_response(),
     }
 }
@@ -94,8 +96,12 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn fetch(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+        fetch_with(addr, path, "").await
+    }
+
+    async fn fetch_with(addr: std::net::SocketAddr, path: &str, headers: &str) -> (u16, String) {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n").as_bytes()).await.unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -117,10 +123,16 @@ mod tests {
         let (code, body) = fetch(addr, "/readyz").await;
         assert_eq!(code, 503);
         assert!(body.contains("shutting down"));
+        let (code, body) = fetch_with(addr, "/metrics", "Accept: application/openmetrics-text; version=1.0.0\r\n").await;
+        assert_eq!(code, 200);
+        assert!(body.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{body}");
+        assert!(body.contains("warren_alarm{resource=\"disk\"}"), "{body}");
+        assert!(body.trim_end().ends_with("# EOF"), "{body}");
         let (code, body) = fetch(addr, "/metrics").await;
         assert_eq!(code, 200);
-        assert!(body.contains("application/openmetrics-text"), "{body}");
+        assert!(body.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{body}");
         assert!(body.contains("warren_alarm{resource=\"disk\"}"), "{body}");
+        assert!(!body.contains("# EOF"), "{body}");
         assert_eq!(fetch(addr, "/nope").await.0, 404);
         stop.cancel();
         server.await.unwrap().unwrap();

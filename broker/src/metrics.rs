@@ -15,7 +15,14 @@
 //!
 //! Names follow Prometheus conventions: the `warren_` prefix, base units
 //! (seconds, bytes) in the name, `_total` on counters. The full list is in
-//! the README (Metrics).
+//! `docs/observability.md`.
+//!
+//! Two exposition formats, negotiated on `Accept` ([`Format::negotiate`]):
+//! OpenMetrics 1.0 when the scraper asks for it (Prometheus does), else the
+//! Prometheus text format 0.0.4 (what `curl` and older tools get). The
+//! registry encodes OpenMetrics; [`to_prometheus_text`] rewrites the few
+//! lines that differ. Nothing here emits exemplars or `_created` samples,
+//! which 0.0.4 could not carry.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, OnceLock};
@@ -292,6 +299,104 @@ pub fn encode(registry: &Registry) -> Result<String, std::fmt::Error> {
 /// The content type of [`encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// An exposition format `/metrics` answers in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 (`application/openmetrics-text`).
+    OpenMetrics,
+    /// The Prometheus text format 0.0.4 (`text/plain; version=0.0.4`).
+    Prometheus,
+}
+
+impl Format {
+    /// The format for a request's `Accept` header, as Prometheus's own
+    /// client libraries choose it: the acceptable media range with the
+    /// highest `q` (the first one on a tie) among `application/openmetrics-text`
+    /// and `text/plain`; the Prometheus text format when the header names
+    /// neither (or is missing).
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let mut best: Option<(f32, Format)> = None;
+        for range in accept.unwrap_or_default().split(',') {
+            let mut parts = range.split(';');
+            let format = match parts.next().unwrap_or_default().trim().to_ascii_lowercase().as_str() {
+                "application/openmetrics-text" => Format::OpenMetrics,
+                "text/plain" => Format::Prometheus,
+                _ => continue,
+            };
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+            if q > 0.0 && best.is_none_or(|(b, _)| q > b) {
+                best = Some((q, format));
+            }
+        }
+        best.map_or(Format::Prometheus, |(_, f)| f)
+    }
+
+    /// The `Content-Type` of an exposition in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => CONTENT_TYPE,
+            Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
+
+/// The exposition of `registry` in `format`.
+pub fn encode_as(registry: &Registry, format: Format) -> Result<String, std::fmt::Error> {
+    let text = encode(registry)?;
+    Ok(match format {
+        Format::OpenMetrics => text,
+        Format::Prometheus => to_prometheus_text(&text),
+    })
+}
+
+/// Rewrites an OpenMetrics exposition (as [`encode`] writes it: no
+/// exemplars, no `_created`) into the Prometheus text format 0.0.4. Samples
+/// are the same in both; the metadata differs:
+///
+/// * a counter's `HELP` and `TYPE` name its sample, `x_total`, not the
+///   family `x`;
+/// * `info` does not exist: `x` of type info becomes the gauge `x_info`
+///   (its sample, always 1); `unknown` is `untyped`;
+/// * there is no `# UNIT` line and no `# EOF`.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // A family's HELP comes before its TYPE, which decides its name.
+    let mut help: Option<&str> = None;
+    for line in openmetrics.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (family, kind) = rest.rsplit_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{family}_total"), "counter"),
+                "info" => (format!("{family}_info"), "gauge"),
+                "unknown" => (family.to_string(), "untyped"),
+                other => (family.to_string(), other),
+            };
+            if let Some(text) = help.take().and_then(|h| h.strip_prefix(family)) {
+                out.push_str("# HELP ");
+                out.push_str(&name);
+                out.push_str(text);
+                out.push('\n');
+            }
+            out.push_str("# TYPE ");
+            out.push_str(&name);
+            out.push(' ');
+            out.push_str(kind);
+            out.push('\n');
+        } else if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn counter(m: &mut MetricEncoder<'_>, v: u64) -> Result<(), std::fmt::Error> {
     m.encode_counter::<NoLabelSet, u64, u64>(&v, None::<&Exemplar<NoLabelSet, u64>>)
 }
@@ -493,6 +598,67 @@ mod tests {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.starts_with("warren_"), "{line}");
         }
+    }
+
+    #[test]
+    fn should_negotiate_the_exposition_format_on_accept() {
+        use Format::{OpenMetrics, Prometheus};
+        for (accept, expected) in [
+            (None, Prometheus),
+            (Some(""), Prometheus),
+            (Some("*/*"), Prometheus),
+            (Some("text/plain;version=0.0.4"), Prometheus),
+            (Some("text/plain"), Prometheus),
+            (Some("application/openmetrics-text"), OpenMetrics),
+            (Some("application/openmetrics-text; version=1.0.0; charset=utf-8"), OpenMetrics),
+            // Prometheus 2.x and 3.x scrapers.
+            (
+                Some(
+                    "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+                ),
+                OpenMetrics,
+            ),
+            (
+                Some(
+                    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+                ),
+                OpenMetrics,
+            ),
+            // A scraper configured for the classic format.
+            (Some("text/plain;version=0.0.4;q=0.9,application/openmetrics-text;q=0.5"), Prometheus),
+            (Some("application/openmetrics-text;q=0,text/plain;q=0.1"), Prometheus),
+            (Some("APPLICATION/OpenMetrics-Text ; Q=0.7 , text/plain ; q=0.7"), OpenMetrics),
+            (Some("application/json, */*"), Prometheus),
+        ] {
+            assert_eq!(Format::negotiate(accept), expected, "{accept:?}");
+        }
+        assert!(Prometheus.content_type().starts_with("text/plain; version=0.0.4"));
+        assert!(OpenMetrics.content_type().starts_with("application/openmetrics-text"));
+    }
+
+    #[test]
+    fn should_write_the_prometheus_text_format_without_openmetrics_metadata() {
+        global().acked(1);
+        let registry = registry(BrokerCollector::new());
+        let text = encode_as(&registry, Format::Prometheus).unwrap_or_default();
+        for line in [
+            "# HELP warren_messages_acknowledged_total Messages acknowledged by consumers.\n",
+            "# TYPE warren_messages_acknowledged_total counter\nwarren_messages_acknowledged_total ",
+            "# TYPE warren_messages_confirmed_total counter\nwarren_messages_confirmed_total{status=\"routed\"} ",
+            "# TYPE warren_build_info gauge\nwarren_build_info{version=",
+            "# TYPE warren_confirm_latency_seconds histogram\n",
+            "# TYPE warren_uptime_seconds gauge\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        for absent in ["# EOF", "# UNIT", " info\n", " unknown\n"] {
+            assert!(!text.contains(absent), "{absent:?} in\n{text}");
+        }
+        // The same samples in both formats.
+        let samples = |t: &str| {
+            t.lines().filter(|l| !l.starts_with('#')).map(|l| l.rsplit_once(' ').map_or(l, |(s, _)| s).to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(samples(&text), samples(&encode_as(&registry, Format::OpenMetrics).unwrap_or_default()));
     }
 
     #[test]

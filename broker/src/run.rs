@@ -116,11 +116,18 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WarrenServer<WarrenService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .context("building the reflection service")?;
+    // Server reflection in both versions: `grpc.reflection.v1`, and
+    // `v1alpha` for the tools that still ask only for it (older grpcurl,
+    // several GUI clients). Each lists both.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection().build_v1alpha().context("building the reflection service (v1alpha)")?;
+    let reflection = reflection().build_v1().context("building the reflection service")?;
     let limit = config.max_message_size.saturating_mul(2).saturating_add(1 << 20);
     let service = WarrenServer::new(
         WarrenService::new(broker.clone(), shutdown.clone(), config.data_dir.display().to_string(), addr.to_string())
@@ -142,6 +149,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming(listener, broker.clone()), shutdown.clone().cancelled_owned());
     let server = tokio::spawn(server);

@@ -190,7 +190,7 @@ mod confirmed_ids {
 
 /// A backlog lives on disk: the broker's memory stays bounded by its window,
 /// not by the number of messages. `WARREN_BACKLOG_MESSAGES` sets the size
-/// (1,000,000 for the figure in the README; CI uses the default).
+/// (1,000,000 for the figure in docs/durability.md; CI uses the default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn should_keep_a_large_backlog_on_disk_with_bounded_memory() {
     let n: u64 = std::env::var("WARREN_BACKLOG_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
@@ -285,7 +285,7 @@ async fn should_drain_cleanly_on_sigterm_with_streams_open() {
 
 /// Delayed messages live in an on-disk time index: memory does not grow with
 /// their number. `WARREN_DELAYED_MESSAGES` sets how many (1,000,000 for the
-/// README figure; CI uses the default).
+/// figure in docs/queues.md; CI uses the default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn should_hold_many_delayed_messages_with_bounded_memory() {
     let n: u64 = std::env::var("WARREN_DELAYED_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);

@@ -5,7 +5,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod consuming;
+mod docs;
 mod durability;
+mod interop;
 mod operability;
 mod routing;
 mod semantics;

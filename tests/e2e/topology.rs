@@ -164,27 +164,6 @@ async fn should_list_everything() {
     assert!(!status.node.is_empty());
 }
 
-/// grpcurl needs server reflection: list the services the way it does.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn should_serve_reflection_so_grpcurl_works() {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-
-    let b = TestBroker::start().await.unwrap();
-    let channel = tonic::transport::Endpoint::from_shared(b.url()).unwrap().connect().await.unwrap();
-    let mut client = ServerReflectionClient::new(channel);
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut responses = client.server_reflection_info(futures::stream::iter(vec![request])).await.unwrap().into_inner();
-    let response = responses.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("{response:?}") };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for expected in ["warren.v1.Warren", "grpc.health.v1.Health"] {
-        assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn should_auto_delete_exchanges_that_lose_their_last_binding() {
     let b = TestBroker::start().await.unwrap();

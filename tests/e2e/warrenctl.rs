@@ -1,4 +1,4 @@
-//! `warrenctl`, run as a process against a real broker: the README's tour,
+//! `warrenctl`, run as a process against a real broker: the tour's commands,
 //! JSON output, typed arguments, exit codes and error messages.
 
 use serde_json::Value as Json;
@@ -10,7 +10,7 @@ fn json(out: &warren_tests::CtlOutput) -> Json {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn should_run_the_readme_tour() {
+async fn should_declare_publish_list_get_and_delete_through_warrenctl() {
     let b = TestBroker::start().await.unwrap();
     let ok = |args: &[&str]| {
         let out = b.warrenctl(args).unwrap();

@@ -1,10 +1,12 @@
 //! Test harness: runs the real `warren-broker` binary on a free loopback
 //! port in a temporary directory, and the real `warrenctl`.
 //!
-//! * The binaries are built once per test process (`cargo build` of the two
-//!   packages, a no-op when up to date), so a test never runs a stale
-//!   binary. Set `WARREN_BROKER_BIN` / `WARRENCTL_BIN` to use given binaries
-//!   instead.
+//! * The binaries are built once per test process (`cargo build --workspace
+//!   --bins`, a no-op when up to date), so a test never runs a stale binary.
+//!   It is the build `./dev run`, `./dev ctl` and `./dev test` make: the same
+//!   packages resolve the same features, so none of them rebuilds what
+//!   another built. Set `WARREN_BROKER_BIN` / `WARRENCTL_BIN` to use given
+//!   binaries instead.
 //! * A [`TestBroker`] is killed when dropped; its data directory lives as long
 //!   as the value, so a test can kill, restart and inspect it.
 //! * Everything listens on 127.0.0.1; every wait is bounded.
@@ -41,16 +43,7 @@ fn build_binaries() -> Result<PathBuf> {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet", "--manifest-path"]).arg(&manifest).args([
-                "-p",
-                "warren-broker",
-                "--bin",
-                "warren-broker",
-                "-p",
-                "warren-client",
-                "--bin",
-                "warrenctl",
-            ]);
+            cmd.args(["build", "--quiet", "--manifest-path"]).arg(&manifest).args(["--workspace", "--bins"]);
             if dir.file_name().is_some_and(|n| n == "release") {
                 cmd.arg("--release");
             }
@@ -70,7 +63,7 @@ fn binary(env: &str, name: &str) -> Result<PathBuf> {
     }
     let path = build_binaries()?.join(name);
     if !path.exists() {
-        bail!("{} does not exist; run `cargo build -p warren-broker -p warren-client --bins` first", path.display());
+        bail!("{} does not exist; run `cargo build --workspace --bins` first", path.display());
     }
     Ok(path)
 }
@@ -257,13 +250,19 @@ impl TestBroker {
         http_get(&self.http_addr, path).await
     }
 
-    /// The broker's Prometheus exposition.
+    /// `GET path` with extra request headers.
+    pub async fn http_get_with(&self, path: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
+        http_request(&self.http_addr, path, headers).await
+    }
+
+    /// The broker's metrics as Prometheus scrapes them (it asks for
+    /// OpenMetrics first).
     pub async fn metrics(&self) -> Result<String> {
-        let (code, body) = self.http_get("/metrics").await?;
-        if code != 200 {
-            bail!("GET /metrics answered {code}: {body}");
+        let r = self.http_get_with("/metrics", &[("Accept", PROMETHEUS_SCRAPE_ACCEPT)]).await?;
+        if r.code != 200 {
+            bail!("GET /metrics answered {}: {}", r.code, r.body);
         }
-        Ok(body)
+        Ok(r.body)
     }
 
     /// Runs `warrenctl --server <this broker> args...`.
@@ -331,23 +330,54 @@ pub fn run_warrenctl(server: &str, args: &[&str], stdin: Option<&[u8]>) -> Resul
     })
 }
 
+/// The `Accept` header Prometheus 2.x sends when it scrapes.
+pub const PROMETHEUS_SCRAPE_ACCEPT: &str = "application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2";
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub code: u16,
+    /// Header names in lower case, in the order received.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
 /// A minimal HTTP/1.1 GET (loopback, bounded): (status code, body).
 pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let r = http_request(addr, path, &[]).await?;
+    Ok((r.code, r.body))
+}
+
+/// A minimal HTTP/1.1 GET with extra request headers (loopback, bounded).
+pub async fn http_request(addr: &str, path: &str, headers: &[(&str, &str)]) -> Result<HttpResponse> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("cannot connect to {addr}"))?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n").as_bytes()).await?;
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).await?;
         anyhow::Ok(raw)
     };
     let raw = tokio::time::timeout(Duration::from_secs(60), exchange).await.map_err(|_| anyhow!("GET {path} took over 60s"))??;
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| anyhow!("malformed HTTP response: {raw:?}"))?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let body = &raw[split + 4..];
-    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow!("no status in {head:?}"))?;
-    let body = if head.contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_vec() };
-    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+    let mut lines = head.lines();
+    let code = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok());
+    let code = code.ok_or_else(|| anyhow!("no status in {head:?}"))?;
+    let headers: Vec<(String, String)> =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked { dechunk(body) } else { body.to_vec() };
+    Ok(HttpResponse { code, headers, body: String::from_utf8_lossy(&body).into_owned() })
 }
 
 /// Decodes a chunked HTTP/1.1 body.

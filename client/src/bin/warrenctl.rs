@@ -170,7 +170,8 @@ struct PublishArgs {
     headers: Vec<(String, Value)>,
     /// A message property: content_type, content_encoding, priority,
     /// correlation_id, reply_to, expiration (ms), message_id, timestamp (ms),
-    /// type, user_id, app_id; repeatable.
+    /// type, user_id, app_id, delivery_mode; repeatable. Dashes work too
+    /// (message-id).
     #[arg(long = "property", value_name = "NAME=VALUE", value_parser = parse_raw_kv)]
     properties: Vec<(String, String)>,
     /// Hold the message back this many milliseconds before it is delivered.
@@ -364,7 +365,9 @@ fn properties(headers: Vec<(String, Value)>, props: Vec<(String, String)>, persi
         v.parse::<i64>().map_err(|_| usage(format!("property {name} must be an integer, got {v:?}")))
     };
     for (name, v) in props {
-        match name.as_str() {
+        // `message-id` and `message_id` alike: the CLI's flags are dashed,
+        // the proto's fields are not.
+        match name.replace('-', "_").as_str() {
             "content_type" => p.content_type = v,
             "content_encoding" => p.content_encoding = v,
             "priority" => {
@@ -381,9 +384,9 @@ fn properties(headers: Vec<(String, Value)>, props: Vec<(String, String)>, persi
             "user_id" => p.user_id = v,
             "app_id" => p.app_id = v,
             "delivery_mode" => p.persistent = v == "2" || v == "persistent",
-            other => {
+            _ => {
                 return Err(usage(format!(
-                    "unknown property {other:?}; known: content_type, content_encoding, priority, correlation_id, reply_to, expiration, message_id, timestamp, type, user_id, app_id, delivery_mode"
+                    "unknown property {name:?}; known: content_type, content_encoding, priority, correlation_id, reply_to, expiration, message_id, timestamp, type, user_id, app_id, delivery_mode"
                 )));
             }
         }

@@ -106,7 +106,7 @@ impl Harness {
     }
 
     fn dispatch(&mut self, room: usize) {
-        self.run(|q, fx| q.dispatch(fx, &mut |_| room));
+        self.run(|q, fx| q.dispatch(fx, &mut |_| Room::messages(room)));
     }
 
     /// Gets with ack until empty, completing refills as needed.
@@ -114,7 +114,7 @@ impl Harness {
         let mut out = Vec::new();
         for _ in 0..100_000 {
             let mut fx = Effects::default();
-            let got = self.q.get(16, true, &mut fx);
+            let got = self.q.get(16, u64::MAX, true, &mut fx);
             self.apply(fx);
             match got {
                 GetOutcome::Messages(ms) if ms.is_empty() => break,
@@ -159,7 +159,7 @@ impl Harness {
 }
 
 fn small() -> Limits {
-    Limits { window_messages: 4, window_bytes: 1 << 20 }
+    Limits { window_messages: 4, window_bytes: 1 << 20, consumer_max_unacked: u32::MAX, consumer_max_unacked_bytes: u64::MAX }
 }
 
 #[test]
@@ -303,7 +303,7 @@ fn should_place_arrivals_during_a_refill_without_loss() {
     // Drain the window so a refill is requested, then publish while it is
     // in flight.
     let mut fx = Effects::default();
-    let _ = h.q.get(4, true, &mut fx);
+    let _ = h.q.get(4, u64::MAX, true, &mut fx);
     h.apply(fx);
     assert!(h.refill.is_some());
     for i in 20..30 {
@@ -344,13 +344,13 @@ fn should_peek_with_get_without_ack() {
     let mut h = Harness::new(true, QueueArgs::default(), Limits::default());
     h.publish(1, true, None);
     let mut fx = Effects::default();
-    let GetOutcome::Messages(first) = h.q.get(1, false, &mut fx) else { panic!() };
+    let GetOutcome::Messages(first) = h.q.get(1, u64::MAX, false, &mut fx) else { panic!() };
     h.apply(fx);
     assert!(!first[0].redelivered);
     assert_eq!(first[0].msg.delivery_count, 1);
     // A peek leaves the message as it was: not redelivered, not counted.
     let mut fx = Effects::default();
-    let GetOutcome::Messages(second) = h.q.get(1, true, &mut fx) else { panic!() };
+    let GetOutcome::Messages(second) = h.q.get(1, u64::MAX, true, &mut fx) else { panic!() };
     h.apply(fx);
     assert!(!second[0].redelivered);
     assert_eq!(second[0].msg.delivery_count, 1);
@@ -376,7 +376,7 @@ fn should_not_count_peeks_toward_the_delivery_limit() {
     h.publish(1, true, None);
     for _ in 0..5 {
         let mut fx = Effects::default();
-        let GetOutcome::Messages(got) = h.q.get(1, false, &mut fx) else { panic!() };
+        let GetOutcome::Messages(got) = h.q.get(1, u64::MAX, false, &mut fx) else { panic!() };
         h.apply(fx);
         assert_eq!(got.len(), 1);
     }
@@ -636,10 +636,10 @@ fn should_deduplicate_within_the_window_across_a_restart() {
     let mut h = Harness::new(true, args(|a| a.deduplication_window_ms = Some(1000)), Limits::default());
     h.q.set_now(5000);
     assert!(matches!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Enqueued { .. }));
-    assert_eq!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Duplicate);
+    assert_eq!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Duplicate { ticket: 0 });
     h.restart();
     h.q.set_now(5999);
-    assert_eq!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Duplicate, "the window survives a restart");
+    assert_eq!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Duplicate { ticket: 0 }, "the window survives a restart");
     h.q.set_now(6000);
     assert!(matches!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Enqueued { .. }), "the window has passed");
     assert_eq!(h.drain_ids(), vec![1, 1]);
@@ -851,7 +851,7 @@ proptest! {
                 }
                 Step::Get { max, ack } => {
                     let mut fx = Effects::default();
-                    let got = h.q.get(max, ack, &mut fx);
+                    let got = h.q.get(max, u64::MAX, ack, &mut fx);
                     h.apply(fx);
                     if let GetOutcome::Messages(ds) = got {
                         // Up to `max`, from what the window holds: a prefix of

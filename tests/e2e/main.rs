@@ -6,6 +6,7 @@
 
 mod consuming;
 mod durability;
+mod flow;
 mod operability;
 mod routing;
 mod semantics;

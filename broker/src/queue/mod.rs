@@ -123,6 +123,9 @@ pub enum QueueCmd {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    /// Makes the task panic (tests of the recovery from a bug).
+    #[cfg(test)]
+    Crash,
 }
 
 /// Counts a queue publishes for listings and metrics, readable without

@@ -535,6 +535,8 @@ impl QueueTask {
                 let _ = reply.send(());
                 self.stopped = true;
             }
+            #[cfg(test)]
+            QueueCmd::Crash => panic!("injected crash"),
         }
     }
 
@@ -584,6 +586,8 @@ impl QueueTask {
             | QueueCmd::Refilled { .. }
             | QueueCmd::Writable { .. }
             | QueueCmd::Tick => {}
+            #[cfg(test)]
+            QueueCmd::Crash => {}
         }
     }
 
@@ -1053,6 +1057,10 @@ impl QueueTask {
         self.start().await;
     }
 }
+
+#[cfg(test)]
+#[path = "task_tests.rs"]
+mod tests;
 
 fn to_proto(d: &OutDelivery, consumer_tag: &str) -> proto::Delivery {
     proto::Delivery {

@@ -368,10 +368,7 @@ impl Config {
             return Err("consumer_max_unacked_bytes must be greater than 0".into());
         }
         if self.write_buffer_bytes < 1 << 20 || self.write_buffer_bytes > 4 << 30 {
-            return Err(format!(
-                "write_buffer_bytes is {}; it must be between 1MiB and 4GiB",
-                ByteSize(self.write_buffer_bytes)
-            ));
+            return Err(format!("write_buffer_bytes is {}; it must be between 1MiB and 4GiB", ByteSize(self.write_buffer_bytes)));
         }
         match self.memory_high_watermark {
             MemoryWatermark::Fraction(f) if !(f > 0.0 && f <= 1.0) => {

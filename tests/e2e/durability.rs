@@ -254,11 +254,9 @@ async fn should_keep_a_large_backlog_on_disk_with_bounded_memory() {
     // (16 MiB), whatever the backlog: allow that plus allocator slack.
     assert!(after < before + (48 << 20), "RSS grew from {before} to {after} bytes");
     drop(greedy);
-    eventually(SETTLE, "the held messages to return", || async {
-        (c.queue_info("backlog").await.unwrap().unacked == 0).then_some(())
-    })
-    .await
-    .unwrap();
+    eventually(SETTLE, "the held messages to return", || async { (c.queue_info("backlog").await.unwrap().unacked == 0).then_some(()) })
+        .await
+        .unwrap();
     assert_eq!(c.purge_queue("backlog").await.unwrap(), n - 3);
 }
 

@@ -31,9 +31,11 @@ async fn fill(c: &Client, queue: &str, n: u64, size: usize) {
     assert_eq!(c.queue_info(queue).await.unwrap().ready, n);
 }
 
-/// Reads `n` deliveries, sleeping `pause` after each (acking each unless
-/// `auto_ack`). Fails if the stream ends, or if no delivery comes for
-/// `SETTLE` while some are still expected (the stall this guards against).
+/// Reads `n` deliveries in bursts, sleeping `pause` after every 37 (acking
+/// each unless `auto_ack`), the way a client in a slower runtime reads: the
+/// broker's sends come in bursts as the connection's windows open. Fails if
+/// the stream ends, or if no delivery comes for `SETTLE` while some are
+/// still expected (the stall this guards against).
 async fn read_slowly(c: &Client, queue: &str, n: u64, auto_ack: bool, pause: Duration) -> Vec<u64> {
     let sub = Subscription::new(queue).prefetch(0);
     let sub = if auto_ack { sub.auto_ack() } else { sub };
@@ -49,7 +51,9 @@ async fn read_slowly(c: &Client, queue: &str, n: u64, auto_ack: bool, pause: Dur
         if !auto_ack {
             con.ack(d.delivery_tag).await.unwrap();
         }
-        tokio::time::sleep(pause).await;
+        if ids.len() % 37 == 0 {
+            tokio::time::sleep(pause).await;
+        }
     }
     ids
 }
@@ -58,24 +62,22 @@ async fn read_slowly(c: &Client, queue: &str, n: u64, auto_ack: bool, pause: Dur
 /// backlog larger than every buffer and window, gets every message in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn should_deliver_every_message_to_a_slow_auto_ack_consumer() {
-    let b = TestBroker::start_with(&["--queue-window-messages", "100"]).await.unwrap();
+    let b = TestBroker::start().await.unwrap();
     let c = b.client().await.unwrap();
-    fill(&c, "slow", 3000, 1024).await;
-    let ids = read_slowly(&c, "slow", 3000, true, Duration::from_millis(1)).await;
-    assert_eq!(ids, (0..3000).collect::<Vec<_>>());
-    eventually(SETTLE, "the queue to be empty", || async { (c.queue_info("slow").await.unwrap().ready == 0).then_some(()) })
-        .await
-        .unwrap();
+    fill(&c, "slow", 20_000, 1024).await;
+    let ids = read_slowly(&c, "slow", 20_000, true, Duration::from_millis(3)).await;
+    assert_eq!(ids, (0..20_000).collect::<Vec<_>>());
+    eventually(SETTLE, "the queue to be empty", || async { (c.queue_info("slow").await.unwrap().ready == 0).then_some(()) }).await.unwrap();
 }
 
 /// The same with manual acknowledgements and prefetch 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn should_deliver_every_message_to_a_slow_prefetch_0_consumer() {
-    let b = TestBroker::start_with(&["--queue-window-messages", "100"]).await.unwrap();
+    let b = TestBroker::start().await.unwrap();
     let c = b.client().await.unwrap();
-    fill(&c, "slow", 3000, 1024).await;
-    let ids = read_slowly(&c, "slow", 3000, false, Duration::from_millis(1)).await;
-    assert_eq!(ids, (0..3000).collect::<Vec<_>>());
+    fill(&c, "slow", 20_000, 1024).await;
+    let ids = read_slowly(&c, "slow", 20_000, false, Duration::from_millis(3)).await;
+    assert_eq!(ids, (0..20_000).collect::<Vec<_>>());
 }
 
 /// Prefetch 0 means the broker's maximum (`consumer_max_unacked`): a
@@ -187,14 +189,25 @@ async fn should_end_the_session_of_a_publisher_that_stopped_reading_confirms() {
     {
         let c = b.client().await.unwrap();
         c.declare_queue("mine", QueueOptions::default().exclusive()).await.unwrap();
-        // More than the broker keeps in flight per stream (8192), never
-        // reading a confirm.
-        let requests = futures::stream::iter((0..10_000u64).map(|seq| warren_client::proto::PublishStreamRequest {
-            seq,
-            message: Some(Message::new("", "nowhere", "x").into()),
-        }));
+        // Far more confirms than the broker keeps in flight per stream
+        // (8192) and than the connection's windows hold, never reading one.
+        let requests = futures::stream::iter(
+            (0..300_000u64)
+                .map(|seq| warren_client::proto::PublishStreamRequest { seq, message: Some(Message::new("", "nowhere", "x").into()) }),
+        );
         let response = c.raw().publish_stream(requests).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Wait until the broker stops reading the stream (its confirms fill
+        // the connection and its in-flight bound).
+        let mut last = 0;
+        for _ in 0..120 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let published = observer.status().await.unwrap().totals.unwrap().published;
+            if published == last && published > 8192 {
+                break;
+            }
+            last = published;
+        }
+        assert!(last > 8192 && last < 300_000, "the broker read {last} messages of a stream whose confirms nobody reads");
         assert_eq!(observer.status().await.unwrap().totals.unwrap().connections, 2);
         drop(response);
         drop(c);

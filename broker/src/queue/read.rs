@@ -166,7 +166,8 @@ pub fn read_queue_recovery(engine: &dyn Engine, queue: QueueId, now_ms: u64) -> 
     let counters = engine
         .get(Cf::QueueState, &keys::encode_queue_state(queue))?
         .map(|v| {
-            QueueCounters::decode(&v).ok_or_else(|| StoreError::Corrupt { cf: Cf::QueueState.name(), detail: format!("queue {queue} counters") })
+            QueueCounters::decode(&v)
+                .ok_or_else(|| StoreError::Corrupt { cf: Cf::QueueState.name(), detail: format!("queue {queue} counters") })
         })
         .transpose()?
         .unwrap_or_default();

@@ -811,7 +811,9 @@ impl QueueTask {
                         });
                     }
                     Ok(()) => {}
-                    Err(e) if !handoffs.is_empty() => tracing::error!(queue = %name, error = %e, "a batch with dead-lettered messages failed"),
+                    Err(e) if !handoffs.is_empty() => {
+                        tracing::error!(queue = %name, error = %e, "a batch with dead-lettered messages failed")
+                    }
                     Err(_) => {}
                 }
                 let _ = done_tx.send(BatchDone { incarnation, batch, result });

@@ -591,7 +591,11 @@ mod tests {
 
     impl Gate {
         fn closed() -> Arc<Gate> {
-            Arc::new(Gate { inner: memory::MemoryEngine::new(), state: parking_lot::Mutex::new((false, false)), cv: parking_lot::Condvar::new() })
+            Arc::new(Gate {
+                inner: memory::MemoryEngine::new(),
+                state: parking_lot::Mutex::new((false, false)),
+                cv: parking_lot::Condvar::new(),
+            })
         }
 
         fn open(&self) {

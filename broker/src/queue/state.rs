@@ -1376,8 +1376,7 @@ impl QueueState {
             .iter()
             .map(|c| if active.is_some_and(|a| a != c.id) { Room::NONE } else { c.credit(&limits, room(c.id)) })
             .collect();
-        loop {
-            let Some(next_mem) = self.window.first_key_value().map(|(_, m)| m.mem) else { break };
+        while let Some(next_mem) = self.window.first_key_value().map(|(_, m)| m.mem) {
             let fits = |r: &Room| r.messages > 0 && (r.bytes >= next_mem || r.empty);
             let n = self.consumers.len();
             let Some(best) = (0..n).filter(|i| fits(&credit[*i])).map(|i| self.consumers[i].spec.priority).max() else {

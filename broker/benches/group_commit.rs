@@ -31,13 +31,13 @@ fn bench_group_commit(c: &mut Criterion) {
                     for _ in 0..outstanding {
                         key += 1;
                         let tx = tx.clone();
-                        store.submit(WriteRequest {
-                            ops: vec![Op::Put(Cf::Messages, key.to_be_bytes().to_vec(), body.clone())],
-                            sync: true,
-                            done: Some(Box::new(move |r| {
-                                let _ = tx.send(r.is_ok());
-                            })),
-                        });
+                        store.submit(
+                            WriteRequest::new(vec![Op::Put(Cf::Messages, key.to_be_bytes().to_vec(), body.clone())], true).on_done(
+                                move |r| {
+                                    let _ = tx.send(r.is_ok());
+                                },
+                            ),
+                        );
                     }
                     drop(tx);
                     assert!(rx.iter().take(outstanding).all(|ok| ok), "a write failed");

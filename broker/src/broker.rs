@@ -19,7 +19,7 @@ use crate::model::args::{ExchangeArgs, validate_binding_args};
 use crate::model::{self, ExchangeKind, MessageData, QueueArgs, validate_name, validate_routing_key};
 use crate::queue::state::{ConsumerId, ConsumerSpec, Limits, QueueState, SeqAllocator};
 use crate::queue::task::{self, QueueEvent, TaskEnv};
-use crate::queue::{ConsumerEvent, QueueCmd, QueueRef};
+use crate::queue::{ConsumerStream, Outbox, QueueCmd, QueueRef};
 use crate::routing::Dest;
 use crate::store::counters::QueueCounters;
 use crate::store::keys::{self, meta};
@@ -32,13 +32,29 @@ pub struct BrokerConfig {
     pub node_name: String,
     /// Largest message body accepted, in bytes.
     pub max_message_size: usize,
-    /// Per-queue in-memory window.
+    /// Per-queue in-memory window and per-consumer bounds.
     pub limits: Limits,
+    /// Most bytes of messages one `Get` reply carries (the rest stay in the
+    /// queue): below the server's encoding limit, so a reply always fits.
+    pub max_reply_bytes: u64,
+}
+
+impl BrokerConfig {
+    /// The `Get` reply budget that fits a gRPC encoding limit of
+    /// `encoding_limit` bytes, leaving room for framing.
+    pub fn reply_budget(encoding_limit: usize) -> u64 {
+        (encoding_limit as u64).saturating_sub(64 << 10).max(1)
+    }
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
-        BrokerConfig { node_name: "warren".into(), max_message_size: 16 << 20, limits: Limits::default() }
+        BrokerConfig {
+            node_name: "warren".into(),
+            max_message_size: 16 << 20,
+            limits: Limits::default(),
+            max_reply_bytes: BrokerConfig::reply_budget(33 << 20),
+        }
     }
 }
 
@@ -75,7 +91,7 @@ pub struct Subscription {
     pub queue: QueueRef,
     pub consumer: ConsumerId,
     pub tag: Arc<str>,
-    pub events: mpsc::Receiver<ConsumerEvent>,
+    pub events: ConsumerStream,
 }
 
 #[derive(Clone)]
@@ -328,16 +344,17 @@ impl Broker {
         if def.durable {
             ops.push(def.delete_op());
         }
-        // Bindings from it and to it go with it.
-        let mut changed: Vec<Arc<str>> = vec![def.name.clone()];
-        let from = topo.bindings.remove(name).unwrap_or_default();
-        for b in &from {
-            ops.push(b.delete_op());
-        }
-        changed.extend(topo.remove_bindings_to(&Dest::Exchange(def.name.clone()), &mut ops));
+        // Bindings from it and to it go with it: written first, then taken
+        // out of memory, so that a failed write changes nothing.
+        let dest = Dest::Exchange(def.name.clone());
+        ops.extend(topo.bindings.get(name).into_iter().flatten().map(BindingDef::delete_op));
+        ops.extend(topo.bindings_to(&dest).map(BindingDef::delete_op));
         if !ops.is_empty() {
             self.inner.store.write(ops, true).await?;
         }
+        let mut changed: Vec<Arc<str>> = vec![def.name.clone()];
+        topo.bindings.remove(name);
+        changed.extend(topo.remove_bindings_to(&dest, &mut Vec::new()));
         topo.exchanges.remove(name);
         self.publish_snapshot(topo, &changed, &[]);
         Ok(changed.into_iter().filter(|x| **x != *name).collect())
@@ -440,19 +457,30 @@ impl Broker {
         if id.is_some_and(|id| id != entry.def.id) {
             return Err(Error::not_found("queue", name));
         }
-        let (reply, rx) = oneshot::channel();
-        let sent = entry.handle.tx.send(QueueCmd::Delete { if_unused, if_empty, reason: reason.to_string(), reply }).await;
-        let (count, mut ops) = match sent {
-            Ok(()) => rx.await.map_err(|_| Error::ShuttingDown)??,
-            Err(_) => (0, Vec::new()),
-        };
+        // The queue's task deletes its data, its definition and the bindings
+        // to it in one batch, after everything it wrote before; memory
+        // changes only once that batch is durable.
+        let dest = Dest::Queue(entry.def.name.clone());
+        let mut ops: Vec<Op> = topo.bindings_to(&dest).map(BindingDef::delete_op).collect();
         if entry.def.durable && !entry.def.exclusive {
             ops.push(entry.def.delete_op());
         }
+        let (reply, rx) = oneshot::channel();
+        let cmd = QueueCmd::Delete { if_unused, if_empty, reason: reason.to_string(), extra_ops: ops, reply };
+        let count = match entry.handle.tx.send(cmd).await {
+            Ok(()) => rx.await.map_err(|_| Error::ShuttingDown)??,
+            // The task is gone (it stopped): remove what is left.
+            Err(mpsc::error::SendError(cmd)) => {
+                let QueueCmd::Delete { extra_ops, .. } = cmd else { return Err(Error::ShuttingDown) };
+                let mut ops = crate::queue::state::delete_queue_ops(entry.def.id);
+                ops.extend(extra_ops);
+                self.inner.store.write(ops, true).await?;
+                0
+            }
+        };
         // Bindings to the queue go with it; auto-delete exchanges that lose
         // their last binding go too.
-        let changed = topo.remove_bindings_to(&Dest::Queue(entry.def.name.clone()), &mut ops);
-        self.inner.store.write(ops, true).await?;
+        let changed = topo.remove_bindings_to(&dest, &mut Vec::new());
         let removed = topo.queues.remove(name).map(|e| e.def.name.clone());
         self.publish_snapshot(&topo, &changed, removed.as_slice());
         self.auto_delete_exchanges_locked(&mut topo, changed).await;
@@ -484,7 +512,7 @@ impl Broker {
         let entry = self.queue_for(session, name)?;
         let (reply, rx) = oneshot::channel();
         entry.handle.tx.send(QueueCmd::Purge { reply }).await.map_err(|_| Error::not_found("queue", name))?;
-        rx.await.map_err(|_| Error::not_found("queue", name))
+        rx.await.map_err(|_| Error::not_found("queue", name))?
     }
 
     pub fn list_queues(&self) -> Vec<proto::QueueInfo> {
@@ -582,11 +610,15 @@ impl Broker {
         let Some(pos) = list.iter().position(|x| *x == b) else {
             return Ok(());
         };
+        // Written first: a failed write leaves the binding in place.
+        self.inner.store.write(vec![b.delete_op()], true).await?;
+        let Some(list) = topo.bindings.get_mut(&*b.source) else {
+            return Ok(());
+        };
         list.remove(pos);
         if list.is_empty() {
             topo.bindings.remove(&*b.source);
         }
-        self.inner.store.write(vec![b.delete_op()], true).await?;
         self.publish_snapshot(&topo, std::slice::from_ref(&b.source), &[]);
         self.auto_delete_exchanges_locked(&mut topo, vec![b.source.clone()]).await;
         Ok(())
@@ -687,8 +719,7 @@ impl Broker {
             validate_name("consumer tag", &sub.consumer_tag, false)?;
             sub.consumer_tag.as_str().into()
         };
-        let capacity = if sub.auto_ack || sub.prefetch == 0 { 512 } else { (sub.prefetch as usize).clamp(16, 8192) };
-        let (sink, events) = mpsc::channel(capacity);
+        let (outbox, events) = Outbox::new();
         let (reply, rx) = oneshot::channel();
         let spec = ConsumerSpec {
             tag: tag.clone(),
@@ -698,7 +729,7 @@ impl Broker {
             priority: sub.priority,
             peer: session.peer.to_string(),
         };
-        entry.handle.tx.send(QueueCmd::Subscribe { spec, sink, reply }).await.map_err(|_| Error::not_found("queue", &sub.queue))?;
+        entry.handle.tx.send(QueueCmd::Subscribe { spec, outbox, reply }).await.map_err(|_| Error::not_found("queue", &sub.queue))?;
         let consumer = rx.await.map_err(|_| Error::not_found("queue", &sub.queue))??;
         Ok(Subscription { queue: entry.handle, consumer, tag, events })
     }
@@ -710,10 +741,15 @@ impl Broker {
         entry
             .handle
             .tx
-            .send(QueueCmd::Get { max: req.max_messages.clamp(1, 10_000) as usize, ack: req.ack, reply })
+            .send(QueueCmd::Get {
+                max: req.max_messages.clamp(1, MAX_GET_MESSAGES) as usize,
+                max_bytes: self.inner.config.max_reply_bytes,
+                ack: req.ack,
+                reply,
+            })
             .await
             .map_err(|_| Error::not_found("queue", &req.queue))?;
-        let out = rx.await.map_err(|_| Error::not_found("queue", &req.queue))?;
+        let out = rx.await.map_err(|_| Error::not_found("queue", &req.queue))??;
         self.inner.totals.delivered.fetch_add(out.len() as u64, Ordering::Relaxed);
         Ok(out)
     }
@@ -740,6 +776,7 @@ impl Broker {
                     unacked: v.unacked,
                     peer: v.spec.peer,
                     active: v.active,
+                    effective_prefetch: v.effective_prefetch,
                 }));
             }
         }
@@ -825,6 +862,9 @@ impl Broker {
         self.inner.totals.delivered.fetch_add(n, Ordering::Relaxed);
     }
 }
+
+/// Most messages one `Get` asks for; larger counts are served up to this.
+pub const MAX_GET_MESSAGES: u32 = 10_000;
 
 /// The delay a message asks for: the `delay_ms` field, else the `x-delay`
 /// header (milliseconds, as RabbitMQ's delayed-message exchange reads it).

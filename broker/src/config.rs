@@ -214,6 +214,24 @@ pub struct Config {
     #[arg(long, env = "WARREN_QUEUE_WINDOW_BYTES", default_value_t = 8 << 20, value_parser = parse_bytes, value_name = "BYTES")]
     pub queue_window_bytes: u64,
 
+    /// Most unacknowledged deliveries per consumer: what a prefetch of 0
+    /// means, and the cap on a larger prefetch. Auto-ack consumers are held
+    /// to it for deliveries not yet written to their connection.
+    #[arg(long, env = "WARREN_CONSUMER_MAX_UNACKED", default_value_t = 2048, value_name = "N")]
+    pub consumer_max_unacked: u32,
+
+    /// Most bytes (bodies, headers and properties) of unacknowledged, or not
+    /// yet sent, deliveries per consumer. A single larger message is still
+    /// delivered.
+    #[arg(long, env = "WARREN_CONSUMER_MAX_UNACKED_BYTES", default_value_t = 16 << 20, value_parser = parse_bytes, value_name = "BYTES")]
+    pub consumer_max_unacked_bytes: u64,
+
+    /// Bytes of writes waiting for the disk. When the disk falls behind,
+    /// queues wait for room here and publishers wait for their queues
+    /// (back-pressure), instead of memory growing.
+    #[arg(long, env = "WARREN_WRITE_BUFFER_BYTES", default_value_t = 64 << 20, value_parser = parse_bytes, value_name = "BYTES")]
+    pub write_buffer_bytes: u64,
+
     /// RocksDB block cache, in bytes.
     #[arg(long, env = "WARREN_BLOCK_CACHE_BYTES", default_value_t = 32 << 20, value_parser = parse_usize_bytes, value_name = "BYTES")]
     pub block_cache_bytes: usize,
@@ -343,6 +361,15 @@ impl Config {
         if self.queue_window_bytes == 0 {
             return Err("queue_window_bytes must be greater than 0".into());
         }
+        if self.consumer_max_unacked == 0 {
+            return Err("consumer_max_unacked must be greater than 0".into());
+        }
+        if self.consumer_max_unacked_bytes == 0 {
+            return Err("consumer_max_unacked_bytes must be greater than 0".into());
+        }
+        if self.write_buffer_bytes < 1 << 20 || self.write_buffer_bytes > 4 << 30 {
+            return Err(format!("write_buffer_bytes is {}; it must be between 1MiB and 4GiB", ByteSize(self.write_buffer_bytes)));
+        }
         match self.memory_high_watermark {
             MemoryWatermark::Fraction(f) if !(f > 0.0 && f <= 1.0) => {
                 return Err(format!("memory_high_watermark is {f}; a fraction must be greater than 0 and at most 1.0"));
@@ -391,6 +418,9 @@ impl Config {
             ("max_message_size", self.max_message_size.to_string()),
             ("queue_window_messages", self.queue_window_messages.to_string()),
             ("queue_window_bytes", self.queue_window_bytes.to_string()),
+            ("consumer_max_unacked", self.consumer_max_unacked.to_string()),
+            ("consumer_max_unacked_bytes", self.consumer_max_unacked_bytes.to_string()),
+            ("write_buffer_bytes", self.write_buffer_bytes.to_string()),
             ("block_cache_bytes", self.block_cache_bytes.to_string()),
             ("memory_high_watermark", self.memory_high_watermark.to_string()),
             ("memory_calculation_strategy", self.memory_calculation_strategy.as_str().to_string()),

@@ -109,6 +109,17 @@ impl ConfirmTracker {
     }
 }
 
+impl Drop for ConfirmTracker {
+    /// A tracker dropped before every part was done (a queue failed with
+    /// the message in hand) still answers its publisher: rejected, so that
+    /// it publishes again.
+    fn drop(&mut self) {
+        if let Some(sink) = self.sink.get_mut().take() {
+            sink.send(immediate(self.seq, ConfirmStatus::Rejected, "a queue failed before it could confirm the message; publish it again"));
+        }
+    }
+}
+
 /// A confirm decided without any queue (unroutable, rejected up front).
 pub fn immediate(seq: u64, status: ConfirmStatus, reason: impl Into<String>) -> Confirm {
     Confirm { seq, status: status as i32, reason: reason.into(), queues: 0 }
@@ -142,5 +153,15 @@ mod tests {
         assert_eq!(c.status, ConfirmStatus::Returned as i32);
         let c = run(false, vec![PartOutcome::Dropped]);
         assert_eq!(c.status, ConfirmStatus::Unroutable as i32);
+    }
+
+    #[test]
+    fn should_reject_when_dropped_before_every_part_is_done() {
+        let (tx, mut rx) = oneshot::channel();
+        let t = ConfirmTracker::new(9, false, 2, ConfirmSink::Oneshot(tx));
+        t.part_done(PartOutcome::Enqueued);
+        drop(t);
+        let c = rx.try_recv().unwrap();
+        assert_eq!((c.seq, c.status), (9, ConfirmStatus::Rejected as i32));
     }
 }

@@ -26,6 +26,9 @@ pub enum Error {
     ResourceExhausted(String),
     #[error("broker is shutting down")]
     ShuttingDown,
+    /// Temporarily unable to serve (a queue reloading from storage).
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -45,6 +48,7 @@ impl Error {
             Error::AlreadyExists(_) => "already_exists",
             Error::ResourceExhausted(_) => "resource_exhausted",
             Error::ShuttingDown => "shutting_down",
+            Error::Unavailable(_) => "unavailable",
             Error::Store(_) => "store",
         }
     }

@@ -118,6 +118,7 @@ pub struct Metrics {
     dead_lettered: [AtomicU64; 5],
     dropped: [AtomicU64; 5],
     expired: AtomicU64,
+    queue_reloads: AtomicU64,
     /// From a publish's arrival to its confirm, for messages routed to at
     /// least one queue (durable ones include the WAL sync).
     pub confirm_latency: Histogram,
@@ -157,6 +158,7 @@ impl Metrics {
             dead_lettered: Default::default(),
             dropped: Default::default(),
             expired: AtomicU64::new(0),
+            queue_reloads: AtomicU64::new(0),
             // 50µs .. ~6.5s
             confirm_latency: Histogram::seconds(geometric(0.00005, 2.0, 18)),
             // 1ms .. ~4.5h: a message can wait in a backlog for hours.
@@ -236,6 +238,12 @@ impl Metrics {
     /// not they were dead-lettered.
     pub fn expired(&self, n: u64) {
         self.expired.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A queue dropped its memory and started again from storage (after a
+    /// failed write or an internal error).
+    pub fn queue_reloaded(&self) {
+        self.queue_reloads.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The store writer finished a batch (the [`crate::store::BatchObserver`]).
@@ -421,12 +429,17 @@ impl Collector for BrokerCollector {
         }
         let help = "Mandatory messages returned to their publisher as unroutable (also in messages_confirmed).";
         counter(&mut enc.encode_descriptor("messages_returned", help, None, ctr)?, m.confirmed[2].load(Ordering::Relaxed))?;
-        let rows: [(&str, &str, &AtomicU64); 5] = [
+        let rows: [(&str, &str, &AtomicU64); 6] = [
             ("messages_delivered", "Messages handed to consumers and to Get, redeliveries included.", &m.delivered),
             ("messages_redelivered", "Deliveries of messages delivered before.", &m.redelivered),
             ("messages_acknowledged", "Messages acknowledged by consumers.", &m.acked),
             ("messages_nacked", "Messages negatively acknowledged (nack or reject), requeued or not.", &m.nacked),
             ("messages_expired", "Messages that expired (message TTL or per-message expiration).", &m.expired),
+            (
+                "queue_reloads",
+                "Queues restarted from storage after a failed write or an internal error (their consumers were cancelled).",
+                &m.queue_reloads,
+            ),
         ];
         for (name, help, v) in rows {
             counter(&mut enc.encode_descriptor(name, help, None, ctr)?, v.load(Ordering::Relaxed))?;

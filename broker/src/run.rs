@@ -75,13 +75,22 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         .with_context(|| format!("cannot open the database in {}", config.data_dir.display()))?;
     let engine: Arc<dyn crate::store::Engine> = Arc::new(engine);
     let observer: BatchObserver = Arc::new(|requests, synced, took| metrics::global().store_batch(requests, synced, took));
-    let store = Store::new(engine.clone(), Some(observer));
+    let write_buffer = u32::try_from(config.write_buffer_bytes).unwrap_or(u32::MAX);
+    let store = Store::with_write_buffer(engine.clone(), Some(observer), write_buffer);
+    // The gRPC encoding limit; a Get reply is bounded below it.
+    let limit = config.max_message_size.saturating_mul(2).saturating_add(1 << 20);
     let broker = Broker::open(
         store,
         BrokerConfig {
             node_name: config.node_name(),
             max_message_size: config.max_message_size,
-            limits: Limits { window_messages: config.queue_window_messages, window_bytes: config.queue_window_bytes },
+            limits: Limits {
+                window_messages: config.queue_window_messages,
+                window_bytes: config.queue_window_bytes,
+                consumer_max_unacked: config.consumer_max_unacked,
+                consumer_max_unacked_bytes: config.consumer_max_unacked_bytes,
+            },
+            max_reply_bytes: BrokerConfig::reply_budget(limit),
         },
     )
     .await
@@ -128,7 +137,6 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     };
     let reflection_v1alpha = reflection().build_v1alpha().context("building the reflection service (v1alpha)")?;
     let reflection = reflection().build_v1().context("building the reflection service")?;
-    let limit = config.max_message_size.saturating_mul(2).saturating_add(1 << 20);
     let service = WarrenServer::new(
         WarrenService::new(broker.clone(), shutdown.clone(), config.data_dir.display().to_string(), addr.to_string())
             .with_publish_block_timeout(config.publish_block_timeout),

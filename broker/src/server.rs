@@ -9,7 +9,7 @@ use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
-use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
@@ -30,7 +30,7 @@ impl From<Error> for Status {
             Error::AccessRefused(_) => Status::permission_denied(msg),
             Error::AlreadyExists(_) => Status::already_exists(msg),
             Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
-            Error::ShuttingDown => Status::unavailable(msg),
+            Error::ShuttingDown | Error::Unavailable(_) => Status::unavailable(msg),
             Error::Store(_) => Status::internal(msg),
         }
     }
@@ -243,8 +243,12 @@ impl Warren for WarrenService {
                 loop {
                     // Wait for room before reading: a publisher that does not
                     // read its confirms is slowed down, not buffered.
+                    // A client that stops reading its confirms and then goes
+                    // away must not leave this task (and its session) behind:
+                    // its response stream closing ends the wait too.
                     let permit = tokio::select! {
                         p = window.acquire() => match p { Ok(p) => p, Err(_) => break },
+                        _ = tx.closed() => break,
                         _ = shutdown.cancelled() => break,
                     };
                     // While a resource alarm is raised the stream is not
@@ -366,10 +370,10 @@ impl Warren for WarrenService {
             })
         });
         let broker = self.broker.clone();
-        let rest = ReceiverStream::new(events).map(move |ev| {
+        let rest = events.map(move |ev| {
             let _keep = &guard;
             match ev {
-                ConsumerEvent::Delivery(d) => {
+                ConsumerEvent::Delivery(d, _) => {
                     broker.count_deliveries(1);
                     if let Some(t) = &traces {
                         t.deliver(&d);

@@ -293,6 +293,11 @@ impl Topology {
         }
     }
 
+    /// Every binding leading to `dest`.
+    pub fn bindings_to<'a>(&'a self, dest: &'a Dest) -> impl Iterator<Item = &'a BindingDef> + 'a {
+        self.bindings.values().flatten().filter(move |b| &b.dest == dest)
+    }
+
     /// Removes every binding leading to `dest`, adding their store
     /// deletions to `ops`; returns the source exchanges that changed.
     pub fn remove_bindings_to(&mut self, dest: &Dest, ops: &mut Vec<Op>) -> Vec<Arc<str>> {

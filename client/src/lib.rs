@@ -353,8 +353,15 @@ impl Confirm {
 pub struct Subscription(pub proto::Subscribe);
 
 impl Subscription {
+    /// The prefetch a subscription asks for unless told otherwise: finite,
+    /// in the range RabbitMQ's documentation recommends, so that a consumer
+    /// that falls behind holds a bounded number of messages.
+    pub const DEFAULT_PREFETCH: u32 = 200;
+
+    /// A subscription to `queue` with manual acknowledgements and a
+    /// prefetch of [`Subscription::DEFAULT_PREFETCH`].
     pub fn new(queue: impl Into<String>) -> Self {
-        Subscription(proto::Subscribe { queue: queue.into(), ..Default::default() })
+        Subscription(proto::Subscribe { queue: queue.into(), prefetch: Self::DEFAULT_PREFETCH, ..Default::default() })
     }
 
     pub fn consumer_tag(mut self, tag: impl Into<String>) -> Self {
@@ -362,7 +369,9 @@ impl Subscription {
         self
     }
 
-    /// Unacknowledged deliveries in flight; 0 = unlimited.
+    /// Unacknowledged deliveries in flight. 0 asks for the broker's maximum
+    /// (`consumer_max_unacked`, 2048 by default), which also caps larger
+    /// values.
     pub fn prefetch(mut self, n: u32) -> Self {
         self.0.prefetch = n;
         self

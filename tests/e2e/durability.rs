@@ -233,6 +233,30 @@ async fn should_keep_a_large_backlog_on_disk_with_bounded_memory() {
     let first = c.get("backlog", 3, true).await.unwrap();
     let ids: Vec<u64> = first.iter().map(|d| u64::from_be_bytes(d.body[..8].try_into().unwrap())).collect();
     assert_eq!(ids, vec![0, 1, 2]);
+
+    // A consumer with prefetch 0 that reads everything it is sent and never
+    // acknowledges holds the broker's per-consumer maximum, not the backlog.
+    let before = b.rss_bytes().unwrap();
+    let mut greedy = c.consume(Subscription::new("backlog").prefetch(0)).await.unwrap();
+    let mut held = 0u64;
+    while greedy.next_timeout(Duration::from_secs(2)).await.unwrap().is_some() {
+        held += 1;
+        assert!(held <= 2048, "a consumer that never acknowledges was sent more than consumer_max_unacked");
+    }
+    let after = b.rss_bytes().unwrap();
+    eprintln!(
+        "backlog: a prefetch-0 consumer that never acks holds {held} of {n} messages; broker RSS {:.1} MiB before, {:.1} MiB after",
+        before as f64 / (1 << 20) as f64,
+        after as f64 / (1 << 20) as f64
+    );
+    assert_eq!(held, 2048.min(n - 3));
+    // Bounded by the queue's window (8 MiB) and the consumer's bound
+    // (16 MiB), whatever the backlog: allow that plus allocator slack.
+    assert!(after < before + (48 << 20), "RSS grew from {before} to {after} bytes");
+    drop(greedy);
+    eventually(SETTLE, "the held messages to return", || async { (c.queue_info("backlog").await.unwrap().unacked == 0).then_some(()) })
+        .await
+        .unwrap();
     assert_eq!(c.purge_queue("backlog").await.unwrap(), n - 3);
 }
 

@@ -7,6 +7,7 @@
 mod consuming;
 mod docs;
 mod durability;
+mod flow;
 mod interop;
 mod operability;
 mod routing;

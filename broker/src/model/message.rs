@@ -24,7 +24,19 @@ impl MessageData {
     pub fn priority(&self) -> u32 {
         self.properties.priority.unwrap_or(0)
     }
+
+    /// What holding the message costs in memory and on the wire: body,
+    /// headers and properties, names, and a fixed overhead. Every memory
+    /// bound (queue windows, unacknowledged and in-flight deliveries, `Get`
+    /// replies) counts this, so that large headers cannot slip past them.
+    pub fn mem_size(&self) -> u64 {
+        (self.body.len() + self.properties.encoded_len() + self.exchange.len() + self.routing_key.len()) as u64 + MESSAGE_OVERHEAD
+    }
 }
+
+/// Bytes counted for each message besides its content (keys, counters,
+/// framing).
+pub const MESSAGE_OVERHEAD: u64 = 64;
 
 /// A message as stored in the `messages` and `paged` column families. The
 /// per-queue facts (enqueue time, expiry) live beside the published ones.
@@ -65,6 +77,12 @@ impl StoredMessage {
             expires_at_ms: None,
             delivery_count: 0,
         }
+    }
+
+    /// [`MessageData::mem_size`] of the message this record holds.
+    pub fn mem_size(&self) -> u64 {
+        let props = self.properties.as_ref().map_or(0, |p| p.encoded_len());
+        (self.body.len() + props + self.exchange.len() + self.routing_key.len()) as u64 + MESSAGE_OVERHEAD
     }
 
     pub fn into_data(self) -> MessageData {

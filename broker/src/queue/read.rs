@@ -5,6 +5,7 @@ use bytes::Bytes;
 
 use super::state::{DueDelay, DueExpiry, Loc, RefillEntry, RefillRequest, TimerRequest, TimerResult};
 use crate::model::StoredMessage;
+use crate::store::counters::QueueCounters;
 use crate::store::keys::{self, QueueId, Record};
 use crate::store::{Cf, Engine, StoreError};
 
@@ -29,7 +30,7 @@ pub fn read_refill(engine: &dyn Engine, queue: QueueId, req: &RefillRequest) -> 
         if keep >= req.max_messages || (keep > 0 && bytes >= req.max_bytes) {
             break;
         }
-        bytes += e.message.body.len() as u64;
+        bytes += e.message.mem_size();
         keep += 1;
     }
     if keep < merged.len() {
@@ -63,7 +64,7 @@ fn read_cf(engine: &dyn Engine, cf: Cf, queue: QueueId, req: &RefillRequest) -> 
                     break;
                 }
                 let message = StoredMessage::decode_bytes(Bytes::from(v))?;
-                bytes += message.body.len() as u64;
+                bytes += message.mem_size();
                 let delivery_count = if cf == Cf::Paged { message.delivery_count } else { 0 };
                 out.push(RefillEntry { key, loc: if cf == Cf::Paged { Loc::Paged } else { Loc::Stored }, message, delivery_count });
             }
@@ -148,4 +149,49 @@ pub fn read_inboxes(engine: &dyn Engine) -> Result<Vec<(QueueId, Vec<u8>, Stored
         out.push((queue, k, StoredMessage::decode_bytes(Bytes::from(v))?));
     }
     Ok(out)
+}
+
+/// What a queue needs to start again from the store alone (after a storage
+/// failure left its memory out of step with the disk).
+pub struct QueueRecovery {
+    pub counters: QueueCounters,
+    /// Deduplication window: (message id, window end).
+    pub dedup: Vec<(String, u64)>,
+    /// Dead-lettered messages waiting in its inbox.
+    pub inbox: Vec<(Vec<u8>, StoredMessage)>,
+}
+
+/// Reads one queue's counters, deduplication window and inbox.
+pub fn read_queue_recovery(engine: &dyn Engine, queue: QueueId, now_ms: u64) -> Result<QueueRecovery, StoreError> {
+    let counters = engine
+        .get(Cf::QueueState, &keys::encode_queue_state(queue))?
+        .map(|v| {
+            QueueCounters::decode(&v)
+                .ok_or_else(|| StoreError::Corrupt { cf: Cf::QueueState.name(), detail: format!("queue {queue} counters") })
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let (start, end) = (keys::queue_start(queue), keys::queue_end(queue));
+    let mut dedup = Vec::new();
+    for (k, v) in engine.scan(Cf::Dedup, &start, &end, usize::MAX)? {
+        let until = <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes).unwrap_or(0);
+        if let Some((_, id)) = keys::decode_dedup(&k)
+            && until > now_ms
+        {
+            dedup.push((id, until));
+        }
+    }
+    let mut inbox = Vec::new();
+    for (k, v) in engine.scan(Cf::Inbox, &start, &end, usize::MAX)? {
+        inbox.push((k, StoredMessage::decode_bytes(Bytes::from(v))?));
+    }
+    Ok(QueueRecovery { counters, dedup, inbox })
+}
+
+/// The writes that drop a queue's data that never outlives a restart
+/// (paged messages, transient delays and expiry entries): what a restart
+/// does at open, for one queue.
+pub fn clear_transient_ops(queue: QueueId) -> Vec<crate::store::Op> {
+    let (start, end) = (keys::queue_start(queue).to_vec(), keys::queue_end(queue));
+    Cf::TRANSIENT.iter().map(|cf| crate::store::Op::DeleteRange(*cf, start.clone(), end.clone())).collect()
 }

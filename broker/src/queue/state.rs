@@ -88,16 +88,45 @@ impl SeqAllocator {
     }
 }
 
-/// How much of a queue's backlog may be held in memory.
+/// How much a queue may hold in memory. Byte limits count
+/// [`MessageData::mem_size`] (body, headers and properties).
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
+    /// Ready messages held in memory; the rest of a backlog stays on disk.
     pub window_messages: usize,
     pub window_bytes: u64,
+    /// Most unacknowledged deliveries per consumer: what `prefetch: 0`
+    /// means, and the cap on a larger prefetch. Auto-ack consumers are held
+    /// to it for deliveries not yet written to their stream.
+    pub consumer_max_unacked: u32,
+    /// Most bytes of unacknowledged (or not yet sent) deliveries per
+    /// consumer; a single larger message is still delivered.
+    pub consumer_max_unacked_bytes: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { window_messages: 2048, window_bytes: 8 << 20 }
+        Limits { window_messages: 2048, window_bytes: 8 << 20, consumer_max_unacked: 2048, consumer_max_unacked_bytes: 16 << 20 }
+    }
+}
+
+/// What a consumer's outgoing buffer (deliveries handed to its stream but
+/// not yet written to the connection) can take now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Room {
+    pub messages: usize,
+    pub bytes: u64,
+    /// Nothing is waiting in it: one message of any size may go.
+    pub empty: bool,
+}
+
+impl Room {
+    /// No limit from the buffer (tests, or a consumer that is not there).
+    pub const UNLIMITED: Room = Room { messages: usize::MAX, bytes: u64::MAX, empty: true };
+    pub const NONE: Room = Room { messages: 0, bytes: 0, empty: false };
+
+    pub fn messages(n: usize) -> Room {
+        Room { messages: n, bytes: u64::MAX, empty: true }
     }
 }
 
@@ -117,7 +146,14 @@ pub enum Loc {
 pub struct QMsg {
     pub key: MsgKey,
     pub data: Arc<MessageData>,
+    /// Body bytes (what `x-max-length-bytes` counts, as in RabbitMQ).
     pub size: u64,
+    /// Memory bytes ([`MessageData::mem_size`]): what memory limits count.
+    pub mem: u64,
+    /// The owner task's write ticket of the round that stored it: a
+    /// delivery of a stored message waits until that write is durable.
+    /// 0 when it came from the store.
+    pub ticket: u64,
     /// Deliveries so far.
     pub delivery_count: u32,
     pub loc: Loc,
@@ -227,7 +263,9 @@ pub enum EnqueueOutcome {
     /// batch to be synced when `needs_sync`.
     Enqueued { needs_sync: bool },
     /// Its message id is within the deduplication window: not enqueued.
-    Duplicate,
+    /// The first copy was stored under write `ticket` (0: already durable);
+    /// the duplicate answer waits for it, and shares its fate.
+    Duplicate { ticket: u64 },
     /// Refused (a full queue with `x-overflow: reject-publish`).
     Rejected(String),
 }
@@ -322,15 +360,32 @@ struct Consumer {
     spec: ConsumerSpec,
     next_tag: u64,
     unacked: BTreeMap<u64, QMsg>,
+    /// Memory bytes of `unacked`.
+    unacked_mem: u64,
 }
 
 impl Consumer {
-    /// How many more deliveries prefetch allows.
-    fn prefetch_room(&self) -> usize {
-        if self.spec.auto_ack || self.spec.prefetch == 0 {
-            usize::MAX
-        } else {
-            (self.spec.prefetch as usize).saturating_sub(self.unacked.len())
+    /// The most unacknowledged deliveries it may hold: its prefetch, capped
+    /// at the broker's limit (which is also what prefetch 0 means).
+    fn effective_prefetch(&self, limits: &Limits) -> u32 {
+        match self.spec.prefetch {
+            0 => limits.consumer_max_unacked,
+            p => p.min(limits.consumer_max_unacked),
+        }
+        .max(1)
+    }
+
+    /// How many more deliveries, and bytes, its prefetch and the memory
+    /// bound allow (auto-ack consumers hold nothing unacknowledged).
+    fn credit(&self, limits: &Limits, room: Room) -> Room {
+        if self.spec.auto_ack {
+            return room;
+        }
+        let prefetch = (self.effective_prefetch(limits) as usize).saturating_sub(self.unacked.len());
+        Room {
+            messages: prefetch.min(room.messages),
+            bytes: limits.consumer_max_unacked_bytes.saturating_sub(self.unacked_mem).min(room.bytes),
+            empty: room.empty && self.unacked.is_empty(),
         }
     }
 }
@@ -341,6 +396,8 @@ pub struct ConsumerView {
     pub id: ConsumerId,
     pub spec: ConsumerSpec,
     pub unacked: u64,
+    /// The prefetch that applies (the broker caps it); 0 for auto-ack.
+    pub effective_prefetch: u32,
     pub active: bool,
 }
 
@@ -388,6 +445,10 @@ pub struct QueueState {
     next_consumer: ConsumerId,
     rr: usize,
     unacked: u64,
+    /// Which consumer holds each unacknowledged message.
+    unacked_keys: HashMap<MsgKey, ConsumerId>,
+    /// The owner task's write ticket for this round (see [`QMsg::ticket`]).
+    ticket: u64,
     had_consumer: bool,
     /// Delayed messages (in the delay index, not ready).
     delayed: u64,
@@ -399,12 +460,13 @@ pub struct QueueState {
     /// Keys consumed while a timer read was in flight: its result may still
     /// list them.
     consumed_during_timer: HashSet<MsgKey>,
-    /// Disk-only keys expired while a refill was in flight: its result may
-    /// still return them.
-    expired_during_refill: HashSet<MsgKey>,
-    /// Deduplication window: message id -> end of its window, and the ids
-    /// in window-end order for pruning.
-    dedup: HashMap<String, u64>,
+    /// Keys that left the queue (acknowledged, expired, dropped) while a
+    /// refill was in flight: its result, read before they left, may still
+    /// return them.
+    gone_during_refill: HashSet<MsgKey>,
+    /// Deduplication window: message id -> (end of its window, write ticket
+    /// of its first copy), and the ids in window-end order for pruning.
+    dedup: HashMap<String, (u64, u64)>,
     dedup_order: VecDeque<(u64, String)>,
     /// When the queue was last used (consumer, get, declare), for `x-expires`.
     last_used: u64,
@@ -459,6 +521,8 @@ impl QueueState {
             next_consumer: 1,
             rr: 0,
             unacked: 0,
+            unacked_keys: HashMap::new(),
+            ticket: 0,
             had_consumer: false,
             now: 0,
             delayed: 0,
@@ -467,7 +531,7 @@ impl QueueState {
             timer_in_flight: false,
             timer_epoch: 0,
             consumed_during_timer: HashSet::new(),
-            expired_during_refill: HashSet::new(),
+            gone_during_refill: HashSet::new(),
             dedup: HashMap::new(),
             dedup_order: VecDeque::new(),
             last_used: 0,
@@ -485,6 +549,46 @@ impl QueueState {
 
     pub fn now(&self) -> u64 {
         self.now
+    }
+
+    /// Sets the write ticket of the round about to run: messages stored in
+    /// it carry the ticket, so their deliveries can wait for the write.
+    pub fn set_ticket(&mut self, ticket: u64) {
+        self.ticket = ticket;
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn seqs(&self) -> &Arc<SeqAllocator> {
+        &self.seqs
+    }
+
+    /// The id the next consumer gets. A queue rebuilt from storage goes on
+    /// from its predecessor's, so that a late command for a consumer of the
+    /// old state never reaches a new one.
+    pub fn next_consumer_id(&self) -> ConsumerId {
+        self.next_consumer
+    }
+
+    pub fn set_next_consumer_id(&mut self, id: ConsumerId) {
+        self.next_consumer = self.next_consumer.max(id);
+    }
+
+    /// Whether ready messages are in memory, waiting for consumer credit.
+    pub fn has_window(&self) -> bool {
+        !self.window.is_empty()
+    }
+
+    /// Whether consumer `id` could take more if its buffer had room: it is
+    /// within its prefetch (and is the active one under single active
+    /// consumer).
+    pub fn wants_more(&self, id: ConsumerId) -> bool {
+        if self.active_consumer().is_some_and(|a| a != id) {
+            return false;
+        }
+        self.consumers.iter().find(|c| c.id == id).is_some_and(|c| c.credit(&self.limits, Room::UNLIMITED).messages > 0)
     }
 
     /// A durable queue after a restart: everything it stored is ready and
@@ -518,7 +622,7 @@ impl QueueState {
         let mut dedup = dedup;
         dedup.sort_by_key(|(_, until)| *until);
         for (id, until) in dedup {
-            q.dedup.insert(id.clone(), until);
+            q.dedup.insert(id.clone(), (until, 0));
             q.dedup_order.push_back((until, id));
         }
         q
@@ -573,6 +677,7 @@ impl QueueState {
                 id: c.id,
                 spec: c.spec.clone(),
                 unacked: c.unacked.len() as u64,
+                effective_prefetch: if c.spec.auto_ack { 0 } else { c.effective_prefetch(&self.limits) },
                 active: active.is_none_or(|a| a == c.id),
             })
             .collect()
@@ -599,8 +704,8 @@ impl QueueState {
         });
         if let Some(id) = &dedup_id {
             self.prune_dedup(fx);
-            if self.dedup.contains_key(id) {
-                return EnqueueOutcome::Duplicate;
+            if let Some((_, ticket)) = self.dedup.get(id) {
+                return EnqueueOutcome::Duplicate { ticket: *ticket };
             }
         }
         let stored = data.persistent() && self.durable;
@@ -679,6 +784,8 @@ impl QueueState {
         let msg = QMsg {
             key,
             size: data.body.len() as u64,
+            mem: data.mem_size(),
+            ticket: self.ticket,
             data,
             delivery_count: 0,
             loc: if stored { Loc::Stored } else { Loc::Memory },
@@ -731,10 +838,13 @@ impl QueueState {
     fn remember_dedup(&mut self, id: Option<String>, fx: &mut Effects) {
         let (Some(id), Some(window)) = (id, self.args.deduplication_window_ms) else { return };
         let until = self.now.saturating_add(window);
+        // The id is remembered in the batch that stores the message; until
+        // that batch is durable a duplicate's answer waits for it.
+        let ticket = if self.durable { self.ticket } else { 0 };
         if self.durable {
             fx.ops.push(Op::Put(Cf::Dedup, keys::encode_dedup(self.id, &id), until.to_be_bytes().to_vec()));
         }
-        self.dedup.insert(id.clone(), until);
+        self.dedup.insert(id.clone(), (until, ticket));
         self.dedup_order.push_back((until, id));
     }
 
@@ -745,7 +855,7 @@ impl QueueState {
                 break;
             }
             let Some((until, id)) = self.dedup_order.pop_front() else { break };
-            if self.dedup.get(&id) == Some(&until) {
+            if self.dedup.get(&id).is_some_and(|(u, _)| *u == until) {
                 self.dedup.remove(&id);
                 if self.durable {
                     fx.ops.push(Op::Delete(Cf::Dedup, keys::encode_dedup(self.id, &id)));
@@ -801,7 +911,7 @@ impl QueueState {
     /// Puts a ready message where the window invariant says it belongs.
     fn place(&mut self, msg: QMsg, fx: &mut Effects) {
         if self.frontier.is_none_or(|f| msg.key < f) {
-            self.window_tally.add(msg.size);
+            self.window_tally.add(msg.mem);
             self.window.insert(msg.key, msg);
             self.enforce_window(fx);
         } else if self.refill_in_flight {
@@ -839,7 +949,7 @@ impl QueueState {
             && (self.window.len() > self.limits.window_messages || self.window_tally.bytes > self.limits.window_bytes)
         {
             let Some((key, msg)) = self.window.pop_last() else { break };
-            self.window_tally.sub(msg.size);
+            self.window_tally.sub(msg.mem);
             self.frontier = Some(key);
             self.make_disk_only(msg, fx);
         }
@@ -875,20 +985,22 @@ impl QueueState {
     /// of the queue's key range.
     pub fn refilled(&mut self, epoch: u64, entries: Vec<RefillEntry>, exhausted: bool, fx: &mut Effects) {
         self.refill_in_flight = false;
-        let tombstones = std::mem::take(&mut self.expired_during_refill);
+        // Keys that left the queue after the read was asked for: the read
+        // may still have seen them.
+        let gone = std::mem::take(&mut self.gone_during_refill);
         if epoch == self.epoch {
-            // The store also holds messages that are not ready: unacknowledged
-            // deliveries of stored messages keep their record until acked.
-            let skip: HashSet<MsgKey> = self
-                .side
-                .iter()
-                .map(|m| m.key)
-                .chain(self.consumers.iter().flat_map(|c| c.unacked.values().map(|m| m.key)))
-                .chain(tombstones.iter().copied())
-                .collect();
+            // The store also holds messages that are not ready:
+            // unacknowledged deliveries of stored messages keep their record
+            // until acked, and messages that arrived during the read wait in
+            // `side`.
+            let side: HashSet<MsgKey> = self.side.iter().map(|m| m.key).collect();
             let last = entries.last().map(|e| e.key);
             for e in entries {
-                if self.window.contains_key(&e.key) || skip.contains(&e.key) {
+                if self.window.contains_key(&e.key)
+                    || side.contains(&e.key)
+                    || self.unacked_keys.contains_key(&e.key)
+                    || gone.contains(&e.key)
+                {
                     continue;
                 }
                 let size = e.message.body.len() as u64;
@@ -896,16 +1008,20 @@ impl QueueState {
                 if e.loc == Loc::Stored {
                     self.disk_only_stored.sub(size);
                 }
+                let (enqueued_at_ms, expires_at_ms) = (e.message.enqueued_at_ms, e.message.expires_at_ms);
+                let data = e.message.into_data();
                 let msg = QMsg {
                     key: e.key,
                     size,
+                    mem: data.mem_size(),
+                    ticket: 0,
                     delivery_count: e.delivery_count,
                     loc: e.loc,
-                    enqueued_at_ms: e.message.enqueued_at_ms,
-                    expires_at_ms: e.message.expires_at_ms,
-                    data: Arc::new(e.message.into_data()),
+                    enqueued_at_ms,
+                    expires_at_ms,
+                    data: Arc::new(data),
                 };
-                self.window_tally.add(size);
+                self.window_tally.add(msg.mem);
                 self.window.insert(msg.key, msg);
             }
             if exhausted {
@@ -934,7 +1050,7 @@ impl QueueState {
     /// next round asks again.
     pub fn refill_failed(&mut self, fx: &mut Effects) {
         self.refill_in_flight = false;
-        self.expired_during_refill.clear();
+        self.gone_during_refill.clear();
         self.epoch += 1;
         for msg in std::mem::take(&mut self.side) {
             self.place(msg, fx);
@@ -1056,7 +1172,7 @@ impl QueueState {
                 return;
             }
             if let Some(msg) = self.window.remove(&e.key) {
-                self.window_tally.sub(msg.size);
+                self.window_tally.sub(msg.mem);
                 self.ready.sub(msg.size);
                 self.remove_and_dead_letter(msg, DeathReason::Expired, fx);
             }
@@ -1072,27 +1188,28 @@ impl QueueState {
             self.remove_and_dead_letter(msg, DeathReason::Expired, fx);
             return;
         }
-        let unacked = self.consumers.iter().any(|c| c.unacked.values().any(|m| m.key == e.key));
+        let unacked = self.unacked_keys.contains_key(&e.key);
         let disk_only = !unacked && self.frontier.is_some_and(|f| e.key >= f);
         match bodies.remove(&e.key) {
             Some((loc, stored, delivery_count)) if disk_only && !stale(stored.expires_at_ms) => {
+                let (enqueued_at_ms, expires_at_ms) = (stored.enqueued_at_ms, stored.expires_at_ms);
+                let data = stored.into_data();
                 let msg = QMsg {
                     key: e.key,
-                    size: stored.body.len() as u64,
+                    size: data.body.len() as u64,
+                    mem: data.mem_size(),
+                    ticket: 0,
                     delivery_count,
                     loc,
-                    enqueued_at_ms: stored.enqueued_at_ms,
-                    expires_at_ms: stored.expires_at_ms,
-                    data: Arc::new(stored.into_data()),
+                    enqueued_at_ms,
+                    expires_at_ms,
+                    data: Arc::new(data),
                 };
                 self.disk_only.sub(msg.size);
                 if loc == Loc::Stored {
                     self.disk_only_stored.sub(msg.size);
                 }
                 self.ready.sub(msg.size);
-                if self.refill_in_flight {
-                    self.expired_during_refill.insert(msg.key);
-                }
                 self.remove_and_dead_letter(msg, DeathReason::Expired, fx);
             }
             // Unacknowledged: it expires when it comes back (requeue checks),
@@ -1127,7 +1244,7 @@ impl QueueState {
         }
         let id = self.next_consumer;
         self.next_consumer += 1;
-        self.consumers.push(Consumer { id, spec, next_tag: 1, unacked: BTreeMap::new() });
+        self.consumers.push(Consumer { id, spec, next_tag: 1, unacked: BTreeMap::new(), unacked_mem: 0 });
         self.had_consumer = true;
         self.last_used = self.now;
         Ok(id)
@@ -1146,6 +1263,7 @@ impl QueueState {
         self.last_used = self.now;
         for (_, msg) in consumer.unacked {
             self.unacked -= 1;
+            self.unacked_keys.remove(&msg.key);
             self.requeue(msg, fx);
         }
         true
@@ -1203,12 +1321,15 @@ impl QueueState {
         if self.timer_in_flight {
             self.consumed_during_timer.insert(msg.key);
         }
+        if self.refill_in_flight && msg.loc != Loc::Memory {
+            self.gone_during_refill.insert(msg.key);
+        }
     }
 
     /// Takes the first ready message out of the window.
     fn pop_ready(&mut self) -> Option<QMsg> {
         let (_, msg) = self.window.pop_first()?;
-        self.window_tally.sub(msg.size);
+        self.window_tally.sub(msg.mem);
         self.ready.sub(msg.size);
         Some(msg)
     }
@@ -1240,44 +1361,62 @@ impl QueueState {
     }
 
     /// Hands ready messages to consumers with room: highest consumer
-    /// priority first, round-robin among equals, within prefetch and within
-    /// `room(consumer)` (what its outgoing channel can take now).
-    pub fn dispatch(&mut self, fx: &mut Effects, room: &mut dyn FnMut(ConsumerId) -> usize) {
+    /// priority first, round-robin among equals, within each consumer's
+    /// prefetch and memory bound and within `room(consumer)` (what its
+    /// outgoing buffer can take now).
+    pub fn dispatch(&mut self, fx: &mut Effects, room: &mut dyn FnMut(ConsumerId) -> Room) {
         if self.consumers.is_empty() {
             self.maybe_refill(fx);
             return;
         }
         let active = self.active_consumer();
-        let mut credit: Vec<usize> =
-            self.consumers.iter().map(|c| if active.is_some_and(|a| a != c.id) { 0 } else { room(c.id).min(c.prefetch_room()) }).collect();
-        loop {
-            if self.window.is_empty() {
-                break;
-            }
+        let limits = self.limits;
+        let mut credit: Vec<Room> = self
+            .consumers
+            .iter()
+            .map(|c| if active.is_some_and(|a| a != c.id) { Room::NONE } else { c.credit(&limits, room(c.id)) })
+            .collect();
+        while let Some(next_mem) = self.window.first_key_value().map(|(_, m)| m.mem) {
+            let fits = |r: &Room| r.messages > 0 && (r.bytes >= next_mem || r.empty);
             let n = self.consumers.len();
-            let Some(best) = (0..n).filter(|i| credit[*i] > 0).map(|i| self.consumers[i].spec.priority).max() else {
+            let Some(best) = (0..n).filter(|i| fits(&credit[*i])).map(|i| self.consumers[i].spec.priority).max() else {
                 break;
             };
-            let Some(idx) = (0..n).map(|k| (self.rr + k) % n).find(|i| credit[*i] > 0 && self.consumers[*i].spec.priority == best) else {
+            let Some(idx) = (0..n).map(|k| (self.rr + k) % n).find(|i| fits(&credit[*i]) && self.consumers[*i].spec.priority == best)
+            else {
                 break;
             };
             let Some(mut msg) = self.pop_deliverable(fx) else { break };
+            if msg.mem != next_mem && !(credit[idx].bytes >= msg.mem || credit[idx].empty) {
+                // Expired messages left the head on the way and the new head
+                // does not fit this consumer: it stays the head; choose again.
+                self.ready.add(msg.size);
+                self.window_tally.add(msg.mem);
+                self.window.insert(msg.key, msg);
+                continue;
+            }
             let auto_ack = self.consumers[idx].spec.auto_ack;
             let redelivered = self.count_delivery(&mut msg, !auto_ack, fx);
             let consumer_id = self.consumers[idx].id;
             let tag = {
                 let c = &mut self.consumers[idx];
                 let tag = c.next_tag;
-                c.next_tag += 1;
+                c.next_tag = c.next_tag.saturating_add(1);
                 tag
             };
             if auto_ack {
                 self.consume(&msg, fx);
             } else {
-                self.consumers[idx].unacked.insert(tag, msg.clone());
+                let c = &mut self.consumers[idx];
+                c.unacked_mem = c.unacked_mem.saturating_add(msg.mem);
+                c.unacked.insert(tag, msg.clone());
+                self.unacked_keys.insert(msg.key, consumer_id);
                 self.unacked += 1;
             }
-            credit[idx] -= 1;
+            let r = &mut credit[idx];
+            r.messages -= 1;
+            r.bytes = r.bytes.saturating_sub(msg.mem);
+            r.empty = false;
             self.rr = (idx + 1) % n;
             fx.deliveries.push(OutDelivery { consumer: consumer_id, tag, redelivered, msg });
         }
@@ -1292,7 +1431,12 @@ impl QueueState {
             .find(|c| c.id == id)
             .ok_or_else(|| Error::PreconditionFailed(format!("consumer is no longer subscribed to queue '{name}'")))?;
         let taken: Vec<QMsg> = if multiple {
-            let keep = if tag == 0 { BTreeMap::new() } else { c.unacked.split_off(&(tag + 1)) };
+            // Everything up to and including `tag`; 0 (and u64::MAX) mean
+            // everything.
+            let keep = match tag.checked_add(1) {
+                Some(above) if tag != 0 => c.unacked.split_off(&above),
+                _ => BTreeMap::new(),
+            };
             let taken = std::mem::replace(&mut c.unacked, keep);
             if taken.is_empty() && tag != 0 {
                 return Err(Error::PreconditionFailed(format!("unknown delivery tag {tag}")));
@@ -1304,6 +1448,10 @@ impl QueueState {
                 None => return Err(Error::PreconditionFailed(format!("unknown delivery tag {tag}"))),
             }
         };
+        for m in &taken {
+            c.unacked_mem = c.unacked_mem.saturating_sub(m.mem);
+            self.unacked_keys.remove(&m.key);
+        }
         self.unacked -= taken.len() as u64;
         Ok(taken)
     }
@@ -1330,18 +1478,37 @@ impl QueueState {
 
     // --------------------------------------------------------- get, purge
 
-    /// Pulls up to `max` messages. With `ack` they are removed; without, they
-    /// stay in the queue unchanged (a peek: not counted as a delivery).
-    pub fn get(&mut self, max: usize, ack: bool, fx: &mut Effects) -> GetOutcome {
-        if self.window.is_empty() && (self.disk_only.count > 0 || !self.side.is_empty()) {
+    /// Pulls up to `max` messages holding at most `max_bytes` memory bytes
+    /// (one message always, whatever its size), so that the reply can be
+    /// sent: nothing is taken that cannot be returned. With `ack` they are
+    /// removed; without, they stay in the queue unchanged (a peek: not
+    /// counted as a delivery).
+    pub fn get(&mut self, max: usize, max_bytes: u64, ack: bool, fx: &mut Effects) -> GetOutcome {
+        if self.window.is_empty() && self.backlog_on_disk() {
             self.maybe_refill(fx);
             return GetOutcome::NeedRefill;
         }
         self.last_used = self.now;
-        let mut out = Vec::new();
+        let mut out: Vec<OutDelivery> = Vec::new();
         let mut back = Vec::new();
+        let mut bytes = 0u64;
         while out.len() < max {
+            if let Some((_, head)) = self.window.first_key_value()
+                && !out.is_empty()
+                && bytes.saturating_add(head.mem) > max_bytes
+            {
+                break;
+            }
             let Some(mut msg) = self.pop_deliverable(fx) else { break };
+            if !out.is_empty() && bytes.saturating_add(msg.mem) > max_bytes {
+                // Expired heads went on the way and this one does not fit:
+                // it stays at the head.
+                self.ready.add(msg.size);
+                self.window_tally.add(msg.mem);
+                self.window.insert(msg.key, msg);
+                break;
+            }
+            bytes = bytes.saturating_add(msg.mem);
             let redelivered = if ack {
                 let r = self.count_delivery(&mut msg, false, fx);
                 self.consume(&msg, fx);
@@ -1360,8 +1527,19 @@ impl QueueState {
         for msg in back {
             self.requeue(msg, fx);
         }
+        if out.is_empty() && self.window.is_empty() && self.backlog_on_disk() {
+            // Every message in memory had expired; ready ones remain on disk.
+            self.maybe_refill(fx);
+            return GetOutcome::NeedRefill;
+        }
         self.maybe_refill(fx);
         GetOutcome::Messages(out)
+    }
+
+    /// Ready messages that are not in the window: on disk, or waiting for a
+    /// refill to place them.
+    fn backlog_on_disk(&self) -> bool {
+        self.disk_only.count > 0 || !self.side.is_empty()
     }
 
     /// Removes every ready message; unacknowledged ones stay. Returns how
@@ -1432,7 +1610,7 @@ impl QueueState {
 
     #[cfg(test)]
     fn check_invariants(&self) {
-        let window_bytes: u64 = self.window.values().map(|m| m.size).sum();
+        let window_bytes: u64 = self.window.values().map(|m| m.mem).sum();
         assert_eq!(self.window_tally.count, self.window.len() as u64);
         assert_eq!(self.window_tally.bytes, window_bytes);
         let side_count = self.side.len() as u64;

@@ -1,29 +1,53 @@
 //! The owner task of one queue: receives commands, applies them to the
-//! [`QueueState`], and carries out the effects — one store batch per round
-//! of commands, confirms after the batch is durable, deliveries to consumer
-//! channels, refill and timer reads, dead-letter routing.
+//! [`QueueState`], and carries out the resulting effects — one store batch
+//! per round of commands, deliveries to consumer outboxes, replies, refill
+//! and timer reads, dead-letter routing.
 //!
-//! The task sleeps until its next command or its state's next deadline
-//! (an expiry, a delay, `x-expires`), whichever comes first.
+//! # Outward effects wait for the writes they depend on
+//!
+//! Each round's writes go to the store as one batch with the next *write
+//! ticket* (1, 2, 3, ... per task). A publish is confirmed from the batch's
+//! completion, once it is durable. Everything else the outside world sees is
+//! released in order once the batches it depends on are durable: a delivery
+//! of a stored message waits for the batch that stored it, a duplicate's
+//! answer for the batch that stored the first copy, a `Get` or purge reply
+//! for its own round's batch. So a client never sees a message, or an
+//! answer, that a failed write could take back.
+//!
+//! # Failures
+//!
+//! Every write carries the task's [`Fence`]: once one fails, the store
+//! refuses the rest, so nothing is built on a change that never happened.
+//! The task then *reloads*: its consumers are cancelled (their clients
+//! subscribe again), answers still waiting are failed, and the queue is
+//! rebuilt from what the store holds, exactly as a restart would rebuild it
+//! (persistent messages of a durable queue stay; transient ones are gone).
+//! A panic in a round (a bug) is handled the same way. While a reload cannot
+//! read the store, the queue answers `UNAVAILABLE` and retries with backoff.
+//!
+//! The task sleeps until its next command, a write completion, or its
+//! state's next deadline (an expiry, a delay, `x-expires`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures::FutureExt;
 use prost::Message as _;
 use tokio::sync::{mpsc, oneshot};
 use warren_client::proto;
 
 use super::deadletter;
-use super::read::{read_refill, read_timers};
-use super::state::{ConsumerId, DeadLetter, Effects, EnqueueOutcome, GetOutcome, OutDelivery, QueueState};
-use super::{ConsumerEvent, QueueCmd, QueueRef, QueueShared};
+use super::read::{clear_transient_ops, read_queue_recovery, read_refill, read_timers};
+use super::state::{ConsumerId, DeadLetter, Effects, EnqueueOutcome, GetOutcome, Loc, OutDelivery, QueueState, Room};
+use super::{ConsumerEvent, Outbox, QueueCmd, QueueRef, QueueShared};
 use crate::confirm::{ConfirmTracker, PartOutcome};
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::model::{MessageData, StoredMessage, now_ms};
 use crate::store::keys;
-use crate::store::{Cf, Op, Store, WriteRequest};
+use crate::store::{Cf, Fence, Op, Store, StoreError, WriteRequest};
 use crate::topology::Snapshot;
 
 /// Commands applied per round before effects are flushed: larger rounds mean
@@ -32,6 +56,10 @@ const ROUND: usize = 256;
 
 /// Capacity of a queue's command channel; publishers wait when it is full.
 pub const QUEUE_CHANNEL: usize = 4096;
+
+/// First and longest wait between attempts to reload from storage.
+const RELOAD_RETRY_MIN: Duration = Duration::from_millis(100);
+const RELOAD_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// What the task tells the broker.
 #[derive(Debug)]
@@ -67,14 +95,52 @@ impl Handoff {
     }
 }
 
-/// Where a delete's outcome goes: the message count and the writes that
-/// remove the queue's data.
-type DeleteReply = oneshot::Sender<crate::error::Result<(u64, Vec<Op>)>>;
+/// A reply or confirm that may only be given once the writes before it are
+/// durable; called with the failure otherwise.
+type Reply = Box<dyn FnOnce(Result<()>) + Send>;
+
+/// Something the outside world sees, waiting for a write ticket.
+enum Outward {
+    Deliver { consumer: ConsumerId, delivery: Box<proto::Delivery>, mem: u64 },
+    Reply(Reply),
+}
+
+struct Held {
+    ticket: u64,
+    what: Outward,
+}
 
 struct ConsumerSink {
     tag: Arc<str>,
-    tx: mpsc::Sender<ConsumerEvent>,
-    waiting: bool,
+    outbox: Arc<Outbox>,
+}
+
+struct PendingGet {
+    max: usize,
+    max_bytes: u64,
+    ack: bool,
+    reply: oneshot::Sender<Result<Vec<proto::Delivery>>>,
+}
+
+struct PendingDelete {
+    count: u64,
+    reason: String,
+    extra_ops: Vec<Op>,
+    reply: oneshot::Sender<Result<u64>>,
+}
+
+/// A batch's outcome, sent back from the store writer.
+struct BatchDone {
+    incarnation: u64,
+    batch: u64,
+    result: std::result::Result<(), StoreError>,
+}
+
+/// What woke the task.
+enum Wake {
+    Cmd(QueueCmd),
+    Done(BatchDone),
+    Timer,
 }
 
 pub struct QueueTask {
@@ -87,22 +153,46 @@ pub struct QueueTask {
     events: mpsc::UnboundedSender<QueueEvent>,
     snapshot: Arc<ArcSwap<Snapshot>>,
     runtime: tokio::runtime::Handle,
-    /// Dead-lettered messages found in the inbox at recovery.
+    /// Dead-lettered messages found in the inbox, to adopt at (re)start.
     inbox: Vec<(Vec<u8>, StoredMessage)>,
     /// The `x-expires` event was sent for the current idle period.
     expiry_sent: bool,
     sinks: HashMap<ConsumerId, ConsumerSink>,
-    pending_gets: Vec<(usize, bool, oneshot::Sender<Vec<proto::Delivery>>)>,
+    /// What each consumer's outbox had taken when its room was computed.
+    marks: HashMap<ConsumerId, u64>,
+    /// Consumers whose stream went away, to remove in the next flush.
+    closed: Vec<ConsumerId>,
+    pending_gets: Vec<PendingGet>,
+    deleting: Option<PendingDelete>,
     stopped: bool,
-    /// A delete's reply, sent once this round's writes are submitted so
-    /// that the caller's removal batch is ordered after them.
-    delete_reply: Option<(DeleteReply, u64)>,
+    // ---- writes and what waits for them
+    fence: Arc<Fence>,
+    /// Counts reloads; completions and reads of an earlier incarnation are
+    /// ignored.
+    incarnation: u64,
+    /// Write tickets: batches submitted, and the highest one known durable
+    /// (completions arrive in order).
+    submitted: u64,
+    durable: u64,
+    done_tx: mpsc::UnboundedSender<BatchDone>,
+    done_rx: mpsc::UnboundedReceiver<BatchDone>,
+    held: VecDeque<Held>,
+    /// Outward effects of the round in progress, with their tickets.
+    outward: Vec<(u64, Outward)>,
+    // ---- failure and reload
+    /// Set when a write failed or a round panicked: reload next.
+    failure: Option<String>,
+    /// Why the queue cannot serve now (reloading).
+    unavailable: Option<String>,
+    retry_at: Option<tokio::time::Instant>,
+    retry_delay: Duration,
 }
 
 /// Starts the owner task of `state`; returns its handle. `inbox` holds
 /// dead-lettered messages a crash left in the queue's inbox.
 pub fn spawn(state: QueueState, auto_delete: bool, env: TaskEnv, inbox: Vec<(Vec<u8>, StoredMessage)>) -> QueueRef {
     let (tx, rx) = mpsc::channel(QUEUE_CHANNEL);
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
     let shared = Arc::new(QueueShared::default());
     shared.publish(state.stats());
     let handle = QueueRef { id: state.id, name: state.name.clone(), tx: tx.clone(), shared: shared.clone() };
@@ -119,64 +209,144 @@ pub fn spawn(state: QueueState, auto_delete: bool, env: TaskEnv, inbox: Vec<(Vec
         inbox,
         expiry_sent: false,
         sinks: HashMap::new(),
+        marks: HashMap::new(),
+        closed: Vec::new(),
         pending_gets: Vec::new(),
+        deleting: None,
         stopped: false,
-        delete_reply: None,
+        fence: Fence::new(),
+        incarnation: 0,
+        submitted: 0,
+        durable: 0,
+        done_tx,
+        done_rx,
+        held: VecDeque::new(),
+        outward: Vec::new(),
+        failure: None,
+        unavailable: None,
+        retry_at: None,
+        retry_delay: RELOAD_RETRY_MIN,
     };
     tokio::spawn(task.run());
     handle
 }
 
+/// The text of a panic payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
 impl QueueTask {
     async fn run(mut self) {
-        // A recovered queue takes what its inbox holds, loads its window and
-        // looks at its timers right away.
-        let mut fx = Effects::default();
-        self.state.set_now(now_ms());
-        for (key, stored) in std::mem::take(&mut self.inbox) {
-            self.state.adopt(Some(key), Arc::new(stored.into_data()), &mut fx);
+        if let Err(panic) = AssertUnwindSafe(self.start()).catch_unwind().await {
+            self.failure = Some(format!("internal error while starting: {}", panic_message(panic.as_ref())));
         }
-        self.state.dispatch(&mut fx, &mut |_| 0);
-        self.state.poll_timers(&mut fx);
-        self.flush(fx, Vec::new());
         loop {
+            if let Some(reason) = self.failure.take() {
+                self.fail(reason);
+            }
+            if self.unavailable.is_some() && self.retry_at.is_some_and(|t| t <= tokio::time::Instant::now()) {
+                if let Err(panic) = AssertUnwindSafe(self.reload()).catch_unwind().await {
+                    // A bug in recovery: keep the queue unavailable and try
+                    // again later rather than lose the task.
+                    tracing::error!(queue = %self.state.name, panic = %panic_message(panic.as_ref()), "reloading the queue failed");
+                    self.retry_later();
+                }
+                continue;
+            }
             let sleep = self.sleep_duration();
-            let first = tokio::select! {
+            let wake = tokio::select! {
+                biased;
+                Some(done) = self.done_rx.recv() => Wake::Done(done),
                 cmd = self.rx.recv() => match cmd {
-                    Some(cmd) => Some(cmd),
+                    Some(cmd) => Wake::Cmd(cmd),
                     None => break,
                 },
-                _ = tokio::time::sleep(sleep.unwrap_or(Duration::MAX)), if sleep.is_some() => None,
+                _ = tokio::time::sleep(sleep.unwrap_or(Duration::MAX)), if sleep.is_some() => Wake::Timer,
             };
-            self.state.set_now(now_ms());
-            let mut fx = Effects::default();
-            let mut synced: Vec<Arc<ConfirmTracker>> = Vec::new();
-            if let Some(cmd) = first {
-                self.handle(cmd, &mut fx, &mut synced);
-                let mut n = 1;
-                while n < ROUND && !self.stopped {
-                    match self.rx.try_recv() {
-                        Ok(cmd) => self.handle(cmd, &mut fx, &mut synced),
-                        Err(_) => break,
-                    }
-                    n += 1;
-                }
-            }
-            if !self.stopped {
-                let sinks = &self.sinks;
-                self.state.dispatch(&mut fx, &mut |id| sinks.get(&id).map_or(0, |s| s.tx.capacity()));
-                self.state.poll_timers(&mut fx);
-                self.check_expires();
-            }
-            self.flush(fx, synced);
-            if let Some((reply, count)) = self.delete_reply.take() {
-                let _ = reply.send(Ok((count, self.state.delete_ops())));
+            if let Err(panic) = AssertUnwindSafe(self.round(wake)).catch_unwind().await {
+                let reason = format!("internal error: {}", panic_message(panic.as_ref()));
+                tracing::error!(queue = %self.state.name, %reason, "a round of the queue panicked");
+                self.failure = Some(reason);
+                continue;
             }
             if self.stopped {
                 break;
             }
         }
         self.fail_pending();
+    }
+
+    /// A (re)started queue takes what its inbox holds, loads its window and
+    /// looks at its timers right away.
+    async fn start(&mut self) {
+        self.state.set_now(now_ms());
+        self.state.set_ticket(self.submitted + 1);
+        let mut fx = Effects::default();
+        for (key, stored) in std::mem::take(&mut self.inbox) {
+            self.state.adopt(Some(key), Arc::new(stored.into_data()), &mut fx);
+        }
+        self.state.dispatch(&mut fx, &mut |_| Room::NONE);
+        self.state.poll_timers(&mut fx);
+        self.flush(fx, Vec::new()).await;
+    }
+
+    async fn round(&mut self, wake: Wake) {
+        self.state.set_now(now_ms());
+        self.state.set_ticket(self.submitted + 1);
+        let mut fx = Effects::default();
+        let mut synced: Vec<Arc<ConfirmTracker>> = Vec::new();
+        match wake {
+            Wake::Cmd(cmd) => self.handle(cmd, &mut fx, &mut synced),
+            Wake::Done(done) => self.batch_done(done),
+            Wake::Timer => {}
+        }
+        while let Ok(done) = self.done_rx.try_recv() {
+            self.batch_done(done);
+        }
+        let mut n = 1;
+        while n < ROUND && !self.stopped && self.deleting.is_none() {
+            match self.rx.try_recv() {
+                Ok(cmd) => self.handle(cmd, &mut fx, &mut synced),
+                Err(_) => break,
+            }
+            n += 1;
+        }
+        if self.serving() && !self.stopped {
+            self.dispatch(&mut fx);
+            self.state.poll_timers(&mut fx);
+            self.check_expires();
+        }
+        self.flush(fx, synced).await;
+        if let Some(delete) = self.deleting.take() {
+            self.finish_delete(delete).await;
+        }
+    }
+
+    /// Neither failed nor reloading.
+    fn serving(&self) -> bool {
+        self.failure.is_none() && self.unavailable.is_none()
+    }
+
+    fn dispatch(&mut self, fx: &mut Effects) {
+        let limits = *self.state.limits();
+        let sinks = &self.sinks;
+        let marks = &mut self.marks;
+        marks.clear();
+        self.state.dispatch(fx, &mut |id| match sinks.get(&id) {
+            Some(s) => {
+                let (room, mark) = s.outbox.room(limits.consumer_max_unacked, limits.consumer_max_unacked_bytes);
+                marks.insert(id, mark);
+                room
+            }
+            None => Room::NONE,
+        });
     }
 
     /// The task is stopping: commands already queued to it get an answer
@@ -191,10 +361,19 @@ impl QueueTask {
                 c.part_done(PartOutcome::Dropped);
             }
         }
+        for h in self.held.drain(..) {
+            if let Outward::Reply(reply) = h.what {
+                reply(Err(Error::ShuttingDown));
+            }
+        }
     }
 
-    /// How long to sleep before the state's next deadline, if it has one.
+    /// How long to sleep before the state's next deadline (or the next
+    /// reload attempt), if there is one.
     fn sleep_duration(&self) -> Option<Duration> {
+        if self.unavailable.is_some() {
+            return self.retry_at.map(|t| t.saturating_duration_since(tokio::time::Instant::now()));
+        }
         let deadline = if self.expiry_sent {
             // The x-expires event is out; only expiry and delays matter.
             let mut s = self.state.next_deadline();
@@ -220,7 +399,13 @@ impl QueueTask {
         }
     }
 
+    // ------------------------------------------------------------ commands
+
     fn handle(&mut self, cmd: QueueCmd, fx: &mut Effects, synced: &mut Vec<Arc<ConfirmTracker>>) {
+        if !self.serving() {
+            self.refuse(cmd);
+            return;
+        }
         match cmd {
             QueueCmd::Enqueue { data, confirm, delay_ms } => {
                 let _span = crate::telemetry::enqueue_span(&data.properties, &self.state.name);
@@ -229,25 +414,40 @@ impl QueueTask {
                     match outcome {
                         EnqueueOutcome::Enqueued { needs_sync: true } => synced.push(c),
                         EnqueueOutcome::Enqueued { needs_sync: false } => c.part_done(PartOutcome::Enqueued),
-                        EnqueueOutcome::Duplicate => c.part_done(PartOutcome::Duplicate),
+                        // The first copy may not be durable yet: the answer
+                        // waits for its write, and is a rejection if that
+                        // write fails (the retry must then be taken).
+                        EnqueueOutcome::Duplicate { ticket } => self.outward.push((
+                            ticket,
+                            Outward::Reply(Box::new(move |r: Result<()>| match r {
+                                Ok(()) => c.part_done(PartOutcome::Duplicate),
+                                Err(e) => c.part_done(PartOutcome::Rejected(e.to_string())),
+                            })),
+                        )),
                         EnqueueOutcome::Rejected(reason) => c.part_done(PartOutcome::Rejected(reason)),
                     }
                 }
             }
             QueueCmd::Adopt { inbox_key, data } => self.state.adopt(inbox_key, data, fx),
             QueueCmd::Touch => self.state.touch(),
-            QueueCmd::TimerDone { epoch, result } => match result {
-                Ok(result) => self.state.timer_done(epoch, result, fx),
-                Err(e) => {
-                    tracing::error!(queue = %self.state.name, error = %e, "reading due timers failed; retrying");
-                    self.state.timer_failed();
+            QueueCmd::TimerDone { incarnation, epoch, result } => {
+                if incarnation != self.incarnation {
+                    return;
                 }
-            },
-            QueueCmd::Subscribe { spec, sink, reply } => {
+                match result {
+                    Ok(result) => self.state.timer_done(epoch, result, fx),
+                    Err(e) => {
+                        tracing::error!(queue = %self.state.name, error = %e, "reading due timers failed; retrying");
+                        self.state.timer_failed();
+                    }
+                }
+            }
+            QueueCmd::Subscribe { spec, outbox, reply } => {
                 let tag = spec.tag.clone();
                 match self.state.add_consumer(spec) {
                     Ok(id) => {
-                        self.sinks.insert(id, ConsumerSink { tag, tx: sink, waiting: false });
+                        outbox.bind(id, self.me.clone());
+                        self.sinks.insert(id, ConsumerSink { tag, outbox });
                         let _ = reply.send(Ok(id));
                     }
                     Err(e) => {
@@ -271,12 +471,18 @@ impl QueueTask {
             }
             QueueCmd::Qos { consumer, prefetch } => self.state.set_prefetch(consumer, prefetch),
             QueueCmd::Unsubscribe { consumer } => self.remove_consumer(consumer, fx),
-            QueueCmd::Get { max, ack, reply } => self.get(max, ack, reply, fx),
+            QueueCmd::Get { max, max_bytes, ack, reply } => self.get(PendingGet { max, max_bytes, ack, reply }, fx),
             QueueCmd::Purge { reply } => {
                 let n = self.state.purge(fx);
-                let _ = reply.send(n);
+                // Reported once the removal is durable.
+                self.outward.push((
+                    self.state_ticket(),
+                    Outward::Reply(Box::new(move |r: Result<()>| {
+                        let _ = reply.send(r.map(|()| n));
+                    })),
+                ));
             }
-            QueueCmd::Delete { if_unused, if_empty, reason, reply } => {
+            QueueCmd::Delete { if_unused, if_empty, reason, extra_ops, reply } => {
                 if if_unused && self.state.has_consumers() {
                     let n = self.state.stats().consumers;
                     let _ = reply.send(Err(Error::PreconditionFailed(format!("queue '{}' is in use ({n} consumer(s))", self.state.name))));
@@ -290,57 +496,113 @@ impl QueueTask {
                         .send(Err(Error::PreconditionFailed(format!("queue '{}' is not empty ({count} message(s))", self.state.name))));
                     return;
                 }
-                self.cancel_all(&reason, fx);
-                self.delete_reply = Some((reply, count));
-                self.stopped = true;
+                self.deleting = Some(PendingDelete { count, reason, extra_ops, reply });
             }
             QueueCmd::Consumers { reply } => {
                 let _ = reply.send(self.state.consumers());
             }
-            QueueCmd::Refilled { epoch, result } => match result {
-                Ok((entries, exhausted)) => {
-                    self.state.refilled(epoch, entries, exhausted, fx);
-                    let gets = std::mem::take(&mut self.pending_gets);
-                    for (max, ack, reply) in gets {
-                        self.get(max, ack, reply, fx);
+            QueueCmd::Refilled { incarnation, epoch, result } => {
+                if incarnation != self.incarnation {
+                    return;
+                }
+                match result {
+                    Ok((entries, exhausted)) => {
+                        self.state.refilled(epoch, entries, exhausted, fx);
+                        for g in std::mem::take(&mut self.pending_gets) {
+                            self.get(g, fx);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(queue = %self.state.name, error = %e, "reading the backlog failed; retrying in a second");
+                        self.state.refill_failed(fx);
+                        let me = self.me.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            if let Some(me) = me.upgrade() {
+                                let _ = me.send(QueueCmd::Tick).await;
+                            }
+                        });
                     }
                 }
-                Err(e) => {
-                    tracing::error!(queue = %self.state.name, error = %e, "reading the backlog failed; retrying in a second");
-                    self.state.refill_failed(fx);
-                    let me = self.me.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        if let Some(me) = me.upgrade() {
-                            let _ = me.send(QueueCmd::Tick).await;
-                        }
-                    });
-                }
-            },
-            QueueCmd::Tick => {}
+            }
+            QueueCmd::Tick | QueueCmd::Writable { .. } => {}
             QueueCmd::CancelConsumers { reason, reply } => {
                 self.cancel_all(&reason, fx);
                 let _ = reply.send(());
-            }
-            QueueCmd::Writable { consumer } => {
-                if let Some(s) = self.sinks.get_mut(&consumer) {
-                    s.waiting = false;
-                }
             }
             QueueCmd::Shutdown { reply } => {
                 self.cancel_all("broker is shutting down", fx);
                 let _ = reply.send(());
                 self.stopped = true;
             }
+            #[cfg(test)]
+            QueueCmd::Crash => panic!("injected crash"),
         }
     }
 
-    fn get(&mut self, max: usize, ack: bool, reply: oneshot::Sender<Vec<proto::Delivery>>, fx: &mut Effects) {
-        match self.state.get(max.max(1), ack, fx) {
+    /// The ticket of the round in progress.
+    fn state_ticket(&self) -> u64 {
+        self.submitted + 1
+    }
+
+    /// Answers a command while the queue is failed or reloading.
+    fn refuse(&mut self, cmd: QueueCmd) {
+        let reason = self.unavailable.clone().or_else(|| self.failure.clone()).unwrap_or_default();
+        let unavailable = || Error::Unavailable(format!("queue '{}' is unavailable: {reason}", self.state.name));
+        match cmd {
+            QueueCmd::Enqueue { confirm: Some(c), .. } => c.part_done(PartOutcome::Rejected(unavailable().to_string())),
+            QueueCmd::Subscribe { reply, .. } => {
+                let _ = reply.send(Err(unavailable()));
+            }
+            QueueCmd::Get { reply, .. } => {
+                let _ = reply.send(Err(unavailable()));
+            }
+            QueueCmd::Purge { reply } => {
+                let _ = reply.send(Err(unavailable()));
+            }
+            QueueCmd::Delete { reply, .. } => {
+                let _ = reply.send(Err(unavailable()));
+            }
+            QueueCmd::Consumers { reply } => {
+                let _ = reply.send(Vec::new());
+            }
+            QueueCmd::CancelConsumers { reply, .. } => {
+                let _ = reply.send(());
+            }
+            QueueCmd::Shutdown { reply } => {
+                let _ = reply.send(());
+                self.stopped = true;
+            }
+            // A persistent dead letter stays in the inbox, which the reload
+            // reads; a transient one is lost, as in a restart.
+            QueueCmd::Enqueue { confirm: None, .. }
+            | QueueCmd::Adopt { .. }
+            | QueueCmd::Touch
+            | QueueCmd::TimerDone { .. }
+            | QueueCmd::Ack { .. }
+            | QueueCmd::Nack { .. }
+            | QueueCmd::Qos { .. }
+            | QueueCmd::Unsubscribe { .. }
+            | QueueCmd::Refilled { .. }
+            | QueueCmd::Writable { .. }
+            | QueueCmd::Tick => {}
+            #[cfg(test)]
+            QueueCmd::Crash => {}
+        }
+    }
+
+    fn get(&mut self, g: PendingGet, fx: &mut Effects) {
+        match self.state.get(g.max.max(1), g.max_bytes, g.ack, fx) {
             GetOutcome::Messages(ds) => {
                 crate::metrics::global().deliveries(&ds);
                 let left = self.state.stats().ready;
-                let out = ds
+                // Stored messages are returned once their write is durable;
+                // taking them (ack) once the removal is.
+                let mut ticket = ds.iter().filter(|d| d.msg.loc == Loc::Stored).map(|d| d.msg.ticket).max().unwrap_or(0);
+                if g.ack && !ds.is_empty() {
+                    ticket = ticket.max(self.state_ticket());
+                }
+                let out: Vec<proto::Delivery> = ds
                     .iter()
                     .map(|d| {
                         let mut p = to_proto(d, "");
@@ -348,9 +610,15 @@ impl QueueTask {
                         p
                     })
                     .collect();
-                let _ = reply.send(out);
+                let reply = g.reply;
+                self.outward.push((
+                    ticket,
+                    Outward::Reply(Box::new(move |r: Result<()>| {
+                        let _ = reply.send(r.map(|()| out));
+                    })),
+                ));
             }
-            GetOutcome::NeedRefill => self.pending_gets.push((max, ack, reply)),
+            GetOutcome::NeedRefill => self.pending_gets.push(g),
         }
     }
 
@@ -363,7 +631,7 @@ impl QueueTask {
 
     fn fail_consumer(&mut self, consumer: ConsumerId, error: Error, fx: &mut Effects) {
         if let Some(sink) = self.sinks.get(&consumer) {
-            send_last(&sink.tx, ConsumerEvent::Failed(error));
+            sink.outbox.send(ConsumerEvent::Failed(error));
         }
         self.remove_consumer(consumer, fx);
     }
@@ -371,8 +639,62 @@ impl QueueTask {
     /// Ends every subscription; unacknowledged messages return to the queue.
     fn cancel_all(&mut self, reason: &str, fx: &mut Effects) {
         for (id, sink) in std::mem::take(&mut self.sinks) {
-            send_last(&sink.tx, ConsumerEvent::Cancelled(reason.to_string()));
+            sink.outbox.send(ConsumerEvent::Cancelled(reason.to_string()));
             self.state.remove_consumer(id, fx);
+        }
+    }
+
+    // -------------------------------------------------------------- writes
+
+    /// A batch completed. Completions arrive in submission order.
+    fn batch_done(&mut self, done: BatchDone) {
+        if done.incarnation != self.incarnation {
+            return;
+        }
+        match done.result {
+            Ok(()) => {
+                self.durable = self.durable.max(done.batch);
+                self.release_held();
+            }
+            Err(e) => {
+                if self.serving() {
+                    self.failure = Some(format!("a write failed: {e}"));
+                }
+            }
+        }
+    }
+
+    /// Carries out held effects whose writes are durable, in order.
+    fn release_held(&mut self) {
+        while self.held.front().is_some_and(|h| h.ticket <= self.durable) {
+            if let Some(h) = self.held.pop_front() {
+                self.carry_out(h.what);
+            }
+        }
+    }
+
+    fn carry_out(&mut self, what: Outward) {
+        match what {
+            Outward::Deliver { consumer, delivery, mem } => {
+                if let Some(sink) = self.sinks.get(&consumer)
+                    && !sink.outbox.send_delivery(delivery, mem)
+                {
+                    // The stream went away: the subscription ends and its
+                    // unacknowledged messages (this one included) return.
+                    self.closed.push(consumer);
+                }
+            }
+            Outward::Reply(reply) => reply(Ok(())),
+        }
+    }
+
+    /// Queues an outward effect behind those already waiting, or carries it
+    /// out now when nothing waits and its write is durable.
+    fn push_outward(&mut self, ticket: u64, what: Outward) {
+        if self.held.is_empty() && ticket <= self.durable {
+            self.carry_out(what);
+        } else {
+            self.held.push_back(Held { ticket, what });
         }
     }
 
@@ -418,8 +740,33 @@ impl QueueTask {
         }
     }
 
-    fn flush(&mut self, mut fx: Effects, synced: Vec<Arc<ConfirmTracker>>) {
-        let mut handoffs: Vec<Handoff> = Vec::new();
+    /// Carries out a round's effects: one write, then what the outside world
+    /// sees (in order, each once its write is durable), then reads.
+    async fn flush(&mut self, fx: Effects, synced: Vec<Arc<ConfirmTracker>>) {
+        let mut fx = fx;
+        let mut synced = synced;
+        // Removing consumers whose stream went away requeues their messages:
+        // more effects, flushed in turn (bounded: each pass removes
+        // consumers, and there are finitely many).
+        for _ in 0..64 {
+            self.flush_once(fx, std::mem::take(&mut synced)).await;
+            if self.closed.is_empty() {
+                break;
+            }
+            fx = Effects::default();
+            for id in std::mem::take(&mut self.closed) {
+                self.remove_consumer(id, &mut fx);
+            }
+            // Requeued messages go to the remaining consumers.
+            if self.serving() {
+                self.dispatch(&mut fx);
+            }
+        }
+        self.arm_outboxes();
+        self.shared.publish(self.state.stats());
+    }
+
+    async fn flush_once(&mut self, mut fx: Effects, synced: Vec<Arc<ConfirmTracker>>) {
         let metrics = crate::metrics::global();
         if fx.expired > 0 {
             metrics.expired(fx.expired);
@@ -427,6 +774,7 @@ impl QueueTask {
         for reason in &fx.dropped {
             metrics.dropped(reason.as_str());
         }
+        let mut handoffs: Vec<Handoff> = Vec::new();
         for dl in std::mem::take(&mut fx.dead_letters) {
             metrics.dead_lettered(dl.reason.as_str());
             self.route_dead_letter(dl, &mut fx.ops, &mut handoffs);
@@ -438,38 +786,52 @@ impl QueueTask {
             fx.ops.push(Op::Merge(Cf::QueueState, keys::encode_queue_state(self.state.id).to_vec(), fx.counters.encode()));
         }
         if !fx.ops.is_empty() {
+            self.submitted += 1;
+            let batch = self.submitted;
+            let done_tx = self.done_tx.clone();
+            let incarnation = self.incarnation;
             let runtime = self.runtime.clone();
             let name = self.state.name.clone();
-            let done: Option<crate::store::Completion> = if synced.is_empty() && handoffs.is_empty() {
-                None
-            } else {
-                Some(Box::new(move |result| {
-                    let outcome = match &result {
-                        Ok(()) => PartOutcome::Enqueued,
-                        Err(e) => PartOutcome::Rejected(format!("storage failure: {e}")),
-                    };
-                    for c in synced {
-                        c.part_done(outcome.clone());
+            let done = move |result: std::result::Result<(), StoreError>| {
+                let outcome = match &result {
+                    Ok(()) => PartOutcome::Enqueued,
+                    Err(e) => PartOutcome::Rejected(format!("storage failure: {e}")),
+                };
+                for c in synced {
+                    c.part_done(outcome.clone());
+                }
+                match &result {
+                    // Hand dead letters over only once their move is
+                    // durable; the targets may be this very queue.
+                    Ok(()) if !handoffs.is_empty() => {
+                        runtime.spawn(async move {
+                            for h in handoffs {
+                                h.send().await;
+                            }
+                        });
                     }
-                    match result {
-                        // Hand dead letters over only once their move is
-                        // durable; the targets may be this very queue.
-                        Ok(()) if !handoffs.is_empty() => {
-                            runtime.spawn(async move {
-                                for h in handoffs {
-                                    h.send().await;
-                                }
-                            });
-                        }
-                        Ok(()) => {}
-                        Err(e) => tracing::error!(queue = %name, error = %e, "a batch with dead-lettered messages failed"),
+                    Ok(()) => {}
+                    Err(e) if !handoffs.is_empty() => {
+                        tracing::error!(queue = %name, error = %e, "a batch with dead-lettered messages failed")
                     }
-                }))
+                    Err(_) => {}
+                }
+                let _ = done_tx.send(BatchDone { incarnation, batch, result });
             };
-            self.store.submit(WriteRequest { ops: fx.ops, sync: fx.sync, done });
+            let req = WriteRequest::new(fx.ops, fx.sync).on_done(done).fenced(self.fence.clone());
+            self.store.submit_with_room(req).await;
         } else {
+            // Nothing to write: confirms of this round need no write of their
+            // own, but must not overtake earlier writes still in flight.
+            let ticket = self.submitted;
             for c in synced {
-                c.part_done(PartOutcome::Enqueued);
+                self.outward.push((
+                    ticket,
+                    Outward::Reply(Box::new(move |r: Result<()>| match r {
+                        Ok(()) => c.part_done(PartOutcome::Enqueued),
+                        Err(e) => c.part_done(PartOutcome::Rejected(e.to_string())),
+                    })),
+                ));
             }
             // Transient dead letters from transient messages: nothing to
             // write first.
@@ -481,34 +843,39 @@ impl QueueTask {
                 });
             }
         }
-        let mut gone: Vec<ConsumerId> = Vec::new();
+        // What this round decided reaches the outside world in order, each
+        // once the writes it depends on are durable. A ticket past the last
+        // submitted batch (a round that wrote nothing) waits for that batch.
+        let last = self.submitted;
+        for (ticket, what) in std::mem::take(&mut self.outward) {
+            self.push_outward(ticket.min(last), what);
+        }
         crate::metrics::global().deliveries(&fx.deliveries);
         for d in fx.deliveries {
             let Some(sink) = self.sinks.get(&d.consumer) else {
+                self.closed.push(d.consumer);
                 continue;
             };
-            let event = ConsumerEvent::Delivery(Box::new(to_proto(&d, &sink.tag)));
-            if sink.tx.try_send(event).is_err() {
-                // Closed (the consumer went away) or, against our own
-                // accounting, full: either way the subscription ends and its
-                // unacked messages (this one included) are requeued.
-                gone.push(d.consumer);
-            }
+            let ticket = if d.msg.loc == Loc::Stored { d.msg.ticket.min(last) } else { 0 };
+            sink.outbox.reserve(d.msg.mem);
+            let delivery = Box::new(to_proto(&d, &sink.tag));
+            self.push_outward(ticket, Outward::Deliver { consumer: d.consumer, delivery, mem: d.msg.mem });
         }
         for (id, error) in fx.consumer_errors {
             if let Some(sink) = self.sinks.get(&id) {
-                send_last(&sink.tx, ConsumerEvent::Failed(error));
+                sink.outbox.send(ConsumerEvent::Failed(error));
             }
-            gone.push(id);
+            self.closed.push(id);
         }
         if let Some(req) = fx.timer_read {
             let store = self.store.clone();
             let me = self.me.clone();
             let queue = self.state.id;
+            let incarnation = self.incarnation;
             tokio::spawn(async move {
                 let result = store.read_after_writes(move |engine| read_timers(engine, queue, &req)).await;
                 if let Some(tx) = me.upgrade() {
-                    let _ = tx.send(QueueCmd::TimerDone { epoch: req.epoch, result }).await;
+                    let _ = tx.send(QueueCmd::TimerDone { incarnation, epoch: req.epoch, result }).await;
                 }
             });
         }
@@ -519,64 +886,183 @@ impl QueueTask {
             let store = self.store.clone();
             let me = self.me.clone();
             let queue = self.state.id;
+            let incarnation = self.incarnation;
             tokio::spawn(async move {
                 let result = store.read_after_writes(move |engine| read_refill(engine, queue, &req)).await;
                 if let Some(tx) = me.upgrade() {
-                    let _ = tx.send(QueueCmd::Refilled { epoch: req.epoch, result }).await;
+                    let _ = tx.send(QueueCmd::Refilled { incarnation, epoch: req.epoch, result }).await;
                 }
             });
         }
-        if !gone.is_empty() {
-            let mut fx = Effects::default();
-            for id in gone {
-                self.remove_consumer(id, &mut fx);
-            }
-            self.flush(fx, Vec::new());
-            // Requeued messages go to the remaining consumers next round.
-            if let Some(tx) = self.me.upgrade() {
-                let _ = tx.try_send(QueueCmd::Tick);
-            }
-        }
-        self.watch_full_consumers();
-        self.shared.publish(self.state.stats());
     }
 
-    /// For consumers whose channel is full while messages wait, wake the task
-    /// when room frees up.
-    fn watch_full_consumers(&mut self) {
-        if self.state.stats().ready == 0 {
+    /// Consumers that stopped for lack of room in their outbox while
+    /// messages wait ask to be woken when their stream takes the next
+    /// delivery. If it took one since the room was computed, look again now.
+    fn arm_outboxes(&mut self) {
+        if !self.serving() || !self.state.has_window() {
+            // Nothing in memory to hand out: a publish or a refill wakes us.
             return;
         }
-        for (id, sink) in self.sinks.iter_mut() {
-            if sink.waiting || sink.tx.capacity() > 0 {
+        let mut again = false;
+        for (id, sink) in &self.sinks {
+            let Some(mark) = self.marks.get(id) else { continue };
+            if !self.state.wants_more(*id) {
                 continue;
             }
-            sink.waiting = true;
-            let tx = sink.tx.clone();
-            let me = self.me.clone();
-            let id = *id;
-            tokio::spawn(async move {
-                if let Ok(permit) = tx.reserve().await {
-                    drop(permit);
-                }
-                if let Some(me) = me.upgrade() {
-                    let _ = me.send(QueueCmd::Writable { consumer: id }).await;
-                }
-            });
+            let (room, _) = sink.outbox.room(u32::MAX, u64::MAX);
+            if room.empty {
+                // Its outbox is empty: dispatch was not short of room.
+                continue;
+            }
+            if !sink.outbox.arm(*mark) {
+                again = true;
+            }
         }
+        if again && let Some(me) = self.me.upgrade() {
+            // A full channel means commands are waiting: a round comes anyway.
+            let _ = me.try_send(QueueCmd::Tick);
+        }
+    }
+
+    /// Deletes the queue's data (and the caller's metadata) in one batch
+    /// after everything it wrote before; stops the task once it is durable.
+    async fn finish_delete(&mut self, delete: PendingDelete) {
+        let mut ops = self.state.delete_ops();
+        ops.extend(delete.extra_ops);
+        let (tx, rx) = oneshot::channel();
+        let req = WriteRequest::new(ops, true)
+            .on_done(move |r| {
+                let _ = tx.send(r);
+            })
+            .fenced(self.fence.clone());
+        self.store.submit_with_room(req).await;
+        match rx.await.unwrap_or(Err(StoreError::Closed)) {
+            Ok(()) => {
+                // Every earlier batch is applied too: release what waited
+                // for them, then end the subscriptions. Nothing is written
+                // for this queue any more.
+                while let Ok(done) = self.done_rx.try_recv() {
+                    self.batch_done(done);
+                }
+                for (_, sink) in std::mem::take(&mut self.sinks) {
+                    sink.outbox.send(ConsumerEvent::Cancelled(delete.reason.clone()));
+                }
+                for g in std::mem::take(&mut self.pending_gets) {
+                    let _ = g.reply.send(Err(Error::not_found("queue", self.state.name.to_string())));
+                }
+                self.stopped = true;
+                let _ = delete.reply.send(Ok(delete.count));
+            }
+            Err(e) => {
+                let _ = delete.reply.send(Err(Error::Store(e.clone())));
+                if self.serving() {
+                    self.failure = Some(format!("deleting the queue failed: {e}"));
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------ failure, reload
+
+    /// The queue's memory can no longer be trusted to match its storage:
+    /// refuse what its incarnation has not written yet, cancel consumers,
+    /// fail waiting answers, and schedule a reload.
+    fn fail(&mut self, reason: String) {
+        tracing::error!(
+            queue = %self.state.name,
+            %reason,
+            "the queue's memory no longer matches its storage: cancelling its consumers and reloading it from storage"
+        );
+        crate::metrics::global().queue_reloaded();
+        self.fence.break_with(reason.clone());
+        let message = format!("queue '{}' is reloading from storage after a failure ({reason})", self.state.name);
+        for h in std::mem::take(&mut self.held) {
+            if let Outward::Reply(reply) = h.what {
+                reply(Err(Error::Unavailable(message.clone())));
+            }
+        }
+        for (_, what) in std::mem::take(&mut self.outward) {
+            if let Outward::Reply(reply) = what {
+                reply(Err(Error::Unavailable(message.clone())));
+            }
+        }
+        for (_, sink) in std::mem::take(&mut self.sinks) {
+            sink.outbox.send(ConsumerEvent::Cancelled(message.clone()));
+        }
+        for g in std::mem::take(&mut self.pending_gets) {
+            let _ = g.reply.send(Err(Error::Unavailable(message.clone())));
+        }
+        if let Some(d) = self.deleting.take() {
+            let _ = d.reply.send(Err(Error::Unavailable(message.clone())));
+        }
+        self.closed.clear();
+        self.marks.clear();
+        self.incarnation += 1;
+        self.unavailable = Some(message);
+        self.retry_at = Some(tokio::time::Instant::now());
+        self.retry_delay = RELOAD_RETRY_MIN;
+    }
+
+    fn retry_later(&mut self) {
+        self.retry_at = Some(tokio::time::Instant::now() + self.retry_delay);
+        self.retry_delay = (self.retry_delay * 2).min(RELOAD_RETRY_MAX);
+    }
+
+    /// Rebuilds the queue from the store, as a restart would: persistent
+    /// messages of a durable queue come back (unacknowledged ones as
+    /// redelivered), transient data is dropped.
+    async fn reload(&mut self) {
+        let id = self.state.id;
+        let now = now_ms();
+        // Ordered after every write this queue submitted: each is applied
+        // or refused by now.
+        let read = self.store.read_after_writes(move |engine| read_queue_recovery(engine, id, now)).await;
+        let recovered = match read {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(queue = %self.state.name, error = %e, retry_in = ?self.retry_delay, "reading the queue back from storage failed");
+                self.retry_later();
+                return;
+            }
+        };
+        let fence = Fence::new();
+        let (tx, rx) = oneshot::channel();
+        self.store.submit(
+            WriteRequest::new(clear_transient_ops(id), true)
+                .on_done(move |r| {
+                    let _ = tx.send(r);
+                })
+                .fenced(fence.clone()),
+        );
+        if let Err(e) = rx.await.unwrap_or(Err(StoreError::Closed)) {
+            tracing::error!(queue = %self.state.name, error = %e, retry_in = ?self.retry_delay, "clearing the queue's transient data failed");
+            self.retry_later();
+            return;
+        }
+        let old = &self.state;
+        let (name, args, limits, seqs) = (old.name.clone(), old.args.clone(), *old.limits(), old.seqs().clone());
+        let mut state = if old.durable {
+            QueueState::recover(id, name, args, limits, seqs, recovered.counters, recovered.dedup)
+        } else {
+            QueueState::new(id, name, false, args, limits, seqs)
+        };
+        state.set_next_consumer_id(old.next_consumer_id());
+        self.state = state;
+        self.inbox = if self.state.durable { recovered.inbox } else { Vec::new() };
+        self.fence = fence;
+        self.unavailable = None;
+        self.retry_at = None;
+        self.retry_delay = RELOAD_RETRY_MIN;
+        self.expiry_sent = false;
+        tracing::info!(queue = %self.state.name, ready = self.state.stats().ready, "queue reloaded from storage");
+        self.start().await;
     }
 }
 
-/// Sends a final event without blocking the task; if the channel is full it
-/// is delivered when room frees up.
-fn send_last(tx: &mpsc::Sender<ConsumerEvent>, event: ConsumerEvent) {
-    if let Err(mpsc::error::TrySendError::Full(event)) = tx.try_send(event) {
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let _ = tx.send(event).await;
-        });
-    }
-}
+#[cfg(test)]
+#[path = "task_tests.rs"]
+mod tests;
 
 fn to_proto(d: &OutDelivery, consumer_tag: &str) -> proto::Delivery {
     proto::Delivery {

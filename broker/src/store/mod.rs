@@ -17,6 +17,14 @@
 //!   crash never applies half of it.
 //! * [`Store::read_after_writes`] runs a read that observes every write
 //!   submitted before it.
+//! * A request carrying a [`Fence`] is never applied once an earlier request
+//!   with the same fence failed: a writer (a queue) whose write failed knows
+//!   that nothing it submitted afterwards reached the disk either, so it can
+//!   rebuild its memory from what the store holds. Only one thread applies
+//!   writes, so "afterwards" is exact.
+//! * Memory held by submitted, not yet applied writes is bounded: callers
+//!   that can wait use [`Store::submit_with_room`], which waits while the
+//!   writer's backlog exceeds the write buffer.
 
 pub mod counters;
 pub mod keys;
@@ -30,6 +38,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use tokio::sync::Semaphore;
 
 /// Column families: one per kind of data, each with its own tuning. The
 /// `*Transient` families (and `Paged`) hold what must not survive a restart
@@ -139,6 +148,9 @@ pub enum StoreError {
     Corrupt { cf: &'static str, detail: String },
     #[error("storage is closed")]
     Closed,
+    /// Not applied: an earlier write of the same writer failed.
+    #[error("not written: an earlier write of this queue failed ({0})")]
+    Fenced(String),
 }
 
 /// A key and its value.
@@ -163,12 +175,62 @@ pub struct WriteRequest {
     pub ops: Vec<Op>,
     pub sync: bool,
     pub done: Option<Completion>,
+    /// Refuse this write once an earlier write with the same fence failed.
+    pub fence: Option<Arc<Fence>>,
+}
+
+impl WriteRequest {
+    pub fn new(ops: Vec<Op>, sync: bool) -> WriteRequest {
+        WriteRequest { ops, sync, done: None, fence: None }
+    }
+
+    pub fn on_done(mut self, done: impl FnOnce(Result<(), StoreError>) + Send + 'static) -> WriteRequest {
+        self.done = Some(Box::new(done));
+        self
+    }
+
+    pub fn fenced(mut self, fence: Arc<Fence>) -> WriteRequest {
+        self.fence = Some(fence);
+        self
+    }
+
+    fn bytes(&self) -> usize {
+        self.ops.iter().map(Op::approx_bytes).sum()
+    }
+}
+
+/// Shared by the writes of one writer (a queue incarnation): once one of
+/// them fails, the store refuses the rest, so that the writer's later
+/// writes cannot build on a change that never happened.
+#[derive(Debug, Default)]
+pub struct Fence {
+    broken: Mutex<Option<String>>,
+}
+
+impl Fence {
+    pub fn new() -> Arc<Fence> {
+        Arc::new(Fence::default())
+    }
+
+    /// Why the fence is broken, if it is.
+    pub fn broken(&self) -> Option<String> {
+        self.broken.lock().clone()
+    }
+
+    /// Refuses every write not yet applied.
+    pub fn break_with(&self, reason: impl Into<String>) {
+        let mut b = self.broken.lock();
+        if b.is_none() {
+            *b = Some(reason.into());
+        }
+    }
 }
 
 pub type Completion = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
 enum Request {
-    Write(WriteRequest),
+    /// A write and the write-buffer bytes it holds until applied.
+    Write(WriteRequest, u32),
     /// Runs on the writer thread after every earlier write is applied.
     After(Box<dyn FnOnce() + Send>),
     /// Applies every earlier write, then stops the writer.
@@ -197,21 +259,37 @@ pub struct Store {
     tx: mpsc::Sender<Request>,
     stats: Arc<WriterStats>,
     writer: Arc<Mutex<Option<JoinHandle<()>>>>,
+    /// Bytes of submitted writes the writer has not applied yet may use;
+    /// [`Store::submit_with_room`] waits for room.
+    budget: Arc<Semaphore>,
+    budget_bytes: u32,
 }
 
 /// Most bytes merged into one batch; the rest wait for the next.
 const MAX_BATCH_BYTES: usize = 8 << 20;
 
+/// Default bound on the bytes of writes waiting for the writer.
+pub const DEFAULT_WRITE_BUFFER: u32 = 64 << 20;
+
 impl Store {
     pub fn new(engine: Arc<dyn Engine>, observer: Option<BatchObserver>) -> Store {
+        Store::with_write_buffer(engine, observer, DEFAULT_WRITE_BUFFER)
+    }
+
+    /// A store whose pending writes hold at most `write_buffer` bytes (for
+    /// writers that wait for room).
+    pub fn with_write_buffer(engine: Arc<dyn Engine>, observer: Option<BatchObserver>, write_buffer: u32) -> Store {
+        let write_buffer = write_buffer.max(1);
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(WriterStats::default());
+        let budget = Arc::new(Semaphore::new(write_buffer as usize));
         let writer = {
             let engine = engine.clone();
             let stats = stats.clone();
+            let budget = budget.clone();
             std::thread::Builder::new()
                 .name("warren-store-writer".into())
-                .spawn(move || writer_loop(engine, rx, stats, observer))
+                .spawn(move || writer_loop(engine, rx, stats, observer, budget))
                 .map_err(|e| StoreError::Io(format!("cannot start the writer thread: {e}")))
         };
         let writer = match writer {
@@ -221,7 +299,7 @@ impl Store {
                 None
             }
         };
-        Store { engine, tx, stats, writer: Arc::new(Mutex::new(writer)) }
+        Store { engine, tx, stats, writer: Arc::new(Mutex::new(writer)), budget, budget_bytes: write_buffer }
     }
 
     pub fn engine(&self) -> &Arc<dyn Engine> {
@@ -232,26 +310,49 @@ impl Store {
         &self.stats
     }
 
-    /// Queues a write. Its completion (if any) runs on the writer thread once
-    /// the batch holding it is applied (and synced when `sync`); keep it short.
+    /// Queues a write without waiting for room in the write buffer (for
+    /// small metadata writes). Its completion (if any) runs on the writer
+    /// thread once the batch holding it is applied (and synced when `sync`);
+    /// keep it short.
     pub fn submit(&self, req: WriteRequest) {
-        if let Err(mpsc::SendError(Request::Write(req))) = self.tx.send(Request::Write(req))
-            && let Some(done) = req.done
-        {
-            done(Err(StoreError::Closed));
+        self.send(req, 0);
+    }
+
+    /// Queues a write once the write buffer has room for it: a writer that
+    /// outruns the disk waits here instead of growing memory. A write larger
+    /// than the whole buffer waits for an empty buffer.
+    pub async fn submit_with_room(&self, req: WriteRequest) {
+        let want = u32::try_from(req.bytes()).unwrap_or(u32::MAX).clamp(1, self.budget_bytes);
+        match self.budget.acquire_many(want).await {
+            Ok(permit) => {
+                permit.forget();
+                self.send(req, want);
+            }
+            // The semaphore is never closed; should it be, write anyway.
+            Err(_) => self.send(req, 0),
+        }
+    }
+
+    /// Bytes of the write buffer in use.
+    pub fn write_buffer_used(&self) -> u64 {
+        u64::from(self.budget_bytes).saturating_sub(self.budget.available_permits() as u64)
+    }
+
+    fn send(&self, req: WriteRequest, charge: u32) {
+        if let Err(mpsc::SendError(Request::Write(req, charge))) = self.tx.send(Request::Write(req, charge)) {
+            self.budget.add_permits(charge as usize);
+            if let Some(done) = req.done {
+                done(Err(StoreError::Closed));
+            }
         }
     }
 
     /// Writes and waits until durable.
     pub async fn write(&self, ops: Vec<Op>, sync: bool) -> Result<(), StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(WriteRequest {
-            ops,
-            sync,
-            done: Some(Box::new(move |r| {
-                let _ = tx.send(r);
-            })),
-        });
+        self.submit(WriteRequest::new(ops, sync).on_done(move |r| {
+            let _ = tx.send(r);
+        }));
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
@@ -291,71 +392,120 @@ impl Store {
     }
 }
 
-fn writer_loop(engine: Arc<dyn Engine>, rx: mpsc::Receiver<Request>, stats: Arc<WriterStats>, observer: Option<BatchObserver>) {
-    let mut ops: Vec<Op> = Vec::new();
-    let mut dones: Vec<Completion> = Vec::new();
-    let mut sync = false;
-    let mut requests = 0usize;
-    let mut bytes = 0usize;
-    let flush = |ops: &mut Vec<Op>, dones: &mut Vec<Completion>, sync: &mut bool, requests: &mut usize, bytes: &mut usize| {
-        if *requests == 0 {
+fn writer_loop(
+    engine: Arc<dyn Engine>,
+    rx: mpsc::Receiver<Request>,
+    stats: Arc<WriterStats>,
+    observer: Option<BatchObserver>,
+    budget: Arc<Semaphore>,
+) {
+    let mut batch = Batch::default();
+    let flush = |b: &mut Batch| {
+        if b.requests == 0 {
             return;
         }
         let started = Instant::now();
-        let result = if ops.is_empty() { Ok(()) } else { engine.write(ops, *sync) };
+        let result = if b.ops.is_empty() { Ok(()) } else { engine.write(&b.ops, b.sync) };
         let took = started.elapsed();
         if let Err(e) = &result {
-            tracing::error!(error = %e, ops = ops.len(), "store write failed");
+            tracing::error!(error = %e, ops = b.ops.len(), "store write failed");
+            // Every writer with a request in this batch has lost it: refuse
+            // what they sent after it.
+            for fence in &b.fences {
+                fence.break_with(e.to_string());
+            }
         }
         stats.batches.fetch_add(1, Ordering::Relaxed);
-        if *sync {
+        if b.sync {
             stats.synced_batches.fetch_add(1, Ordering::Relaxed);
         }
-        stats.requests.fetch_add(*requests as u64, Ordering::Relaxed);
-        stats.ops.fetch_add(ops.len() as u64, Ordering::Relaxed);
-        stats.bytes.fetch_add(*bytes as u64, Ordering::Relaxed);
+        stats.requests.fetch_add(b.requests as u64, Ordering::Relaxed);
+        stats.ops.fetch_add(b.ops.len() as u64, Ordering::Relaxed);
+        stats.bytes.fetch_add(b.bytes as u64, Ordering::Relaxed);
         stats.sync_nanos.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         if let Some(obs) = &observer {
-            obs(*requests, *sync, took);
+            obs(b.requests, b.sync, took);
         }
-        for done in dones.drain(..) {
+        for done in b.dones.drain(..) {
             done(result.clone());
         }
-        ops.clear();
-        *sync = false;
-        *requests = 0;
-        *bytes = 0;
+        budget.add_permits(b.charge);
+        b.clear();
     };
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(req) = next.take() {
             match req {
-                Request::Write(w) => {
-                    requests += 1;
-                    sync |= w.sync;
-                    bytes += w.ops.iter().map(Op::approx_bytes).sum::<usize>();
-                    ops.extend(w.ops);
-                    if let Some(d) = w.done {
-                        dones.push(d);
-                    }
-                    if bytes >= MAX_BATCH_BYTES {
-                        flush(&mut ops, &mut dones, &mut sync, &mut requests, &mut bytes);
+                Request::Write(w, charge) => {
+                    if let Some(reason) = w.fence.as_ref().and_then(|f| f.broken()) {
+                        // An earlier write of this writer failed: this one
+                        // must not be applied on top of a change that never
+                        // happened.
+                        budget.add_permits(charge as usize);
+                        if let Some(done) = w.done {
+                            done(Err(StoreError::Fenced(reason)));
+                        }
+                    } else {
+                        batch.add(w, charge);
+                        if batch.bytes >= MAX_BATCH_BYTES {
+                            flush(&mut batch);
+                        }
                     }
                 }
                 Request::After(f) => {
-                    flush(&mut ops, &mut dones, &mut sync, &mut requests, &mut bytes);
+                    flush(&mut batch);
                     f();
                 }
                 Request::Stop => {
-                    flush(&mut ops, &mut dones, &mut sync, &mut requests, &mut bytes);
+                    flush(&mut batch);
                     return;
                 }
             }
             next = rx.try_recv().ok();
         }
-        flush(&mut ops, &mut dones, &mut sync, &mut requests, &mut bytes);
+        flush(&mut batch);
     }
-    flush(&mut ops, &mut dones, &mut sync, &mut requests, &mut bytes);
+    flush(&mut batch);
+}
+
+/// Requests merged into one atomic write.
+#[derive(Default)]
+struct Batch {
+    ops: Vec<Op>,
+    dones: Vec<Completion>,
+    fences: Vec<Arc<Fence>>,
+    sync: bool,
+    requests: usize,
+    bytes: usize,
+    /// Write-buffer bytes to release once applied.
+    charge: usize,
+}
+
+impl Batch {
+    fn add(&mut self, w: WriteRequest, charge: u32) {
+        self.requests += 1;
+        self.sync |= w.sync;
+        self.bytes += w.bytes();
+        self.charge += charge as usize;
+        self.ops.extend(w.ops);
+        if let Some(d) = w.done {
+            self.dones.push(d);
+        }
+        if let Some(f) = w.fence
+            && !self.fences.iter().any(|x| Arc::ptr_eq(x, &f))
+        {
+            self.fences.push(f);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.ops.clear();
+        self.fences.clear();
+        self.sync = false;
+        self.requests = 0;
+        self.bytes = 0;
+        self.charge = 0;
+    }
 }
 
 #[cfg(test)]
@@ -374,14 +524,10 @@ mod tests {
         let done = Arc::new(AtomicUsize::new(0));
         for i in 0..100u8 {
             let done = done.clone();
-            store.submit(WriteRequest {
-                ops: vec![put(b"k", &[i])],
-                sync: i % 2 == 0,
-                done: Some(Box::new(move |r| {
-                    assert!(r.is_ok());
-                    done.fetch_add(1, Ordering::SeqCst);
-                })),
-            });
+            store.submit(WriteRequest::new(vec![put(b"k", &[i])], i % 2 == 0).on_done(move |r| {
+                assert!(r.is_ok());
+                done.fetch_add(1, Ordering::SeqCst);
+            }));
         }
         let v = store.read_after_writes(|e| e.get(Cf::Messages, b"k")).await.unwrap();
         assert_eq!(v, Some(vec![99]));
@@ -397,6 +543,124 @@ mod tests {
         store.close().unwrap();
         let r = store.write(vec![put(b"a", b"b")], true).await;
         assert!(matches!(r, Err(StoreError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn should_refuse_later_writes_of_a_writer_whose_write_failed() {
+        let gate = Gate::closed();
+        let store = Store::new(gate.clone(), None);
+        let (a, b) = (Fence::new(), Fence::new());
+        let results = Arc::new(Mutex::new(Vec::new()));
+        let submit = |name: &'static str, fence: Option<&Arc<Fence>>, key: &str| {
+            let results = results.clone();
+            let mut req = WriteRequest::new(vec![put(key.as_bytes(), b"v")], true).on_done(move |r| results.lock().push((name, r)));
+            if let Some(f) = fence {
+                req = req.fenced(f.clone());
+            }
+            store.submit(req);
+        };
+        // The first write fails while the others already wait behind it in
+        // the writer's queue: the failure must still stop a's second write.
+        gate.inner.fail_next_writes(1);
+        submit("a1", Some(&a), "1");
+        gate.wait_for_writer();
+        submit("a2", Some(&a), "2");
+        submit("none", None, "3");
+        submit("b", Some(&b), "4");
+        gate.open();
+        store.read_after_writes(|_| Ok(())).await.unwrap();
+        let results = results.lock();
+        assert!(matches!(results[0], ("a1", Err(StoreError::Io(_)))), "{results:?}");
+        assert!(matches!(results[1], ("a2", Err(StoreError::Fenced(_)))), "{results:?}");
+        assert!(matches!(results[2], ("none", Ok(()))), "{results:?}");
+        assert!(matches!(results[3], ("b", Ok(()))), "{results:?}");
+        let keys: Vec<Vec<u8>> = store.engine().scan(Cf::Messages, b"", b"\xff", 10).unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec![b"3".to_vec(), b"4".to_vec()], "only the unfenced and the other writer's writes applied");
+        assert!(a.broken().is_some() && b.broken().is_none());
+        store.close().unwrap();
+    }
+
+    /// An engine whose writes wait until it is opened, to hold the writer
+    /// busy.
+    struct Gate {
+        inner: memory::MemoryEngine,
+        /// (open, a write is waiting)
+        state: parking_lot::Mutex<(bool, bool)>,
+        cv: parking_lot::Condvar,
+    }
+
+    impl Gate {
+        fn closed() -> Arc<Gate> {
+            Arc::new(Gate {
+                inner: memory::MemoryEngine::new(),
+                state: parking_lot::Mutex::new((false, false)),
+                cv: parking_lot::Condvar::new(),
+            })
+        }
+
+        fn open(&self) {
+            self.state.lock().0 = true;
+            self.cv.notify_all();
+        }
+
+        /// Waits (at most 10 s) until the writer is blocked in a write.
+        fn wait_for_writer(&self) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut st = self.state.lock();
+            while !st.1 && Instant::now() < deadline {
+                self.cv.wait_until(&mut st, deadline);
+            }
+            assert!(st.1, "the writer never reached the engine");
+        }
+    }
+
+    impl Engine for Gate {
+        fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError> {
+            let mut st = self.state.lock();
+            st.1 = true;
+            self.cv.notify_all();
+            while !st.0 {
+                self.cv.wait(&mut st);
+            }
+            drop(st);
+            self.inner.write(ops, sync)
+        }
+        fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(cf, key)
+        }
+        fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+            self.inner.scan(cf, from, to, limit)
+        }
+        fn disk_usage(&self) -> u64 {
+            0
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn should_make_writers_wait_while_the_write_buffer_is_full() {
+        let gate = Gate::closed();
+        let store = Store::with_write_buffer(gate.clone(), None, 100);
+        // 60 bytes: fits.
+        store.submit_with_room(WriteRequest::new(vec![put(&[1; 30], &[0; 30])], false)).await;
+        assert_eq!(store.write_buffer_used(), 60);
+        // Another 60 do not fit while the first is not applied.
+        let waiting = {
+            let store = store.clone();
+            tokio::spawn(async move { store.submit_with_room(WriteRequest::new(vec![put(&[2; 30], &[0; 30])], false)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a writer went past a full write buffer");
+        gate.open();
+        tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();
+        store.read_after_writes(|_| Ok(())).await.unwrap();
+        assert_eq!(store.write_buffer_used(), 0, "applied writes give their room back");
+        // A write larger than the whole buffer still goes through.
+        store.submit_with_room(WriteRequest::new(vec![put(&[3; 300], b"")], false)).await;
+        store.read_after_writes(|_| Ok(())).await.unwrap();
+        store.close().unwrap();
     }
 
     #[tokio::test]

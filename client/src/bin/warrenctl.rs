@@ -287,8 +287,22 @@ async fn run(cli: Cli, out: &Printer) -> Result<(), Failure> {
         }
         Command::Publish(a) => publish(&client, a, out).await,
         Command::Get(a) => {
-            let deliveries = client.get(&a.queue, a.count.max(1), a.ack).await?;
-            out.bodies(&deliveries);
+            // The broker bounds each reply by bytes: ask again until COUNT
+            // messages came or the queue is empty.
+            let want = a.count.max(1);
+            let mut got = 0u32;
+            while got < want {
+                let deliveries = client.get(&a.queue, want - got, a.ack).await?;
+                if deliveries.is_empty() {
+                    break;
+                }
+                got = got.saturating_add(u32::try_from(deliveries.len()).unwrap_or(u32::MAX));
+                out.bodies(&deliveries);
+                if !a.ack {
+                    // Without --ack the same messages would come back.
+                    break;
+                }
+            }
             Ok(())
         }
         Command::Consume(a) => consume(&client, a, out).await,

@@ -30,13 +30,20 @@ fn spec(tag: &str, prefetch: u32) -> ConsumerSpec {
 
 /// A queue plus an in-memory store that the effects are applied to, as the
 /// owner task would.
+///
+/// A refill or timer read runs some time after it is asked for, and sees
+/// the store as it is then: anywhere from the moment of the request (every
+/// earlier write applied, nothing later) to the moment its result is taken.
+/// With `stale_reads` the harness reads as of the request (a copy of the
+/// store taken then), else as of completion; the model test runs both.
 struct Harness {
     q: QueueState,
     engine: MemoryEngine,
-    refill: Option<RefillRequest>,
-    timer: Option<TimerRequest>,
+    refill: Option<(RefillRequest, Option<MemoryEngine>)>,
+    timer: Option<(TimerRequest, Option<MemoryEngine>)>,
     delivered: Vec<OutDelivery>,
     dead: Vec<DeadLetter>,
+    stale_reads: bool,
 }
 
 impl Harness {
@@ -48,7 +55,13 @@ impl Harness {
             timer: None,
             delivered: Vec::new(),
             dead: Vec::new(),
+            stale_reads: false,
         }
+    }
+
+    /// The store as a read asked for now will see it, if reads are stale.
+    fn read_view(&self) -> Option<MemoryEngine> {
+        self.stale_reads.then(|| self.engine.snapshot())
     }
 
     fn apply(&mut self, mut fx: Effects) {
@@ -60,11 +73,11 @@ impl Harness {
         self.dead.extend(fx.dead_letters);
         if let Some(r) = fx.refill {
             assert!(self.refill.is_none(), "two refills in flight");
-            self.refill = Some(r);
+            self.refill = Some((r, self.read_view()));
         }
         if let Some(t) = fx.timer_read {
             assert!(self.timer.is_none(), "two timer reads in flight");
-            self.timer = Some(t);
+            self.timer = Some((t, self.read_view()));
         }
         self.q.check_invariants();
     }
@@ -83,8 +96,8 @@ impl Harness {
     }
 
     fn complete_timer(&mut self) -> bool {
-        let Some(t) = self.timer.take() else { return false };
-        let result = read_timers(&self.engine, self.q.id, &t).unwrap();
+        let Some((t, view)) = self.timer.take() else { return false };
+        let result = read_timers(view.as_ref().unwrap_or(&self.engine), self.q.id, &t).unwrap();
         self.run(|q, fx| {
             q.timer_done(t.epoch, result, fx);
             q.poll_timers(fx);
@@ -93,8 +106,8 @@ impl Harness {
     }
 
     fn complete_refill(&mut self) -> bool {
-        let Some(r) = self.refill.take() else { return false };
-        let (entries, exhausted) = read_refill(&self.engine, self.q.id, &r).unwrap();
+        let Some((r, view)) = self.refill.take() else { return false };
+        let (entries, exhausted) = read_refill(view.as_ref().unwrap_or(&self.engine), self.q.id, &r).unwrap();
         self.run(|q, fx| q.refilled(r.epoch, entries, exhausted, fx));
         true
     }
@@ -106,7 +119,7 @@ impl Harness {
     }
 
     fn dispatch(&mut self, room: usize) {
-        self.run(|q, fx| q.dispatch(fx, &mut |_| room));
+        self.run(|q, fx| q.dispatch(fx, &mut |_| Room::messages(room)));
     }
 
     /// Gets with ack until empty, completing refills as needed.
@@ -114,7 +127,7 @@ impl Harness {
         let mut out = Vec::new();
         for _ in 0..100_000 {
             let mut fx = Effects::default();
-            let got = self.q.get(16, true, &mut fx);
+            let got = self.q.get(16, u64::MAX, true, &mut fx);
             self.apply(fx);
             match got {
                 GetOutcome::Messages(ms) if ms.is_empty() => break,
@@ -159,7 +172,7 @@ impl Harness {
 }
 
 fn small() -> Limits {
-    Limits { window_messages: 4, window_bytes: 1 << 20 }
+    Limits { window_messages: 4, window_bytes: 1 << 20, consumer_max_unacked: u32::MAX, consumer_max_unacked_bytes: u64::MAX }
 }
 
 #[test]
@@ -303,7 +316,7 @@ fn should_place_arrivals_during_a_refill_without_loss() {
     // Drain the window so a refill is requested, then publish while it is
     // in flight.
     let mut fx = Effects::default();
-    let _ = h.q.get(4, true, &mut fx);
+    let _ = h.q.get(4, u64::MAX, true, &mut fx);
     h.apply(fx);
     assert!(h.refill.is_some());
     for i in 20..30 {
@@ -344,13 +357,13 @@ fn should_peek_with_get_without_ack() {
     let mut h = Harness::new(true, QueueArgs::default(), Limits::default());
     h.publish(1, true, None);
     let mut fx = Effects::default();
-    let GetOutcome::Messages(first) = h.q.get(1, false, &mut fx) else { panic!() };
+    let GetOutcome::Messages(first) = h.q.get(1, u64::MAX, false, &mut fx) else { panic!() };
     h.apply(fx);
     assert!(!first[0].redelivered);
     assert_eq!(first[0].msg.delivery_count, 1);
     // A peek leaves the message as it was: not redelivered, not counted.
     let mut fx = Effects::default();
-    let GetOutcome::Messages(second) = h.q.get(1, true, &mut fx) else { panic!() };
+    let GetOutcome::Messages(second) = h.q.get(1, u64::MAX, true, &mut fx) else { panic!() };
     h.apply(fx);
     assert!(!second[0].redelivered);
     assert_eq!(second[0].msg.delivery_count, 1);
@@ -376,7 +389,7 @@ fn should_not_count_peeks_toward_the_delivery_limit() {
     h.publish(1, true, None);
     for _ in 0..5 {
         let mut fx = Effects::default();
-        let GetOutcome::Messages(got) = h.q.get(1, false, &mut fx) else { panic!() };
+        let GetOutcome::Messages(got) = h.q.get(1, u64::MAX, false, &mut fx) else { panic!() };
         h.apply(fx);
         assert_eq!(got.len(), 1);
     }
@@ -636,10 +649,10 @@ fn should_deduplicate_within_the_window_across_a_restart() {
     let mut h = Harness::new(true, args(|a| a.deduplication_window_ms = Some(1000)), Limits::default());
     h.q.set_now(5000);
     assert!(matches!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Enqueued { .. }));
-    assert_eq!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Duplicate);
+    assert_eq!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Duplicate { ticket: 0 });
     h.restart();
     h.q.set_now(5999);
-    assert_eq!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Duplicate, "the window survives a restart");
+    assert_eq!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Duplicate { ticket: 0 }, "the window survives a restart");
     h.q.set_now(6000);
     assert!(matches!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Enqueued { .. }), "the window has passed");
     assert_eq!(h.drain_ids(), vec![1, 1]);
@@ -650,6 +663,166 @@ fn should_deduplicate_within_the_window_across_a_restart() {
     for _ in 0..2 {
         assert!(matches!(h.publish_data(anon.clone(), None), EnqueueOutcome::Enqueued { .. }));
     }
+}
+
+#[test]
+fn should_tie_a_duplicate_to_the_write_of_its_first_copy() {
+    let mut h = Harness::new(true, args(|a| a.deduplication_window_ms = Some(1000)), Limits::default());
+    h.q.set_now(5000);
+    h.q.set_ticket(7);
+    assert!(matches!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Enqueued { needs_sync: true }));
+    h.q.set_ticket(8);
+    // Until write 7 is durable the duplicate's answer must wait for it.
+    assert_eq!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Duplicate { ticket: 7 });
+    h.restart();
+    assert_eq!(h.publish_data(ttl_data(1, true, None), None), EnqueueOutcome::Duplicate { ticket: 0 }, "read back: durable");
+}
+
+/// An acknowledgement that arrives while a refill is reading the store must
+/// not let the refill bring the acknowledged message back: the read may
+/// have been taken before the acknowledgement's delete was written.
+#[test]
+fn should_not_bring_back_a_message_acked_while_a_refill_read_it() {
+    let args = QueueArgs { max_priority: Some(3), ..Default::default() };
+    let mut h = Harness::new(true, args, small());
+    h.stale_reads = true;
+    let a = h.q.add_consumer(spec("a", 0)).unwrap();
+    // Two low-priority messages, delivered and unacknowledged.
+    h.publish(0, true, Some(0));
+    h.publish(1, true, Some(0));
+    h.dispatch(2);
+    assert_eq!(h.q.stats().unacked, 2);
+    // Six high-priority ones: their keys sort first, the window holds four,
+    // the rest go to disk below the unacknowledged ones.
+    for i in 10..16 {
+        h.publish(i, true, Some(3));
+    }
+    assert!(h.q.frontier.is_some());
+    // Emptying the window asks for a refill, which reads the store now.
+    let mut fx = Effects::default();
+    let GetOutcome::Messages(got) = h.q.get(4, u64::MAX, true, &mut fx) else { panic!("expected messages") };
+    h.apply(fx);
+    assert_eq!(got.len(), 4);
+    assert!(h.refill.is_some(), "a refill is in flight");
+    // Message 0 is acknowledged while the read is in flight.
+    h.run(|q, fx| q.ack(a, 1, false, fx).unwrap());
+    h.complete_refill();
+    let rest = h.drain_ids();
+    assert_eq!(rest, vec![14, 15], "the acknowledged message came back");
+    h.run(|q, fx| {
+        q.remove_consumer(a, fx);
+    });
+    assert_eq!(h.drain_ids(), vec![1]);
+    assert_eq!(h.stored_counters().messages, 0);
+}
+
+/// A `Get` that finds only expired messages in memory reads on from disk
+/// instead of reporting the queue empty.
+#[test]
+fn should_get_from_disk_when_every_message_in_memory_expired() {
+    let mut h = Harness::new(true, QueueArgs::default(), small());
+    h.q.set_now(1000);
+    for i in 0..4 {
+        h.publish_data(ttl_data(i, true, Some(10)), None);
+    }
+    for i in 4..10 {
+        h.publish(i, true, None);
+    }
+    assert_eq!(h.q.window.len(), 4, "the window holds the four that will expire");
+    h.q.set_now(2000);
+    let mut fx = Effects::default();
+    let got = h.q.get(1, u64::MAX, true, &mut fx);
+    h.apply(fx);
+    assert!(matches!(got, GetOutcome::NeedRefill), "{got:?}");
+    h.complete_refill();
+    let mut fx = Effects::default();
+    let GetOutcome::Messages(got) = h.q.get(1, u64::MAX, true, &mut fx) else { panic!("expected messages") };
+    h.apply(fx);
+    assert_eq!(got.iter().map(|d| id_of(&d.msg)).collect::<Vec<_>>(), vec![4]);
+}
+
+/// A `Get` takes no more than its reply can carry; one message always.
+#[test]
+fn should_bound_a_get_by_bytes() {
+    let mut h = Harness::new(true, QueueArgs::default(), Limits::default());
+    for i in 0..5 {
+        h.publish(i, true, None);
+    }
+    let mem = h.q.window.values().next().unwrap().mem;
+    let mut fx = Effects::default();
+    let GetOutcome::Messages(got) = h.q.get(5, 2 * mem + 1, true, &mut fx) else { panic!() };
+    h.apply(fx);
+    assert_eq!(got.len(), 2);
+    assert_eq!(h.q.stats().ready, 3, "nothing beyond the reply left the queue");
+    let mut fx = Effects::default();
+    let GetOutcome::Messages(got) = h.q.get(5, 1, true, &mut fx) else { panic!() };
+    h.apply(fx);
+    assert_eq!(got.len(), 1, "one message always fits");
+}
+
+/// Headers count toward the window's bytes, not only bodies.
+#[test]
+fn should_count_headers_toward_the_window() {
+    let limits = Limits { window_bytes: 8 << 10, ..Limits::default() };
+    let mut h = Harness::new(true, QueueArgs::default(), limits);
+    for i in 0..10 {
+        let mut d = (*data(i, true, None)).clone();
+        d.properties.headers.insert("pad".into(), warren_client::proto::Value::from("x".repeat(3000)));
+        h.publish_data(Arc::new(d), None);
+    }
+    assert!(h.q.window.len() <= 2, "the window holds {} messages of 3 KiB headers within 8 KiB", h.q.window.len());
+    assert_eq!(h.drain_ids(), (0..10).collect::<Vec<_>>());
+}
+
+/// Prefetch 0 means the broker's maximum, which also caps larger values;
+/// the bytes a consumer holds are bounded too, one message always fits.
+#[test]
+fn should_bound_what_a_consumer_holds() {
+    let limits = Limits { consumer_max_unacked: 3, ..Limits::default() };
+    let mut h = Harness::new(true, QueueArgs::default(), limits);
+    let a = h.q.add_consumer(spec("a", 0)).unwrap();
+    let b = h.q.add_consumer(spec("b", 50)).unwrap();
+    for i in 0..20 {
+        h.publish(i, true, None);
+    }
+    h.dispatch(100);
+    let held = |h: &Harness, c| h.delivered.iter().filter(|d| d.consumer == c).count();
+    assert_eq!((held(&h, a), held(&h, b)), (3, 3));
+    let views = h.q.consumers();
+    assert_eq!(views.iter().map(|v| v.effective_prefetch).collect::<Vec<_>>(), vec![3, 3]);
+
+    let mem = h.q.window.values().next().unwrap().mem;
+    let limits = Limits { consumer_max_unacked_bytes: mem * 5 / 2, ..Limits::default() };
+    let mut h = Harness::new(true, QueueArgs::default(), limits);
+    let a = h.q.add_consumer(spec("a", 0)).unwrap();
+    for i in 0..20 {
+        h.publish(i, true, None);
+    }
+    h.dispatch(100);
+    assert_eq!(h.delivered.len(), 2, "two messages fit in 2.5 messages' bytes");
+    let mut big = (*data(99, true, None)).clone();
+    big.body = Bytes::from(vec![0u8; 4096]);
+    let limits = Limits { consumer_max_unacked_bytes: 100, ..Limits::default() };
+    let mut h = Harness::new(true, QueueArgs::default(), limits);
+    h.q.add_consumer(spec("a", 0)).unwrap();
+    h.publish_data(Arc::new(big), None);
+    h.dispatch(100);
+    assert_eq!(h.delivered.len(), 1, "a message larger than the bound goes to a consumer holding nothing");
+    let _ = a;
+}
+
+/// `multiple` with the largest tag acknowledges everything (no overflow).
+#[test]
+fn should_ack_everything_up_to_the_largest_tag() {
+    let mut h = Harness::new(true, QueueArgs::default(), Limits::default());
+    let a = h.q.add_consumer(spec("a", 0)).unwrap();
+    for i in 0..3 {
+        h.publish(i, true, None);
+    }
+    h.dispatch(100);
+    h.run(|q, fx| q.ack(a, u64::MAX, true, fx).unwrap());
+    assert_eq!(h.q.stats().unacked, 0);
+    assert_eq!(h.stored_counters().messages, 0);
 }
 
 #[test]
@@ -781,9 +954,10 @@ proptest! {
     /// model says are ready, in delivery order, never an expired one, and
     /// loses or duplicates none.
     #[test]
-    fn queue_agrees_with_the_model(steps in prop::collection::vec(step(), 1..120)) {
+    fn queue_agrees_with_the_model(steps in prop::collection::vec(step(), 1..120), stale_reads in any::<bool>()) {
         let args = QueueArgs { max_priority: Some(3), ..Default::default() };
         let mut h = Harness::new(true, args, small());
+        h.stale_reads = stale_reads;
         let mut m = Model { now: 1000, ..Default::default() };
         h.q.set_now(m.now);
         let mut consumers: Vec<ConsumerId> = Vec::new();
@@ -851,7 +1025,7 @@ proptest! {
                 }
                 Step::Get { max, ack } => {
                     let mut fx = Effects::default();
-                    let got = h.q.get(max, ack, &mut fx);
+                    let got = h.q.get(max, u64::MAX, ack, &mut fx);
                     h.apply(fx);
                     if let GetOutcome::Messages(ds) = got {
                         // Up to `max`, from what the window holds: a prefix of

@@ -329,3 +329,26 @@ fn should_round_trip_every_kind_through_serde() {
         assert!(ok, "{}: {kind} does not deserialize", file.display());
     }
 }
+
+/// The operator refuses CRDs of an older revision, so the revision must
+/// change whenever the schemas do: each revision's schema hash is recorded.
+#[test]
+fn should_bump_the_schema_revision_when_the_schemas_change() {
+    let recorded = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schema-revisions.txt")).unwrap();
+    let hash = warren_crds::schema_hash();
+    let line = recorded.lines().find(|l| l.split_whitespace().next() == Some(&warren_crds::SCHEMA_REVISION.to_string()));
+    match line {
+        Some(l) => assert_eq!(
+            l.split_whitespace().nth(1),
+            Some(hash.as_str()),
+            "the CRD schemas changed since revision {} was recorded: bump warren_crds::SCHEMA_REVISION and add `{} {hash}` to crds/schema-revisions.txt",
+            warren_crds::SCHEMA_REVISION,
+            warren_crds::SCHEMA_REVISION + 1
+        ),
+        None => panic!("crds/schema-revisions.txt has no line for revision {}: add `{} {hash}`", warren_crds::SCHEMA_REVISION, warren_crds::SCHEMA_REVISION),
+    }
+    for crd in warren_crds::crds() {
+        let annotations = crd.metadata.annotations.unwrap_or_default();
+        assert_eq!(annotations.get(warren_crds::SCHEMA_REVISION_ANNOTATION), Some(&warren_crds::SCHEMA_REVISION.to_string()));
+    }
+}

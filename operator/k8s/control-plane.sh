@@ -104,11 +104,20 @@ build_kubernetes() {
 }
 
 build_kwok() {
-    built kwok "$KWOK_VERSION" && return 0
+    built kwok "$KWOK_VERSION" && [ -s "$bin/kwok-stages.yaml" ] && return 0
     log "building kwok $KWOK_VERSION"
-    local dir; dir="$(wrapper kwok)"
+    local dir src f; dir="$(wrapper kwok)"
     (cd "$dir" && go get -tool "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" \
         && nice -n 10 go build -ldflags "-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION" -o "$bin/kwok" sigs.k8s.io/kwok/cmd/kwok)
+    # The stages kwokctl uses by default: nodes become Ready and keep their
+    # lease; pods are scheduled, Running and Ready at once, and deleted.
+    src="$(cd "$dir" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)/kustomize/stage"
+    : > "$bin/kwok-stages.yaml"
+    for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+             pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+        [ -f "$src/$f" ] || die "kwok $KWOK_VERSION has no stage $f"
+        { echo "---"; cat "$src/$f"; } >> "$bin/kwok-stages.yaml"
+    done
     stamp kwok "$KWOK_VERSION"
 }
 
@@ -116,7 +125,7 @@ cmd_build() {
     mkdir -p "$bin"
     local started=$SECONDS need=0 n
     for n in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do [ -x "$bin/$n" ] || need=1; done
-    [ "$need" = 1 ] || { built etcd "$ETCD_VERSION" && built kube-apiserver "$K8S_VERSION" && built kwok "$KWOK_VERSION"; } || need=1
+    [ "$need" = 1 ] || { built etcd "$ETCD_VERSION" && built kube-apiserver "$K8S_VERSION" && built kwok "$KWOK_VERSION" && [ -s "$bin/kwok-stages.yaml" ]; } || need=1
     if [ "$need" = 1 ]; then
         go_env
         build_etcd
@@ -133,12 +142,16 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
 
-# wait_for WHAT SECONDS COMMAND...: polls COMMAND every 0.2 s.
+# wait_for WHAT SECONDS COMMAND...: polls COMMAND every 0.2 s, and gives up
+# at once when the component WHAT (a pid file of $WAIT_DIR) has exited.
 wait_for() {
     local what="$1" limit="$2"; shift 2
     local deadline=$((SECONDS + limit))
     until "$@" >/dev/null 2>&1; do
         [ "$SECONDS" -lt "$deadline" ] || { log "$what not ready within ${limit}s"; return 1; }
+        if [ -n "${WAIT_DIR:-}" ] && [ -f "$WAIT_DIR/pids/$what.pid" ] && ! alive "$WAIT_DIR" "$what"; then
+            log "$what exited"; return 1
+        fi
         sleep 0.2
     done
 }
@@ -226,9 +239,13 @@ cmd_up() {
     done
     local started=$SECONDS
     cmd_build >/dev/null
-    mkdir -p "$dir/logs" "$dir/pids" "$dir/etcd"
+    WAIT_DIR="$dir"
+    mkdir -p "$dir"
     dir="$(cd "$dir" && pwd)"
     [ -e "$dir/pids/kube-apiserver.pid" ] && alive "$dir" kube-apiserver && die "a control plane already runs in $dir"
+    # Always a fresh cluster: new certificates, keys and an empty etcd.
+    rm -rf "$dir/etcd" "$dir/logs" "$dir/pids" "$dir/helm"
+    mkdir -p "$dir/logs" "$dir/pids" "$dir/etcd"
     certs "$dir"
 
     local etcd_port etcd_peer api_port kcm_port sched_port
@@ -253,11 +270,13 @@ EOF
         --listen-peer-urls "http://127.0.0.1:$etcd_peer" --initial-advertise-peer-urls "http://127.0.0.1:$etcd_peer" \
         --initial-cluster "warren-test=http://127.0.0.1:$etcd_peer" --unsafe-no-fsync --quota-backend-bytes 2147483648 \
         --log-level warn
+    WAIT_DIR="$dir"
     wait_for etcd 30 curl -sf "http://127.0.0.1:$etcd_port/health" || { tail -20 "$dir/logs/etcd.log" >&2; cmd_down "$dir"; exit 1; }
 
     start "$dir" kube-apiserver "$bin/kube-apiserver" \
         --etcd-servers "http://127.0.0.1:$etcd_port" \
         --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
+        --endpoint-reconciler-type none \
         --tls-cert-file "$dir/apiserver.crt" --tls-private-key-file "$dir/apiserver.key" \
         --client-ca-file "$dir/ca.crt" \
         --service-account-issuer https://kubernetes.default.svc \
@@ -284,7 +303,6 @@ EOF
         --leader-elect=false --use-service-account-credentials=true \
         --service-account-private-key-file "$dir/sa.key" --root-ca-file "$dir/ca.crt" \
         --cluster-signing-cert-file "$dir/ca.crt" --cluster-signing-key-file "$dir/ca.key" \
-        --controllers '*,-nodeipam,-cloud-node-lifecycle,-service-lb-controller,-route' \
         --concurrent-statefulset-syncs 5 --concurrent-gc-syncs 20 \
         --v 1
     start "$dir" kube-scheduler "$bin/kube-scheduler" \
@@ -294,7 +312,7 @@ EOF
         --bind-address 127.0.0.1 --secure-port "$sched_port" --leader-elect=false --v 1
     # kwok: one simulated node (loopback addresses only), whose Pods it
     # marks Running and Ready.
-    start "$dir" kwok "$bin/kwok" --kubeconfig "$dir/admin.kubeconfig" \
+    start "$dir" kwok "$bin/kwok" --kubeconfig "$dir/admin.kubeconfig" --config "$bin/kwok-stages.yaml" \
         --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
         --node-ip 127.0.0.2 --cidr 127.10.0.0/16 --node-lease-duration-seconds 40 \
         --server-address "127.0.0.1:$(free_port)"

@@ -449,21 +449,31 @@ async fn should_report_an_invalid_broker_spec_without_applying_anything() {
 }
 
 #[tokio::test]
-async fn should_exit_with_a_hint_when_the_crds_are_missing() {
+async fn should_exit_with_a_hint_when_the_crds_are_missing_or_older() {
     let (client, api) = ApiServer::start();
-    let hint = warren_operator::check_crds(&client, None).await.unwrap_err();
+    let crd_path = |name: &str| format!("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}");
+    let hint = warren_operator::check_crds(&client).await.unwrap_err().to_string();
     assert!(hint.contains("brokers.warren.dev is not installed"), "{hint}");
-    assert!(hint.contains("kubectl apply --server-side -f charts/warren/crds/"), "{hint}");
-    assert_eq!(api.lines(), ["GET /apis/warren.dev/v1alpha1/brokers"]);
+    assert!(hint.contains("kubectl apply --server-side --force-conflicts -f charts/warren/crds/"), "{hint}");
+    assert_eq!(api.lines(), [format!("GET {}", crd_path("brokers.warren.dev"))]);
 
-    // Installed: every kind lists.
-    for plural in ["brokers", "exchanges", "queues", "bindings"] {
-        api.put(
-            &format!("/apis/warren.dev/v1alpha1/namespaces/{NS}/{plural}"),
-            json!({"apiVersion": "warren.dev/v1alpha1", "kind": "List", "metadata": {}, "items": []}),
-        );
+    // Installed at an older schema revision: the fields it lacks would be
+    // pruned by the API server, so refuse with the upgrade command.
+    for crd in warren_crds::crds() {
+        let mut value = serde_json::to_value(&crd).unwrap();
+        value["metadata"]["annotations"][warren_crds::SCHEMA_REVISION_ANNOTATION] = "1".into();
+        api.put(&crd_path(crd.metadata.name.as_deref().unwrap()), value);
     }
-    warren_operator::check_crds(&client, Some(NS)).await.unwrap();
+    let hint = warren_operator::check_crds(&client).await.unwrap_err().to_string();
+    assert!(hint.contains("schema revision 1, older than"), "{hint}");
+
+    // Current: every CRD is read, none listed.
+    for crd in warren_crds::crds() {
+        api.put(&crd_path(crd.metadata.name.as_deref().unwrap()), serde_json::to_value(&crd).unwrap());
+    }
+    api.clear();
+    warren_operator::check_crds(&client).await.unwrap();
+    assert_eq!(api.lines().len(), 4);
 }
 
 #[tokio::test]
@@ -542,7 +552,7 @@ async fn should_refuse_to_scale_a_workload_another_queue_already_drives() {
     for q in [&older, &mine] {
         writer.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(q.clone()).unwrap()));
     }
-    e.ctx.set_queues(reader);
+    let _ = e.ctx.stores.queues.set(reader);
 
     reconcile_queue(&e, mine).await.unwrap();
     let broker_get = format!("GET {}", path("brokers", NS, "warren"));

@@ -91,8 +91,11 @@ mod tests {
 
     #[tokio::test]
     async fn should_serve_health_readiness_and_metrics() {
-        let health =
-            Arc::new(Health { metrics: Arc::new(Metrics::default()), ready: AtomicBool::new(false), watches: Watches::new(Duration::ZERO) });
+        let health = Arc::new(Health {
+            metrics: Arc::new(Metrics::default()),
+            ready: AtomicBool::new(false),
+            watches: Watches::new(Duration::ZERO),
+        });
         assert_eq!(get(&health, "/healthz").await.0, StatusCode::OK);
         assert_eq!(get(&health, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
         health.ready.store(true, Ordering::Relaxed);

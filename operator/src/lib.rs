@@ -195,7 +195,12 @@ where
 
 /// Watches objects a Broker owns, for `.owns_stream()`, recording the
 /// watch's health.
-fn owned<K>(client: &Client, namespace: Option<&str>, watches: &Arc<Watches>, name: &'static str) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+fn owned<K>(
+    client: &Client,
+    namespace: Option<&str>,
+    watches: &Arc<Watches>,
+    name: &'static str,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Debug + Send + 'static,
 {
@@ -214,9 +219,8 @@ pub async fn run_controllers(client: Client, namespace: Option<String>, ctx: Arc
     let ns = namespace.as_deref();
     let (broker_reader, broker_writer) = reflector::store();
     let _ = ctx.stores.brokers.set(broker_reader.clone());
-    let broker_stream = watch::lenient::<Broker>(client.clone(), ns, watches.clone(), broker::CONTROLLER)
-        .reflect(broker_writer)
-        .applied_objects();
+    let broker_stream =
+        watch::lenient::<Broker>(client.clone(), ns, watches.clone(), broker::CONTROLLER).reflect(broker_writer).applied_objects();
     let brokers = Controller::for_stream(broker_stream, broker_reader)
         .owns_stream(owned::<StatefulSet>(&client, ns, &watches, "statefulsets"))
         .owns_stream(owned::<Service>(&client, ns, &watches, "services"))

@@ -104,11 +104,14 @@ fn should_build_the_images_where_a_container_engine_runs() {
     let engine = Command::new("docker").args(["info", "--format", "{{.ServerVersion}}"]).output();
     match engine {
         Ok(out) if out.status.success() => {
-            for (file, tag) in [("docker/broker.Dockerfile", "warren-broker:test"), ("docker/operator.Dockerfile", "warren-operator:test")] {
+            for (file, tag) in [("docker/broker.Dockerfile", "warren-broker:test"), ("docker/operator.Dockerfile", "warren-operator:test")]
+            {
                 let status = Command::new("docker").args(["build", "-f", file, "-t", tag, "."]).current_dir(repo()).status().unwrap();
                 assert!(status.success(), "docker build -f {file}");
             }
         }
-        _ => eprintln!("images: no container engine answers `docker info` here; the Dockerfiles' steps are checked against the binaries instead"),
+        _ => eprintln!(
+            "images: no container engine answers `docker info` here; the Dockerfiles' steps are checked against the binaries instead"
+        ),
     }
 }

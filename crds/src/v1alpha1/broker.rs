@@ -166,7 +166,9 @@ pub const WATERMARK_PATTERN: &str = r"^(0?\.[0-9]{0,6}[1-9][0-9]{0,6}|1\.0{0,6}|
 pub const DURATION_PATTERN: &str = r"^[0-9]{1,7}(ms|s|m|h)$";
 
 fn bytes_schema(_: &mut SchemaGenerator) -> Schema {
-    json_schema!({ "x-kubernetes-int-or-string": true, "pattern": BYTES_PATTERN })
+    // `pattern` checks strings, `minimum` integers (any size: bytes above
+    // 2^31 are common).
+    json_schema!({ "x-kubernetes-int-or-string": true, "pattern": BYTES_PATTERN, "minimum": 0 })
 }
 
 fn watermark_schema(_: &mut SchemaGenerator) -> Schema {
@@ -196,10 +198,6 @@ fn config_rules(schema: &mut Schema) {
                 ),
                 "memoryHighWatermark as a quantity must be at least 32Mi (the broker refuses less: it would block publishers from the start); \
                  for a fraction of the memory limit write it with a decimal point, such as \"0.4\"",
-            ),
-            rule(
-                "!has(self.diskFreeLimit) || type(self.diskFreeLimit) == string || int(self.diskFreeLimit) >= 0",
-                "diskFreeLimit must not be negative",
             ),
         ],
     );

@@ -190,7 +190,11 @@ pub fn validate(broker: &Broker, default_image: &str) -> Result<ValidatedBroker>
             name.len()
         )));
     }
-    let owner = broker.controller_owner_ref(&()).ok_or(Error::MissingObjectKey("uid"))?;
+    let mut owner = broker.controller_owner_ref(&()).ok_or(Error::MissingObjectKey("uid"))?;
+    // Foreground deletion of the Broker waits for its children (this needs
+    // `update` on brokers/finalizers where OwnerReferencesPermission-
+    // Enforcement is on: the chart grants it).
+    owner.block_owner_deletion = Some(true);
     let image = broker.spec.image.clone().unwrap_or_else(|| default_image.to_string());
     if image.trim().is_empty() {
         return Err(Error::InvalidSpec("spec.image is empty and the operator has no default broker image (--broker-image)".into()));

@@ -17,8 +17,7 @@ use warren_client::proto::{BindRequest, BindingInfo, DeclareExchangeRequest, Dec
 use warren_crds::v1alpha1::{Binding, BindingStatus, BoundBinding, DeletionPolicy, TopologyStatus};
 
 use super::{
-    BrokerTarget, FINALIZER, WAY_OUT, args, broker_target, claim, failure_condition, namespace_of, patch_status, publish, ready,
-    reason_for,
+    BrokerTarget, FINALIZER, WAY_OUT, args, broker_target, claim, failure_condition, namespace_of, patch_status, publish, ready, reason_for,
 };
 use crate::conditions::{self, READY};
 use crate::context::Context;

@@ -13,8 +13,7 @@ use warren_client::proto::{DeclareExchangeRequest, DeleteExchangeRequest};
 use warren_crds::v1alpha1::{DeletionPolicy, Exchange, ExchangeStatus, TopologyStatus};
 
 use super::{
-    BrokerTarget, FINALIZER, WAY_OUT, args, broker_target, claim, failure_condition, namespace_of, patch_status, publish, ready,
-    reason_for,
+    BrokerTarget, FINALIZER, WAY_OUT, args, broker_target, claim, failure_condition, namespace_of, patch_status, publish, ready, reason_for,
 };
 use crate::conditions::{self, READY};
 use crate::context::Context;

@@ -300,6 +300,6 @@ mod tests {
         assert_eq!(heir(owner.as_ref(), &all, key).as_deref(), Some("brokers/b"));
         let gone = queue("app", "a", "2026-01-01T00:00:00Z", Some("brokers"), true);
         assert_eq!(owner_other_than(second.as_ref(), &[gone, second.clone()], key), None);
-        assert_eq!(heir(second.as_ref(), &[second.clone()], key), None);
+        assert_eq!(heir(second.as_ref(), std::slice::from_ref(&second), key), None);
     }
 }

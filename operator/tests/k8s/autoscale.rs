@@ -55,7 +55,7 @@ async fn should_scale_a_consumer_deployment_with_the_backlog_and_to_zero() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let up = up.expect("the Deployment did not scale up within 30 s");
-    eprintln!("k8s-figure: autoscaler reaction (backlog published -> Deployment scaled from 0) {:.2} s (pollingSeconds 1)", up.as_secs_f64());
+    figure(&format!("autoscaler reaction (backlog published -> Deployment scaled from 0) {:.2} s (pollingSeconds 1)", up.as_secs_f64()));
     eventually("3 replicas, Ready on the simulated node", Duration::from_secs(30), || async {
         jsonpath(n, "deployment/worker", "{.spec.replicas}/{.status.readyReplicas}") == "3/3"
     })
@@ -66,8 +66,9 @@ async fn should_scale_a_consumer_deployment_with_the_backlog_and_to_zero() {
     grpc(&real.addr).await.purge_queue(PurgeQueueRequest { name: "jobs".into() }).await.unwrap();
     let drained = Instant::now();
     eventually("scaled to zero", Duration::from_secs(30), || async { jsonpath(n, "deployment/worker", "{.spec.replicas}") == "0" }).await;
-    eprintln!("k8s-figure: drained -> scaled to zero in {:.2} s (stabilization window 3 s)", drained.elapsed().as_secs_f64());
-    let events = kubectl(&["get", "events.events.k8s.io", "-n", n, "--field-selector", "regarding.name=jobs", "-o", "jsonpath={.items[*].reason}"]);
+    figure(&format!("drained -> scaled to zero in {:.2} s (stabilization window 3 s)", drained.elapsed().as_secs_f64()));
+    let events =
+        kubectl(&["get", "events.events.k8s.io", "-n", n, "--field-selector", "regarding.name=jobs", "-o", "jsonpath={.items[*].reason}"]);
     assert!(events.contains("ScaledUp") && events.contains("ScaledDown"), "{events}");
     kubectl(&["delete", "-n", n, "queue/jobs", "--timeout=30s"]);
 }

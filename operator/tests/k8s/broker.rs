@@ -7,8 +7,14 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-const CHILDREN: &[&str] =
-    &["statefulset/warren", "service/warren", "service/warren-headless", "configmap/warren-config", "poddisruptionbudget/warren", "serviceaccount/warren"];
+const CHILDREN: &[&str] = &[
+    "statefulset/warren",
+    "service/warren",
+    "service/warren-headless",
+    "configmap/warren-config",
+    "poddisruptionbudget/warren",
+    "serviceaccount/warren",
+];
 
 #[tokio::test]
 async fn should_run_a_broker_until_ready_and_collect_it_with_the_broker() {
@@ -21,11 +27,15 @@ async fn should_run_a_broker_until_ready_and_collect_it_with_the_broker() {
     let started = Instant::now();
     kubectl(&["apply", "-n", n, "-f", "examples/broker.yaml"]);
     kubectl(&["wait", "-n", n, "--for=condition=Ready", "broker/warren", "--timeout=120s"]);
-    eprintln!("k8s-figure: Broker Ready (children applied, pod scheduled on kwok, Ready) in {:.1} s", started.elapsed().as_secs_f64());
+    figure(&format!("Broker Ready (children applied, pod scheduled on kwok, Ready) in {:.1} s", started.elapsed().as_secs_f64()));
 
     let uid = jsonpath(n, "broker/warren", "{.metadata.uid}");
     for child in CHILDREN {
-        let owner = jsonpath(n, child, "{.metadata.ownerReferences[0].uid} {.metadata.ownerReferences[0].controller} {.metadata.ownerReferences[0].blockOwnerDeletion}");
+        let owner = jsonpath(
+            n,
+            child,
+            "{.metadata.ownerReferences[0].uid} {.metadata.ownerReferences[0].controller} {.metadata.ownerReferences[0].blockOwnerDeletion}",
+        );
         assert_eq!(owner, format!("{uid} true true"), "{child} is controlled by the Broker");
     }
     assert_eq!(jsonpath(n, "pod/warren-0", "{.spec.nodeName}"), "kwok-node-0");
@@ -35,7 +45,16 @@ async fn should_run_a_broker_until_ready_and_collect_it_with_the_broker() {
     assert!(config.contains("disk_free_limit = 1073741824"), "{config}");
     let env = jsonpath(n, "statefulset/warren", "{.spec.template.spec.containers[0].env[?(@.name==\"WARREN_GRPC_ADDR\")].value}");
     assert_eq!(env, "[::]:5680", "listens on IPv6 and IPv4");
-    let events = kubectl(&["get", "events.events.k8s.io", "-n", n, "--field-selector", "regarding.name=warren", "-o", "jsonpath={.items[*].reason}"]);
+    let events = kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        n,
+        "--field-selector",
+        "regarding.name=warren",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
     assert!(events.contains("Ready"), "the Broker controller emits Events: {events}");
 
     // Garbage collection follows the owner references; the volume stays.
@@ -70,7 +89,16 @@ async fn should_not_take_over_objects_it_does_not_control() {
     wait_condition("default", "broker/kubernetes", "Degraded", "True/NameConflict").await;
     assert_eq!(jsonpath("default", "service/kubernetes", "{.metadata.ownerReferences}"), "");
     assert_eq!(jsonpath("default", "service/kubernetes", "{.spec.ports[0].port}"), ports);
-    let events = kubectl(&["get", "events.events.k8s.io", "-n", "default", "--field-selector", "regarding.name=kubernetes", "-o", "jsonpath={.items[*].reason}"]);
+    let events = kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        "default",
+        "--field-selector",
+        "regarding.name=kubernetes",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
     assert!(events.contains("NameConflict"), "{events}");
     kubectl(&["delete", "-n", "default", "broker/kubernetes", "--wait=true"]);
     kubectl(&["delete", "-n", n, "broker/default", "--wait=true"]);
@@ -94,10 +122,16 @@ async fn should_reconcile_the_others_when_one_object_cannot_be_read() {
         "-p",
         r#"[{"op":"remove","path":"/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties/type/enum"}]"#,
     ]);
-    let bad = try_apply(n, "apiVersion: warren.dev/v1alpha1\nkind: Exchange\nmetadata:\n  name: bad\nspec:\n  brokerRef: {name: warren}\n  type: bogus\n");
+    let bad = try_apply(
+        n,
+        "apiVersion: warren.dev/v1alpha1\nkind: Exchange\nmetadata:\n  name: bad\nspec:\n  brokerRef: {name: warren}\n  type: bogus\n",
+    );
     kubectl(&["apply", "--server-side", "--force-conflicts", "-f", "charts/warren/crds/exchanges.warren.dev.yaml"]);
     bad.unwrap();
-    apply(n, "apiVersion: warren.dev/v1alpha1\nkind: Exchange\nmetadata:\n  name: good\nspec:\n  brokerRef: {name: warren}\n  type: topic\n");
+    apply(
+        n,
+        "apiVersion: warren.dev/v1alpha1\nkind: Exchange\nmetadata:\n  name: good\nspec:\n  brokerRef: {name: warren}\n  type: topic\n",
+    );
 
     let op = Operator::start(&["--watch-stuck-seconds", "2"]);
     op.wait_ready().await;
@@ -118,14 +152,63 @@ async fn should_fail_liveness_while_a_watch_is_stuck() {
     let ns = namespace("broker-liveness");
     let n = &ns.0;
     kubectl(&["create", "serviceaccount", "limited", "-n", n]);
-    kubectl(&["create", "clusterrole", "warren-test-limited", "--verb=get,list,watch,patch", "--resource=brokers.warren.dev,queues.warren.dev,bindings.warren.dev"]);
-    kubectl(&["create", "clusterrolebinding", "warren-test-limited", "--clusterrole=warren-test-limited", &format!("--serviceaccount={n}:limited")]);
+    kubectl(&[
+        "create",
+        "clusterrole",
+        "warren-test-limited",
+        "--verb=get,list,watch,patch",
+        "--resource=brokers.warren.dev,queues.warren.dev,bindings.warren.dev",
+    ]);
+    kubectl(&[
+        "create",
+        "clusterrolebinding",
+        "warren-test-limited",
+        "--clusterrole=warren-test-limited",
+        &format!("--serviceaccount={n}:limited"),
+    ]);
     let op = Operator::start_as(&token_kubeconfig(n, "limited"), "limited", &["--watch-stuck-seconds", "2"]);
     op.wait_ready().await;
-    let took = eventually("/healthz failing", Duration::from_secs(30), || async { matches!(op.get("/healthz").await, Some((503, _))) }).await;
+    let took =
+        eventually("/healthz failing", Duration::from_secs(30), || async { matches!(op.get("/healthz").await, Some((503, _))) }).await;
     let (_, body) = op.get("/healthz").await.unwrap();
-    assert!(body.contains("exchange watch"), "{body}");
-    eprintln!("k8s-figure: /healthz failed {:.1} s after start with a forbidden watch (limit 2 s)", took.as_secs_f64());
+    assert!(body.contains("watch has failed for more than 2s") && body.contains("forbidden"), "{body}");
+    figure(&format!("/healthz failed {:.1} s after start with a forbidden watch (limit 2 s)", took.as_secs_f64()));
     let _ = try_kubectl(&["delete", "clusterrolebinding", "warren-test-limited"]);
     let _ = try_kubectl(&["delete", "clusterrole", "warren-test-limited"]);
+}
+
+/// Without `update` on brokers/finalizers (as the chart had it), the API
+/// server refuses children whose owner reference blocks the Broker's
+/// deletion: the reason the chart's ClusterRole has it.
+#[tokio::test]
+async fn should_need_update_on_brokers_finalizers_for_its_owner_references() {
+    let _serial = serial().await;
+    chart();
+    let ns = namespace("broker-finalizers-rbac");
+    let n = &ns.0;
+    let mut role: serde_json::Value = serde_json::from_str(&kubectl(&["get", "clusterrole", "warren-operator", "-o", "json"])).unwrap();
+    let rules = role["rules"].as_array_mut().unwrap();
+    let before = rules.len();
+    rules.retain(|r| !r["resources"].as_array().unwrap().iter().any(|x| x == "brokers/finalizers"));
+    assert_eq!(rules.len(), before - 1, "the chart grants brokers/finalizers");
+    let stripped = serde_json::json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": "warren-test-no-finalizers"}, "rules": role["rules"],
+    });
+    apply("default", &stripped.to_string());
+    kubectl(&["create", "serviceaccount", "old-chart", "-n", n]);
+    let binding = ["create", "clusterrolebinding", "warren-test-no-finalizers", "--clusterrole=warren-test-no-finalizers"];
+    let mut args = binding.to_vec();
+    let subject = format!("--serviceaccount={n}:old-chart");
+    args.push(&subject);
+    kubectl(&args);
+    let op = Operator::start_as(&token_kubeconfig(n, "old-chart"), "old-chart", &[]);
+    op.wait_ready().await;
+    apply(n, "apiVersion: warren.dev/v1alpha1\nkind: Broker\nmetadata:\n  name: warren\nspec: {}\n");
+    wait_condition(n, "broker/warren", "Degraded", "True/ApplyFailed").await;
+    let message = jsonpath(n, "broker/warren", "{.status.conditions[?(@.type==\"Degraded\")].message}");
+    assert!(message.contains("blockOwnerDeletion"), "{message}");
+    drop(op);
+    let _ = try_kubectl(&["delete", "clusterrolebinding", "warren-test-no-finalizers"]);
+    let _ = try_kubectl(&["delete", "clusterrole", "warren-test-no-finalizers"]);
 }

@@ -17,9 +17,29 @@ async fn should_install_upgrade_and_uninstall_the_chart() {
     assert!(out.contains("kind: Broker"), "NOTES show a Broker to apply:\n{out}");
     let deployment = "deployment/lifecycle-warren-operator";
     assert_eq!(jsonpath(&ns.0, deployment, "{.status.readyReplicas}"), "1", "the operator pod is Ready (kwok)");
-    kubectl(&["get", "clusterrole", "lifecycle-warren-operator", "lifecycle-warren-operator-crds", "lifecycle-warren-edit", "lifecycle-warren-view"]);
+    kubectl(&[
+        "get",
+        "clusterrole",
+        "lifecycle-warren-operator",
+        "lifecycle-warren-operator-crds",
+        "lifecycle-warren-edit",
+        "lifecycle-warren-view",
+    ]);
 
-    helm(&["upgrade", release, "charts/warren", "-n", &ns.0, "--set", "operator.replicas=2", "--set", "operator.resyncSeconds=10", "--wait", "--timeout", "120s"]);
+    helm(&[
+        "upgrade",
+        release,
+        "charts/warren",
+        "-n",
+        &ns.0,
+        "--set",
+        "operator.replicas=2",
+        "--set",
+        "operator.resyncSeconds=10",
+        "--wait",
+        "--timeout",
+        "120s",
+    ]);
     assert_eq!(jsonpath(&ns.0, deployment, "{.spec.replicas}"), "2");
     let env = jsonpath(&ns.0, deployment, "{.spec.template.spec.containers[0].env[?(@.name==\"WARREN_OPERATOR_RESYNC_SECONDS\")].value}");
     assert_eq!(env, "10");
@@ -73,9 +93,11 @@ async fn should_grant_the_operator_and_users_what_they_need() {
 async fn should_upgrade_the_crds_with_kubectl_server_side_apply() {
     let _serial = serial().await;
     chart();
-    // A changed CRD (as a newer chart ships it): the description differs.
+    // A changed CRD (as a newer chart ships it): another schema revision.
     let original = std::fs::read_to_string(repo().join("charts/warren/crds/exchanges.warren.dev.yaml")).unwrap();
-    let changed = original.replacen("description: ", "description: (newer) ", 1);
+    let current = format!("warren.dev/schema-revision: '{}'", warren_crds::SCHEMA_REVISION);
+    assert!(original.contains(&current), "the chart's CRD carries its schema revision");
+    let changed = original.replace(&current, &format!("warren.dev/schema-revision: '{}'", warren_crds::SCHEMA_REVISION + 1));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("exchanges.warren.dev.yaml");
     std::fs::write(&file, &changed).unwrap();

@@ -10,7 +10,7 @@ async fn should_run_the_pinned_release_with_rbac_and_a_simulated_node() {
     let version: serde_json::Value = serde_json::from_str(&kubectl(&["version", "-o", "json"])).unwrap();
     let server = version["serverVersion"]["gitVersion"].as_str().unwrap_or_default().to_string();
     assert!(server.starts_with("v1.37."), "kube-apiserver reports {server} (version ldflags)");
-    eprintln!("k8s-figure: kube-apiserver {server}");
+    figure(&format!("kube-apiserver {server}"));
 
     // RBAC is enforced: a ServiceAccount with no bindings may not list pods.
     let ns = namespace("cp-rbac");
@@ -31,5 +31,5 @@ async fn should_run_the_pinned_release_with_rbac_and_a_simulated_node() {
         jsonpath(&ns.0, "deployment/hello", "{.status.readyReplicas}") == "2"
     })
     .await;
-    eprintln!("k8s-figure: deployment pods Ready {:.1} s after rollout status returned", ready.as_secs_f64());
+    figure(&format!("deployment pods Ready {:.1} s after rollout status returned", ready.as_secs_f64()));
 }

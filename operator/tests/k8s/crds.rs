@@ -34,8 +34,13 @@ async fn should_refuse_bad_manifests_with_the_rules_message() {
     chart();
     let ns = namespace("crd-rules");
     let n = &ns.0;
-    let queue = |spec: &str| format!("apiVersion: warren.dev/v1alpha1\nkind: Queue\nmetadata:\n  name: q\nspec:\n  brokerRef: {{name: warren}}\n{spec}");
-    let broker = |name: &str, spec: &str| format!("apiVersion: warren.dev/v1alpha1\nkind: Broker\nmetadata:\n  name: {name}\nspec:\n{spec}");
+    let queue = |spec: &str| {
+        format!("apiVersion: warren.dev/v1alpha1\nkind: Queue\nmetadata:\n  name: q\nspec:\n  brokerRef: {{name: warren}}\n{spec}")
+    };
+    let broker = |name: &str, spec: &str| {
+        let spec = if spec.is_empty() { " {}\n".to_string() } else { format!("\n{spec}") };
+        format!("apiVersion: warren.dev/v1alpha1\nkind: Broker\nmetadata:\n  name: {name}\nspec:{spec}")
+    };
     let cases: Vec<(String, &str)> = vec![
         (queue("  overflow: reject-publish\n"), "overflow needs maxLength or maxLengthBytes"),
         (queue("  deadLetterRoutingKey: x\n"), "deadLetterRoutingKey needs deadLetterExchange"),
@@ -45,7 +50,7 @@ async fn should_refuse_bad_manifests_with_the_rules_message() {
         (queue("  autoscaling: {target: {name: w}, minReplicas: 5, maxReplicas: 2}\n"), "maxReplicas must be at least minReplicas"),
         (broker("b", "  replicas: 3\n"), "replicas must be 1"),
         (broker("b", "  config: {memoryHighWatermark: 16Mi}\n"), "memoryHighWatermark as a quantity must be at least 32Mi"),
-        (broker("b", "  config: {diskFreeLimit: -1}\n"), "diskFreeLimit must not be negative"),
+        (broker("b", "  config: {diskFreeLimit: -1}\n"), "spec.config.diskFreeLimit in body should be greater than or equal to 0"),
         (broker("b", "  config: {alarmCheckInterval: 2m}\n"), "alarmCheckInterval must be between 10ms and 60s"),
         (broker("b", "  topologyNamespaces: [\"Not_A_Namespace\"]\n"), "spec.topologyNamespaces"),
         (broker("b.with.dots", ""), "a Broker's name must be a DNS-1035 label"),
@@ -94,15 +99,24 @@ async fn should_explain_fields_and_resolve_names_with_real_kubectl() {
     assert!(explain.contains("NamespaceNotAllowed"), "{explain}");
     // `binding` is also Kubernetes' own (core/v1 Binding): the group or the
     // short name selects Warren's.
-    let explain = kubectl(&["explain", "bindings.warren.dev.spec.routingKey"]);
-    assert!(explain.contains("binding key"), "{explain}");
+    for how in [&["explain", "wbd.spec.routingKey"][..], &["explain", "bindings.spec.routingKey", "--api-version=warren.dev/v1alpha1"][..]]
+    {
+        let explain = kubectl(how);
+        assert!(explain.contains("binding key"), "kubectl {how:?}: {explain}");
+    }
     let core = try_kubectl(&["explain", "binding"]).unwrap_or_default();
-    assert!(core.contains("VERSION:    v1") || core.contains("version: v1") || !core.contains("warren"), "plain `binding` is the core type:\n{core}");
+    assert!(!core.contains("routingKey"), "plain `binding` is Kubernetes' own Binding:\n{core}");
     let ns = namespace("crd-names");
-    apply(&ns.0, "apiVersion: warren.dev/v1alpha1\nkind: Binding\nmetadata:\n  name: b\nspec:\n  brokerRef: {name: warren}\n  source: x\n  destination: y\n");
+    apply(
+        &ns.0,
+        "apiVersion: warren.dev/v1alpha1\nkind: Binding\nmetadata:\n  name: b\nspec:\n  brokerRef: {name: warren}\n  source: orders\n  destination: orders\n",
+    );
     for name in ["wbd", "bindings.warren.dev", "warren"] {
         let list = kubectl(&["get", name, "-n", &ns.0, "-o", "name"]);
         assert!(list.contains("binding.warren.dev/b"), "kubectl get {name}: {list}");
     }
-    assert!(!try_kubectl(&["get", "bindings", "-n", &ns.0, "-o", "name"]).unwrap_or_default().contains("warren.dev"), "plain `bindings` is not Warren's");
+    assert!(
+        !try_kubectl(&["get", "bindings", "-n", &ns.0, "-o", "name"]).unwrap_or_default().contains("warren.dev"),
+        "plain `bindings` is not Warren's"
+    );
 }

@@ -67,7 +67,11 @@ pub fn control_plane() -> &'static ControlPlane {
                 }
                 let out = cmd.stderr(Stdio::inherit()).output().expect("running operator/k8s/control-plane.sh");
                 assert!(out.status.success(), "starting the control plane failed (logs in {})", dir.display());
-                eprintln!("k8s: control plane up in {:.1} s ({})", started.elapsed().as_secs_f64(), dir.display());
+                figure(&format!(
+                    "control plane up (certificates, etcd, kube-apiserver ready, node Ready) in {:.1} s ({})",
+                    started.elapsed().as_secs_f64(),
+                    dir.display()
+                ));
                 dir
             }
         };
@@ -157,12 +161,33 @@ pub fn helm(args: &[&str]) -> String {
     try_helm(args).unwrap_or_else(|e| panic!("helm {} failed:\n{e}", args.join(" ")))
 }
 
-/// Creates a namespace (deleted by the returned guard's drop, without
-/// waiting).
+/// Test namespaces not deleted yet.
+static NAMESPACES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Creates a namespace for a test. It is deleted when the test's operator
+/// stops (while it still runs, so that finalizers let go and nothing is
+/// left for the next test's operator), or else by the returned guard.
 pub fn namespace(name: &str) -> Namespace {
     let _ = try_kubectl(&["delete", "namespace", name, "--wait=true", "--timeout=60s"]);
     kubectl(&["create", "namespace", name]);
+    NAMESPACES.lock().unwrap_or_else(|p| p.into_inner()).push(name.to_string());
     Namespace(name.to_string())
+}
+
+/// Deletes every test namespace and waits (bounded) until they are gone.
+fn delete_test_namespaces() {
+    if std::env::var_os("WARREN_K8S_KEEP").is_some() {
+        return;
+    }
+    let names: Vec<String> = std::mem::take(&mut *NAMESPACES.lock().unwrap_or_else(|p| p.into_inner()));
+    if names.is_empty() {
+        return;
+    }
+    let mut args = vec!["delete", "namespace", "--ignore-not-found", "--wait=true", "--timeout=120s"];
+    args.extend(names.iter().map(String::as_str));
+    if let Err(e) = try_kubectl(&args) {
+        eprintln!("k8s: deleting test namespaces {names:?}: {e}");
+    }
 }
 
 pub struct Namespace(pub String);
@@ -170,7 +195,7 @@ pub struct Namespace(pub String);
 impl Drop for Namespace {
     fn drop(&mut self) {
         if std::env::var_os("WARREN_K8S_KEEP").is_none() {
-            let _ = try_kubectl(&["delete", "namespace", &self.0, "--wait=false"]);
+            let _ = try_kubectl(&["delete", "namespace", &self.0, "--ignore-not-found", "--wait=false"]);
         }
     }
 }
@@ -301,6 +326,9 @@ impl Operator {
 
 impl Drop for Operator {
     fn drop(&mut self) {
+        if self.is_running() {
+            delete_test_namespaces();
+        }
         self.kill();
         if std::thread::panicking() {
             let log = self.log();
@@ -352,7 +380,11 @@ pub fn jsonpath(namespace: &str, object: &str, path: &str) -> String {
 
 /// The `reason` of the condition `type_` of an object.
 pub fn condition(namespace: &str, object: &str, type_: &str) -> String {
-    jsonpath(namespace, object, &format!("{{.status.conditions[?(@.type==\"{type_}\")].status}}/{{.status.conditions[?(@.type==\"{type_}\")].reason}}"))
+    jsonpath(
+        namespace,
+        object,
+        &format!("{{.status.conditions[?(@.type==\"{type_}\")].status}}/{{.status.conditions[?(@.type==\"{type_}\")].reason}}"),
+    )
 }
 
 /// Waits for the condition `type_` of `object` to read `status/reason`
@@ -440,4 +472,18 @@ pub fn wait_ready(namespace: &str, objects: &[&str]) {
     let mut args = vec!["wait", "-n", namespace, "--for=condition=Ready", "--timeout=60s"];
     args.extend_from_slice(objects);
     kubectl(&args);
+}
+
+/// Prints a measurement as a `k8s-figure:` line on the real stderr (not
+/// captured by the test harness, so CI logs show it).
+pub fn figure(text: &str) {
+    let _ = writeln!(std::io::stderr(), "k8s-figure: {text}");
+}
+
+/// Requests by verb and resource between two [`operator_requests`] counts.
+pub fn request_diff(
+    before: &std::collections::BTreeMap<String, usize>,
+    after: &std::collections::BTreeMap<String, usize>,
+) -> std::collections::BTreeMap<String, usize> {
+    after.iter().map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0))).filter(|(_, v)| *v > 0).collect()
 }

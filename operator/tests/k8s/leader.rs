@@ -29,7 +29,7 @@ async fn should_hand_leadership_over_when_the_leader_is_killed() {
     let killed = Instant::now();
     eventually("the standby takes over", Duration::from_secs(30), || async { leader(&second).await }).await;
     let took = killed.elapsed();
-    eprintln!("k8s-figure: leader killed (SIGKILL) -> standby leading in {:.1} s (lease 3 s)", took.as_secs_f64());
+    figure(&format!("leader killed (SIGKILL) -> standby leading in {:.1} s (lease 3 s)", took.as_secs_f64()));
     assert_eq!(jsonpath(SYSTEM_NS, "lease/warren-operator", "{.spec.holderIdentity}"), second.name);
 
     // The new leader reconciles.

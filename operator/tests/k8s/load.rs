@@ -22,13 +22,16 @@ async fn should_reconcile_a_thousand_queues_and_bindings() {
     let ns = namespace("load");
     let n = &ns.0;
     let (real, op) = ready_broker(n, &["--resync-seconds", "30"]).await;
-    apply(n, "apiVersion: warren.dev/v1alpha1\nkind: Exchange\nmetadata:\n  name: load\nspec:\n  brokerRef: {name: warren}\n  type: direct\n");
+    apply(
+        n,
+        "apiVersion: warren.dev/v1alpha1\nkind: Exchange\nmetadata:\n  name: load\nspec:\n  brokerRef: {name: warren}\n  type: direct\n",
+    );
     wait_ready(n, &["exchange/load"]);
 
     let client = admin().await;
     let queues: Api<Queue> = Api::namespaced(client.clone(), n);
     let bindings: Api<Binding> = Api::namespaced(client, n);
-    let (before, _) = operator_requests();
+    let (before, before_by_verb) = operator_requests();
     let started = Instant::now();
     let creates = (0..N).flat_map(|i| [(i, true), (i, false)]).map(|(i, is_queue)| {
         let (queues, bindings) = (queues.clone(), bindings.clone());
@@ -57,16 +60,16 @@ async fn should_reconcile_a_thousand_queues_and_bindings() {
 
     let ready = |list: Vec<serde_json::Value>| {
         list.iter()
-            .filter(|o| {
-                o["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "Ready" && c["status"] == "True")
-            })
+            .filter(|o| o["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "Ready" && c["status"] == "True"))
             .count()
     };
     let last;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let q = ready(queues.list(&Default::default()).await.unwrap().items.into_iter().map(|o| serde_json::to_value(o).unwrap()).collect());
-        let b = ready(bindings.list(&Default::default()).await.unwrap().items.into_iter().map(|o| serde_json::to_value(o).unwrap()).collect());
+        let q =
+            ready(queues.list(&Default::default()).await.unwrap().items.into_iter().map(|o| serde_json::to_value(o).unwrap()).collect());
+        let b =
+            ready(bindings.list(&Default::default()).await.unwrap().items.into_iter().map(|o| serde_json::to_value(o).unwrap()).collect());
         if q == N && b == N {
             last = (q, b);
             break;
@@ -75,29 +78,31 @@ async fn should_reconcile_a_thousand_queues_and_bindings() {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let took = started.elapsed();
-    let (after, by_verb) = operator_requests();
+    let (after, after_by_verb) = operator_requests();
     let requests = after - before;
-    eprintln!(
-        "k8s-figure: {N} Queues + {N} Bindings created in {:.1} s, all Ready after {:.1} s; operator API requests: {requests} \
+    let by_verb = request_diff(&before_by_verb, &after_by_verb);
+    figure(&format!(
+        "{N} Queues + {N} Bindings created in {:.1} s, all Ready after {:.1} s; operator API requests: {requests} \
          ({:.2} per object): {by_verb:?}",
         created.as_secs_f64(),
         took.as_secs_f64(),
         requests as f64 / (2 * N) as f64
-    );
+    ));
     assert_eq!(last, (N, N));
     let on_broker = broker_queues(&real.addr).await.iter().filter(|q| q.starts_with("q-")).count();
     assert_eq!(on_broker, N);
 
     // Steady state: one resync of every object (30 s) with nothing changed
     // writes nothing.
-    let (quiet_start, _) = operator_requests();
+    let (quiet_start, quiet_before) = operator_requests();
     tokio::time::sleep(Duration::from_secs(35)).await;
-    let (quiet_end, quiet_by_verb) = operator_requests();
-    eprintln!(
-        "k8s-figure: operator API requests during 35 s of resyncs of {} unchanged objects: {} {quiet_by_verb:?}",
+    let (quiet_end, quiet_after) = operator_requests();
+    let quiet_by_verb = request_diff(&quiet_before, &quiet_after);
+    figure(&format!(
+        "operator API requests during 35 s of resyncs of {} unchanged objects: {} {quiet_by_verb:?}",
         2 * N,
         quiet_end - quiet_start
-    );
+    ));
     assert!(quiet_end - quiet_start < 50, "an unchanged object costs no API request per resync");
     assert!(requests < 20 * N, "{requests} requests for {} objects", 2 * N);
 
@@ -106,6 +111,6 @@ async fn should_reconcile_a_thousand_queues_and_bindings() {
     let cleanup = Instant::now();
     kubectl(&["delete", "-n", n, "broker/warren", "--wait=true", "--timeout=60s"]);
     kubectl(&["delete", "namespace", n, "--wait=true", "--timeout=300s"]);
-    eprintln!("k8s-figure: namespace with {} topology objects deleted in {:.1} s", 2 * N + 1, cleanup.elapsed().as_secs_f64());
+    figure(&format!("namespace with {} topology objects deleted in {:.1} s", 2 * N + 1, cleanup.elapsed().as_secs_f64()));
     drop(op);
 }

@@ -25,7 +25,12 @@ async fn should_declare_repair_and_delete_topology_in_a_real_broker() {
     // Live depth in the status.
     let mut client = grpc(&real.addr).await;
     let messages = (0..3)
-        .map(|i| Message { exchange: "orders".into(), routing_key: "order.created".into(), body: format!("{i}").into(), ..Message::default() })
+        .map(|i| Message {
+            exchange: "orders".into(),
+            routing_key: "order.created".into(),
+            body: format!("{i}").into(),
+            ..Message::default()
+        })
         .collect();
     client.publish(PublishRequest { messages }).await.unwrap();
     eventually("status.ready = 3", Duration::from_secs(20), || async { jsonpath(n, "queue/orders", "{.status.ready}") == "3" }).await;
@@ -36,7 +41,16 @@ async fn should_declare_repair_and_delete_topology_in_a_real_broker() {
         broker_queues(&real.addr).await.contains(&"orders-dead".to_string())
     })
     .await;
-    let events = kubectl(&["get", "events.events.k8s.io", "-n", n, "--field-selector", "regarding.name=orders-dead", "-o", "jsonpath={.items[*].reason}"]);
+    let events = kubectl(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        n,
+        "--field-selector",
+        "regarding.name=orders-dead",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
     assert!(events.contains("Recreated"), "{events}");
 
     // Deleting keeps messages: Terminating with QueueNotEmpty until allowed.
@@ -60,7 +74,9 @@ async fn should_declare_repair_and_delete_topology_in_a_real_broker() {
 
 fn queue(name: &str, broker_ns: Option<&str>, spec_name: &str) -> String {
     let ns = broker_ns.map(|b| format!(", namespace: {b}")).unwrap_or_default();
-    format!("apiVersion: warren.dev/v1alpha1\nkind: Queue\nmetadata:\n  name: {name}\nspec:\n  brokerRef: {{name: warren{ns}}}\n  name: {spec_name}\n")
+    format!(
+        "apiVersion: warren.dev/v1alpha1\nkind: Queue\nmetadata:\n  name: {name}\nspec:\n  brokerRef: {{name: warren{ns}}}\n  name: {spec_name}\n"
+    )
 }
 
 #[tokio::test]

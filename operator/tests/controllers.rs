@@ -619,3 +619,21 @@ async fn should_not_write_an_unchanged_status_on_every_poll() {
     reconcile_queue(&e, again).await.unwrap();
     assert_eq!(e.api.last_status("orders")["ready"], 7);
 }
+
+/// A Kubernetes API error (here: reading the Broker is forbidden) leaves a
+/// condition saying so, not a stale status.
+#[tokio::test]
+async fn should_report_a_kubernetes_api_error_in_the_status() {
+    let (client, api) = ApiServer::start();
+    let ctx = context(client);
+    api.fail("GET", &path("brokers", NS, "warren"), 403, "brokers.warren.dev \"warren\" is forbidden");
+    let obj = queue_obj(json!({})).finalized();
+    api.put(&qpath(), obj.clone());
+    let q: Queue = serde_json::from_value(obj).unwrap();
+    let err = within(queue::reconcile(Arc::new(q), ctx)).await.unwrap_err();
+    assert_eq!(warren_operator::retry_delay(&err), std::time::Duration::from_secs(15));
+    let status = api.last_status("orders");
+    let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+    assert_eq!(ready["reason"], "KubernetesApiError");
+    assert!(ready["message"].as_str().unwrap().contains("forbidden"), "{ready}");
+}

@@ -82,6 +82,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             node_name: config.node_name(),
             max_message_size: config.max_message_size,
             limits: Limits { window_messages: config.queue_window_messages, window_bytes: config.queue_window_bytes },
+            max_message_headers: config.max_message_headers,
+            max_message_header_bytes: config.max_message_header_bytes,
         },
     )
     .await
@@ -124,7 +126,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let limit = config.max_message_size.saturating_mul(2).saturating_add(1 << 20);
     let service = WarrenServer::new(
         WarrenService::new(broker.clone(), shutdown.clone(), config.data_dir.display().to_string(), addr.to_string())
-            .with_publish_block_timeout(config.publish_block_timeout),
+            .with_publish_block_timeout(config.publish_block_timeout)
+            .with_consume_subscribe_timeout(config.consume_subscribe_timeout),
     )
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -140,6 +143,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Streams per connection: a client cannot hold unbounded calls.
+        .max_concurrent_streams(config.max_concurrent_streams)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service)

@@ -6,6 +6,8 @@
 
 mod consuming;
 mod durability;
+mod fuzz;
+mod hostile;
 mod operability;
 mod routing;
 mod semantics;

@@ -1292,7 +1292,8 @@ impl QueueState {
             .find(|c| c.id == id)
             .ok_or_else(|| Error::PreconditionFailed(format!("consumer is no longer subscribed to queue '{name}'")))?;
         let taken: Vec<QMsg> = if multiple {
-            let keep = if tag == 0 { BTreeMap::new() } else { c.unacked.split_off(&(tag + 1)) };
+            let keep =
+                if tag == 0 { BTreeMap::new() } else { tag.checked_add(1).map_or_else(BTreeMap::new, |after| c.unacked.split_off(&after)) };
             let taken = std::mem::replace(&mut c.unacked, keep);
             if taken.is_empty() && tag != 0 {
                 return Err(Error::PreconditionFailed(format!("unknown delivery tag {tag}")));

@@ -593,7 +593,7 @@ mod tests {
             let err = loaded(args).validate().unwrap_err();
             assert!(err.contains(setting), "{args:?}: {err}");
         }
-        let Err(LoadError::Args(e)) = load(&["--max-concurrent-streams", "-1"]) else { panic!("a negative stream limit parsed") };
+        let Err(LoadError::Args(e)) = load(&["--max-concurrent-streams=-1"]) else { panic!("a negative stream limit parsed") };
         assert!(e.to_string().contains("--max-concurrent-streams"), "{e}");
     }
 

@@ -84,8 +84,8 @@ fn int(i: i64) -> Value {
     Value { kind: Some(Kind::Int(i)) }
 }
 
-fn string(s: impl Into<String>) -> Value {
-    Value { kind: Some(Kind::String(s.into())) }
+fn string(s: &str) -> Value {
+    Value { kind: Some(Kind::String(s.to_string())) }
 }
 
 fn list(values: Vec<Value>) -> Value {
@@ -100,10 +100,10 @@ fn map(fields: HashMap<String, Value>) -> Value {
 fn value() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         edge_int().prop_map(int),
-        prop_oneof![name(), any::<String>()].prop_map(string),
+        prop_oneof![name(), any::<String>()].prop_map(|s| string(&s)),
         any::<bool>().prop_map(|b| Value { kind: Some(Kind::Bool(b)) }),
         any::<f64>().prop_map(|d| Value { kind: Some(Kind::Double(d)) }),
-        prop::collection::vec(any::<u8>(), 0..16).prop_map(|b| Value { kind: Some(Kind::Bytes(b)) }),
+        prop::collection::vec(any::<u8>(), 0..16).prop_map(|b| Value { kind: Some(Kind::Bytes(b.into())) }),
         Just(Value { kind: None }),
     ];
     leaf.prop_recursive(3, 24, 4, |inner| {
@@ -124,8 +124,8 @@ fn queue_args() -> impl Strategy<Value = HashMap<String, Value>> {
         (0i64..300).prop_map(|v| ("x-max-length-bytes", int(v))),
         prop::sample::select(vec!["drop-head", "reject-publish", "reject-publish-dlx", "drop-tail"])
             .prop_map(|v| ("x-overflow", string(v))),
-        name().prop_map(|v| ("x-dead-letter-exchange", string(v))),
-        routing_key().prop_map(|v| ("x-dead-letter-routing-key", string(v))),
+        name().prop_map(|v| ("x-dead-letter-exchange", string(&v))),
+        routing_key().prop_map(|v| ("x-dead-letter-routing-key", string(&v))),
         (0i64..12).prop_map(|v| ("x-max-priority", int(v))),
         any::<bool>().prop_map(|v| ("x-single-active-consumer", Value { kind: Some(Kind::Bool(v)) })),
         (0i64..3).prop_map(|v| ("x-delivery-limit", int(v))),
@@ -154,7 +154,7 @@ fn queue_args() -> impl Strategy<Value = HashMap<String, Value>> {
 /// Exchange and binding arguments.
 fn other_args() -> impl Strategy<Value = HashMap<String, Value>> {
     let entry = prop_oneof![
-        name().prop_map(|v| ("alternate-exchange".to_string(), string(v))),
+        name().prop_map(|v| ("alternate-exchange".to_string(), string(&v))),
         prop::sample::select(vec!["all", "any", "all-with-x", "any-with-x", "some"]).prop_map(|v| ("x-match".to_string(), string(v))),
         ("[a-z-]{1,6}", value()),
     ];
@@ -166,7 +166,7 @@ fn x_death() -> impl Strategy<Value = Value> {
     let entry = (name(), prop::sample::select(vec!["rejected", "expired", "maxlen", "delivery_limit", "junk"]), edge_int()).prop_map(
         |(queue, reason, count)| {
             map(HashMap::from([
-                ("queue".to_string(), string(queue)),
+                ("queue".to_string(), string(&queue)),
                 ("reason".to_string(), string(reason)),
                 ("count".to_string(), int(count)),
             ]))
@@ -179,14 +179,14 @@ fn headers() -> impl Strategy<Value = HashMap<String, Value>> {
     let entry = prop_oneof![
         3 => ("[a-z-]{0,8}", value()),
         1 => x_death().prop_map(|v| ("x-death".to_string(), v)),
-        1 => prop_oneof![edge_int().prop_map(int), "[0-9]{0,21}".prop_map(string), value()].prop_map(|v| ("x-delay".to_string(), v)),
-        1 => prop_oneof![name(), "00-[0-9a-f]{32}-[0-9a-f]{16}-01"].prop_map(|v| ("traceparent".to_string(), string(v))),
+        1 => prop_oneof![edge_int().prop_map(int), "[0-9]{0,21}".prop_map(|s| string(&s)), value()].prop_map(|v| ("x-delay".to_string(), v)),
+        1 => prop_oneof![name(), "00-[0-9a-f]{32}-[0-9a-f]{16}-01"].prop_map(|v| ("traceparent".to_string(), string(&v))),
     ];
     prop_oneof![
         8 => prop::collection::vec(entry, 0..4).prop_map(|v| v.into_iter().collect()),
         // Over the header count and header bytes limits the broker runs with.
         1 => (17usize..40).prop_map(|n| (0..n).map(|i| (format!("h{i}"), int(i as i64))).collect()),
-        1 => Just(HashMap::from([("big".to_string(), string("v".repeat(5000)))])),
+        1 => Just(HashMap::from([("big".to_string(), string(&"v".repeat(5000)))])),
     ]
 }
 
@@ -804,13 +804,13 @@ fn fuzz_the_grpc_surface() {
         "--consume-subscribe-timeout",
         "2s",
     ];
-    let mut broker = rt.block_on(TestBroker::start_capturing_stderr(&args)).unwrap();
+    let broker = Mutex::new(rt.block_on(TestBroker::start_capturing_stderr(&args)).unwrap());
     let tally: Shared<Tally> = Arc::default();
     let config = Config { cases, failure_persistence: None, max_shrink_iters: 64, ..Config::default() };
     let mut runner = TestRunner::new(config);
     let started = std::time::Instant::now();
     let result =
-        runner.run(&prop::collection::vec(op(), 1..24), |ops| rt.block_on(run_case(&mut broker, ops, &tally)).map_err(TestCaseError::fail));
+        runner.run(&prop::collection::vec(op(), 1..24), |ops| rt.block_on(run_case(&mut broker.lock().unwrap(), ops, &tally)).map_err(TestCaseError::fail));
     let t = tally.lock().unwrap();
     let summary: Vec<String> = t.outcomes.iter().map(|(k, v)| format!("  {k}: {v}")).collect();
     eprintln!(
@@ -821,7 +821,7 @@ fn fuzz_the_grpc_surface() {
         summary.join("\n")
     );
     if let Err(e) = result {
-        let stderr = broker.stderr();
+        let stderr = broker.lock().unwrap().stderr();
         let tail: Vec<&str> = stderr.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
         panic!("{e}\nbroker stderr (last lines):\n{}", tail.join("\n"));
     }

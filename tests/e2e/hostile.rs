@@ -134,9 +134,13 @@ async fn should_dead_letter_a_message_whose_x_death_count_is_at_its_maximum() {
     let d = within("a delivery after the dead-lettering", consumer.next()).await.unwrap().unwrap();
     assert_eq!(text(&d), "ok-after");
     consumer.ack(d.delivery_tag).await.unwrap();
+    warren_tests::eventually(SETTLE, "the queue empty", || async {
+        let info = c.queue_info("work").await.ok()?;
+        (info.ready + info.unacked == 0).then_some(())
+    })
+    .await
+    .unwrap();
     drop(consumer);
-    let info = c.queue_info("work").await.unwrap();
-    assert_eq!(info.ready + info.unacked, 0, "{info:?}");
     assert!(!b.stderr().contains("panicked"), "{}", b.stderr());
 }
 

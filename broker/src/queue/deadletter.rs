@@ -198,7 +198,7 @@ mod tests {
         let odd_values = [
             string("not a list"),
             int(7),
-            Value { kind: Some(Kind::Bytes(vec![0xff; 3])) },
+            Value { kind: Some(Kind::Bytes(vec![0xff; 3].into())) },
             Value { kind: Some(Kind::List(ValueList { values: vec![int(1), string("x"), Value { kind: None }] })) },
             Value { kind: Some(Kind::Map(ValueMap { fields: HashMap::from([("count".to_string(), int(i64::MAX))]) })) },
             Value { kind: None },
@@ -225,6 +225,35 @@ mod tests {
         let d = dead_lettered(&with_x_death(weird), "work", DeathReason::Expired, 1000, "dlx", None);
         assert_eq!(deaths(&d).len(), 2);
         assert_eq!(count(&deaths(&d)[0]), 1);
+    }
+
+    proptest::proptest! {
+        /// Whatever headers a client sent, dead-lettering records one more
+        /// death and never panics; the history stays bounded by (queue,
+        /// reason) pairs plus what the client sent.
+        #[test]
+        fn should_dead_letter_whatever_headers_the_message_has(
+            headers in proptest::collection::hash_map(
+                proptest::prop_oneof![proptest::strategy::Just(X_DEATH.to_string()), "[a-z-]{0,8}"],
+                crate::model::args::tests::arb_value(),
+                0..4,
+            ),
+            now in proptest::prelude::any::<u64>(),
+            reason in proptest::sample::select(vec![DeathReason::Rejected, DeathReason::Expired, DeathReason::Maxlen, DeathReason::DeliveryLimit]),
+        ) {
+            let mut m = msg();
+            m.properties.headers = headers;
+            let before = deaths(&m).len();
+            let d = dead_lettered(&m, "work", reason, now, "dlx", None);
+            let after = deaths(&d);
+            proptest::prop_assert!(after.len() == before || after.len() == before + 1);
+            proptest::prop_assert_eq!(field(&after[0], "queue"), Some("work"));
+            proptest::prop_assert!(count(&after[0]) >= 1);
+            let again = dead_lettered(&d, "work", reason, now, "dlx", None);
+            proptest::prop_assert_eq!(deaths(&again).len(), after.len());
+            proptest::prop_assert!(count(&deaths(&again)[0]) >= count(&after[0]));
+            let _ = is_cycle(&again, "work");
+        }
     }
 
     #[test]

@@ -114,10 +114,9 @@ fn value() -> impl Strategy<Value = Value> {
     })
 }
 
-/// Queue arguments: every known one, with plausible values (that take
-/// effect) and arbitrary ones (that must be refused or ignored cleanly).
-fn queue_args() -> impl Strategy<Value = HashMap<String, Value>> {
-    let plausible = prop_oneof![
+/// A known queue argument with a value that takes effect (mostly).
+fn plausible_arg() -> impl Strategy<Value = (&'static str, Value)> {
+    prop_oneof![
         (0i64..200).prop_map(|v| ("x-message-ttl", int(v))),
         (1i64..3000).prop_map(|v| ("x-expires", int(v))),
         (0i64..5).prop_map(|v| ("x-max-length", int(v))),
@@ -131,7 +130,12 @@ fn queue_args() -> impl Strategy<Value = HashMap<String, Value>> {
         (0i64..3).prop_map(|v| ("x-delivery-limit", int(v))),
         (1i64..2000).prop_map(|v| ("x-deduplication-window", int(v))),
         prop::sample::select(vec!["classic", "quorum"]).prop_map(|v| ("x-queue-type", string(v))),
-    ];
+    ]
+}
+
+/// Queue arguments: every known one, with plausible values (that take
+/// effect) and arbitrary ones (that must be refused or ignored cleanly).
+fn queue_args() -> impl Strategy<Value = HashMap<String, Value>> {
     let known = prop::sample::select(vec![
         "x-message-ttl",
         "x-expires",
@@ -147,7 +151,7 @@ fn queue_args() -> impl Strategy<Value = HashMap<String, Value>> {
         "x-queue-type",
         "x-custom",
     ]);
-    let entry = prop_oneof![3 => plausible, 1 => (known, value())];
+    let entry = prop_oneof![3 => plausible_arg(), 1 => (known, value())];
     prop::collection::vec(entry, 0..4).prop_map(|v| v.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }
 
@@ -219,16 +223,14 @@ fn message() -> impl Strategy<Value = proto::Message> {
         1 => (60_000usize..70_000).prop_map(|n| vec![b'x'; n]),
     ];
     let delay = prop_oneof![4 => Just(None), 2 => (0u64..60).prop_map(Some), 1 => edge_u64().prop_map(Some)];
-    (prop_oneof![2 => Just(String::new()), 3 => name()], routing_key(), properties(), body, any::<bool>(), delay).prop_map(
-        |(exchange, routing_key, properties, body, mandatory, delay_ms)| proto::Message {
-            exchange,
-            routing_key,
-            properties,
-            body: body.into(),
-            mandatory,
-            delay_ms,
-        },
-    )
+    let target = prop_oneof![
+        3 => prop::sample::select(vec!["a", "b", "c"]).prop_map(|q| (String::new(), q.to_string())),
+        3 => (prop::sample::select(vec!["a", "b", "c", "amq.topic", "amq.fanout"]), routing_key()).prop_map(|(x, k)| (x.to_string(), k)),
+        1 => (name(), routing_key()),
+    ];
+    (target, properties(), body, any::<bool>(), delay).prop_map(|((exchange, routing_key), properties, body, mandatory, delay_ms)| {
+        proto::Message { exchange, routing_key, properties, body: body.into(), mandatory, delay_ms }
+    })
 }
 
 /// Which delivery tag a settlement names.
@@ -306,6 +308,60 @@ enum Op {
     List {
         conn: usize,
     },
+}
+
+/// What every sequence starts from: queues `a`, `b`, `c` with arguments
+/// that take effect, exchanges `a`, `b`, `c` of every kind, a few bindings.
+fn setup() -> impl Strategy<Value = Vec<Op>> {
+    let queues = prop::collection::vec((any::<bool>(), prop::collection::vec(plausible_arg(), 0..3)), 3).prop_map(|qs| {
+        qs.into_iter()
+            .zip(["a", "b", "c"])
+            .map(|((durable, args), name)| Op::DeclareQueue {
+                conn: 0,
+                req: proto::DeclareQueueRequest {
+                    name: name.to_string(),
+                    durable,
+                    arguments: args.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                    ..Default::default()
+                },
+            })
+            .collect::<Vec<_>>()
+    });
+    let exchanges = prop::collection::vec(1i32..5, 3).prop_map(|kinds| {
+        kinds
+            .into_iter()
+            .zip(["a", "b", "c"])
+            .map(|(kind, name)| Op::DeclareExchange {
+                conn: 0,
+                req: proto::DeclareExchangeRequest { name: name.to_string(), r#type: kind, ..Default::default() },
+            })
+            .collect::<Vec<_>>()
+    });
+    let pick = || prop::sample::select(vec!["a", "b", "c"]);
+    let binds = prop::collection::vec((pick(), pick(), 1i32..3, routing_key()), 0..6).prop_map(|bs| {
+        bs.into_iter()
+            .map(|(source, destination, destination_kind, routing_key)| Op::Bind {
+                conn: 0,
+                req: proto::BindRequest {
+                    source: source.to_string(),
+                    destination: destination.to_string(),
+                    destination_kind,
+                    routing_key,
+                    arguments: HashMap::new(),
+                },
+                unbind: false,
+            })
+            .collect::<Vec<_>>()
+    });
+    (queues, exchanges, binds).prop_map(|(q, x, b)| q.into_iter().chain(x).chain(b).collect())
+}
+
+/// A sequence: the setup, then up to 40 arbitrary requests.
+fn sequence() -> impl Strategy<Value = Vec<Op>> {
+    (setup(), prop::collection::vec(op(), 1..40)).prop_map(|(mut ops, more)| {
+        ops.extend(more);
+        ops
+    })
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -810,7 +866,7 @@ fn fuzz_the_grpc_surface() {
     let mut runner = TestRunner::new(config);
     let started = std::time::Instant::now();
     let result =
-        runner.run(&prop::collection::vec(op(), 1..24), |ops| rt.block_on(run_case(&mut broker.lock().unwrap(), ops, &tally)).map_err(TestCaseError::fail));
+        runner.run(&sequence(), |ops| rt.block_on(run_case(&mut broker.lock().unwrap(), ops, &tally)).map_err(TestCaseError::fail));
     let t = tally.lock().unwrap();
     let summary: Vec<String> = t.outcomes.iter().map(|(k, v)| format!("  {k}: {v}")).collect();
     eprintln!(

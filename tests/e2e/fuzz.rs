@@ -34,7 +34,7 @@ use warren_client::{Client, RawClient, Value};
 use warren_tests::TestBroker;
 
 /// Bound on one call; a call that takes longer is a hang.
-const CALL: Duration = Duration::from_secs(30);
+const CALL: Duration = Duration::from_secs(15);
 /// Bound on the broker settling after a sequence.
 const SETTLE: Duration = Duration::from_secs(30);
 
@@ -56,8 +56,8 @@ fn routing_key() -> impl Strategy<Value = String> {
     prop_oneof![
         6 => prop::collection::vec(prop::sample::select(vec!["a", "b", "*", "#", ""]), 1..6).prop_map(|w| w.join(".")),
         2 => name(),
-        1 => (1usize..40).prop_map(|n| vec!["#"; n].join(".")),
-        1 => Just(vec!["w"; 100].join(".")),
+        2 => (1usize..40).prop_map(|n| vec!["#"; n].join(".")),
+        2 => Just(vec!["w"; 100].join(".")),
         1 => Just(vec!["a"; 65].join(".")),
         1 => Just("k".repeat(256)),
         1 => any::<String>(),
@@ -167,7 +167,8 @@ fn other_args() -> impl Strategy<Value = HashMap<String, Value>> {
 
 /// A made-up death history.
 fn x_death() -> impl Strategy<Value = Value> {
-    let entry = (name(), prop::sample::select(vec!["rejected", "expired", "maxlen", "delivery_limit", "junk"]), edge_int()).prop_map(
+    let count = prop_oneof![2 => prop::sample::select(vec![i64::MAX, i64::MIN, -1, 0]), 1 => edge_int()];
+    let entry = (name(), prop::sample::select(vec!["rejected", "expired", "maxlen", "delivery_limit", "junk"]), count).prop_map(
         |(queue, reason, count)| {
             map(HashMap::from([
                 ("queue".to_string(), string(&queue)),
@@ -313,10 +314,16 @@ enum Op {
 /// What every sequence starts from: queues `a`, `b`, `c` with arguments
 /// that take effect, exchanges `a`, `b`, `c` of every kind, a few bindings.
 fn setup() -> impl Strategy<Value = Vec<Op>> {
-    let queues = prop::collection::vec((any::<bool>(), prop::collection::vec(plausible_arg(), 0..3)), 3).prop_map(|qs| {
+    let dlx = prop::option::of(prop::sample::select(vec!["", "a", "b"]).prop_map(|x| ("x-dead-letter-exchange", string(x))));
+    let queues = prop::collection::vec((any::<bool>(), prop::collection::vec(plausible_arg(), 0..3), dlx), 3).prop_map(|qs| {
         qs.into_iter()
             .zip(["a", "b", "c"])
-            .map(|((durable, args), name)| Op::DeclareQueue {
+            .map(|((durable, mut args, dlx), name)| {
+                args.retain(|(k, _)| *k != "x-dead-letter-exchange");
+                args.extend(dlx);
+                (durable, args, name)
+            })
+            .map(|(durable, args, name)| Op::DeclareQueue {
                 conn: 0,
                 req: proto::DeclareQueueRequest {
                     name: name.to_string(),
@@ -427,7 +434,11 @@ fn op() -> impl Strategy<Value = Op> {
         Just(Some(proto::ConsumeRequest { request: Some(CReq::Cancel(proto::Cancel {})) })),
         Just(Some(proto::ConsumeRequest { request: None })),
     ];
-    let tag = prop_oneof![3 => any::<usize>().prop_map(Tag::Received), 1 => edge_u64().prop_map(Tag::Raw)];
+    let tag = prop_oneof![
+        4 => any::<usize>().prop_map(Tag::Received),
+        1 => prop::sample::select(vec![0, u64::MAX - 1, u64::MAX]).prop_map(Tag::Raw),
+        1 => edge_u64().prop_map(Tag::Raw),
+    ];
     let settle = (any::<usize>(), 0u8..3, tag, any::<bool>(), any::<bool>())
         .prop_map(|(consumer, how, tag, multiple, requeue)| Op::Settle { consumer, how, tag, multiple, requeue });
     prop_oneof![
@@ -860,13 +871,27 @@ fn fuzz_the_grpc_surface() {
         "--consume-subscribe-timeout",
         "2s",
     ];
-    let broker = Mutex::new(rt.block_on(TestBroker::start_capturing_stderr(&args)).unwrap());
+    // One broker for every sequence that passes; after a failure (a hang,
+    // a panic) the next sequence, a shrinking step included, gets a new one.
+    let broker: Mutex<Option<TestBroker>> = Mutex::new(None);
+    let failed_stderr: Mutex<String> = Mutex::default();
     let tally: Shared<Tally> = Arc::default();
-    let config = Config { cases, failure_persistence: None, max_shrink_iters: 64, ..Config::default() };
+    let config = Config { cases, failure_persistence: None, max_shrink_iters: 32, max_shrink_time: 180_000, ..Config::default() };
     let mut runner = TestRunner::new(config);
     let started = std::time::Instant::now();
-    let result =
-        runner.run(&sequence(), |ops| rt.block_on(run_case(&mut broker.lock().unwrap(), ops, &tally)).map_err(TestCaseError::fail));
+    let result = runner.run(&sequence(), |ops| {
+        let mut slot = broker.lock().unwrap();
+        if slot.is_none() {
+            let started = rt.block_on(TestBroker::start_capturing_stderr(&args));
+            *slot = Some(started.map_err(|e| TestCaseError::fail(format!("starting a broker: {e}")))?);
+        }
+        let b = slot.as_mut().unwrap();
+        let outcome = rt.block_on(run_case(b, ops, &tally));
+        if outcome.is_err() {
+            *failed_stderr.lock().unwrap() = slot.take().map(|b| b.stderr()).unwrap_or_default();
+        }
+        outcome.map_err(TestCaseError::fail)
+    });
     let t = tally.lock().unwrap();
     let summary: Vec<String> = t.outcomes.iter().map(|(k, v)| format!("  {k}: {v}")).collect();
     eprintln!(
@@ -877,7 +902,7 @@ fn fuzz_the_grpc_surface() {
         summary.join("\n")
     );
     if let Err(e) = result {
-        let stderr = broker.lock().unwrap().stderr();
+        let stderr = failed_stderr.lock().unwrap().clone();
         let tail: Vec<&str> = stderr.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
         panic!("{e}\nbroker stderr (last lines):\n{}", tail.join("\n"));
     }

@@ -213,7 +213,7 @@ async fn should_end_a_consume_stream_that_never_subscribes() {
     // A request stream that never sends anything.
     let silent = futures::stream::pending::<proto::ConsumeRequest>();
     let mut raw = c.raw();
-    let status = within("a silent consume stream", raw.consume(silent)).await.err().expect("the silent stream was accepted");
+    let Err(status) = within("a silent consume stream", raw.consume(silent)).await else { panic!("the silent stream was accepted") };
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains("consume_subscribe_timeout") && status.message().contains("300ms"), "{status:?}");
     // A stream that subscribes at once is not affected, and neither is the
@@ -226,7 +226,7 @@ async fn should_end_a_consume_stream_that_never_subscribes() {
     let ack =
         proto::ConsumeRequest { request: Some(proto::consume_request::Request::Ack(proto::Ack { delivery_tag: 1, multiple: false })) };
     let wrong = futures::stream::iter(vec![ack]).chain(futures::stream::pending());
-    let status = within("a consume stream opening with an ack", raw.consume(wrong)).await.err().expect("accepted");
+    let Err(status) = within("a consume stream opening with an ack", raw.consume(wrong)).await else { panic!("accepted") };
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
 }
 

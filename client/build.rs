@@ -1,4 +1,4 @@
-//! Generates the gRPC types and stubs from `proto/warren/v1/warren.proto`
+//! Generates the gRPC types and stubs from `proto/warren/v1/*.proto`
 //! with a vendored `protoc`, so nothing has to be installed by hand.
 
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let proto_root = manifest.join("../proto");
-    let proto = proto_root.join("warren/v1/warren.proto");
+    let protos = [proto_root.join("warren/v1/warren.proto"), proto_root.join("warren/v1/users.proto")];
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
 
     let mut config = tonic_prost_build::Config::new();
@@ -16,7 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure().file_descriptor_set_path(out_dir.join("warren_descriptor.bin")).compile_with_config(
         config,
-        &[proto],
+        &protos,
         &[proto_root],
     )?;
     Ok(())

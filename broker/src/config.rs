@@ -293,6 +293,10 @@ pub struct Config {
     /// rejected.
     #[arg(long, env = "WARREN_MAX_MESSAGE_HEADER_BYTES", default_value = "128KiB", value_parser = parse_usize_bytes, value_name = "BYTES")]
     pub max_message_header_bytes: usize,
+
+    /// TLS, authentication, limits per user (`auth::config`).
+    #[command(flatten)]
+    pub security: crate::auth::config::SecurityConfig,
 }
 
 /// Default of `max_concurrent_streams`.
@@ -424,6 +428,8 @@ impl Config {
         if self.http_addr.port() != 0 && self.http_addr == self.grpc_addr {
             return Err(format!("http_addr and grpc_addr are both {}; they must differ", self.http_addr));
         }
+        self.security.validate()?;
+        self.security.check_posture(self.grpc_addr)?;
         self.validate_client_limits()
     }
 
@@ -490,7 +496,7 @@ impl Config {
             ("max_message_headers", self.max_message_headers.to_string()),
             ("max_message_header_bytes", self.max_message_header_bytes.to_string()),
         ];
-        rows.iter().map(|(k, v)| format!("  {k} = {v}\n")).collect()
+        rows.iter().chain(self.security.render_rows().iter()).map(|(k, v)| format!("  {k} = {v}\n")).collect()
     }
 }
 

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
+use crate::tls::ServerTls;
 
 /// Where the node is in its life, as readiness reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,9 +63,38 @@ pub fn router(state: Arc<HttpState>) -> Router {
     Router::new().route("/metrics", get(metrics_handler)).route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(state)
 }
 
-/// Serves until `shutdown` is cancelled.
-pub async fn serve(listener: TcpListener, state: Arc<HttpState>, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+/// Serves until `shutdown` is cancelled; HTTPS when `tls` is set.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<ServerTls>,
+    state: Arc<HttpState>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    let accepted = Accepting { rx: crate::tls::accept_loop("http", listener, tls), local };
+    axum::serve(accepted, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+/// Connections whose TLS handshake (if any) is done, for axum.
+struct Accepting {
+    rx: tokio::sync::mpsc::Receiver<crate::tls::Accepted>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for Accepting {
+    type Io = crate::tls::Stream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(a) => (a.stream, a.peer),
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
 }
 
 async fn metrics_handler(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
@@ -114,7 +144,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, state.clone(), stop.clone()));
+        let server = tokio::spawn(serve(listener, None, state.clone(), stop.clone()));
         assert_eq!(fetch(addr, "/healthz").await.0, 200);
         assert_eq!(fetch(addr, "/readyz").await.0, 503);
         state.set_phase(Phase::Ready);

@@ -11,11 +11,14 @@
 //! Operability sits beside them: [`config`] (flags, environment, file),
 //! [`metrics`] (Prometheus), [`alarms`] (memory and disk limits that block
 //! publishers), [`http`] (`/metrics`, `/healthz`, `/readyz`) and
-//! [`telemetry`] (OpenTelemetry traces).
+//! [`telemetry`] (OpenTelemetry traces). Security sits at the edge: [`tls`]
+//! (certificates for any listener, reloaded as they rotate) and [`auth`]
+//! (authentication in a tower layer, authorization hooks per RPC, users).
 
 #![forbid(unsafe_code)]
 
 pub mod alarms;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod confirm;
@@ -29,6 +32,7 @@ pub mod run;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
 
 pub use broker::{Broker, BrokerConfig};

@@ -8,9 +8,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use warren_client::proto::users_server::UsersServer;
 use warren_client::proto::{FILE_DESCRIPTOR_SET, warren_server::WarrenServer};
 
 use crate::alarms::{self, MonitorSettings};
+use crate::auth::{self, Auth};
 use crate::broker::{Broker, BrokerConfig};
 use crate::config::{Config, MemoryWatermark};
 use crate::http::{self, HttpState, Phase};
@@ -20,6 +22,7 @@ use crate::server::{WarrenService, incoming};
 use crate::store::rocks::{RocksEngine, RocksTuning};
 use crate::store::{BatchObserver, Store};
 use crate::telemetry;
+use crate::tls::ServerTls;
 
 /// HTTP/2 flow-control windows the server grants each stream and each
 /// connection.
@@ -54,6 +57,21 @@ fn memory_limit(watermark: MemoryWatermark) -> (u64, String) {
 /// addresses once the node serves.
 pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnOnce(Ready)) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    // The default posture, before anything listens: gRPC beyond loopback
+    // needs authentication (or --insecure).
+    config.security.check_posture(config.grpc_addr).map_err(anyhow::Error::msg)?;
+    let grpc_tls = match config.security.grpc_tls() {
+        Some(files) => Some(ServerTls::load("grpc", files, &[b"h2"]).context("loading the gRPC listener's TLS certificate")?),
+        None => None,
+    };
+    let http_tls = match config.security.http_tls() {
+        Some(files) => Some(ServerTls::load("http", files, &[b"h2", b"http/1.1"]).context("loading the HTTP listener's TLS certificate")?),
+        None => None,
+    };
+    let tls_stop = CancellationToken::new();
+    for tls in grpc_tls.iter().chain(http_tls.iter()) {
+        tls.watch(config.security.tls_reload_interval, tls_stop.clone());
+    }
     let traces = telemetry::init(&config.node_name()).context("starting OpenTelemetry")?;
     if telemetry::enabled() {
         tracing::info!("exporting traces over OTLP");
@@ -64,9 +82,11 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         TcpListener::bind(config.http_addr).await.with_context(|| format!("cannot listen on {} (http_addr)", config.http_addr))?;
     let http_addr = http_listener.local_addr()?;
     let collector = metrics::BrokerCollector::new();
-    let http_state = HttpState::new(metrics::registry(collector.clone()));
+    let mut registry = metrics::registry(collector.clone());
+    auth::metrics::register(&mut registry);
+    let http_state = HttpState::new(registry);
     let http_stop = CancellationToken::new();
-    let http_server = tokio::spawn(http::serve(http_listener, http_state.clone(), http_stop.clone()));
+    let http_server = tokio::spawn(http::serve(http_listener, http_tls, http_state.clone(), http_stop.clone()));
 
     let tuning = RocksTuning { block_cache_bytes: config.block_cache_bytes, ..RocksTuning::default() };
     let data_dir = config.data_dir.clone();
@@ -98,6 +118,16 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     .await
     .context("recovering the broker state failed")?;
     collector.set_broker(broker.clone());
+    let access = Auth::from_config(&config.security, Some(broker.store().clone())).await.context("loading users")?;
+    match (access.enabled(), &grpc_tls) {
+        (false, _) if !config.grpc_addr.ip().is_loopback() => {
+            tracing::warn!(grpc_addr = %config.grpc_addr, "authentication is OFF (--insecure): anyone who can reach the gRPC port can do anything");
+        }
+        (true, None) if !config.grpc_addr.ip().is_loopback() => {
+            tracing::warn!(grpc_addr = %config.grpc_addr, "authentication is on but TLS is off: passwords and tokens cross the network in clear text (set --tls-cert and --tls-key)");
+        }
+        _ => {}
+    }
 
     let (memory_limit, memory_text) = memory_limit(config.memory_high_watermark);
     tracing::info!(
@@ -139,6 +169,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     };
     let reflection_v1alpha = reflection().build_v1alpha().context("building the reflection service (v1alpha)")?;
     let reflection = reflection().build_v1().context("building the reflection service")?;
+    let users = UsersServer::new(auth::service::UsersService::new(access.clone()));
     let service = WarrenServer::new(
         WarrenService::new(broker.clone(), shutdown.clone(), config.data_dir.display().to_string(), addr.to_string())
             .with_publish_block_timeout(config.publish_block_timeout)
@@ -148,6 +179,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     .max_encoding_message_size(limit);
 
     let server = tonic::transport::Server::builder()
+        // Authentication before any service; authorization is a hook per RPC.
+        .layer(auth::layer::AuthLayer::new(access.clone()))
         .tcp_nodelay(true)
         // A publish stream blocked by a resource alarm is not read, so its
         // unread data holds up to one stream window of the connection's
@@ -164,10 +197,14 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming(listener, broker.clone()), shutdown.clone().cancelled_owned());
+        .add_service(users)
+        .serve_with_incoming_shutdown(
+            incoming(crate::tls::accept_loop("grpc", listener, grpc_tls.clone()), broker.clone()),
+            shutdown.clone().cancelled_owned(),
+        );
     let server = tokio::spawn(server);
     http_state.set_phase(Phase::Ready);
-    tracing::info!(%addr, %http_addr, recovery_ms = started.elapsed().as_millis() as u64, queues = broker.list_queues().len(), "broker ready");
+    tracing::info!(%addr, %http_addr, tls = grpc_tls.is_some(), authentication = access.enabled(), recovery_ms = started.elapsed().as_millis() as u64, queues = broker.list_queues().len(), "broker ready");
     on_ready(Ready { grpc: addr, http: http_addr });
 
     shutdown.cancelled().await;
@@ -184,6 +221,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         Err(_) => tracing::warn!("calls still open after {DRAIN_TIMEOUT:?}; stopping anyway"),
     }
     monitor_stop.cancel();
+    tls_stop.cancel();
     let _ = monitor.await;
     broker.shutdown().await.context("closing storage")?;
     http_stop.cancel();

@@ -7,7 +7,6 @@ use std::task::{Context, Poll};
 
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -15,6 +14,8 @@ use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 use warren_client::proto::{self, warren_server::Warren};
 
+use crate::auth::authz::{self, Operation, Resource};
+use crate::auth::{self, Connection};
 use crate::broker::{Broker, Session, Subscription};
 use crate::confirm::{self, ConfirmSink};
 use crate::error::Error;
@@ -40,18 +41,26 @@ impl From<Error> for Status {
 /// broker stops reading the stream (HTTP/2 flow control pushes back).
 const MAX_IN_FLIGHT_PER_STREAM: usize = 8192;
 
-/// A TCP connection carrying its [`Session`]: every request on it sees the
-/// same session, and when the connection closes the session ends.
+/// A connection (TCP, or TLS over TCP) carrying its [`Session`] and its
+/// authentication state: every request on it sees the same session, and
+/// when the connection closes the session ends.
 pub struct SessionIo {
-    io: TcpStream,
-    session: Session,
+    io: crate::tls::Stream,
+    info: ConnInfo,
+}
+
+/// What every request on a connection carries in its extensions.
+#[derive(Clone)]
+pub struct ConnInfo {
+    pub session: Session,
+    pub conn: Arc<Connection>,
 }
 
 impl Connected for SessionIo {
-    type ConnectInfo = Session;
+    type ConnectInfo = ConnInfo;
 
-    fn connect_info(&self) -> Session {
-        self.session.clone()
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
     }
 }
 
@@ -83,23 +92,14 @@ impl AsyncWrite for SessionIo {
     }
 }
 
-/// Accepted connections, each with a new session. Accept errors are logged
-/// and skipped (a full file table must not stop the server).
-pub fn incoming(listener: TcpListener, broker: Broker) -> impl Stream<Item = Result<SessionIo, std::io::Error>> {
-    futures::stream::unfold((listener, broker), |(listener, broker)| async move {
-        loop {
-            match listener.accept().await {
-                Ok((io, peer)) => {
-                    let _ = io.set_nodelay(true);
-                    let session = broker.open_session(peer.to_string());
-                    return Some((Ok(SessionIo { io, session }), (listener, broker)));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
+/// Accepted connections (handshakes done, see [`crate::tls::accept_loop`]),
+/// each with a new session.
+pub fn incoming(accepted: mpsc::Receiver<crate::tls::Accepted>, broker: Broker) -> impl Stream<Item = Result<SessionIo, std::io::Error>> {
+    futures::stream::unfold((accepted, broker), |(mut accepted, broker)| async move {
+        let a = accepted.recv().await?;
+        let session = broker.open_session(a.peer.to_string());
+        let conn = Arc::new(Connection::new(a.peer, a.stream.peer_certificate()));
+        Some((Ok(SessionIo { io: a.stream, info: ConnInfo { session, conn } }), (accepted, broker)))
     })
 }
 
@@ -139,7 +139,7 @@ impl WarrenService {
     }
 
     fn session<T>(&self, req: &Request<T>) -> Session {
-        req.extensions().get::<Session>().cloned().unwrap_or_else(|| self.broker.open_session("unknown"))
+        req.extensions().get::<ConnInfo>().map(|c| c.session.clone()).unwrap_or_else(|| self.broker.open_session("unknown"))
     }
 }
 
@@ -151,27 +151,38 @@ impl Warren for WarrenService {
         &self,
         req: Request<proto::DeclareExchangeRequest>,
     ) -> Result<Response<proto::DeclareExchangeResponse>, Status> {
+        let r = req.get_ref();
+        let alternate_exchange = string_arg(&r.arguments, "alternate-exchange");
+        authz::check(&req, Operation::DeclareExchange { name: &r.name, passive: r.passive, alternate_exchange })?;
         let exchange = self.broker.declare_exchange(req.into_inner()).await?;
         Ok(Response::new(proto::DeclareExchangeResponse { exchange: Some(exchange) }))
     }
 
     async fn delete_exchange(&self, req: Request<proto::DeleteExchangeRequest>) -> Result<Response<proto::DeleteExchangeResponse>, Status> {
+        authz::check(&req, Operation::DeleteExchange { name: &req.get_ref().name })?;
         let r = req.into_inner();
         self.broker.delete_exchange(&r.name, r.if_unused).await?;
         Ok(Response::new(proto::DeleteExchangeResponse {}))
     }
 
-    async fn list_exchanges(&self, _req: Request<proto::ListExchangesRequest>) -> Result<Response<proto::ListExchangesResponse>, Status> {
-        Ok(Response::new(proto::ListExchangesResponse { exchanges: self.broker.list_exchanges().await }))
+    async fn list_exchanges(&self, req: Request<proto::ListExchangesRequest>) -> Result<Response<proto::ListExchangesResponse>, Status> {
+        let who = authz::caller(&req);
+        let mut exchanges = self.broker.list_exchanges().await;
+        exchanges.retain(|x| authz::visible(&who, Resource::Exchange(&x.name)));
+        Ok(Response::new(proto::ListExchangesResponse { exchanges }))
     }
 
     async fn declare_queue(&self, req: Request<proto::DeclareQueueRequest>) -> Result<Response<proto::DeclareQueueResponse>, Status> {
+        let r = req.get_ref();
+        let dead_letter_exchange = string_arg(&r.arguments, "x-dead-letter-exchange");
+        authz::check(&req, Operation::DeclareQueue { name: &r.name, passive: r.passive, dead_letter_exchange })?;
         let session = self.session(&req);
         let queue = self.broker.declare_queue(&session, req.into_inner()).await?;
         Ok(Response::new(proto::DeclareQueueResponse { queue: Some(queue) }))
     }
 
     async fn delete_queue(&self, req: Request<proto::DeleteQueueRequest>) -> Result<Response<proto::DeleteQueueResponse>, Status> {
+        authz::check(&req, Operation::DeleteQueue { name: &req.get_ref().name })?;
         let session = self.session(&req);
         let r = req.into_inner();
         let message_count = self.broker.delete_queue(&session, &r.name, r.if_unused, r.if_empty).await?;
@@ -179,29 +190,49 @@ impl Warren for WarrenService {
     }
 
     async fn purge_queue(&self, req: Request<proto::PurgeQueueRequest>) -> Result<Response<proto::PurgeQueueResponse>, Status> {
+        authz::check(&req, Operation::PurgeQueue { name: &req.get_ref().name })?;
         let session = self.session(&req);
         let message_count = self.broker.purge_queue(&session, &req.into_inner().name).await?;
         Ok(Response::new(proto::PurgeQueueResponse { message_count }))
     }
 
-    async fn list_queues(&self, _req: Request<proto::ListQueuesRequest>) -> Result<Response<proto::ListQueuesResponse>, Status> {
-        Ok(Response::new(proto::ListQueuesResponse { queues: self.broker.list_queues() }))
+    async fn list_queues(&self, req: Request<proto::ListQueuesRequest>) -> Result<Response<proto::ListQueuesResponse>, Status> {
+        let who = authz::caller(&req);
+        let mut queues = self.broker.list_queues();
+        queues.retain(|q| authz::visible(&who, Resource::Queue(&q.name)));
+        Ok(Response::new(proto::ListQueuesResponse { queues }))
     }
 
     async fn bind(&self, req: Request<proto::BindRequest>) -> Result<Response<proto::BindResponse>, Status> {
+        let r = req.get_ref();
+        let to_exchange = r.destination_kind == proto::DestinationKind::Exchange as i32;
+        authz::check(&req, Operation::Bind { source: &r.source, destination: &r.destination, to_exchange, routing_key: &r.routing_key })?;
         let session = self.session(&req);
         self.broker.bind(&session, req.into_inner()).await?;
         Ok(Response::new(proto::BindResponse {}))
     }
 
     async fn unbind(&self, req: Request<proto::UnbindRequest>) -> Result<Response<proto::UnbindResponse>, Status> {
+        let r = req.get_ref();
+        let to_exchange = r.destination_kind == proto::DestinationKind::Exchange as i32;
+        authz::check(&req, Operation::Unbind { source: &r.source, destination: &r.destination, to_exchange, routing_key: &r.routing_key })?;
         let session = self.session(&req);
         self.broker.unbind(&session, req.into_inner()).await?;
         Ok(Response::new(proto::UnbindResponse {}))
     }
 
-    async fn list_bindings(&self, _req: Request<proto::ListBindingsRequest>) -> Result<Response<proto::ListBindingsResponse>, Status> {
-        Ok(Response::new(proto::ListBindingsResponse { bindings: self.broker.list_bindings().await }))
+    async fn list_bindings(&self, req: Request<proto::ListBindingsRequest>) -> Result<Response<proto::ListBindingsResponse>, Status> {
+        let who = authz::caller(&req);
+        let mut bindings = self.broker.list_bindings().await;
+        bindings.retain(|b| {
+            let dest = if b.destination_kind == proto::DestinationKind::Exchange as i32 {
+                Resource::Exchange(&b.destination)
+            } else {
+                Resource::Queue(&b.destination)
+            };
+            authz::visible(&who, Resource::Exchange(&b.source)) || authz::visible(&who, dest)
+        });
+        Ok(Response::new(proto::ListBindingsResponse { bindings }))
     }
 
     async fn publish(&self, req: Request<proto::PublishRequest>) -> Result<Response<proto::PublishResponse>, Status> {
@@ -215,6 +246,12 @@ impl Warren for WarrenService {
                 cleared = alarms.wait_clear_for(self.publish_block_timeout) => cleared?,
                 _ = self.shutdown.cancelled() => return Err(Error::ShuttingDown.into()),
             }
+        }
+        // Every message is checked before any is published: a batch is
+        // refused whole.
+        let (who, peer) = auth::authenticated(&req);
+        for m in &req.get_ref().messages {
+            authz::authorize(&who, &peer, &Operation::Publish { exchange: &m.exchange, routing_key: &m.routing_key })?;
         }
         let messages = req.into_inner().messages;
         let mut pending = Vec::with_capacity(messages.len());
@@ -244,8 +281,13 @@ impl Warren for WarrenService {
             return Err(Error::ShuttingDown.into());
         }
         let session = self.session(&req);
+        let (who, peer) = auth::authenticated(&req);
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::unbounded_channel::<proto::Confirm>();
+        // A message the user may not publish ends the stream with
+        // PERMISSION_DENIED after the confirms already owed (AMQP closes
+        // the channel).
+        let (denied_tx, denied_rx) = tokio::sync::oneshot::channel::<Status>();
         let window = Arc::new(Semaphore::new(MAX_IN_FLIGHT_PER_STREAM));
         let broker = self.broker.clone();
         let shutdown = self.shutdown.clone();
@@ -254,6 +296,10 @@ impl Warren for WarrenService {
             let window = window.clone();
             tokio::spawn(async move {
                 let _session = session;
+                let mut denied_tx = Some(denied_tx);
+                // The last (exchange, routing key) allowed: a stream usually
+                // publishes to one place.
+                let mut allowed: Option<(String, String)> = None;
                 loop {
                     // Wait for room before reading: a publisher that does not
                     // read its confirms is slowed down, not buffered.
@@ -283,6 +329,23 @@ impl Warren for WarrenService {
                                 break;
                             }
                             match req.message {
+                                Some(msg)
+                                    if !allowed.as_ref().is_some_and(|(x, k)| *x == msg.exchange && *k == msg.routing_key)
+                                        && authz::authorize(
+                                            &who,
+                                            &peer,
+                                            &Operation::Publish { exchange: &msg.exchange, routing_key: &msg.routing_key },
+                                        )
+                                        .map(|()| allowed = Some((msg.exchange.clone(), msg.routing_key.clone())))
+                                        .map_err(|status| {
+                                            if let Some(d) = denied_tx.take() {
+                                                let _ = d.send(status);
+                                            }
+                                        })
+                                        .is_err() =>
+                                {
+                                    break;
+                                }
                                 Some(mut msg) => {
                                     let _span = crate::telemetry::publish_span(&mut msg);
                                     broker.publish(msg, req.seq, ConfirmSink::Stream(tx.clone())).await
@@ -308,13 +371,15 @@ impl Warren for WarrenService {
             window.add_permits(1);
             Ok(c)
         });
-        Ok(Response::new(Box::pin(out)))
+        let denied = futures::stream::once(denied_rx).filter_map(|d| futures::future::ready(d.ok().map(Err)));
+        Ok(Response::new(Box::pin(out.chain(denied))))
     }
 
     type ConsumeStream = BoxStream<proto::ConsumeResponse>;
 
     async fn consume(&self, req: Request<Streaming<proto::ConsumeRequest>>) -> Result<Response<Self::ConsumeStream>, Status> {
         let session = self.session(&req);
+        let (who, peer) = auth::authenticated(&req);
         let mut inbound = req.into_inner();
         // A stream that never subscribes would hold its slot (and the
         // connection's stream limit) forever: it gets a bounded wait.
@@ -332,6 +397,7 @@ impl Warren for WarrenService {
         let Some(proto::consume_request::Request::Subscribe(sub)) = first.request else {
             return Err(Status::invalid_argument("the first request on a consume stream must be subscribe"));
         };
+        authz::authorize(&who, &peer, &Operation::Consume { queue: &sub.queue })?;
         let traces = crate::telemetry::ConsumeTraces::new(&sub.queue, sub.auto_ack);
         let Subscription { queue, consumer, tag, events } = self.broker.subscribe(&session, sub).await?;
         let guard = Arc::new(Unsubscribe { tx: queue.tx.clone(), consumer });
@@ -419,6 +485,7 @@ impl Warren for WarrenService {
     }
 
     async fn get(&self, req: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
+        authz::check(&req, Operation::Get { queue: &req.get_ref().queue })?;
         let session = self.session(&req);
         let req = req.into_inner();
         let queue = req.queue.clone();
@@ -427,15 +494,28 @@ impl Warren for WarrenService {
         Ok(Response::new(proto::GetResponse { deliveries }))
     }
 
-    async fn list_consumers(&self, _req: Request<proto::ListConsumersRequest>) -> Result<Response<proto::ListConsumersResponse>, Status> {
-        Ok(Response::new(proto::ListConsumersResponse { consumers: self.broker.list_consumers().await }))
+    async fn list_consumers(&self, req: Request<proto::ListConsumersRequest>) -> Result<Response<proto::ListConsumersResponse>, Status> {
+        let who = authz::caller(&req);
+        let mut consumers = self.broker.list_consumers().await;
+        consumers.retain(|c| authz::visible(&who, Resource::Queue(&c.queue)));
+        Ok(Response::new(proto::ListConsumersResponse { consumers }))
     }
 
-    async fn status(&self, _req: Request<proto::StatusRequest>) -> Result<Response<proto::StatusResponse>, Status> {
+    async fn status(&self, req: Request<proto::StatusRequest>) -> Result<Response<proto::StatusResponse>, Status> {
+        authz::check(&req, Operation::Status)?;
         let mut status = self.broker.status().await;
         status.data_dir = self.data_dir.clone();
         status.grpc_addr = self.grpc_addr.clone();
         Ok(Response::new(status))
+    }
+}
+
+/// A string argument (`alternate-exchange`, `x-dead-letter-exchange`), for
+/// the permission check.
+fn string_arg<'a>(args: &'a std::collections::HashMap<String, proto::Value>, key: &str) -> Option<&'a str> {
+    match args.get(key).and_then(|v| v.kind.as_ref()) {
+        Some(proto::value::Kind::String(s)) => Some(s.as_str()),
+        _ => None,
     }
 }
 

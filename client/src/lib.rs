@@ -37,6 +37,7 @@ pub mod proto {
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/warren_descriptor.bin"));
 }
 
+mod connect;
 mod value;
 
 use std::collections::HashMap;
@@ -52,11 +53,16 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+pub use connect::{AuthChannel, ConnectOptions, Credentials};
 pub use proto::{BindingInfo, Confirm, ConfirmStatus, ConsumerInfo, Delivery, ExchangeInfo, Properties, QueueInfo, StatusResponse, Value};
 pub use value::{ValueExt, parse_cli_value};
 
-/// The generated gRPC client.
-pub type RawClient = proto::warren_client::WarrenClient<Channel>;
+/// The generated gRPC client (with credentials, when the connection has
+/// some).
+pub type RawClient = proto::warren_client::WarrenClient<AuthChannel>;
+
+/// The generated client of the `Users` service (users, permissions).
+pub type UsersClient = proto::users_client::UsersClient<AuthChannel>;
 
 /// The default server address.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:5680";
@@ -398,6 +404,7 @@ impl Subscription {
 #[derive(Clone, Debug)]
 pub struct Client {
     raw: RawClient,
+    users: UsersClient,
 }
 
 /// Normalizes a server address: `host:port` gets `http://`.
@@ -406,9 +413,19 @@ pub fn normalize_server(addr: &str) -> String {
 }
 
 impl Client {
-    /// Connects to `addr` (`http://host:port`, or `host:port`).
+    /// Connects to `addr` (`http://host:port`, or `host:port`) without
+    /// credentials.
     pub async fn connect(addr: impl AsRef<str>) -> Result<Client> {
+        Client::connect_with(addr, &ConnectOptions::default()).await
+    }
+
+    /// Connects to `addr` with TLS (`https://host:port`, or a CA or client
+    /// certificate in `options`) and credentials.
+    pub async fn connect_with(addr: impl AsRef<str>, options: &ConnectOptions) -> Result<Client> {
         let addr = normalize_server(addr.as_ref());
+        let connect_err = |detail: String| Error::Connect { addr: addr.clone(), detail };
+        let credentials = options.credentials().map_err(connect_err)?;
+        let addr = if options.wants_tls() && addr.starts_with("http://") { addr.replacen("http://", "https://", 1) } else { addr.clone() };
         let connect_err = |detail: String| Error::Connect { addr: addr.clone(), detail };
         let endpoint = Endpoint::from_shared(addr.clone())
             .map_err(|e| connect_err(format!("invalid address: {e}")))?
@@ -417,12 +434,27 @@ impl Client {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .initial_stream_window_size(Some(4 << 20))
             .initial_connection_window_size(Some(32 << 20));
+        let endpoint = options.tls(endpoint, addr.starts_with("https://")).map_err(connect_err)?;
         let channel = endpoint.connect().await.map_err(|e| connect_err(error_chain(&e)))?;
-        Ok(Client::from_channel(channel))
+        Ok(Client::from_channel_with(channel, credentials))
     }
 
     pub fn from_channel(channel: Channel) -> Client {
-        Client { raw: RawClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX) }
+        Client::from_channel_with(channel, Credentials::none())
+    }
+
+    /// A client on `channel` that sends `credentials` with every call.
+    pub fn from_channel_with(channel: Channel, credentials: Credentials) -> Client {
+        let service = AuthChannel::new(channel, credentials);
+        Client {
+            raw: RawClient::new(service.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX),
+            users: UsersClient::new(service),
+        }
+    }
+
+    /// The generated `Users` client: users, permissions, who am I.
+    pub fn users(&self) -> UsersClient {
+        self.users.clone()
     }
 
     /// The generated client, for calls this wrapper does not cover.

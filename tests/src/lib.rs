@@ -118,6 +118,13 @@ impl TestBroker {
         TestBroker::start_inner(args, &[], true).await
     }
 
+    /// Starts a broker with extra arguments and environment variables
+    /// (which win over the harness's own, `RUST_LOG` included), its stderr
+    /// captured when `capture_stderr`.
+    pub async fn start_with_options(args: &[&str], envs: &[(&str, &str)], capture_stderr: bool) -> Result<TestBroker> {
+        TestBroker::start_inner(args, envs, capture_stderr).await
+    }
+
     async fn start_inner(args: &[&str], envs: &[(&str, &str)], capture_stderr: bool) -> Result<TestBroker> {
         let data = tempfile::Builder::new().prefix("warren-test-").tempdir().context("cannot create a temp dir")?;
         let stderr_log = capture_stderr.then(|| data.path().join("stderr.log"));
@@ -168,8 +175,8 @@ impl TestBroker {
             .args(["--http-addr", "127.0.0.1:0"])
             .args(&self.extra)
             .env_remove("WARREN_CONFIG")
-            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped());
         match &self.stderr_log {
@@ -337,8 +344,14 @@ impl CtlOutput {
 
 /// Runs `warrenctl --server <server> args...` with a bounded wait.
 pub fn run_warrenctl(server: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<CtlOutput> {
+    run_warrenctl_env(server, args, stdin, &[])
+}
+
+/// Runs `warrenctl` with extra environment variables (`WARREN_PASSWORD`).
+pub fn run_warrenctl_env(server: &str, args: &[&str], stdin: Option<&[u8]>, envs: &[(&str, &str)]) -> Result<CtlOutput> {
     use std::io::Write;
     let mut child = Command::new(warrenctl_bin()?)
+        .envs(envs.iter().copied())
         .arg("--server")
         .arg(server)
         .args(args)

@@ -169,6 +169,8 @@ pub mod meta {
     pub const QUEUE: u8 = b'q';
     pub const BINDING: u8 = b'b';
     pub const COUNTER: u8 = b'n';
+    /// Users and their permissions (`auth::users`).
+    pub const USER: u8 = b'u';
 
     /// The counter that hands out queue ids.
     pub const NEXT_QUEUE_ID: &[u8] = b"nqueue-id";
@@ -179,6 +181,10 @@ pub mod meta {
 
     pub fn queue(name: &str) -> Vec<u8> {
         tagged(QUEUE, name.as_bytes())
+    }
+
+    pub fn user(name: &str) -> Vec<u8> {
+        tagged(USER, name.as_bytes())
     }
 
     /// A binding's key is its identity: source, destination kind and name,

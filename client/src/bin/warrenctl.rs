@@ -13,15 +13,19 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value as Json, json};
 use warren_client::proto::{self, ConfirmStatus};
 use warren_client::{
-    Client, DEFAULT_SERVER, Error, ExchangeKind, ExchangeOptions, Message, QueueOptions, Subscription, Value, ValueExt, parse_cli_value,
+    Client, ConnectOptions, DEFAULT_SERVER, Error, ExchangeKind, ExchangeOptions, Message, QueueOptions, Subscription, Value, ValueExt,
+    parse_cli_value,
 };
 
 #[derive(Parser, Debug)]
 #[command(name = "warrenctl", version, about = "Manage and exercise a Warren broker", long_about = None)]
 struct Cli {
-    /// The broker's gRPC address.
+    /// The broker's gRPC address; `https://` means TLS.
     #[arg(long, global = true, env = "WARREN_SERVER", default_value = DEFAULT_SERVER)]
     server: String,
+
+    #[command(flatten)]
+    conn: ConnArgs,
 
     /// Output format.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
@@ -63,6 +67,126 @@ enum Command {
     Consume(ConsumeArgs),
     /// The node: identity, uptime, alarms, totals.
     Status,
+    /// Users, their permissions and limits (administrator).
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Who the broker takes you for, and what you may do.
+    Whoami,
+}
+
+/// TLS and credentials (also as WARREN_* environment variables).
+#[derive(Args, Debug)]
+struct ConnArgs {
+    /// CA certificate(s) (PEM) to trust for the broker's certificate;
+    /// implies TLS. Without it, `https://` uses the system's roots.
+    #[arg(long, global = true, env = "WARREN_CA", value_name = "FILE")]
+    ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, with --key.
+    #[arg(long, global = true, env = "WARREN_CERT", value_name = "FILE")]
+    cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, global = true, env = "WARREN_KEY", value_name = "FILE")]
+    key: Option<std::path::PathBuf>,
+    /// The name the broker's certificate must carry, when not the address's
+    /// host.
+    #[arg(long, global = true, env = "WARREN_TLS_SERVER_NAME", value_name = "NAME")]
+    tls_server_name: Option<String>,
+    #[arg(long, global = true, env = "WARREN_USERNAME", value_name = "NAME")]
+    username: Option<String>,
+    /// Prefer WARREN_PASSWORD (or --password-file): a flag shows in the
+    /// process list.
+    #[arg(long, global = true, env = "WARREN_PASSWORD", hide_env_values = true, value_name = "PASSWORD")]
+    password: Option<String>,
+    /// A file holding the password.
+    #[arg(long, global = true, env = "WARREN_PASSWORD_FILE", value_name = "FILE", conflicts_with = "password")]
+    password_file: Option<std::path::PathBuf>,
+    /// A bearer token (static, or a Kubernetes ServiceAccount token).
+    #[arg(long, global = true, env = "WARREN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    token: Option<String>,
+    /// A file holding a bearer token (a projected ServiceAccount token),
+    /// read again as it rotates.
+    #[arg(long, global = true, env = "WARREN_TOKEN_FILE", value_name = "FILE")]
+    token_file: Option<std::path::PathBuf>,
+}
+
+impl ConnArgs {
+    fn options(&self) -> Result<ConnectOptions, Failure> {
+        let password = match &self.password_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| usage(format!("cannot read --password-file {}: {e}", p.display())))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+            ),
+            None => self.password.clone(),
+        };
+        Ok(ConnectOptions {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            tls_server_name: self.tls_server_name.clone(),
+            username: self.username.clone(),
+            password,
+            token: self.token.clone(),
+            token_file: self.token_file.clone(),
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCmd {
+    /// Create or replace a user. Its permissions are kept; set them with
+    /// set-permissions.
+    Add {
+        name: String,
+        /// The password (prefer --password-stdin: a flag shows in the
+        /// process list).
+        #[arg(long = "new-password", conflicts_with_all = ["password_stdin", "password_hash"])]
+        new_password: Option<String>,
+        /// Read the password from standard input (one line).
+        #[arg(long)]
+        password_stdin: bool,
+        /// An argon2 hash (from `warrenctl user hash-password`) instead.
+        #[arg(long)]
+        password_hash: Option<String>,
+        /// A tag: administrator (users, status, cluster operations) or
+        /// monitoring (status, every list); repeatable.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Most connections open at once.
+        #[arg(long)]
+        max_connections: Option<u32>,
+        /// Most publish and consume streams open at once.
+        #[arg(long)]
+        max_streams: Option<u32>,
+    },
+    /// Delete a user: its credentials stop working, its streams end.
+    Delete { name: String },
+    /// List users with their tags, permissions and limits.
+    List,
+    /// Set what a user (or a ServiceAccount: system:serviceaccount:NS:NAME)
+    /// may configure, write and read: regular expressions over exchange and
+    /// queue names ('' matches nothing, '.*' everything).
+    SetPermissions {
+        name: String,
+        #[arg(long, default_value = "")]
+        configure: String,
+        #[arg(long, default_value = "")]
+        write: String,
+        #[arg(long, default_value = "")]
+        read: String,
+        /// Routing keys a publish to EXCHANGE may use; repeatable.
+        #[arg(long = "topic-write", value_name = "EXCHANGE=PATTERN", value_parser = parse_raw_kv)]
+        topic_write: Vec<(String, String)>,
+        /// Binding keys a binding from EXCHANGE may use; repeatable.
+        #[arg(long = "topic-read", value_name = "EXCHANGE=PATTERN", value_parser = parse_raw_kv)]
+        topic_read: Vec<(String, String)>,
+    },
+    /// Remove a user's permissions.
+    ClearPermissions { name: String },
+    /// Print the argon2 hash of a password read from standard input, for a
+    /// broker's auth file.
+    HashPassword,
 }
 
 #[derive(Subcommand, Debug)]
@@ -259,7 +383,18 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli, out: &Printer) -> Result<(), Failure> {
-    let client = Client::connect(&cli.server).await?;
+    if let Command::User(UserCmd::HashPassword) = cli.command {
+        let password = read_line("password")?;
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let mut salt = [0u8; 16];
+        rand::Rng::fill(&mut rand::rng(), &mut salt);
+        let salt = SaltString::encode_b64(&salt).map_err(|e| usage(format!("hashing failed: {e}")))?;
+        let hash =
+            argon2::Argon2::default().hash_password(password.as_bytes(), &salt).map_err(|e| usage(format!("hashing failed: {e}")))?;
+        println!("{hash}");
+        return Ok(());
+    }
+    let client = Client::connect_with(&cli.server, &cli.conn.options()?).await?;
     match cli.command {
         Command::Exchange(cmd) => exchange(&client, cmd, out).await,
         Command::Queue(cmd) => queue(&client, cmd, out).await,
@@ -311,7 +446,111 @@ async fn run(cli: Cli, out: &Printer) -> Result<(), Failure> {
             out.status(&s);
             Ok(())
         }
+        Command::User(cmd) => user(&client, cmd, out).await,
+        Command::Whoami => {
+            let w = client.users().who_am_i(proto::WhoAmIRequest {}).await.map_err(Error::from)?.into_inner();
+            let row = json!({
+                "user": w.user,
+                "mechanism": w.mechanism,
+                "tags": w.tags.join(","),
+                "configure": w.permissions.as_ref().map(|p| p.configure.clone()),
+                "write": w.permissions.as_ref().map(|p| p.write.clone()),
+                "read": w.permissions.as_ref().map(|p| p.read.clone()),
+                "authentication": w.authentication_enabled,
+            });
+            out.table(&["user", "mechanism", "tags", "configure", "write", "read", "authentication"], &[row]);
+            Ok(())
+        }
     }
+}
+
+/// One line of standard input, without its line end.
+fn read_line(what: &str) -> Result<String, Failure> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).map_err(|e| usage(format!("cannot read the {what} from stdin: {e}")))?;
+    let line = line.trim_end_matches(['\r', '\n']).to_string();
+    if line.is_empty() {
+        return Err(usage(format!("no {what} on stdin")));
+    }
+    Ok(line)
+}
+
+async fn user(client: &Client, cmd: UserCmd, out: &Printer) -> Result<(), Failure> {
+    let mut users = client.users();
+    match cmd {
+        UserCmd::Add { name, new_password, password_stdin, password_hash, tags, max_connections, max_streams } => {
+            let password = if password_stdin { read_line("password")? } else { new_password.unwrap_or_default() };
+            let keep_password = password.is_empty() && password_hash.is_none();
+            let r = users
+                .put_user(proto::PutUserRequest {
+                    name: name.clone(),
+                    password,
+                    password_hash: password_hash.unwrap_or_default(),
+                    tags,
+                    max_connections,
+                    max_streams,
+                    keep_password,
+                })
+                .await
+                .map_err(Error::from)?
+                .into_inner();
+            out.done(&format!("user '{name}' saved"));
+            if r.authentication_off {
+                eprintln!(
+                    "warrenctl: note: this broker does not require authentication; start it with --auth (or a credential source) to enforce users"
+                );
+            }
+        }
+        UserCmd::Delete { name } => {
+            let r = users.delete_user(proto::DeleteUserRequest { name: name.clone() }).await.map_err(Error::from)?.into_inner();
+            out.done(&if r.existed { format!("user '{name}' deleted") } else { format!("user '{name}' did not exist") });
+        }
+        UserCmd::List => {
+            let list = users.list_users(proto::ListUsersRequest {}).await.map_err(Error::from)?.into_inner().users;
+            let rows: Vec<Json> = list
+                .iter()
+                .map(|u| {
+                    json!({
+                        "name": u.name,
+                        "tags": u.tags.join(","),
+                        "password": u.has_password,
+                        "configure": u.permissions.as_ref().map(|p| p.configure.clone()),
+                        "write": u.permissions.as_ref().map(|p| p.write.clone()),
+                        "read": u.permissions.as_ref().map(|p| p.read.clone()),
+                        "max_connections": u.max_connections,
+                        "max_streams": u.max_streams,
+                        "connections": u.connections,
+                        "streams": u.streams,
+                        "source": u.source,
+                    })
+                })
+                .collect();
+            out.table(&["name", "tags", "password", "configure", "write", "read", "connections", "streams", "source"], &rows);
+        }
+        UserCmd::SetPermissions { name, configure, write, read, topic_write, topic_read } => {
+            let mut topics: HashMap<String, proto::TopicPermission> = HashMap::new();
+            for (x, p) in topic_write {
+                topics.entry(x).or_default().write = p;
+            }
+            for (x, p) in topic_read {
+                topics.entry(x).or_default().read = p;
+            }
+            users
+                .set_permissions(proto::SetPermissionsRequest {
+                    user: name.clone(),
+                    permissions: Some(proto::Permissions { configure, write, read, topics }),
+                })
+                .await
+                .map_err(Error::from)?;
+            out.done(&format!("permissions of '{name}' set"));
+        }
+        UserCmd::ClearPermissions { name } => {
+            users.clear_permissions(proto::ClearPermissionsRequest { user: name.clone() }).await.map_err(Error::from)?;
+            out.done(&format!("permissions of '{name}' cleared"));
+        }
+        UserCmd::HashPassword => {}
+    }
+    Ok(())
 }
 
 fn destination(a: &BindArgs) -> Result<(String, bool), Failure> {

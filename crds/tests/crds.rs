@@ -22,10 +22,20 @@ fn errors_of(obj: &Value, old: Option<&Value>) -> String {
 }
 
 #[test]
-fn should_define_four_namespaced_kinds_in_the_warren_category() {
+fn should_define_six_namespaced_kinds_in_the_warren_category() {
     let crds = warren_crds::crds();
     let names: Vec<_> = crds.iter().map(|c| c.metadata.name.clone().unwrap()).collect();
-    assert_eq!(names, ["brokers.warren.dev", "exchanges.warren.dev", "queues.warren.dev", "bindings.warren.dev"]);
+    assert_eq!(
+        names,
+        [
+            "brokers.warren.dev",
+            "exchanges.warren.dev",
+            "queues.warren.dev",
+            "bindings.warren.dev",
+            "users.warren.dev",
+            "permissions.warren.dev"
+        ]
+    );
     for crd in &crds {
         assert_eq!(crd.spec.group, "warren.dev");
         assert_eq!(crd.spec.scope, "Namespaced");
@@ -37,7 +47,7 @@ fn should_define_four_namespaced_kinds_in_the_warren_category() {
         assert!(v.subresources.as_ref().unwrap().status.is_some(), "{} has a status subresource", crd.spec.names.kind);
     }
     let short: Vec<_> = crds.iter().map(|c| c.spec.names.short_names.clone().unwrap()[0].clone()).collect();
-    assert_eq!(short, ["wb", "wx", "wq", "wbd"]);
+    assert_eq!(short, ["wb", "wx", "wq", "wbd", "wu", "wperm"]);
 }
 
 #[test]
@@ -363,4 +373,40 @@ fn should_bump_the_schema_revision_when_the_schemas_change() {
         let annotations = crd.metadata.annotations.unwrap_or_default();
         assert_eq!(annotations.get(warren_crds::SCHEMA_REVISION_ANNOTATION), Some(&warren_crds::SCHEMA_REVISION.to_string()));
     }
+}
+
+#[test]
+fn should_validate_users_permissions_and_tls() {
+    let user = |name: &str| {
+        json!({"apiVersion": "warren.dev/v1alpha1", "kind": "User", "metadata": {"name": "u"},
+               "spec": {"brokerRef": {"name": "w"}, "name": name, "tags": ["administrator"]}})
+    };
+    validate_object(&user("alice"), None).unwrap();
+    let e = errors_of(&user("bob"), Some(&user("alice")));
+    assert!(e.contains("name is immutable"), "{e}");
+    let e = errors_of(&user("a:b"), None);
+    assert!(e.contains("spec.name: should match"), "{e}");
+
+    let permission =
+        |spec: Value| json!({"apiVersion": "warren.dev/v1alpha1", "kind": "Permission", "metadata": {"name": "p"}, "spec": spec});
+    let for_user = permission(json!({"brokerRef": {"name": "w"}, "user": "alice", "configure": "^a", "write": ".*", "read": ".*"}));
+    validate_object(&for_user, None).unwrap();
+    validate_object(&permission(json!({"brokerRef": {"name": "w"}, "serviceAccount": {"name": "worker"}, "read": "^jobs$"})), None)
+        .unwrap();
+    let e = errors_of(&permission(json!({"brokerRef": {"name": "w"}, "read": ".*"})), None);
+    assert!(e.contains("set exactly one of user and serviceAccount"), "{e}");
+    let e = errors_of(&permission(json!({"brokerRef": {"name": "w"}, "user": "a", "serviceAccount": {"name": "s"}})), None);
+    assert!(e.contains("set exactly one of user and serviceAccount"), "{e}");
+    let moved = permission(json!({"brokerRef": {"name": "w"}, "user": "bob", "configure": "^a", "write": ".*", "read": ".*"}));
+    let e = errors_of(&moved, Some(&for_user));
+    assert!(e.contains("user is immutable"), "{e}");
+
+    let broker =
+        |tls: Value| json!({"apiVersion": "warren.dev/v1alpha1", "kind": "Broker", "metadata": {"name": "w"}, "spec": {"tls": tls}});
+    validate_object(&broker(json!({"secretName": "w-tls", "clientAuth": "Required"})), None).unwrap();
+    validate_object(&broker(json!({"issuerRef": {"name": "ca", "kind": "ClusterIssuer"}})), None).unwrap();
+    let e = errors_of(&broker(json!({})), None);
+    assert!(e.contains("set exactly one of secretName and issuerRef"), "{e}");
+    let e = errors_of(&broker(json!({"secretName": "a", "issuerRef": {"name": "ca"}})), None);
+    assert!(e.contains("set exactly one of secretName and issuerRef"), "{e}");
 }

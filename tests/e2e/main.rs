@@ -13,6 +13,7 @@ mod hostile;
 mod interop;
 mod operability;
 mod routing;
+mod security;
 mod semantics;
 mod topology;
 mod warrenctl;

@@ -95,6 +95,139 @@ pub struct BrokerSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256), inner(pattern(TOPOLOGY_NAMESPACE_PATTERN), length(min = 1, max = 63)))]
     pub topology_namespaces: Vec<String>,
+    /// TLS of the gRPC listener: a Secret of type `kubernetes.io/tls`, or a
+    /// cert-manager issuer the operator asks for a Certificate. Unset:
+    /// plain text (inside the cluster's network).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+    /// Authentication and authorization: on by default. The operator
+    /// generates an administrator credential into the Secret
+    /// `<name>-admin` and uses it itself.
+    #[serde(default)]
+    pub auth: BrokerAuth,
+}
+
+/// TLS of the gRPC listener. Exactly one of `secretName` and `issuerRef`.
+/// The certificate is re-read as it rotates, without a restart.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(transform = tls_rules)]
+pub struct Tls {
+    /// A Secret in the Broker's namespace with `tls.crt`, `tls.key` and,
+    /// for mutual TLS (and for the operator to verify the broker), `ca.crt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: Option<String>,
+    /// A cert-manager Issuer or ClusterIssuer: the operator creates a
+    /// Certificate for the broker's Service names, stored in the Secret
+    /// `<name>-tls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_ref: Option<IssuerRef>,
+    /// Client certificates (mutual TLS, against `ca.crt`): `None`
+    /// (default), `Optional` (verified when presented; the subject's common
+    /// name is the user) or `Required`.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+fn tls_rules(schema: &mut Schema) {
+    push_rules(schema, [rule("has(self.secretName) != has(self.issuerRef)", "set exactly one of secretName and issuerRef")]);
+}
+
+/// A cert-manager issuer.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    /// Name of the Issuer or ClusterIssuer.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// `Issuer` (default: in the Broker's namespace) or `ClusterIssuer`.
+    #[serde(default)]
+    pub kind: IssuerKind,
+    /// API group of the issuer (default `cert-manager.io`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub group: Option<String>,
+}
+
+/// cert-manager issuer kinds.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum IssuerKind {
+    /// In the Broker's namespace.
+    #[default]
+    Issuer,
+    /// Cluster-wide.
+    ClusterIssuer,
+}
+
+/// Whether the broker asks clients for certificates.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ClientAuth {
+    /// No client certificates.
+    #[default]
+    None,
+    /// Verified when presented.
+    Optional,
+    /// Every client must present one.
+    Required,
+}
+
+/// Authentication and authorization of a Broker.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BrokerAuth {
+    /// Require authentication (default). `false` runs the broker open: anyone
+    /// who can reach it may read, publish and delete everything.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How pods authenticate with their ServiceAccount token (audience
+    /// `serviceAccountAudience`): `TokenReview` (default: the API server
+    /// checks each new token; the operator grants the broker
+    /// `tokenreviews: create`), `Jwks` (the cluster's signing keys, no API
+    /// call per token) or `Disabled`.
+    #[serde(default)]
+    pub service_account_tokens: ServiceAccountTokens,
+    /// The audience ServiceAccount tokens must be issued for.
+    #[serde(default = "default_audience")]
+    #[schemars(length(min = 1, max = 253))]
+    pub service_account_audience: String,
+    /// Most connections one user may have open at once (default: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_connections_per_user: Option<i32>,
+    /// Most publish and consume streams one user may have open at once
+    /// (default: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_streams_per_user: Option<i32>,
+}
+
+impl Default for BrokerAuth {
+    fn default() -> Self {
+        BrokerAuth {
+            enabled: true,
+            service_account_tokens: ServiceAccountTokens::default(),
+            service_account_audience: default_audience(),
+            max_connections_per_user: None,
+            max_streams_per_user: None,
+        }
+    }
+}
+
+fn default_audience() -> String {
+    "warren".into()
+}
+
+/// How ServiceAccount tokens are validated.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ServiceAccountTokens {
+    /// Asked of the API server (TokenReview), answers cached.
+    #[default]
+    TokenReview,
+    /// Checked against the cluster's signing keys.
+    Jwks,
+    /// Not accepted.
+    Disabled,
 }
 
 /// The address the broker listens on inside its pod: `::` (default: every

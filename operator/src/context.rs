@@ -9,9 +9,9 @@ use kube::Client;
 use kube::core::ApiResource;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
-use tonic::transport::{Channel, Endpoint};
-use warren_client::proto::warren_client::WarrenClient;
-use warren_crds::v1alpha1::{Binding, Broker, Exchange, Queue};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use warren_client::{AuthChannel, ConnectOptions, Credentials, RawClient, UsersClient};
+use warren_crds::v1alpha1::{Binding, Broker, Exchange, Permission, Queue, User};
 
 use crate::autoscaler::History;
 use crate::error::{Error, Result};
@@ -35,6 +35,13 @@ pub struct Settings {
     pub broker_endpoints: HashMap<String, String>,
     /// Most reconciles at once, per controller.
     pub concurrency: u16,
+    /// Give each Broker a NetworkPolicy admitting only client and peer
+    /// traffic.
+    pub network_policy: bool,
+    /// The ClusterRole granting `tokenreviews: create` that Brokers
+    /// validating ServiceAccount tokens with TokenReview are bound to (the
+    /// chart creates it); none: the operator does not bind it.
+    pub token_review_cluster_role: Option<String>,
 }
 
 impl Default for Settings {
@@ -45,6 +52,8 @@ impl Default for Settings {
             broker_timeout: Duration::from_secs(10),
             broker_endpoints: HashMap::new(),
             concurrency: 16,
+            network_policy: true,
+            token_review_cluster_role: None,
         }
     }
 }
@@ -72,6 +81,24 @@ pub struct Stores {
     pub queues: OnceLock<Store<Queue>>,
     /// Bindings.
     pub bindings: OnceLock<Store<Binding>>,
+    /// Users.
+    pub users: OnceLock<Store<User>>,
+    /// Permissions.
+    pub permissions: OnceLock<Store<Permission>>,
+}
+
+/// How the operator reaches a Broker: TLS (the CA it trusts, the name the
+/// certificate carries) and the administrator credential it generated.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BrokerAccess {
+    /// Speak TLS.
+    pub tls: bool,
+    /// CA certificates (PEM) to trust; none: the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
+    /// The DNS name the broker's certificate carries.
+    pub server_name: Option<String>,
+    /// The administrator's user name and password.
+    pub admin: Option<(String, String)>,
 }
 
 /// Shared reconcile context.
@@ -84,7 +111,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Settings.
     pub settings: Settings,
-    brokers: Mutex<HashMap<String, Channel>>,
+    brokers: Mutex<HashMap<(String, BrokerAccessKey), Channel>>,
     scale_resources: Mutex<HashMap<String, ApiResource>>,
     /// Recent autoscaling recommendations per Queue (by uid).
     pub histories: Mutex<HashMap<String, History>>,
@@ -123,21 +150,46 @@ impl Context {
         self.settings.broker_endpoints.get(&format!("{namespace}/{name}")).cloned().or_else(|| endpoint.map(str::to_string))
     }
 
-    /// A gRPC client for the broker at `endpoint` (`host:port`). Channels
-    /// are created lazily and shared; a channel reconnects by itself.
-    pub fn broker(&self, endpoint: &str) -> Result<WarrenClient<Channel>> {
+    /// gRPC clients (the messaging API and the Users API) for the broker at
+    /// `endpoint` (`host:port`), over TLS and with the administrator
+    /// credential as `access` says. Channels are created lazily and shared;
+    /// a channel reconnects by itself.
+    pub fn broker(&self, endpoint: &str, access: &BrokerAccess) -> Result<(RawClient, UsersClient)> {
+        let credentials = match &access.admin {
+            Some((user, password)) => ConnectOptions::default()
+                .basic(user.clone(), password.clone())
+                .credentials()
+                .map_err(|e| Error::InvalidSpec(format!("the administrator credential is unusable: {e}")))?,
+            None => Credentials::none(),
+        };
+        let key = (endpoint.to_string(), BrokerAccessKey::of(access));
         let mut brokers = self.brokers.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(channel) = brokers.get(endpoint) {
-            return Ok(client(channel.clone()));
-        }
-        let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
-        let channel = Endpoint::from_shared(uri)
-            .map_err(|source| Error::Endpoint { endpoint: endpoint.to_string(), source })?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(self.settings.broker_timeout)
-            .connect_lazy();
-        brokers.insert(endpoint.to_string(), channel.clone());
-        Ok(client(channel))
+        let channel = match brokers.get(&key) {
+            Some(channel) => channel.clone(),
+            None => {
+                let scheme = if access.tls { "https" } else { "http" };
+                let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("{scheme}://{endpoint}") };
+                let mut ep = Endpoint::from_shared(uri)
+                    .map_err(|source| Error::Endpoint { endpoint: endpoint.to_string(), source })?
+                    .connect_timeout(Duration::from_secs(5))
+                    .timeout(self.settings.broker_timeout);
+                if access.tls {
+                    let mut tls = match &access.ca_pem {
+                        Some(pem) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)),
+                        None => ClientTlsConfig::new().with_native_roots(),
+                    };
+                    if let Some(name) = &access.server_name {
+                        tls = tls.domain_name(name.clone());
+                    }
+                    ep = ep.tls_config(tls).map_err(|e| Error::InvalidSpec(format!("TLS settings for {endpoint}: {e}")))?;
+                }
+                let channel = ep.connect_lazy();
+                brokers.insert(key, channel.clone());
+                channel
+            }
+        };
+        let service = AuthChannel::new(channel, credentials);
+        Ok((RawClient::new(service.clone()).max_decoding_message_size(MAX_BROKER_RESPONSE), UsersClient::new(service)))
     }
 
     /// Cached API resource of a scale target's `apiVersion` + `kind`.
@@ -155,6 +207,20 @@ impl Context {
 /// binding of a large broker is far more than tonic's 4 MiB default.
 pub const MAX_BROKER_RESPONSE: usize = 256 << 20;
 
-fn client(channel: Channel) -> WarrenClient<Channel> {
-    WarrenClient::new(channel).max_decoding_message_size(MAX_BROKER_RESPONSE)
+/// What a channel depends on in a [`BrokerAccess`] (not the password: a
+/// rotated password reuses the connection).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct BrokerAccessKey {
+    tls: bool,
+    ca: u64,
+    server_name: Option<String>,
+}
+
+impl BrokerAccessKey {
+    fn of(a: &BrokerAccess) -> BrokerAccessKey {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        a.ca_pem.hash(&mut h);
+        BrokerAccessKey { tls: a.tls, ca: h.finish(), server_name: a.server_name.clone() }
+    }
 }

@@ -34,6 +34,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::Api;
@@ -43,7 +44,7 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
-use warren_crds::v1alpha1::{Binding, Broker, Exchange, Queue};
+use warren_crds::v1alpha1::{Binding, Broker, Exchange, Permission, Queue, User};
 
 use crate::context::Context;
 use crate::error::Error;
@@ -227,6 +228,7 @@ pub async fn run_controllers(client: Client, namespace: Option<String>, ctx: Arc
         .owns_stream(owned::<ConfigMap>(&client, ns, &watches, "configmaps"))
         .owns_stream(owned::<ServiceAccount>(&client, ns, &watches, "serviceaccounts"))
         .owns_stream(owned::<PodDisruptionBudget>(&client, ns, &watches, "poddisruptionbudgets"))
+        .owns_stream(owned::<NetworkPolicy>(&client, ns, &watches, "networkpolicies"))
         .with_config(controller::Config::default().concurrency(ctx.settings.concurrency))
         .shutdown_on_signal()
         .run(broker::reconcile, error_policy(broker::CONTROLLER), ctx.clone())
@@ -265,7 +267,22 @@ pub async fn run_controllers(client: Client, namespace: Option<String>, ctx: Arc
             let _ = stores.stores.bindings.set(s.clone());
         },
     );
-    futures::join!(brokers, exchanges, queues, bindings);
+    let users =
+        topology_controller::<User, _, _>(&client, ns, ctx.clone(), &watches, topology::user::CONTROLLER, topology::user::reconcile, |s| {
+            let _ = stores.stores.users.set(s.clone());
+        });
+    let permissions = topology_controller::<Permission, _, _>(
+        &client,
+        ns,
+        ctx.clone(),
+        &watches,
+        topology::permission::CONTROLLER,
+        topology::permission::reconcile,
+        |s| {
+            let _ = stores.stores.permissions.set(s.clone());
+        },
+    );
+    futures::join!(brokers, exchanges, queues, bindings, users, permissions);
 }
 
 #[cfg(test)]

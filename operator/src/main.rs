@@ -70,6 +70,16 @@ struct Config {
     /// between) before /healthz fails, so that a stuck operator is restarted.
     #[arg(long, env = "WARREN_OPERATOR_WATCH_STUCK_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
     watch_stuck_seconds: u64,
+    /// Give each Broker a NetworkPolicy admitting only client traffic (gRPC,
+    /// metrics) and peer traffic (port 5681 between its own pods).
+    #[arg(long, env = "WARREN_OPERATOR_NETWORK_POLICY", default_value_t = true, action = clap::ArgAction::Set)]
+    network_policy: bool,
+    /// The ClusterRole (`tokenreviews: create`) to bind the ServiceAccount of
+    /// each Broker that validates ServiceAccount tokens with TokenReview
+    /// (the chart creates it). Unset: not bound (use `Jwks`, or bind it by
+    /// hand).
+    #[arg(long, env = "WARREN_OPERATOR_TOKEN_REVIEW_CLUSTER_ROLE")]
+    token_review_cluster_role: Option<String>,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "WARREN_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -116,6 +126,8 @@ async fn main() -> anyhow::Result<()> {
         resync: Duration::from_secs(config.resync_seconds),
         broker_endpoints: config.broker_endpoints.iter().cloned().collect(),
         concurrency: config.max_concurrent_reconciles,
+        network_policy: config.network_policy,
+        token_review_cluster_role: config.token_review_cluster_role.clone(),
         ..Settings::default()
     };
     let ctx = Context::new(client.clone(), metrics.clone(), settings, Some(identity.clone()));

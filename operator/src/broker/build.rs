@@ -10,12 +10,15 @@ use k8s_openapi::api::core::v1::{
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServiceAccount, ServicePort,
     ServiceSpec, SleepAction, TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
 };
+use k8s_openapi::api::core::v1::{KeyToPath, Secret, SecretVolumeSource};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use warren_crds::v1alpha1::{Broker, BrokerConfig, BrokerSpec, MIN_ABSOLUTE_WATERMARK};
+use warren_crds::v1alpha1::{Broker, BrokerConfig, BrokerSpec, ClientAuth, IssuerKind, MIN_ABSOLUTE_WATERMARK, ServiceAccountTokens};
 
 use crate::error::{Error, Result};
 
@@ -23,6 +26,15 @@ use crate::error::{Error, Result};
 pub const GRPC_PORT: i32 = 5680;
 /// HTTP port of the broker: `/metrics`, `/healthz`, `/readyz`.
 pub const HTTP_PORT: i32 = 15680;
+/// Port of the node-to-node (replication) listener: only other broker pods
+/// of the same Broker may reach it.
+pub const CLUSTER_PORT: i32 = 5681;
+/// Where the administrator's password (the `<name>-admin` Secret) is mounted.
+pub const ADMIN_DIR: &str = "/etc/warren-admin";
+/// Where the TLS Secret is mounted.
+pub const TLS_DIR: &str = "/etc/warren-tls";
+/// The administrator the operator generates and uses.
+pub const ADMIN_USER: &str = "admin";
 /// Where the data volume is mounted.
 pub const VOLUME_DIR: &str = "/var/lib/warren";
 /// The broker's data directory: a directory of the volume, not its root
@@ -220,6 +232,39 @@ impl ValidatedBroker {
         format!("{}-config", self.name)
     }
 
+    /// Name of the Secret with the administrator credential the operator
+    /// generates (keys `username`, `password`).
+    pub fn admin_secret_name(&self) -> String {
+        format!("{}-admin", self.name)
+    }
+
+    /// Name of the Secret with the TLS certificate, when TLS is on: the one
+    /// given, or the one the cert-manager Certificate writes.
+    pub fn tls_secret_name(&self) -> Option<String> {
+        let tls = self.spec.tls.as_ref()?;
+        Some(tls.secret_name.clone().unwrap_or_else(|| format!("{}-tls", self.name)))
+    }
+
+    /// Whether the broker needs its ServiceAccount token (to validate
+    /// clients' ServiceAccount tokens).
+    pub fn needs_api_token(&self) -> bool {
+        self.spec.auth.enabled && self.spec.auth.service_account_tokens != ServiceAccountTokens::Disabled
+    }
+
+    /// The DNS names clients and peers reach the broker by.
+    pub fn dns_names(&self) -> Vec<String> {
+        let (n, ns) = (&self.name, &self.namespace);
+        let headless = self.headless_service_name();
+        vec![
+            n.clone(),
+            format!("{n}.{ns}"),
+            format!("{n}.{ns}.svc"),
+            format!("{n}.{ns}.svc.cluster.local"),
+            format!("*.{headless}.{ns}.svc"),
+            format!("*.{headless}.{ns}.svc.cluster.local"),
+        ]
+    }
+
     /// The address clients use: the client Service's gRPC port.
     pub fn endpoint(&self) -> String {
         format!("{}.{}.svc:{GRPC_PORT}", self.name, self.namespace)
@@ -288,8 +333,8 @@ pub fn config_map(v: &ValidatedBroker) -> ConfigMap {
     }
 }
 
-/// The broker pods' ServiceAccount. The broker does not call the
-/// Kubernetes API, so its token is not mounted.
+/// The broker pods' ServiceAccount. Its token is mounted (by the pod spec)
+/// only when the broker validates ServiceAccount tokens.
 pub fn service_account(v: &ValidatedBroker) -> ServiceAccount {
     ServiceAccount { metadata: v.meta(v.name.clone()), automount_service_account_token: Some(false), ..ServiceAccount::default() }
 }
@@ -393,20 +438,25 @@ pub fn stateful_set(v: &ValidatedBroker) -> StatefulSet {
         name: "broker".into(),
         image: Some(v.image.clone()),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
-        env: Some(vec![
-            EnvVar {
-                name: "WARREN_NODE_NAME".into(),
-                value_from: Some(EnvVarSource {
-                    field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..ObjectFieldSelector::default() }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            },
-            env("WARREN_DATA_DIR", DATA_DIR),
-            env("WARREN_GRPC_ADDR", &spec.listen_address.with_port(GRPC_PORT)),
-            env("WARREN_HTTP_ADDR", &spec.listen_address.with_port(HTTP_PORT)),
-            env("WARREN_CONFIG", &format!("{CONFIG_DIR}/{CONFIG_FILE}")),
-        ]),
+        env: Some(
+            vec![
+                EnvVar {
+                    name: "WARREN_NODE_NAME".into(),
+                    value_from: Some(EnvVarSource {
+                        field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..ObjectFieldSelector::default() }),
+                        ..EnvVarSource::default()
+                    }),
+                    ..EnvVar::default()
+                },
+                env("WARREN_DATA_DIR", DATA_DIR),
+                env("WARREN_GRPC_ADDR", &spec.listen_address.with_port(GRPC_PORT)),
+                env("WARREN_HTTP_ADDR", &spec.listen_address.with_port(HTTP_PORT)),
+                env("WARREN_CONFIG", &format!("{CONFIG_DIR}/{CONFIG_FILE}")),
+            ]
+            .into_iter()
+            .chain(security_env(v))
+            .collect(),
+        ),
         ports: Some(vec![
             ContainerPort {
                 name: Some("grpc".into()),
@@ -442,11 +492,16 @@ pub fn stateful_set(v: &ValidatedBroker) -> StatefulSet {
             capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Capabilities::default() }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount { name: "data".into(), mount_path: VOLUME_DIR.into(), ..VolumeMount::default() },
-            VolumeMount { name: "config".into(), mount_path: CONFIG_DIR.into(), read_only: Some(true), ..VolumeMount::default() },
-            VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() },
-        ]),
+        volume_mounts: Some(
+            vec![
+                VolumeMount { name: "data".into(), mount_path: VOLUME_DIR.into(), ..VolumeMount::default() },
+                VolumeMount { name: "config".into(), mount_path: CONFIG_DIR.into(), read_only: Some(true), ..VolumeMount::default() },
+                VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..VolumeMount::default() },
+            ]
+            .into_iter()
+            .chain(security_mounts(v))
+            .collect(),
+        ),
         ..Container::default()
     };
 
@@ -460,7 +515,9 @@ pub fn stateful_set(v: &ValidatedBroker) -> StatefulSet {
 
     let pod = PodSpec {
         service_account_name: Some(v.name.clone()),
-        automount_service_account_token: Some(false),
+        // The token only when the broker asks the API server about clients'
+        // ServiceAccount tokens.
+        automount_service_account_token: Some(v.needs_api_token()),
         termination_grace_period_seconds: Some(spec.termination_grace_period_seconds),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
@@ -472,18 +529,23 @@ pub fn stateful_set(v: &ValidatedBroker) -> StatefulSet {
             ..PodSecurityContext::default()
         }),
         containers: vec![container],
-        volumes: Some(vec![
-            Volume {
-                name: "config".into(),
-                config_map: Some(ConfigMapVolumeSource { name: v.config_map_name(), ..ConfigMapVolumeSource::default() }),
-                ..Volume::default()
-            },
-            Volume {
-                name: "tmp".into(),
-                empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity("64Mi".into())), ..EmptyDirVolumeSource::default() }),
-                ..Volume::default()
-            },
-        ]),
+        volumes: Some(
+            vec![
+                Volume {
+                    name: "config".into(),
+                    config_map: Some(ConfigMapVolumeSource { name: v.config_map_name(), ..ConfigMapVolumeSource::default() }),
+                    ..Volume::default()
+                },
+                Volume {
+                    name: "tmp".into(),
+                    empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity("64Mi".into())), ..EmptyDirVolumeSource::default() }),
+                    ..Volume::default()
+                },
+            ]
+            .into_iter()
+            .chain(security_volumes(v))
+            .collect(),
+        ),
         topology_spread_constraints: Some(vec![spread("kubernetes.io/hostname"), spread("topology.kubernetes.io/zone")]),
         node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
         tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
@@ -528,6 +590,192 @@ pub fn stateful_set(v: &ValidatedBroker) -> StatefulSet {
         },
         ..StatefulSet::default()
     }
+}
+
+/// Security settings of the broker container, as `WARREN_*` variables:
+/// file paths and modes, never a secret.
+pub fn security_env(v: &ValidatedBroker) -> Vec<EnvVar> {
+    let auth = &v.spec.auth;
+    let mut out = Vec::new();
+    if auth.enabled {
+        out.push(env("WARREN_ADMIN_USER", ADMIN_USER));
+        out.push(env("WARREN_ADMIN_PASSWORD_FILE", &format!("{ADMIN_DIR}/password")));
+        let mode = match auth.service_account_tokens {
+            ServiceAccountTokens::TokenReview => "token-review",
+            ServiceAccountTokens::Jwks => "jwks",
+            ServiceAccountTokens::Disabled => "off",
+        };
+        out.push(env("WARREN_KUBERNETES_AUTH", mode));
+        out.push(env("WARREN_KUBERNETES_AUDIENCE", &auth.service_account_audience));
+        if let Some(n) = auth.max_connections_per_user {
+            out.push(env("WARREN_MAX_CONNECTIONS_PER_USER", &n.max(0).to_string()));
+        }
+        if let Some(n) = auth.max_streams_per_user {
+            out.push(env("WARREN_MAX_STREAMS_PER_USER", &n.max(0).to_string()));
+        }
+    } else {
+        // Asked for explicitly in the Broker: the broker refuses to listen
+        // beyond loopback without authentication otherwise.
+        out.push(env("WARREN_INSECURE", "true"));
+    }
+    if let Some(tls) = &v.spec.tls {
+        out.push(env("WARREN_TLS_CERT", &format!("{TLS_DIR}/tls.crt")));
+        out.push(env("WARREN_TLS_KEY", &format!("{TLS_DIR}/tls.key")));
+        match tls.client_auth {
+            ClientAuth::None => {}
+            ClientAuth::Optional | ClientAuth::Required => {
+                out.push(env("WARREN_TLS_CLIENT_CA", &format!("{TLS_DIR}/ca.crt")));
+                out.push(env("WARREN_TLS_CLIENT_AUTH", if tls.client_auth == ClientAuth::Required { "required" } else { "optional" }));
+            }
+        }
+    }
+    out
+}
+
+fn security_mounts(v: &ValidatedBroker) -> Vec<VolumeMount> {
+    let mut out = Vec::new();
+    if v.spec.auth.enabled {
+        out.push(VolumeMount { name: "admin".into(), mount_path: ADMIN_DIR.into(), read_only: Some(true), ..VolumeMount::default() });
+    }
+    if v.spec.tls.is_some() {
+        out.push(VolumeMount { name: "tls".into(), mount_path: TLS_DIR.into(), read_only: Some(true), ..VolumeMount::default() });
+    }
+    out
+}
+
+fn security_volumes(v: &ValidatedBroker) -> Vec<Volume> {
+    let mut out = Vec::new();
+    if v.spec.auth.enabled {
+        out.push(Volume {
+            name: "admin".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(v.admin_secret_name()),
+                items: Some(vec![KeyToPath { key: "password".into(), path: "password".into(), ..KeyToPath::default() }]),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    if let Some(secret) = v.tls_secret_name() {
+        // Mounted whole (not subPath): the kubelet updates it in place when
+        // cert-manager renews it, and the broker reloads it.
+        out.push(Volume {
+            name: "tls".into(),
+            secret: Some(SecretVolumeSource { secret_name: Some(secret), default_mode: Some(0o440), ..SecretVolumeSource::default() }),
+            ..Volume::default()
+        });
+    }
+    out
+}
+
+/// The administrator credential, generated once (the reconciler creates it
+/// only when it does not exist, so the password never changes under the
+/// broker).
+pub fn admin_secret(v: &ValidatedBroker, password: &str) -> Secret {
+    Secret {
+        metadata: v.meta(v.admin_secret_name()),
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([
+            ("username".to_string(), ADMIN_USER.to_string()),
+            ("password".to_string(), password.to_string()),
+        ])),
+        ..Secret::default()
+    }
+}
+
+/// A random password: 32 characters of [A-Za-z0-9] (190 bits).
+pub fn generate_password() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..32).map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char).collect()
+}
+
+/// The NetworkPolicy of a Broker's pods: gRPC and HTTP (metrics, health)
+/// from anywhere, the node-to-node port only from the Broker's own pods;
+/// every other port refused.
+pub fn network_policy(v: &ValidatedBroker) -> NetworkPolicy {
+    let port = |p: i32| NetworkPolicyPort { port: Some(IntOrString::Int(p)), protocol: Some("TCP".into()), ..NetworkPolicyPort::default() };
+    NetworkPolicy {
+        metadata: v.meta(v.name.clone()),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector { match_labels: Some(v.selector_labels()), ..LabelSelector::default() }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule { ports: Some(vec![port(GRPC_PORT), port(HTTP_PORT)]), ..NetworkPolicyIngressRule::default() },
+                NetworkPolicyIngressRule {
+                    from: Some(vec![NetworkPolicyPeer {
+                        pod_selector: Some(LabelSelector { match_labels: Some(v.selector_labels()), ..LabelSelector::default() }),
+                        ..NetworkPolicyPeer::default()
+                    }]),
+                    ports: Some(vec![port(CLUSTER_PORT)]),
+                },
+            ]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
+/// The cert-manager Certificate for a Broker with `spec.tls.issuerRef`: its
+/// Service names (clients) and per-pod names (peers), server and client
+/// usages (the same certificate serves the node-to-node mutual TLS).
+pub fn certificate(v: &ValidatedBroker) -> Option<serde_json::Value> {
+    let tls = v.spec.tls.as_ref()?;
+    let issuer = tls.issuer_ref.as_ref()?;
+    let kind = match issuer.kind {
+        IssuerKind::Issuer => "Issuer",
+        IssuerKind::ClusterIssuer => "ClusterIssuer",
+    };
+    Some(serde_json::json!({
+        "apiVersion": "cert-manager.io/v1",
+        "kind": "Certificate",
+        "metadata": {
+            "name": format!("{}-tls", v.name),
+            "namespace": v.namespace,
+            "labels": v.labels(),
+            "ownerReferences": [v.owner],
+        },
+        "spec": {
+            "secretName": format!("{}-tls", v.name),
+            "commonName": format!("{}.{}.svc", v.name, v.namespace),
+            "dnsNames": v.dns_names(),
+            "usages": ["server auth", "client auth", "digital signature", "key encipherment"],
+            "privateKey": { "algorithm": "ECDSA", "size": 256, "rotationPolicy": "Always" },
+            "issuerRef": { "name": issuer.name, "kind": kind, "group": issuer.group.clone().unwrap_or_else(|| "cert-manager.io".into()) },
+        },
+    }))
+}
+
+/// The ClusterRoleBinding letting a Broker's ServiceAccount create
+/// TokenReviews (`role`: the chart's ClusterRole). Cluster-scoped, so no
+/// owner reference: the reconciler removes bindings whose Broker is gone.
+pub fn token_review_binding(v: &ValidatedBroker, role: &str) -> ClusterRoleBinding {
+    let mut labels = v.labels();
+    labels.insert(TOKEN_REVIEW_NAMESPACE_LABEL.into(), v.namespace.clone());
+    ClusterRoleBinding {
+        metadata: ObjectMeta {
+            name: Some(token_review_binding_name(&v.namespace, &v.name)),
+            labels: Some(labels),
+            ..ObjectMeta::default()
+        },
+        role_ref: RoleRef { api_group: Some("rbac.authorization.k8s.io".into()), kind: "ClusterRole".into(), name: role.into() },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: v.name.clone(),
+            namespace: Some(v.namespace.clone()),
+            ..Subject::default()
+        }]),
+    }
+}
+
+/// Label on a TokenReview ClusterRoleBinding naming its Broker's namespace
+/// (`app.kubernetes.io/instance` names the Broker).
+pub const TOKEN_REVIEW_NAMESPACE_LABEL: &str = "warren.dev/broker-namespace";
+
+/// The name of a Broker's TokenReview ClusterRoleBinding.
+pub fn token_review_binding_name(namespace: &str, name: &str) -> String {
+    format!("warren-tokenreview-{namespace}-{name}")
 }
 
 /// Every object a Broker owns, in the order they are applied.

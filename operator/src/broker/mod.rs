@@ -15,6 +15,7 @@
 //! Events: `InvalidSpec`, `NameConflict`, `ApplyFailed` (Warning) and
 //! `Ready` / `NotReady` when the `Ready` condition changes (Normal).
 
+pub mod access;
 pub mod build;
 pub mod status;
 
@@ -64,7 +65,11 @@ pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action>
     };
 
     let children = build::build(&validated);
-    if let Some(conflict) = foreign_child(&ctx, &namespace, &validated, &children).await? {
+    let conflict = match foreign_child(&ctx, &namespace, &validated, &children).await? {
+        Some(c) => Some(c),
+        None => access::ensure_admin_secret(&ctx, &validated).await?,
+    };
+    if let Some(conflict) = conflict {
         let status = status::name_conflict(&previous, generation, &conflict);
         if broker.status.as_ref() != Some(&status) {
             publish(&ctx, broker.as_ref(), EventType::Warning, "NameConflict", "Apply", conflict).await;
@@ -72,7 +77,11 @@ pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action>
         }
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
-    let sts = match apply_children(&ctx, &namespace, &children).await {
+    let applied = match apply_children(&ctx, &namespace, &children).await {
+        Ok(sts) => access::apply_security(&ctx, &validated).await.map(|()| sts),
+        Err(e) => Err(e),
+    };
+    let sts = match applied {
         Ok(sts) => sts,
         Err(e) => {
             // Never silent: a child the API server refuses (an immutable

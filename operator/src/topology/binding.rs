@@ -11,8 +11,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use tonic::Code;
-use tonic::transport::Channel;
-use warren_client::proto::warren_client::WarrenClient;
+use warren_client::RawClient;
 use warren_client::proto::{BindRequest, BindingInfo, DeclareExchangeRequest, DeclareQueueRequest, DestinationKind, ListBindingsRequest};
 use warren_crds::v1alpha1::{Binding, BindingStatus, BoundBinding, DeletionPolicy, TopologyStatus};
 
@@ -79,7 +78,7 @@ impl ListCache {
 
     /// Whether the broker at `endpoint` has the binding `r`, from a list at
     /// most [`LIST_TTL`] old.
-    async fn contains(&self, endpoint: &str, client: &mut WarrenClient<Channel>, r: &BindRequest) -> Result<bool, tonic::Status> {
+    async fn contains(&self, endpoint: &str, client: &mut RawClient, r: &BindRequest) -> Result<bool, tonic::Status> {
         let list = match self.fresh(endpoint) {
             Some(list) => list,
             None => {
@@ -144,7 +143,7 @@ async fn wait(api: &Api<Binding>, b: &Binding, reason: &str, message: String) ->
 }
 
 /// Whether an exchange (`is_queue` false) or queue exists on the broker.
-async fn exists(client: &mut WarrenClient<Channel>, name: &str, is_queue: bool) -> Result<bool, tonic::Status> {
+async fn exists(client: &mut RawClient, name: &str, is_queue: bool) -> Result<bool, tonic::Status> {
     let result = if is_queue {
         let req = DeclareQueueRequest { name: name.into(), passive: true, ..DeclareQueueRequest::default() };
         client.declare_queue(req).await.map(|_| ())
@@ -179,7 +178,7 @@ async fn apply(b: &Binding, ctx: &Context, api: &Api<Binding>) -> Result<Action>
         Err(e) => return Err(e),
     };
     let (mut client, endpoint) = match broker_target(ctx, &namespace_of(b)?, &b.spec.broker_ref).await? {
-        BrokerTarget::Ready(client, endpoint) => (client, endpoint),
+        BrokerTarget::Ready(client, endpoint, _) => (client, endpoint),
         BrokerTarget::Missing(m) => return wait(api, b, "BrokerNotFound", m).await,
         BrokerTarget::NotReady(m) | BrokerTarget::Deleting(m) => return wait(api, b, "BrokerNotReady", m).await,
         BrokerTarget::NotAllowed(m) => return wait(api, b, "NamespaceNotAllowed", m).await,
@@ -267,7 +266,7 @@ async fn cleanup(b: &Binding, ctx: &Context, api: &Api<Binding>) -> Result<Actio
         return Ok(Action::await_change());
     }
     let mut client = match broker_target(ctx, &namespace_of(b)?, &b.spec.broker_ref).await? {
-        BrokerTarget::Ready(client, _) => client,
+        BrokerTarget::Ready(client, _, _) => client,
         BrokerTarget::Missing(m) | BrokerTarget::Deleting(m) | BrokerTarget::NotAllowed(m) => {
             publish(ctx, b, EventType::Normal, "BrokerGone", "Delete", format!("{m}; nothing to unbind")).await;
             return Ok(Action::await_change());

@@ -80,7 +80,7 @@ async fn apply(x: &Exchange, ctx: &Context, api: &Api<Exchange>) -> Result<Actio
         Err(e) => return Err(e),
     };
     let mut client = match broker_target(ctx, &namespace_of(x)?, &x.spec.broker_ref).await? {
-        BrokerTarget::Ready(client, _) => client,
+        BrokerTarget::Ready(client, _, _) => client,
         BrokerTarget::Missing(m) => return wait(api, x, "BrokerNotFound", m).await,
         BrokerTarget::NotReady(m) | BrokerTarget::Deleting(m) => return wait(api, x, "BrokerNotReady", m).await,
         BrokerTarget::NotAllowed(m) => return wait(api, x, "NamespaceNotAllowed", m).await,
@@ -150,7 +150,7 @@ async fn cleanup(x: &Exchange, ctx: &Context, api: &Api<Exchange>) -> Result<Act
         return Ok(Action::await_change());
     }
     let mut client = match broker_target(ctx, &namespace_of(x)?, &x.spec.broker_ref).await? {
-        BrokerTarget::Ready(client, _) => client,
+        BrokerTarget::Ready(client, _, _) => client,
         BrokerTarget::Missing(m) | BrokerTarget::Deleting(m) | BrokerTarget::NotAllowed(m) => {
             publish(ctx, x, EventType::Normal, "BrokerGone", "Delete", format!("{m}; nothing to delete")).await;
             return Ok(Action::await_change());

@@ -23,7 +23,9 @@
 pub mod args;
 pub mod binding;
 pub mod exchange;
+pub mod permission;
 pub mod queue;
+pub mod user;
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
@@ -37,8 +39,7 @@ use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::Code;
-use tonic::transport::Channel;
-use warren_client::proto::warren_client::WarrenClient;
+use warren_client::{RawClient, UsersClient};
 use warren_crds::v1alpha1::{Broker, BrokerRef};
 
 use crate::conditions::{self, READY};
@@ -54,8 +55,8 @@ pub const WAY_OUT: &str = "to let the object go without touching the broker, set
 
 /// Where a topology object's Broker stands.
 pub enum BrokerTarget {
-    /// Reachable at this client, at this endpoint.
-    Ready(WarrenClient<Channel>, String),
+    /// Reachable at this client, at this endpoint (and its Users API).
+    Ready(RawClient, String, UsersClient),
     /// No such Broker object: the `Ready` condition says which.
     Missing(String),
     /// The Broker exists but has no endpoint yet.
@@ -121,7 +122,11 @@ pub async fn broker_target(ctx: &Context, own_namespace: &str, r: &BrokerRef) ->
         return Ok(BrokerTarget::NotReady(format!("Broker {namespace}/{} is not ready ({}: {})", r.name, c.reason, c.message)));
     }
     match ctx.broker_endpoint(namespace, &r.name, status.endpoint.as_deref()) {
-        Some(endpoint) => Ok(BrokerTarget::Ready(ctx.broker(&endpoint)?, endpoint)),
+        Some(endpoint) => {
+            let access = crate::broker::access::broker_access(ctx, &broker).await?;
+            let (client, users) = ctx.broker(&endpoint, &access)?;
+            Ok(BrokerTarget::Ready(client, endpoint, users))
+        }
         None => Ok(BrokerTarget::NotReady(format!("Broker {namespace}/{} has no endpoint yet (not reconciled or not ready)", r.name))),
     }
 }

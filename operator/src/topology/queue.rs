@@ -105,7 +105,7 @@ async fn apply(q: &Queue, ctx: &Context, api: &Api<Queue>) -> Result<Action> {
     };
     let retry = Action::requeue(Duration::from_secs(10));
     let mut client = match broker_target(ctx, &namespace_of(q)?, &q.spec.broker_ref).await? {
-        BrokerTarget::Ready(client, _) => client,
+        BrokerTarget::Ready(client, _, _) => client,
         BrokerTarget::Missing(m) => return waiting(api, q, "BrokerNotFound", m).await,
         BrokerTarget::NotReady(m) | BrokerTarget::Deleting(m) => return waiting(api, q, "BrokerNotReady", m).await,
         BrokerTarget::NotAllowed(m) => return waiting(api, q, "NamespaceNotAllowed", m).await,
@@ -217,7 +217,7 @@ async fn cleanup(q: &Queue, ctx: &Context, api: &Api<Queue>) -> Result<Action> {
     let generation = q.metadata.generation;
     let way_out = super::WAY_OUT;
     let mut client = match broker_target(ctx, &namespace_of(q)?, &q.spec.broker_ref).await? {
-        BrokerTarget::Ready(client, _) => client,
+        BrokerTarget::Ready(client, _, _) => client,
         BrokerTarget::NotAllowed(m) => {
             let note = format!("{m}; queue {name} was never declared by this object, so it is not deleted");
             publish(ctx, q, EventType::Normal, "NotDeleted", "Delete", note).await;

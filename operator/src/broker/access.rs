@@ -1,0 +1,178 @@
+//! A Broker's security objects, and how the operator itself reaches the
+//! broker.
+//!
+//! * The administrator credential: a Secret `<name>-admin` generated once
+//!   (created only when missing, never re-applied, so the password never
+//!   changes under the broker), mounted into the pod as a file, and used by
+//!   the operator for every call to that broker.
+//! * TLS: the Secret named in `spec.tls.secretName`, or a cert-manager
+//!   Certificate the operator creates for `spec.tls.issuerRef`. The operator
+//!   trusts the Secret's `ca.crt` (system roots when there is none).
+//! * A NetworkPolicy admitting only client and peer traffic.
+//! * For `TokenReview`, a ClusterRoleBinding of the Broker's ServiceAccount
+//!   to the chart's ClusterRole (`tokenreviews: create`); cluster-scoped, so
+//!   bindings of Brokers that are gone are removed by the next reconcile of
+//!   any Broker.
+//!
+//! No Secret content is ever logged, written into an Event or a status.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::rbac::v1::ClusterRoleBinding;
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
+use kube::{Resource, ResourceExt};
+use warren_crds::v1alpha1::Broker;
+
+use super::build::{self, ValidatedBroker};
+use crate::context::{BrokerAccess, Context, FIELD_MANAGER};
+use crate::error::{Error, Result};
+
+/// How long what the operator read from a Broker's Secrets is reused.
+const ACCESS_TTL: Duration = Duration::from_secs(30);
+
+/// Creates the administrator Secret when it does not exist. A Secret of
+/// that name not controlled by this Broker is a conflict (never adopted).
+pub async fn ensure_admin_secret(ctx: &Context, v: &ValidatedBroker) -> Result<Option<String>> {
+    if !v.spec.auth.enabled {
+        return Ok(None);
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &v.namespace);
+    let name = v.admin_secret_name();
+    if let Some(existing) = api.get_metadata_opt(&name).await? {
+        let ours = existing.metadata.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == v.owner.uid);
+        return Ok((!ours).then(|| {
+            format!(
+                "Secret {}/{name} already exists and was not created by this Broker; the Broker does not take it over. \
+                 Rename the Broker or remove that Secret",
+                v.namespace
+            )
+        }));
+    }
+    let secret = build::admin_secret(v, &build::generate_password());
+    match api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() }, &secret).await {
+        Ok(_) => {
+            tracing::info!(broker = %v.name, namespace = %v.namespace, secret = %name, "generated the administrator credential");
+            Ok(None)
+        }
+        // Another reconcile created it first.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies the NetworkPolicy, the cert-manager Certificate and the
+/// TokenReview binding as the Broker and the operator's settings ask, and
+/// removes what they no longer ask for.
+pub async fn apply_security(ctx: &Context, v: &ValidatedBroker) -> Result<()> {
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &v.namespace);
+    if ctx.settings.network_policy {
+        policies.patch(&v.name, &params, &Patch::Apply(&build::network_policy(v))).await?;
+    } else {
+        delete_if_ours(&policies, &v.name, v).await?;
+    }
+    if let Some(cert) = build::certificate(v) {
+        let gvk = GroupVersionKind::gvk("cert-manager.io", "v1", "Certificate");
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &v.namespace, &ApiResource::from_gvk(&gvk));
+        let name = format!("{}-tls", v.name);
+        api.patch(&name, &params, &Patch::Apply(&cert)).await.map_err(|e| match e {
+            kube::Error::Api(ref a) if a.code == 404 => Error::InvalidSpec(
+                "spec.tls.issuerRef needs cert-manager (its Certificate resource is not installed); \
+                 install cert-manager or give spec.tls.secretName"
+                    .into(),
+            ),
+            other => other.into(),
+        })?;
+    }
+    if let Some(role) = &ctx.settings.token_review_cluster_role {
+        let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
+        let name = build::token_review_binding_name(&v.namespace, &v.name);
+        if v.needs_api_token() && v.spec.auth.service_account_tokens == warren_crds::v1alpha1::ServiceAccountTokens::TokenReview {
+            api.patch(&name, &params, &Patch::Apply(&build::token_review_binding(v, role))).await?;
+        } else if api.get_opt(&name).await?.is_some() {
+            api.delete(&name, &DeleteParams::default()).await?;
+        }
+        sweep_token_review_bindings(ctx, &api).await?;
+    }
+    Ok(())
+}
+
+async fn delete_if_ours<K>(api: &Api<K>, name: &str, v: &ValidatedBroker) -> Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    if let Some(existing) = api.get_metadata_opt(name).await?
+        && existing.metadata.owner_references.iter().flatten().any(|o| o.uid == v.owner.uid)
+    {
+        api.delete(name, &DeleteParams::default()).await?;
+    }
+    Ok(())
+}
+
+/// Removes TokenReview bindings whose Broker no longer exists.
+async fn sweep_token_review_bindings(ctx: &Context, api: &Api<ClusterRoleBinding>) -> Result<()> {
+    let selector = format!("app.kubernetes.io/managed-by=warren-operator,{}", build::TOKEN_REVIEW_NAMESPACE_LABEL);
+    for crb in api.list_metadata(&ListParams::default().labels(&selector)).await?.items {
+        let labels = crb.metadata.labels.clone().unwrap_or_default();
+        let (Some(ns), Some(name)) = (labels.get(build::TOKEN_REVIEW_NAMESPACE_LABEL), labels.get("app.kubernetes.io/instance")) else {
+            continue;
+        };
+        if crate::topology::find_broker(ctx, ns, name).await?.is_none() {
+            let binding = crb.name_any();
+            tracing::info!(%binding, broker = %format!("{ns}/{name}"), "removing the TokenReview binding of a Broker that is gone");
+            api.delete(&binding, &DeleteParams::default()).await?;
+        }
+    }
+    Ok(())
+}
+
+fn cache() -> &'static Mutex<HashMap<String, (Instant, BrokerAccess)>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, (Instant, BrokerAccess)>>> = OnceLock::new();
+    CACHE.get_or_init(Mutex::default)
+}
+
+/// How the operator reaches `broker`: TLS when it has `spec.tls` (trusting
+/// the Secret's `ca.crt`), the generated administrator credential when
+/// authentication is on. Read from the Secrets, reused for a short while.
+pub async fn broker_access(ctx: &Context, broker: &Broker) -> Result<BrokerAccess> {
+    let namespace = broker.namespace().ok_or(Error::MissingObjectKey("namespace"))?;
+    let name = broker.name_any();
+    let key = format!("{namespace}/{name}/{}", broker.metadata.generation.unwrap_or_default());
+    if let Some((at, access)) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+        && at.elapsed() < ACCESS_TTL
+    {
+        return Ok(access.clone());
+    }
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let mut access = BrokerAccess::default();
+    if broker.spec.auth.enabled {
+        let secret_name = format!("{name}-admin");
+        let secret = secrets.get_opt(&secret_name).await?;
+        let password = secret.as_ref().and_then(|s| secret_value(s, "password"));
+        let password = password
+            .ok_or_else(|| Error::BrokerNotReady(format!("the administrator Secret {namespace}/{secret_name} is not there yet")))?;
+        access.admin = Some((build::ADMIN_USER.to_string(), password));
+    }
+    if let Some(tls) = &broker.spec.tls {
+        access.tls = true;
+        let secret_name = tls.secret_name.clone().unwrap_or_else(|| format!("{name}-tls"));
+        access.ca_pem = secrets.get_opt(&secret_name).await?.and_then(|s| secret_value(&s, "ca.crt")).map(String::into_bytes);
+        // Whatever address the operator dials (an override in tests), the
+        // certificate names the client Service.
+        access.server_name = Some(format!("{name}.{namespace}.svc"));
+    }
+    cache().lock().unwrap_or_else(|p| p.into_inner()).insert(key, (Instant::now(), access.clone()));
+    Ok(access)
+}
+
+/// A key of a Secret, as text.
+pub fn secret_value(secret: &Secret, key: &str) -> Option<String> {
+    if let Some(v) = secret.data.as_ref().and_then(|d| d.get(key)) {
+        return String::from_utf8(v.0.clone()).ok();
+    }
+    secret.string_data.as_ref().and_then(|d| d.get(key)).cloned()
+}

@@ -42,6 +42,14 @@ refuse "$out/default.yaml" "kind: Broker$" "a Broker although broker.enabled is 
 expect "$out/broker.yaml" "kind: Broker$" "the Broker instance"
 expect "$out/broker.yaml" "kind: Role$" "the namespaced Role (watchNamespace)"
 expect "$out/broker.yaml" '"rollouts/scale"' "the extra scale target"
+expect "$out/default.yaml" "kind: NetworkPolicy" "the operator's NetworkPolicy (on by default)"
+expect "$out/default.yaml" "WARREN_OPERATOR_NETWORK_POLICY" "the Brokers' NetworkPolicies (on by default)"
+expect "$out/default.yaml" "tokenreviews" "the TokenReview ClusterRole"
+expect "$out/default.yaml" "runAsNonRoot: true" "a non-root operator"
+expect "$out/default.yaml" "RuntimeDefault" "the RuntimeDefault seccomp profile"
+expect "$out/default.yaml" 'drop: \["ALL"\]' "all capabilities dropped"
+"$helm" template warren "$chart" --namespace warren-system --set networkPolicy.enabled=false > "$out/nopolicy.yaml"
+refuse "$out/nopolicy.yaml" "kind: NetworkPolicy" "a NetworkPolicy although networkPolicy.enabled is false"
 
 # values.schema.json refuses bad values.
 if "$helm" template warren "$chart" --set operator.logFormat=yaml >/dev/null 2>"$out/err"; then

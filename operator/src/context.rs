@@ -120,6 +120,12 @@ pub struct Context {
     /// Bindings listed from each broker (by endpoint), shared by every
     /// Binding reconcile for a short while.
     pub binding_lists: crate::topology::binding::ListCache,
+    /// How each Broker is reached (`namespace/name/generation`), read from
+    /// its Secrets a short while ago.
+    pub access: Mutex<HashMap<String, (std::time::Instant, BrokerAccess)>>,
+    /// What was last put for each User (by uid): its generation and its
+    /// Secret's resourceVersion.
+    pub users_applied: Mutex<HashMap<String, (Option<i64>, String)>>,
 }
 
 impl Context {
@@ -136,6 +142,8 @@ impl Context {
             histories: Mutex::default(),
             stores: Stores::default(),
             binding_lists: Default::default(),
+            access: Mutex::default(),
+            users_applied: Mutex::default(),
         })
     }
 

@@ -41,7 +41,9 @@ fn should_run_a_non_root_read_only_pod_with_probes_and_a_volume_claim() {
     assert_eq!(csc.read_only_root_filesystem, Some(true));
     assert_eq!(csc.allow_privilege_escalation, Some(false));
     assert_eq!(csc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_string()][..]));
-    assert_eq!(pod.automount_service_account_token, Some(false));
+    // Its token is mounted: by default the broker validates clients'
+    // ServiceAccount tokens with TokenReview.
+    assert_eq!(pod.automount_service_account_token, Some(true));
     assert_eq!(pod.service_account_name.as_deref(), Some("warren"));
 
     let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| p.as_ref().unwrap().http_get.as_ref().unwrap().path.clone().unwrap();
@@ -220,4 +222,107 @@ fn should_report_ready_progressing_and_degraded() {
     let stuck = status::from_stateful_set(&v, &sts(0, 1, 1, 1), &starting, later);
     assert_eq!(condition(&stuck, "Degraded"), ("True", "ReplicasNotReady"));
     assert_eq!(condition(&stuck, "Progressing").0, "False");
+}
+
+fn env_of(v: &ValidatedBroker) -> Vec<(String, String)> {
+    let sts = build::stateful_set(v);
+    let c = &sts.spec.template.spec.as_ref().unwrap().containers[0];
+    c.env.as_ref().unwrap().iter().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect()
+}
+
+fn has(env: &[(String, String)], name: &str, value: &str) -> bool {
+    env.iter().any(|(n, v)| n == name && v == value)
+}
+
+#[test]
+fn should_turn_authentication_on_by_default_with_a_generated_admin_secret() {
+    let v = validated(json!({}));
+    let env = env_of(&v);
+    assert!(has(&env, "WARREN_ADMIN_PASSWORD_FILE", "/etc/warren-admin/password"), "{env:?}");
+    assert!(has(&env, "WARREN_KUBERNETES_AUTH", "token-review"), "{env:?}");
+    assert!(has(&env, "WARREN_KUBERNETES_AUDIENCE", "warren"), "{env:?}");
+    assert!(!env.iter().any(|(n, _)| n == "WARREN_INSECURE"));
+    // No secret in the environment or the ConfigMap: only file paths.
+    assert!(!env.iter().any(|(n, _)| n.contains("PASSWORD") && !n.ends_with("_FILE")));
+    let sts = build::stateful_set(&v);
+    let pod = sts.spec.template.spec.as_ref().unwrap();
+    let admin = pod.volumes.as_ref().unwrap().iter().find(|vol| vol.name == "admin").unwrap();
+    assert_eq!(admin.secret.as_ref().unwrap().secret_name.as_deref(), Some("warren-admin"));
+    let cm = build::config_map(&v);
+    assert!(!cm.data.as_ref().unwrap().values().any(|t| t.contains("password")), "{cm:?}");
+
+    let secret = build::admin_secret(&v, &build::generate_password());
+    assert_eq!(secret.metadata.name.as_deref(), Some("warren-admin"));
+    assert_eq!(secret.metadata.owner_references.as_ref().unwrap()[0].uid, "uid-1");
+    let data = secret.string_data.as_ref().unwrap();
+    assert_eq!(data["username"], "admin");
+    assert_eq!(data["password"].len(), 32);
+    assert_ne!(build::generate_password(), build::generate_password());
+
+    // Turned off on purpose: the broker is told to run open.
+    let open = validated(json!({"auth": {"enabled": false}}));
+    let env = env_of(&open);
+    assert!(has(&env, "WARREN_INSECURE", "true"), "{env:?}");
+    assert!(!env.iter().any(|(n, _)| n == "WARREN_ADMIN_PASSWORD_FILE"));
+    assert_eq!(build::stateful_set(&open).spec.template.spec.unwrap().automount_service_account_token, Some(false));
+    let jwks = validated(json!({"auth": {"serviceAccountTokens": "Jwks", "maxConnectionsPerUser": 50, "maxStreamsPerUser": 500}}));
+    let env = env_of(&jwks);
+    assert!(has(&env, "WARREN_KUBERNETES_AUTH", "jwks") && has(&env, "WARREN_MAX_CONNECTIONS_PER_USER", "50"), "{env:?}");
+    assert!(has(&env, "WARREN_MAX_STREAMS_PER_USER", "500"), "{env:?}");
+}
+
+#[test]
+fn should_mount_tls_from_a_secret_or_a_cert_manager_certificate() {
+    let v = validated(json!({"tls": {"secretName": "broker-tls", "clientAuth": "Required"}}));
+    let env = env_of(&v);
+    assert!(has(&env, "WARREN_TLS_CERT", "/etc/warren-tls/tls.crt") && has(&env, "WARREN_TLS_KEY", "/etc/warren-tls/tls.key"), "{env:?}");
+    assert!(has(&env, "WARREN_TLS_CLIENT_CA", "/etc/warren-tls/ca.crt") && has(&env, "WARREN_TLS_CLIENT_AUTH", "required"), "{env:?}");
+    let sts = build::stateful_set(&v);
+    let pod = sts.spec.template.spec.as_ref().unwrap();
+    let tls = pod.volumes.as_ref().unwrap().iter().find(|vol| vol.name == "tls").unwrap();
+    let source = tls.secret.as_ref().unwrap();
+    assert_eq!(source.secret_name.as_deref(), Some("broker-tls"));
+    assert!(source.items.is_none(), "mounted whole, so that renewals reach the pod");
+    let mount = pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "tls").unwrap();
+    assert!(mount.sub_path.is_none() && mount.read_only == Some(true));
+    assert!(build::certificate(&v).is_none());
+
+    let v = validated(json!({"tls": {"issuerRef": {"name": "cluster-ca", "kind": "ClusterIssuer"}}}));
+    let cert = build::certificate(&v).unwrap();
+    assert_eq!(cert["kind"], "Certificate");
+    assert_eq!(cert["spec"]["secretName"], "warren-tls");
+    assert_eq!(cert["spec"]["issuerRef"], json!({"name": "cluster-ca", "kind": "ClusterIssuer", "group": "cert-manager.io"}));
+    let names = cert["spec"]["dnsNames"].as_array().unwrap();
+    assert!(names.contains(&json!("warren.messaging.svc")) && names.contains(&json!("*.warren-headless.messaging.svc")), "{names:?}");
+    assert_eq!(cert["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+    let env = env_of(&v);
+    assert!(has(&env, "WARREN_TLS_CERT", "/etc/warren-tls/tls.crt"));
+    assert!(!env.iter().any(|(n, _)| n == "WARREN_TLS_CLIENT_CA"), "no client certificates unless asked");
+}
+
+#[test]
+fn should_admit_only_client_and_peer_traffic() {
+    let v = validated(json!({}));
+    let np = build::network_policy(&v);
+    let spec = np.spec.unwrap();
+    assert_eq!(spec.pod_selector.as_ref().unwrap().match_labels, Some(v.selector_labels()));
+    assert_eq!(spec.policy_types, Some(vec!["Ingress".to_string()]));
+    let rules = spec.ingress.unwrap();
+    let ports =
+        |i: usize| -> Vec<String> { rules[i].ports.as_ref().unwrap().iter().map(|p| format!("{:?}", p.port.as_ref().unwrap())).collect() };
+    assert_eq!(rules.len(), 2);
+    assert!(rules[0].from.is_none(), "clients from anywhere");
+    assert_eq!(ports(0), ["Int(5680)", "Int(15680)"]);
+    let peers = rules[1].from.as_ref().unwrap();
+    assert_eq!(peers[0].pod_selector.as_ref().unwrap().match_labels, Some(v.selector_labels()), "peers: this Broker's pods only");
+    assert_eq!(ports(1), ["Int(5681)"]);
+
+    let crb = build::token_review_binding(&v, "warren-broker-tokenreview");
+    assert_eq!(crb.metadata.name.as_deref(), Some("warren-tokenreview-messaging-warren"));
+    assert_eq!(crb.role_ref.name, "warren-broker-tokenreview");
+    let subject = &crb.subjects.as_ref().unwrap()[0];
+    assert_eq!(
+        (subject.kind.as_str(), subject.name.as_str(), subject.namespace.as_deref()),
+        ("ServiceAccount", "warren", Some("messaging"))
+    );
 }

@@ -219,3 +219,100 @@ async fn should_accept_exactly_the_watermarks_the_broker_accepts() {
         assert!(e.to_string().contains("below 32Mi"), "{e}");
     }
 }
+
+#[tokio::test]
+async fn should_put_users_and_permissions_into_the_real_broker_and_revoke_them() {
+    use support::secured_broker;
+    use warren_client::{Client, ConnectOptions, QueueOptions};
+    use warren_crds::v1alpha1::{Permission, User};
+    use warren_operator::topology::{permission, user};
+
+    let dir = tempfile::tempdir().unwrap();
+    let pw_file = dir.path().join("admin-password");
+    std::fs::write(&pw_file, "admin-pw-1").unwrap();
+    let real = RealBroker::start_with(&["--admin-password-file", pw_file.to_str().unwrap()]);
+    let (client, api) = ApiServer::start();
+    let (b, secret_path, secret) = secured_broker(NS, "warren", &real.addr, "admin-pw-1");
+    api.put(&path("brokers", NS, "warren"), b);
+    api.put(&secret_path, secret);
+    let ctx = context(client);
+    let url = format!("http://{}", real.addr);
+    let admin = Client::connect_with(&url, &ConnectOptions::default().basic("admin", "admin-pw-1")).await.unwrap();
+
+    // A User without a Secret: the operator generates one (owned by the
+    // User) and puts the user into the broker.
+    let uobj = object("User", NS, "alice", json!({"brokerRef": {"name": "warren"}, "tags": ["monitoring"]})).finalized();
+    api.put(&path("users", NS, "alice"), uobj.clone());
+    let u: User = serde_json::from_value(uobj).unwrap();
+    within(user::reconcile(Arc::new(u.clone()), ctx.clone())).await.unwrap();
+    let generated = api.get(&format!("/api/v1/namespaces/{NS}/secrets/alice-user-credentials")).expect("a generated Secret");
+    assert_eq!(generated["metadata"]["ownerReferences"][0]["kind"], "User");
+    let password = generated["stringData"]["password"].as_str().unwrap().to_string();
+    assert_eq!(password.len(), 32);
+    let status = api.last_status("alice");
+    assert_eq!((status["username"].as_str(), status["credentialsSecret"].as_str()), (Some("alice"), Some("alice-user-credentials")));
+    assert_eq!(status["conditions"][0]["reason"], "Applied", "{status}");
+    let alice = Client::connect_with(&url, &ConnectOptions::default().basic("alice", password.clone())).await.unwrap();
+    alice.status().await.expect("the monitoring tag lets alice see the node");
+    assert_eq!(alice.declare_queue("alice.jobs", QueueOptions::default()).await.unwrap_err().code(), Some(tonic::Code::PermissionDenied));
+
+    // Idempotent: a second reconcile puts nothing (no argon2 on the broker,
+    // no new Event).
+    let events = api.events().len();
+    within(user::reconcile(Arc::new(u.clone()), ctx.clone())).await.unwrap();
+    assert_eq!(api.events().len(), events, "{:?}", api.events());
+
+    // Permissions for alice, and for a ServiceAccount.
+    let pobj = object(
+        "Permission",
+        NS,
+        "alice",
+        json!({"brokerRef": {"name": "warren"}, "user": "alice", "configure": "^alice\\.", "write": "^alice\\.", "read": "^alice\\."}),
+    )
+    .finalized();
+    api.put(&path("permissions", NS, "alice"), pobj.clone());
+    let p: Permission = serde_json::from_value(pobj).unwrap();
+    within(permission::reconcile(Arc::new(p.clone()), ctx.clone())).await.unwrap();
+    alice.declare_queue("alice.jobs", QueueOptions::default()).await.unwrap();
+    assert_eq!(alice.declare_queue("bob.jobs", QueueOptions::default()).await.unwrap_err().code(), Some(tonic::Code::PermissionDenied));
+    assert_eq!(api.last_status("permissions/alice")["principal"], "alice");
+    let sobj = object(
+        "Permission",
+        NS,
+        "worker",
+        json!({"brokerRef": {"name": "warren"}, "serviceAccount": {"name": "worker"}, "read": "^jobs$"}),
+    )
+    .finalized();
+    api.put(&path("permissions", NS, "worker"), sobj.clone());
+    let sp: Permission = serde_json::from_value(sobj).unwrap();
+    within(permission::reconcile(Arc::new(sp.clone()), ctx.clone())).await.unwrap();
+    let listed = admin.users().list_users(warren_client::proto::ListUsersRequest {}).await.unwrap().into_inner().users;
+    let sa = listed.iter().find(|u| u.name == "system:serviceaccount:ns:worker").expect("the ServiceAccount's permissions");
+    assert_eq!(sa.permissions.as_ref().unwrap().read, "^jobs$");
+    assert!(!sa.has_password);
+
+    // Deleting the Permission clears alice's permissions; deleting the User
+    // revokes it at once.
+    within(permission::reconcile(
+        Arc::new(
+            serde_json::from_value(object("Permission", NS, "alice", serde_json::to_value(&p.spec).unwrap()).finalized().deleting())
+                .unwrap(),
+        ),
+        ctx.clone(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(alice.declare_queue("alice.more", QueueOptions::default()).await.unwrap_err().code(), Some(tonic::Code::PermissionDenied));
+    let deleting: User =
+        serde_json::from_value(object("User", NS, "alice", serde_json::to_value(&u.spec).unwrap()).finalized().deleting()).unwrap();
+    within(user::reconcile(Arc::new(deleting), ctx.clone())).await.unwrap();
+    assert_eq!(alice.list_queues().await.unwrap_err().code(), Some(tonic::Code::Unauthenticated));
+
+    // No password in any Event or status the operator wrote.
+    for r in api.recorded() {
+        let body = r.body.to_string();
+        if r.path.ends_with("/events") || r.path.ends_with("/status") {
+            assert!(!body.contains(&password) && !body.contains("admin-pw-1"), "{} {body}", r.path);
+        }
+    }
+}

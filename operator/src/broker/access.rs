@@ -16,8 +16,6 @@
 //!
 //! No Secret content is ever logged, written into an Event or a status.
 
-use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
@@ -130,11 +128,6 @@ async fn sweep_token_review_bindings(ctx: &Context, api: &Api<ClusterRoleBinding
     Ok(())
 }
 
-fn cache() -> &'static Mutex<HashMap<String, (Instant, BrokerAccess)>> {
-    static CACHE: OnceLock<Mutex<HashMap<String, (Instant, BrokerAccess)>>> = OnceLock::new();
-    CACHE.get_or_init(Mutex::default)
-}
-
 /// How the operator reaches `broker`: TLS when it has `spec.tls` (trusting
 /// the Secret's `ca.crt`), the generated administrator credential when
 /// authentication is on. Read from the Secrets, reused for a short while.
@@ -142,7 +135,7 @@ pub async fn broker_access(ctx: &Context, broker: &Broker) -> Result<BrokerAcces
     let namespace = broker.namespace().ok_or(Error::MissingObjectKey("namespace"))?;
     let name = broker.name_any();
     let key = format!("{namespace}/{name}/{}", broker.metadata.generation.unwrap_or_default());
-    if let Some((at, access)) = cache().lock().unwrap_or_else(|p| p.into_inner()).get(&key)
+    if let Some((at, access)) = ctx.access.lock().unwrap_or_else(|p| p.into_inner()).get(&key)
         && at.elapsed() < ACCESS_TTL
     {
         return Ok(access.clone());
@@ -165,7 +158,7 @@ pub async fn broker_access(ctx: &Context, broker: &Broker) -> Result<BrokerAcces
         // certificate names the client Service.
         access.server_name = Some(format!("{name}.{namespace}.svc"));
     }
-    cache().lock().unwrap_or_else(|p| p.into_inner()).insert(key, (Instant::now(), access.clone()));
+    ctx.access.lock().unwrap_or_else(|p| p.into_inner()).insert(key, (Instant::now(), access.clone()));
     Ok(access)
 }
 

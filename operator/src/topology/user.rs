@@ -9,8 +9,7 @@
 //! on the broker): the broker hashes it with argon2, which is slow by
 //! design. Nothing here logs, records or reports a password.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -33,13 +32,6 @@ use crate::error::{Error, Result};
 
 /// Controller name in metrics and logs.
 pub const CONTROLLER: &str = "user";
-
-/// What was last put for a User (by uid): its generation and its Secret's
-/// resourceVersion.
-fn applied() -> &'static Mutex<HashMap<String, (Option<i64>, String)>> {
-    static APPLIED: OnceLock<Mutex<HashMap<String, (Option<i64>, String)>>> = OnceLock::new();
-    APPLIED.get_or_init(Mutex::default)
-}
 
 /// Reconciles one User.
 pub async fn reconcile(u: Arc<User>, ctx: Arc<Context>) -> Result<Action> {
@@ -169,7 +161,7 @@ async fn apply(u: &User, ctx: &Context, api: &Api<User>) -> Result<Action> {
         Ok(p) => p,
         Err(s) => return wait(api, u, reason_for(&s), format!("listing the broker's users: {}", s.message())).await,
     };
-    let last = applied().lock().unwrap_or_else(|p| p.into_inner()).get(&uid).cloned();
+    let last = ctx.users_applied.lock().unwrap_or_else(|p| p.into_inner()).get(&uid).cloned();
     if present && last == Some((generation, version.clone())) {
         write(api, u, ready(true, "Applied", format!("user {name} exists on the broker"), generation)).await?;
         return Ok(Action::requeue(ctx.settings.resync));
@@ -184,7 +176,7 @@ async fn apply(u: &User, ctx: &Context, api: &Api<User>) -> Result<Action> {
     };
     match users.put_user(request).await {
         Ok(_) => {
-            applied().lock().unwrap_or_else(|p| p.into_inner()).insert(uid, (generation, version));
+            ctx.users_applied.lock().unwrap_or_else(|p| p.into_inner()).insert(uid, (generation, version));
             let note = if present { format!("updated user {name}") } else { format!("created user {name}") };
             publish(ctx, u, EventType::Normal, if present { "Updated" } else { "Created" }, "Put", note).await;
             write(api, u, ready(true, "Applied", format!("user {name} exists on the broker"), generation)).await?;
@@ -200,7 +192,7 @@ async fn apply(u: &User, ctx: &Context, api: &Api<User>) -> Result<Action> {
 
 async fn cleanup(u: &User, ctx: &Context) -> Result<Action> {
     let name = u.broker_name();
-    applied().lock().unwrap_or_else(|p| p.into_inner()).remove(&u.uid().unwrap_or_default());
+    ctx.users_applied.lock().unwrap_or_else(|p| p.into_inner()).remove(&u.uid().unwrap_or_default());
     let mut users = match broker_target(ctx, &namespace_of(u)?, &u.spec.broker_ref).await? {
         BrokerTarget::Ready(_, _, users) => users,
         BrokerTarget::Missing(m) | BrokerTarget::Deleting(m) | BrokerTarget::NotAllowed(m) => {

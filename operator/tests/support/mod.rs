@@ -252,9 +252,31 @@ pub fn broker(namespace: &str, name: &str, endpoint: &str) -> Value {
     json!({
         "apiVersion": "warren.dev/v1alpha1", "kind": "Broker",
         "metadata": {"name": name, "namespace": namespace, "uid": "broker-uid", "generation": 1},
-        "spec": {},
+        // Authentication off: the topology tiers run against open brokers
+        // (see `secured_broker` for one the operator reaches with its
+        // administrator credential).
+        "spec": {"auth": {"enabled": false}},
         "status": {"endpoint": endpoint}
     })
+}
+
+/// A Broker with authentication on (the default) whose status points at
+/// `endpoint`, and the path and object of its administrator Secret.
+pub fn secured_broker(namespace: &str, name: &str, endpoint: &str, admin_password: &str) -> (Value, String, Value) {
+    let mut broker = broker(namespace, name, endpoint);
+    broker["spec"] = json!({});
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": format!("{name}-admin"), "namespace": namespace, "resourceVersion": "1"},
+        "data": {"username": b64("admin"), "password": b64(admin_password)}
+    });
+    (broker, format!("/api/v1/namespaces/{namespace}/secrets/{name}-admin"), secret)
+}
+
+/// Base64 of `s`, as Secret `data` holds it.
+pub fn b64(s: &str) -> String {
+    use k8s_openapi::ByteString;
+    serde_json::to_value(ByteString(s.as_bytes().to_vec())).unwrap().as_str().unwrap().to_string()
 }
 
 /// A topology object (`kind` Queue / Exchange / Binding) with `spec`.

@@ -59,7 +59,7 @@ impl WarrenProcess {
         let mut child = Command::new(&self.bin)
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(["--grpc-addr", "127.0.0.1:0"])
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .args(&self.extra)
             .env("RUST_LOG", std::env::var("WARREN_BENCH_BROKER_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
@@ -125,7 +125,15 @@ impl WarrenProcess {
         self.spawn()
     }
 
-    fn kill(&mut self) {
+    /// Starts the broker again (after [`WarrenProcess::kill`]) on the same
+    /// data; returns the time from spawn to ready.
+    pub fn start_again(&mut self) -> Result<Duration> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// Kills the broker at once (SIGKILL, as `kill -9`) and reaps it.
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -143,18 +151,31 @@ impl Drop for WarrenProcess {
 pub const DEFAULT_AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 fn run(cmd: &str, args: &[&str], timeout: Duration) -> Result<String> {
-    let mut child = Command::new(cmd)
-        .args(args)
+    run_command(Command::new(cmd).args(args), timeout)
+}
+
+/// Runs `command` to completion within `timeout` (killed after it);
+/// returns its stdout and stderr, or an error with them when it fails.
+pub fn run_command(command: &mut Command, timeout: Duration) -> Result<String> {
+    let cmd = command.get_program().to_string_lossy().to_string();
+    let args: Vec<String> = command.get_args().map(|a| a.to_string_lossy().to_string()).collect();
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {cmd} (install RabbitMQ: apt-get install -y rabbitmq-server, or use bench/compare.sh)"))?;
+    // Read both pipes while waiting, so that a chatty command cannot block
+    // on a full pipe.
+    let out_reader = drain(child.stdout.take());
+    let err_reader = drain(child.stderr.take());
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait()? {
-            let out = child.wait_with_output()?;
-            let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+            // A daemon the command left behind may hold the pipes open:
+            // take what arrived within a few seconds.
+            let take = |rx: mpsc::Receiver<String>| rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+            let text = take(out_reader) + &take(err_reader);
             if !status.success() {
                 bail!("{cmd} {} failed ({status}): {}", args.join(" "), text.trim());
             }
@@ -169,9 +190,32 @@ fn run(cmd: &str, args: &[&str], timeout: Duration) -> Result<String> {
     }
 }
 
-/// The local RabbitMQ node's `beam.smp` pid.
+/// Reads `pipe` to its end on a thread; the text arrives on the channel.
+fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_string(&mut s);
+        }
+        let _ = tx.send(s);
+    });
+    rx
+}
+
+/// The local RabbitMQ node's `beam.smp` pid: asked from the node itself
+/// (other Erlang VMs, such as the bench's own 3-node cluster, may run
+/// beside it), or the first `beam.smp` when `rabbitmqctl` cannot tell.
 pub fn rabbitmq_pid() -> Option<u32> {
-    procfs::find_process("beam.smp")
+    run("rabbitmqctl", &["-q", "eval", "os:getpid()."], Duration::from_secs(30))
+        .ok()
+        .and_then(|out| parse_erlang_pid(&out))
+        .or_else(|| procfs::find_process("beam.smp"))
+}
+
+/// The pid in `rabbitmqctl eval 'os:getpid().'`'s answer (`"1234"`).
+pub fn parse_erlang_pid(out: &str) -> Option<u32> {
+    out.lines().rev().map(|l| l.trim().trim_matches('"')).find_map(|l| l.parse().ok())
 }
 
 /// Starts the local RabbitMQ node unless it runs, and waits until it serves.
@@ -198,4 +242,26 @@ pub fn restart_rabbitmq_app() -> Result<Duration> {
 /// RabbitMQ's version, for the report.
 pub fn rabbitmq_version() -> Option<String> {
     run("rabbitmqctl", &["version"], Duration::from_secs(30)).ok().map(|s| s.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn should_parse_the_pid_rabbitmqctl_prints() {
+        assert_eq!(parse_erlang_pid("\"4827\"\n"), Some(4827));
+        assert_eq!(parse_erlang_pid("some warning\n\"12\""), Some(12));
+        assert_eq!(parse_erlang_pid("Error: unable to perform"), None);
+    }
+
+    #[test]
+    fn should_bound_a_command_and_report_its_output() {
+        let out = run_command(Command::new("sh").args(["-c", "echo out; echo err >&2"]), Duration::from_secs(30)).unwrap();
+        assert!(out.contains("out") && out.contains("err"), "{out}");
+        let e = run_command(Command::new("sh").args(["-c", "echo nope >&2; exit 3"]), Duration::from_secs(30)).unwrap_err();
+        assert!(format!("{e}").contains("nope"), "{e}");
+        let e = run_command(Command::new("sleep").arg("30"), Duration::from_millis(100)).unwrap_err();
+        assert!(format!("{e}").contains("did not finish"), "{e}");
+    }
 }

@@ -86,12 +86,20 @@ impl WarrenProcess {
                 self.addr = format!("http://{addr}");
                 Ok(started.elapsed())
             }
-            Err(_) => {
+            Err(e) => {
                 self.kill();
-                bail!(
-                    "warren-broker did not print its ready line within {START_TIMEOUT:?} (log: {})",
-                    self.data_dir.with_extension("log").display()
-                )
+                let log = self.data_dir.with_extension("log");
+                let tail: Vec<String> =
+                    std::fs::read_to_string(&log).unwrap_or_default().lines().rev().take(5).map(str::to_string).collect::<Vec<_>>();
+                let tail: Vec<&str> = tail.iter().rev().map(String::as_str).collect();
+                match e {
+                    mpsc::RecvTimeoutError::Timeout => {
+                        bail!("warren-broker did not print its ready line within {START_TIMEOUT:?} (log: {})", log.display())
+                    }
+                    mpsc::RecvTimeoutError::Disconnected => {
+                        bail!("warren-broker exited before it was ready; the end of its log ({}):\n{}", log.display(), tail.join("\n"))
+                    }
+                }
             }
         }
     }

@@ -226,11 +226,32 @@ pub fn parse_erlang_pid(out: &str) -> Option<u32> {
     out.lines().rev().map(|l| l.trim().trim_matches('"')).find_map(|l| l.parse().ok())
 }
 
+/// A command that runs `program args` with every inherited file
+/// descriptor above 2 closed first (through `bash`). A broker that outlives
+/// the bench (`rabbitmq-server -detached`) or may be orphaned must not keep
+/// what the bench inherited: run under `flock LOCK warren-bench ...`, the
+/// lock's descriptor would stay held by the Erlang VM, and every other
+/// `flock` on the machine would wait for it.
+pub fn without_inherited_fds(program: &Path, args: &[&str]) -> Command {
+    if !Path::new("/bin/bash").exists() {
+        let mut c = Command::new(program);
+        c.args(args);
+        return c;
+    }
+    let mut c = Command::new("/bin/bash");
+    c.arg("-c").arg(CLOSE_FDS_THEN_EXEC).arg(program).args(args);
+    c
+}
+
+/// `bash -c` script: close descriptors 3 and up, then exec `$0 "$@"`.
+pub const CLOSE_FDS_THEN_EXEC: &str =
+    r#"for fd in /proc/$$/fd/*; do n=${fd##*/}; if [ "$n" -gt 2 ]; then eval "exec $n>&-"; fi; done 2>/dev/null; exec "$0" "$@""#;
+
 /// Starts the local RabbitMQ node unless it runs, and waits until it serves.
 pub fn ensure_rabbitmq() -> Result<u32> {
     if rabbitmq_pid().is_none() {
         eprintln!("starting RabbitMQ (rabbitmq-server -detached)");
-        run("rabbitmq-server", &["-detached"], Duration::from_secs(60))?;
+        run_command(&mut without_inherited_fds(Path::new("rabbitmq-server"), &["-detached"]), Duration::from_secs(60))?;
     }
     run("rabbitmqctl", &["await_startup", "--timeout", "180"], Duration::from_secs(200))?;
     rabbitmq_pid().ok_or_else(|| anyhow!("RabbitMQ started but no beam.smp process was found"))
@@ -255,6 +276,17 @@ pub fn rabbitmq_version() -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn should_close_inherited_descriptors_before_exec() {
+        // The test process has descriptors above 2 open (the test harness's
+        // pipes and files, this file's own): none survives into the child.
+        let _held = std::fs::File::open("/proc/self/status").unwrap();
+        let out = run_command(&mut without_inherited_fds(Path::new("ls"), &["/proc/self/fd"]), Duration::from_secs(30)).unwrap();
+        let fds: Vec<u32> = out.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        // 0-2 and the directory `ls` reads.
+        assert!(fds.iter().filter(|f| **f > 2).count() <= 1, "{fds:?}");
+    }
 
     #[test]
     fn should_parse_the_pid_rabbitmqctl_prints() {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Deserialize;
 
-use crate::brokers::{WarrenProcess, run_command};
+use crate::brokers::{WarrenProcess, run_command, without_inherited_fds};
 
 /// Nodes in a bench cluster.
 pub const NODES: usize = 3;
@@ -206,6 +206,16 @@ pub fn rabbit_node_env(base: &Path, node: &RabbitNode) -> Vec<(String, String)> 
     ]
 }
 
+/// The Raft WAL size each node rolls over at: 64 MiB instead of RabbitMQ's
+/// 512 MiB default, so that three nodes on one small disk do not hold
+/// 1.5 GiB of WAL (and its in-memory tables) between rollovers.
+pub const RABBIT_WAL_MAX_BYTES: u64 = 64 << 20;
+
+/// A node's `rabbitmq.conf`: AMQP on loopback, the WAL size above.
+pub fn rabbit_node_conf(amqp_port: u16) -> String {
+    format!("listeners.tcp.1 = 127.0.0.1:{amqp_port}\nraft.wal_max_size_bytes = {RABBIT_WAL_MAX_BYTES}\n")
+}
+
 /// A queue's replicas, from `rabbitmqctl list_queues name leader members
 /// online --formatter json`.
 #[derive(Debug, PartialEq)]
@@ -296,7 +306,7 @@ impl RabbitCluster {
             let node_dir = base.join(format!("node{}", i + 1));
             std::fs::create_dir_all(&node_dir)?;
             let amqp_port = ports[2 * i];
-            std::fs::write(node_dir.join("rabbitmq.conf"), format!("listeners.tcp.1 = 127.0.0.1:{amqp_port}\n"))?;
+            std::fs::write(node_dir.join("rabbitmq.conf"), rabbit_node_conf(amqp_port))?;
             nodes.push(RabbitNode {
                 name: format!("warren-bench-{}@localhost", i + 1),
                 amqp_port,
@@ -332,7 +342,9 @@ impl RabbitCluster {
         let node = &mut self.nodes[index];
         let _ = std::fs::remove_file(node.pid_file());
         let log = std::fs::OpenOptions::new().create(true).append(true).open(node.dir.join("console.log"))?;
-        let child = Command::new(rabbit_script("rabbitmq-server"))
+        // Without inherited descriptors: an orphaned node must not keep
+        // a lock the bench ran under.
+        let child = without_inherited_fds(&rabbit_script("rabbitmq-server"), &[])
             .envs(rabbit_node_env(&base, node))
             .current_dir(&node.dir)
             .stdin(Stdio::null())
@@ -515,6 +527,7 @@ mod tests {
         assert_eq!(env["RABBITMQ_PID_FILE"], "/tmp/x/node2/beam.pid");
         assert!(env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"].contains("{127,0,0,1}"));
         assert_eq!(node.uri(), "amqp://guest:guest@127.0.0.1:5700/%2f");
+        assert_eq!(rabbit_node_conf(5700), "listeners.tcp.1 = 127.0.0.1:5700\nraft.wal_max_size_bytes = 67108864\n");
     }
 
     #[test]

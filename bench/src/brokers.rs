@@ -253,7 +253,16 @@ pub fn ensure_rabbitmq() -> Result<u32> {
         eprintln!("starting RabbitMQ (rabbitmq-server -detached)");
         run_command(&mut without_inherited_fds(Path::new("rabbitmq-server"), &["-detached"]), Duration::from_secs(60))?;
     }
-    run("rabbitmqctl", &["await_startup", "--timeout", "180"], Duration::from_secs(200))?;
+    // `await_startup` fails at once while the node has not registered with
+    // epmd yet: ask again until it answers (bounded).
+    let deadline = Instant::now() + Duration::from_secs(200);
+    loop {
+        match run("rabbitmqctl", &["await_startup", "--timeout", "60"], Duration::from_secs(75)) {
+            Ok(_) => break,
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
     rabbitmq_pid().ok_or_else(|| anyhow!("RabbitMQ started but no beam.smp process was found"))
 }
 

@@ -316,6 +316,8 @@ async fn should_report_a_child_the_api_server_refuses_in_the_broker_status() {
             "GET /api/v1/namespaces/ns/services/warren",
             "GET /apis/apps/v1/namespaces/ns/statefulsets/warren",
             "GET /apis/policy/v1/namespaces/ns/poddisruptionbudgets/warren",
+            "GET /api/v1/namespaces/ns/secrets/warren-admin",
+            "POST /api/v1/namespaces/ns/secrets",
             "PATCH /api/v1/namespaces/ns/serviceaccounts/warren",
             "PATCH /api/v1/namespaces/ns/configmaps/warren-config",
             "PATCH /api/v1/namespaces/ns/services/warren-headless",
@@ -424,12 +426,15 @@ async fn should_apply_every_broker_child_with_one_field_manager_then_the_status(
             "GET /api/v1/namespaces/ns/services/warren",
             "GET /apis/apps/v1/namespaces/ns/statefulsets/warren",
             "GET /apis/policy/v1/namespaces/ns/poddisruptionbudgets/warren",
+            "GET /api/v1/namespaces/ns/secrets/warren-admin",
+            "POST /api/v1/namespaces/ns/secrets",
             "PATCH /api/v1/namespaces/ns/serviceaccounts/warren",
             "PATCH /api/v1/namespaces/ns/configmaps/warren-config",
             "PATCH /api/v1/namespaces/ns/services/warren-headless",
             "PATCH /api/v1/namespaces/ns/services/warren",
             "PATCH /apis/apps/v1/namespaces/ns/statefulsets/warren",
             "PATCH /apis/policy/v1/namespaces/ns/poddisruptionbudgets/warren",
+            "PATCH /apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/warren",
             "POST /apis/events.k8s.io/v1/namespaces/ns/events",
             "PATCH /apis/warren.dev/v1alpha1/namespaces/ns/brokers/warren/status",
         ]
@@ -443,6 +448,16 @@ async fn should_apply_every_broker_child_with_one_field_manager_then_the_status(
     assert_eq!(applied_sts["metadata"]["ownerReferences"][0]["uid"], "u1");
     assert_eq!(applied_sts["metadata"]["ownerReferences"][0]["controller"], true);
     assert_eq!(applied_sts["metadata"]["ownerReferences"][0]["blockOwnerDeletion"], true);
+    // The generated administrator credential: owned by the Broker, and its
+    // password appears nowhere else (not in the status, not in Events).
+    let admin = &recorded.iter().find(|r| r.method == "POST" && r.path.ends_with("/secrets")).unwrap().body;
+    assert_eq!(admin["metadata"]["name"], "warren-admin");
+    assert_eq!(admin["metadata"]["ownerReferences"][0]["uid"], "u1");
+    let password = admin["stringData"]["password"].as_str().unwrap();
+    assert!(password.len() >= 24, "a generated password of {} characters", password.len());
+    for r in recorded.iter().filter(|r| !r.path.ends_with("/secrets")) {
+        assert!(!r.body.to_string().contains(password), "the admin password leaked into {} {}", r.method, r.path);
+    }
     let status = api.last_status("warren");
     assert_eq!(status["endpoint"], "warren.ns.svc:5680");
     assert_eq!(status["readyReplicas"], 1);
@@ -515,7 +530,7 @@ async fn should_exit_with_a_hint_when_the_crds_are_missing_or_older() {
     }
     api.clear();
     warren_operator::check_crds(&client).await.unwrap();
-    assert_eq!(api.lines().len(), 4);
+    assert_eq!(api.lines().len(), warren_crds::crds().len());
 }
 
 #[tokio::test]

@@ -160,10 +160,13 @@ impl Connection {
     }
 }
 
+/// Open (connections, streams) per user name.
+type Usage = Arc<Mutex<HashMap<Arc<str>, (u32, u32)>>>;
+
 /// One counted connection or stream of a user; released on drop.
 #[derive(Debug)]
 pub struct Slot {
-    usage: Arc<Mutex<HashMap<Arc<str>, (u32, u32)>>>,
+    usage: Usage,
     user: Arc<str>,
     stream: bool,
 }
@@ -218,7 +221,7 @@ struct Inner {
     cache: Mutex<HashMap<[u8; 32], Proven>>,
     cache_ttl: Duration,
     kubernetes: Option<kubernetes::Validator>,
-    usage: Arc<Mutex<HashMap<Arc<str>, (u32, u32)>>>,
+    usage: Usage,
     max_connections: u32,
     max_streams: u32,
     revocations: Mutex<HashMap<String, CancellationToken>>,

@@ -54,6 +54,7 @@ pub const FINALIZER: &str = "warren.dev/broker-topology";
 pub const WAY_OUT: &str = "to let the object go without touching the broker, set spec.deletionPolicy: Retain";
 
 /// Where a topology object's Broker stands.
+#[allow(clippy::large_enum_variant, reason = "a short-lived return value, matched at once; boxing the clients buys nothing")]
 pub enum BrokerTarget {
     /// Reachable at this client, at this endpoint (and its Users API).
     Ready(RawClient, String, UsersClient),

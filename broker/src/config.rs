@@ -590,6 +590,24 @@ mod tests {
     }
 
     #[test]
+    fn should_refuse_to_serve_beyond_loopback_without_authentication() {
+        for addr in ["127.0.0.1:5680", "[::1]:5680"] {
+            assert!(loaded(&["--grpc-addr", addr]).validate().is_ok(), "{addr}: loopback stays open");
+        }
+        for addr in ["0.0.0.0:5680", "[::]:5680", "10.1.2.3:5680"] {
+            let err = loaded(&["--grpc-addr", addr]).validate().unwrap_err();
+            assert!(err.contains("without authentication") && err.contains("--insecure"), "{addr}: {err}");
+            assert!(loaded(&["--grpc-addr", addr, "--insecure"]).validate().is_ok(), "{addr} with --insecure");
+            assert!(loaded(&["--grpc-addr", addr, "--insecure", "false"]).validate().is_err(), "{addr} with --insecure false");
+            for auth in [&["--admin-password-file", "/run/secrets/pw"][..], &["--auth"], &["--kubernetes-auth", "token-review"]] {
+                let mut args = vec!["--grpc-addr", addr];
+                args.extend_from_slice(auth);
+                assert!(loaded(&args).validate().is_ok(), "{addr} with {auth:?}");
+            }
+        }
+    }
+
+    #[test]
     fn should_load_and_check_the_client_limits() {
         let c = loaded(&[]);
         assert_eq!(c.max_concurrent_streams, DEFAULT_MAX_CONCURRENT_STREAMS);

@@ -204,6 +204,8 @@ async fn should_authenticate_clients_by_certificate_with_mutual_tls() {
         "required",
         "--auth-file",
         s(&auth),
+        "--admin-password-file",
+        s(&write(dir.path(), "admin-password", "admin-secret-1\n")),
     ])
     .await
     .unwrap();
@@ -219,8 +221,11 @@ async fn should_authenticate_clients_by_certificate_with_mutual_tls() {
     let out = run_warrenctl_env(&https(&b), &["--ca", s(&pki.ca), "--cert", s(&ccert), "--key", s(&ckey), "whoami"], None, &[]).unwrap();
     assert!(out.ok() && out.stdout.contains("app-1"), "{out:?}");
 
-    // No certificate, a certificate of another CA, an expired one: refused.
-    assert!(call_works(&https(&b), &ConnectOptions::default().ca(&pki.ca)).await.is_err(), "no client certificate");
+    // No certificate, a certificate of another CA, an expired one: refused
+    // at the handshake, so a valid password does not help.
+    let password_only = ConnectOptions::default().ca(&pki.ca).basic("admin", "admin-secret-1");
+    let e = call_works(&https(&b), &password_only).await.expect_err("required: a password without a certificate passed");
+    assert!(!e.to_lowercase().contains("authenticat"), "refused at the handshake, not by authentication: {e}");
     let rogue = Pki::new("rogue");
     let (rcert, rkey) = rogue.issue("app-1", "app-1", false, false);
     assert!(call_works(&https(&b), &ConnectOptions::default().ca(&pki.ca).identity(&rcert, &rkey)).await.is_err(), "another CA");
@@ -229,6 +234,31 @@ async fn should_authenticate_clients_by_certificate_with_mutual_tls() {
     let metrics = b.metrics().await.unwrap();
     let failures = metrics.lines().find(|l| l.starts_with("warren_tls_handshake_failures_total{listener=\"grpc\"}")).unwrap();
     assert!(!failures.ends_with(" 0"), "{failures}");
+    drop(b);
+
+    // Optional: a certificate when presented, a password otherwise.
+    let b = TestBroker::start_with(&[
+        "--tls-cert",
+        s(&cert),
+        "--tls-key",
+        s(&key),
+        "--tls-client-ca",
+        s(&pki.ca),
+        "--auth-file",
+        s(&auth),
+        "--admin-password-file",
+        s(&dir.path().join("admin-password")),
+    ])
+    .await
+    .unwrap();
+    let c = Client::connect_with(https(&b), &good).await.unwrap();
+    assert_eq!(c.users().who_am_i(proto::WhoAmIRequest {}).await.unwrap().into_inner().user, "app-1");
+    let c = Client::connect_with(https(&b), &password_only).await.unwrap();
+    let me = c.users().who_am_i(proto::WhoAmIRequest {}).await.unwrap().into_inner();
+    assert_eq!((me.user.as_str(), me.mechanism.as_str()), ("admin", "password"));
+    let (code_, msg) = code(Client::connect_with(https(&b), &ConnectOptions::default().ca(&pki.ca)).await.unwrap().list_queues().await);
+    assert_eq!(code_, tonic::Code::Unauthenticated, "neither a certificate nor a credential: {msg}");
+    assert!(call_works(&https(&b), &ConnectOptions::default().ca(&pki.ca).identity(&rcert, &rkey)).await.is_err(), "another CA");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -884,17 +914,20 @@ async fn should_revoke_a_deleted_user_and_keep_users_across_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn should_refuse_to_serve_beyond_loopback_without_authentication() {
-    // Refused before anything listens, so nothing binds a non-loopback
-    // address here.
+    // Refused before anything listens. The address is a documentation one
+    // (TEST-NET-1) that no interface here has: a broker that did not refuse
+    // would fail to bind it rather than listen beyond loopback.
     let dir = tempfile::tempdir().unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(broker_bin().unwrap())
-            .args(["--grpc-addr", "0.0.0.0:0", "--http-addr", "127.0.0.1:0", "--data-dir"])
+    let out = tokio::time::timeout(
+        SETTLE,
+        tokio::process::Command::new(broker_bin().unwrap())
+            .args(["--grpc-addr", "192.0.2.1:5680", "--http-addr", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("data"))
-            .output()
-            .unwrap()
-    })
+            .kill_on_drop(true)
+            .output(),
+    )
     .await
+    .expect("the broker neither refused nor failed")
     .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");

@@ -41,6 +41,13 @@ pub enum Error {
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
 
+    /// A Broker asks for a cert-manager Certificate (`spec.tls.issuerRef`)
+    /// but cert-manager's CRDs are not installed.
+    #[error(
+        "spec.tls.issuerRef needs cert-manager, whose Certificate resource is not installed in this cluster; install cert-manager or give spec.tls.secretName"
+    )]
+    CertManagerMissing,
+
     /// Deletion waits: the queue still holds messages.
     #[error("queue {queue} still holds {messages} messages; not deleted")]
     QueueNotEmpty {
@@ -85,6 +92,7 @@ impl Error {
             Error::Broker { .. } => "broker",
             Error::Endpoint { .. } => "endpoint",
             Error::InvalidSpec(_) => "invalid_spec",
+            Error::CertManagerMissing => "cert_manager_missing",
             Error::BrokerNotReady(_) => "broker_not_ready",
             Error::QueueNotEmpty { .. } => "queue_not_empty",
             Error::MissingObjectKey(_) => "missing_object_key",

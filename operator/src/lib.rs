@@ -282,7 +282,13 @@ pub async fn run_controllers(client: Client, namespace: Option<String>, ctx: Arc
             let _ = stores.stores.permissions.set(s.clone());
         },
     );
-    futures::join!(brokers, exchanges, queues, bindings, users, permissions);
+    let controllers = async { futures::join!(brokers, exchanges, queues, bindings, users, permissions) };
+    // The sweep never ends by itself: the controllers' end (a shutdown
+    // signal) ends it.
+    tokio::select! {
+        _ = controllers => {}
+        () = broker::access::sweep_forever(ctx.clone()) => {}
+    }
 }
 
 #[cfg(test)]

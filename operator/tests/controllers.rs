@@ -318,6 +318,7 @@ async fn should_report_a_child_the_api_server_refuses_in_the_broker_status() {
             "GET /apis/policy/v1/namespaces/ns/poddisruptionbudgets/warren",
             "GET /api/v1/namespaces/ns/secrets/warren-admin",
             "POST /api/v1/namespaces/ns/secrets",
+            "PATCH /apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/warren",
             "PATCH /api/v1/namespaces/ns/serviceaccounts/warren",
             "PATCH /api/v1/namespaces/ns/configmaps/warren-config",
             "PATCH /api/v1/namespaces/ns/services/warren-headless",
@@ -428,13 +429,13 @@ async fn should_apply_every_broker_child_with_one_field_manager_then_the_status(
             "GET /apis/policy/v1/namespaces/ns/poddisruptionbudgets/warren",
             "GET /api/v1/namespaces/ns/secrets/warren-admin",
             "POST /api/v1/namespaces/ns/secrets",
+            "PATCH /apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/warren",
             "PATCH /api/v1/namespaces/ns/serviceaccounts/warren",
             "PATCH /api/v1/namespaces/ns/configmaps/warren-config",
             "PATCH /api/v1/namespaces/ns/services/warren-headless",
             "PATCH /api/v1/namespaces/ns/services/warren",
             "PATCH /apis/apps/v1/namespaces/ns/statefulsets/warren",
             "PATCH /apis/policy/v1/namespaces/ns/poddisruptionbudgets/warren",
-            "PATCH /apis/networking.k8s.io/v1/namespaces/ns/networkpolicies/warren",
             "POST /apis/events.k8s.io/v1/namespaces/ns/events",
             "PATCH /apis/warren.dev/v1alpha1/namespaces/ns/brokers/warren/status",
         ]
@@ -503,6 +504,44 @@ async fn should_not_take_over_an_object_it_does_not_control() {
     assert_eq!(degraded["reason"], "NameConflict");
     assert!(degraded["message"].as_str().unwrap().contains("ServiceAccount ns/default already exists"), "{degraded}");
     assert_eq!(api.events()[0].1, "NameConflict");
+}
+
+/// A TLS Secret that is missing or incomplete: nothing is applied (pods
+/// could not mount it), the status says which Secret and which key.
+#[tokio::test]
+async fn should_wait_for_a_usable_tls_secret_before_applying_anything() {
+    let (client, api) = ApiServer::start();
+    let ctx = context(client);
+    let bpath = path("brokers", NS, "warren");
+    let obj = json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Broker",
+        "metadata": {"name": "warren", "namespace": NS, "uid": "u1", "generation": 1},
+        "spec": {"tls": {"secretName": "warren-cert", "clientAuth": "Required"}}
+    });
+    api.put(&bpath, obj.clone());
+    let b: Broker = serde_json::from_value(obj).unwrap();
+    within(warren_operator::broker::reconcile(Arc::new(b.clone()), ctx.clone())).await.unwrap();
+    assert!(api.lines().iter().all(|l| !l.starts_with("PATCH /api") || l.ends_with("/status")), "{:?}", api.lines());
+    let status = api.last_status("warren");
+    let find = |t: &str| status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == t).unwrap().clone();
+    assert_eq!((find("Degraded")["status"].as_str(), find("Degraded")["reason"].as_str()), (Some("True"), Some("TLSSecretMissing")));
+    assert_eq!(find("Ready")["status"], "False");
+    assert!(find("Degraded")["message"].as_str().unwrap().contains("ns/warren-cert"));
+    assert_eq!(api.events()[0].1, "TLSSecretMissing");
+
+    // There, but without the CA that client certificates are checked against.
+    use base64::Engine as _;
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    api.put(
+        "/api/v1/namespaces/ns/secrets/warren-cert",
+        json!({"metadata": {"name": "warren-cert"}, "type": "kubernetes.io/tls", "data": {"tls.crt": b64("cert"), "tls.key": b64("key")}}),
+    );
+    api.clear();
+    within(warren_operator::broker::reconcile(Arc::new(b), ctx)).await.unwrap();
+    let status = api.last_status("warren");
+    let degraded = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Degraded").unwrap().clone();
+    assert_eq!(degraded["reason"], "TLSSecretInvalid");
+    assert!(degraded["message"].as_str().unwrap().contains("no ca.crt"), "{degraded}");
 }
 
 #[tokio::test]

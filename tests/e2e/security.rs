@@ -548,12 +548,22 @@ async fn should_authenticate_service_account_tokens_against_the_signing_keys() {
         (sign("warren", now - 600, "system:serviceaccount:shop:worker"), "expired"),
         (sign("warren", now + 600, "alice"), "not a ServiceAccount"),
         (tampered(&good), "signature"),
+        (hmac_signed(now + 600, "system:serviceaccount:shop:worker"), "symmetric"),
     ] {
         let c = Client::connect_with(b.url(), &ConnectOptions::default().token(&token)).await.unwrap();
         let (c, msg) = code(c.list_queues().await);
         assert_eq!(c, tonic::Code::Unauthenticated, "{msg}");
         assert!(msg.contains(why), "{why}: {msg}");
     }
+}
+
+/// A token signed with HMAC (a key anyone could choose), naming the
+/// cluster's key id: the algorithm-confusion attempt.
+fn hmac_signed(exp: u64, sub: &str) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some("k1".into());
+    let claims = serde_json::json!({"aud": ["warren"], "exp": exp, "iss": "https://kubernetes.default.svc", "sub": sub});
+    jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(b"public knowledge")).unwrap()
 }
 
 /// `token` with one character of its signature changed.

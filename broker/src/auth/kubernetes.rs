@@ -38,6 +38,9 @@ const JWKS_MIN_REFRESH: Duration = Duration::from_secs(30);
 const JWKS_MAX_AGE: Duration = Duration::from_secs(300);
 /// Largest response body read from the API server.
 const MAX_BODY: usize = 1 << 20;
+/// Most validations in flight at once: a flood of unknown tokens costs the
+/// API server at most this many concurrent TokenReviews (the rest wait).
+const MAX_IN_FLIGHT: usize = 16;
 
 /// A validated ServiceAccount.
 #[derive(Debug)]
@@ -58,6 +61,7 @@ pub struct Validator {
     jwks_url: String,
     issuer: Option<String>,
     jwks: Mutex<Option<(Instant, Arc<JwkSet>)>>,
+    in_flight: tokio::sync::Semaphore,
 }
 
 /// Whether `token` has the shape of a JWT (three base64url parts).
@@ -107,11 +111,13 @@ impl Validator {
             token_file: settings.kubernetes_token_file.clone().unwrap_or_else(|| PathBuf::from(SA_DIR).join("token")),
             issuer: settings.kubernetes_issuer.clone(),
             jwks: Mutex::new(None),
+            in_flight: tokio::sync::Semaphore::new(MAX_IN_FLIGHT),
         })
     }
 
     /// Validates a token; the error says why it was refused.
     pub async fn validate(&self, token: &str) -> Result<ServiceAccount, String> {
+        let _permit = self.in_flight.acquire().await.map_err(|e| e.to_string())?;
         match self.mode {
             KubernetesAuth::TokenReview => self.token_review(token).await,
             KubernetesAuth::Jwks => self.jwks(token).await,
@@ -196,6 +202,11 @@ impl Validator {
 
     async fn jwks(&self, token: &str) -> Result<ServiceAccount, String> {
         let header = decode_header(token).map_err(|e| format!("not a JWT: {e}"))?;
+        // Kubernetes signs with an asymmetric key; an HMAC algorithm would
+        // make the public key a shared secret.
+        if matches!(header.alg, jsonwebtoken::Algorithm::HS256 | jsonwebtoken::Algorithm::HS384 | jsonwebtoken::Algorithm::HS512) {
+            return Err(format!("the token is signed with {:?}, a symmetric algorithm, which is not accepted", header.alg));
+        }
         let kid = header.kid.clone().unwrap_or_default();
         let mut set = self.keys(false).await?;
         if set.find(&kid).is_none() {

@@ -11,8 +11,9 @@
 //! * A NetworkPolicy admitting only client and peer traffic.
 //! * For `TokenReview`, a ClusterRoleBinding of the Broker's ServiceAccount
 //!   to the chart's ClusterRole (`tokenreviews: create`); cluster-scoped, so
-//!   bindings of Brokers that are gone are removed by the next reconcile of
-//!   any Broker.
+//!   no owner reference collects it: bindings of Brokers that are gone are
+//!   removed by a sweep every resync period ([`sweep_forever`]) and by
+//!   every Broker reconcile.
 //!
 //! No Secret content is ever logged, written into an Event or a status.
 
@@ -62,6 +63,30 @@ pub async fn ensure_admin_secret(ctx: &Context, v: &ValidatedBroker) -> Result<O
     }
 }
 
+/// Why the Broker's TLS Secret cannot serve it, as a (reason, message)
+/// for its conditions: the Secret named in `spec.tls.secretName` missing,
+/// or without `tls.crt` / `tls.key`, or without `ca.crt` when client
+/// certificates are asked for. A pod mounting it could not start, so
+/// nothing is applied until it is fixed. The Secret a cert-manager
+/// Certificate writes is not checked: it appears after the Certificate.
+pub async fn check_tls_secret(ctx: &Context, v: &ValidatedBroker) -> Result<Option<(&'static str, String)>> {
+    let Some(tls) = v.spec.tls.as_ref() else { return Ok(None) };
+    let Some(name) = tls.secret_name.as_deref() else { return Ok(None) };
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &v.namespace);
+    let Some(secret) = api.get_opt(name).await? else {
+        return Ok(Some(("TLSSecretMissing", format!("the TLS Secret {}/{name} (spec.tls.secretName) does not exist", v.namespace))));
+    };
+    let has = |key: &str| secret.data.as_ref().is_some_and(|d| d.get(key).is_some_and(|b| !b.0.is_empty()));
+    let mut missing: Vec<&str> = ["tls.crt", "tls.key"].into_iter().filter(|k| !has(k)).collect();
+    if tls.client_auth != warren_crds::v1alpha1::ClientAuth::None && !has("ca.crt") {
+        missing.push("ca.crt (spec.tls.clientAuth verifies client certificates against it)");
+    }
+    if missing.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(("TLSSecretInvalid", format!("the TLS Secret {}/{name} has no {}", v.namespace, missing.join(", no ")))))
+}
+
 /// Applies the NetworkPolicy, the cert-manager Certificate and the
 /// TokenReview binding as the Broker and the operator's settings ask, and
 /// removes what they no longer ask for.
@@ -78,11 +103,7 @@ pub async fn apply_security(ctx: &Context, v: &ValidatedBroker) -> Result<()> {
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &v.namespace, &ApiResource::from_gvk(&gvk));
         let name = format!("{}-tls", v.name);
         api.patch(&name, &params, &Patch::Apply(&cert)).await.map_err(|e| match e {
-            kube::Error::Api(ref a) if a.code == 404 => Error::InvalidSpec(
-                "spec.tls.issuerRef needs cert-manager (its Certificate resource is not installed); \
-                 install cert-manager or give spec.tls.secretName"
-                    .into(),
-            ),
+            kube::Error::Api(ref a) if a.code == 404 => Error::CertManagerMissing,
             other => other.into(),
         })?;
     }
@@ -109,6 +130,32 @@ where
         api.delete(name, &DeleteParams::default()).await?;
     }
     Ok(())
+}
+
+/// Removes the TokenReview bindings of Brokers that are gone, every
+/// `resync` for as long as it runs (a binding is cluster-scoped: no owner
+/// reference can collect it with its Broker, and the last Broker's deletion
+/// triggers no reconcile). Starts once the Broker cache has listed: an
+/// empty cache would look like every Broker gone. Never returns when the
+/// operator binds no ClusterRole.
+pub async fn sweep_forever(ctx: std::sync::Arc<Context>) {
+    if ctx.settings.token_review_cluster_role.is_none() {
+        return std::future::pending().await;
+    }
+    if let Some(store) = ctx.stores.brokers.get()
+        && store.wait_until_ready().await.is_err()
+    {
+        return std::future::pending().await;
+    }
+    let api: Api<ClusterRoleBinding> = Api::all(ctx.client.clone());
+    let mut tick = tokio::time::interval(ctx.settings.resync.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = sweep_token_review_bindings(&ctx, &api).await {
+            tracing::warn!(error = %e, "sweeping TokenReview bindings failed; trying again later");
+        }
+    }
 }
 
 /// Removes TokenReview bindings whose Broker no longer exists.

@@ -12,7 +12,8 @@
 //! A forced apply would take it over, and the garbage collector would
 //! delete it with the Broker.
 //!
-//! Events: `InvalidSpec`, `NameConflict`, `ApplyFailed` (Warning) and
+//! Events: `InvalidSpec`, `NameConflict`, `TLSSecretMissing`,
+//! `TLSSecretInvalid`, `CertManagerMissing`, `ApplyFailed` (Warning) and
 //! `Ready` / `NotReady` when the `Ready` condition changes (Normal).
 
 pub mod access;
@@ -77,8 +78,18 @@ pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action>
         }
         return Ok(Action::requeue(Duration::from_secs(60)));
     }
-    let applied = match apply_children(&ctx, &namespace, &children).await {
-        Ok(sts) => access::apply_security(&ctx, &validated).await.map(|()| sts),
+    // Pods that could not mount their TLS Secret would never start: wait
+    // for it (Secrets are not watched, hence the short requeue).
+    if let Some((reason, message)) = access::check_tls_secret(&ctx, &validated).await? {
+        return blocked(&ctx, &brokers, &broker, reason, message).await;
+    }
+    // The NetworkPolicy, the Certificate and the TokenReview binding
+    // first: pods never run unprotected or without their certificate.
+    let applied = match access::apply_security(&ctx, &validated).await {
+        Ok(()) => apply_children(&ctx, &namespace, &children).await,
+        Err(Error::CertManagerMissing) => {
+            return blocked(&ctx, &brokers, &broker, "CertManagerMissing", Error::CertManagerMissing.to_string()).await;
+        }
         Err(e) => Err(e),
     };
     let sts = match applied {
@@ -106,6 +117,18 @@ pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action>
     }
     // Children changes wake us through `.owns()`; the requeue is a safety net.
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Reports a Broker waiting for something outside it (`reason`): status
+/// and a Warning Event when it changes; tries again shortly.
+async fn blocked(ctx: &Context, brokers: &Api<Broker>, broker: &Broker, reason: &str, message: String) -> Result<Action> {
+    let previous = broker.status.clone().unwrap_or_default();
+    let status = status::blocked(&previous, broker.metadata.generation, reason, &message);
+    if broker.status.as_ref() != Some(&status) {
+        publish(ctx, broker, EventType::Warning, reason, "Apply", message).await;
+        patch_status(brokers, &broker.name_any(), &status).await?;
+    }
+    Ok(Action::requeue(Duration::from_secs(15)))
 }
 
 /// The first child name taken by an object this Broker does not control,

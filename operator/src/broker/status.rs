@@ -60,6 +60,21 @@ pub fn name_conflict(previous: &BrokerStatus, generation: Option<i64>, message: 
     }
 }
 
+/// Status of a Broker that waits for something outside it before anything
+/// is applied (its TLS Secret, cert-manager): `Degraded` and not
+/// `Progressing`, with `reason`. `Ready` keeps what the pods last showed;
+/// a Broker that never ran is not `Ready`.
+pub fn blocked(previous: &BrokerStatus, generation: Option<i64>, reason: &str, message: &str) -> BrokerStatus {
+    let mut changed = vec![
+        conditions::new(PROGRESSING, false, reason, message, generation),
+        conditions::new(DEGRADED, true, reason, message, generation),
+    ];
+    if conditions::find(&previous.conditions, READY).is_none() {
+        changed.push(conditions::new(READY, false, reason, message, generation));
+    }
+    BrokerStatus { observed_generation: generation, conditions: conditions::merge(&previous.conditions, changed), ..previous.clone() }
+}
+
 /// Status from the StatefulSet the API server returned.
 pub fn from_stateful_set(v: &ValidatedBroker, sts: &StatefulSet, previous: &BrokerStatus, now: Timestamp) -> BrokerStatus {
     let want = v.spec.replicas;

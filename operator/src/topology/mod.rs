@@ -220,6 +220,7 @@ pub fn reason_for(status: &tonic::Status) -> &'static str {
         Code::NotFound => "NotFound",
         Code::PermissionDenied => "PermissionDenied",
         Code::ResourceExhausted => "BrokerResourceExhausted",
+        Code::Unauthenticated => "BrokerAuthenticationFailed",
         _ => "BrokerUnavailable",
     }
 }

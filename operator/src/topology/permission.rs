@@ -106,10 +106,11 @@ async fn apply(p: &Permission, ctx: &Context, api: &Api<Permission>) -> Result<A
     if current.as_ref() != Some(&want) {
         if let Err(s) = users.set_permissions(SetPermissionsRequest { user: principal.clone(), permissions: Some(want) }).await {
             let message = format!("the broker refused the permissions of {principal}: {}", s.message());
-            if s.code() == Code::InvalidArgument {
-                publish(ctx, p, EventType::Warning, "RejectedByBroker", "Set", message.clone()).await;
+            let reason = if s.code() == Code::FailedPrecondition { "DefinedInBrokerConfig" } else { reason_for(&s) };
+            if s.code() == Code::InvalidArgument || s.code() == Code::FailedPrecondition {
+                publish(ctx, p, EventType::Warning, reason, "Set", message.clone()).await;
             }
-            write(api, p, Some(principal), ready(false, reason_for(&s), message, generation)).await?;
+            write(api, p, Some(principal), ready(false, reason, message, generation)).await?;
             return Ok(Action::requeue(Duration::from_secs(30)));
         }
         publish(ctx, p, EventType::Normal, "Applied", "Set", format!("set the permissions of {principal}")).await;

@@ -184,7 +184,11 @@ async fn apply(u: &User, ctx: &Context, api: &Api<User>) -> Result<Action> {
         }
         Err(s) => {
             let message = format!("the broker refused user {name}: {}", s.message());
-            write(api, u, ready(false, reason_for(&s), message, generation)).await?;
+            let reason = if s.code() == Code::FailedPrecondition { "DefinedInBrokerConfig" } else { reason_for(&s) };
+            if s.code() == Code::InvalidArgument || s.code() == Code::FailedPrecondition {
+                publish(ctx, u, EventType::Warning, reason, "Put", message.clone()).await;
+            }
+            write(api, u, ready(false, reason, message, generation)).await?;
             Ok(Action::requeue(Duration::from_secs(30)))
         }
     }

@@ -342,6 +342,8 @@ fn should_round_trip_every_kind_through_serde() {
             "Exchange" => serde_json::from_value::<Exchange>(doc.clone()).is_ok(),
             "Queue" => serde_json::from_value::<Queue>(doc.clone()).is_ok(),
             "Binding" => serde_json::from_value::<Binding>(doc.clone()).is_ok(),
+            "User" => serde_json::from_value::<warren_crds::v1alpha1::User>(doc.clone()).is_ok(),
+            "Permission" => serde_json::from_value::<warren_crds::v1alpha1::Permission>(doc.clone()).is_ok(),
             other => panic!("{}: unexpected kind {other}", file.display()),
         };
         assert!(ok, "{}: {kind} does not deserialize", file.display());
@@ -397,6 +399,15 @@ fn should_validate_users_permissions_and_tls() {
     assert!(e.contains("set exactly one of user and serviceAccount"), "{e}");
     let e = errors_of(&permission(json!({"brokerRef": {"name": "w"}, "user": "a", "serviceAccount": {"name": "s"}})), None);
     assert!(e.contains("set exactly one of user and serviceAccount"), "{e}");
+    // Beside their Broker only: whoever creates them may create an
+    // administrator of the broker.
+    let elsewhere = permission(json!({"brokerRef": {"name": "w", "namespace": "platform"}, "user": "alice", "read": ".*"}));
+    let e = errors_of(&elsewhere, None);
+    assert!(e.contains("live in their Broker's namespace"), "{e}");
+    let mut remote_user = user("alice");
+    remote_user["spec"]["brokerRef"]["namespace"] = "platform".into();
+    let e = errors_of(&remote_user, None);
+    assert!(e.contains("live in their Broker's namespace"), "{e}");
     let moved = permission(json!({"brokerRef": {"name": "w"}, "user": "bob", "configure": "^a", "write": ".*", "read": ".*"}));
     let e = errors_of(&moved, Some(&for_user));
     assert!(e.contains("user is immutable"), "{e}");

@@ -9,7 +9,11 @@ mod support;
 fn should_validate_every_example_against_the_generated_schemas() {
     let docs = support::warren_documents(&support::repo_root().join("examples"));
     let kinds: std::collections::BTreeSet<_> = docs.iter().map(|(_, d)| d["kind"].as_str().unwrap().to_string()).collect();
-    assert_eq!(kinds.into_iter().collect::<Vec<_>>(), ["Binding", "Broker", "Exchange", "Queue"], "the examples cover every kind");
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        ["Binding", "Broker", "Exchange", "Permission", "Queue", "User"],
+        "the examples cover every kind"
+    );
     let mut failures = Vec::new();
     for (file, doc) in &docs {
         if let Err(errors) = support::validate_object(doc, None) {

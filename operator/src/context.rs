@@ -89,7 +89,7 @@ pub struct Stores {
 
 /// How the operator reaches a Broker: TLS (the CA it trusts, the name the
 /// certificate carries) and the administrator credential it generated.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct BrokerAccess {
     /// Speak TLS.
     pub tls: bool,
@@ -97,8 +97,24 @@ pub struct BrokerAccess {
     pub ca_pem: Option<Vec<u8>>,
     /// The DNS name the broker's certificate carries.
     pub server_name: Option<String>,
+    /// A client certificate and key (PEM) to present, for a Broker that
+    /// requires client certificates (`spec.tls.clientAuth: Required`).
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
     /// The administrator's user name and password.
     pub admin: Option<(String, String)>,
+}
+
+/// Never the password or the key: a `{:?}` must not leak them.
+impl std::fmt::Debug for BrokerAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerAccess")
+            .field("tls", &self.tls)
+            .field("ca_pem", &self.ca_pem.as_ref().map(|_| "..."))
+            .field("server_name", &self.server_name)
+            .field("identity", &self.identity.as_ref().map(|_| "..."))
+            .field("admin", &self.admin.as_ref().map(|(user, _)| user))
+            .finish()
+    }
 }
 
 /// Shared reconcile context.
@@ -189,6 +205,9 @@ impl Context {
                     if let Some(name) = &access.server_name {
                         tls = tls.domain_name(name.clone());
                     }
+                    if let Some((cert, key)) = &access.identity {
+                        tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+                    }
                     ep = ep.tls_config(tls).map_err(|e| Error::InvalidSpec(format!("TLS settings for {endpoint}: {e}")))?;
                 }
                 let channel = ep.connect_lazy();
@@ -229,6 +248,7 @@ impl BrokerAccessKey {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         a.ca_pem.hash(&mut h);
+        a.identity.hash(&mut h);
         BrokerAccessKey { tls: a.tls, ca: h.finish(), server_name: a.server_name.clone() }
     }
 }

@@ -38,7 +38,8 @@ const CANNOT_RENAME: &str = "a user cannot be renamed or moved; create a new obj
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = user_spec_rules)]
 pub struct UserSpec {
-    /// The Broker the user belongs to. Immutable.
+    /// The Broker the user belongs to, in this namespace (no
+    /// `namespace`). Immutable.
     pub broker_ref: BrokerRef,
     /// The user name on the broker. Defaults to `metadata.name`. Immutable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -88,8 +89,15 @@ impl UserTag {
     }
 }
 
+/// Why access objects live beside their Broker: whoever may create them
+/// may create an administrator of that broker.
+pub const SAME_NAMESPACE: &str = "Users and Permissions live in their Broker's namespace (whoever may create them there may create \
+     an administrator of the broker): omit brokerRef.namespace and create this object in the Broker's namespace";
+
 fn user_spec_rules(schema: &mut Schema) {
-    push_rules(schema, immutable_fields(&["brokerRef", "name"], CANNOT_RENAME));
+    let mut rules = immutable_fields(&["brokerRef", "name"], CANNOT_RENAME);
+    rules.push(rule("!has(self.brokerRef.__namespace__)", SAME_NAMESPACE));
+    push_rules(schema, rules);
 }
 
 /// Status of a User.
@@ -147,7 +155,7 @@ impl User {
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = permission_spec_rules)]
 pub struct PermissionSpec {
-    /// The Broker. Immutable.
+    /// The Broker, in this namespace (no `namespace`). Immutable.
     pub broker_ref: BrokerRef,
     /// A user name on the broker (a `User`'s name). Exactly one of `user`
     /// and `serviceAccount`. Immutable.
@@ -212,6 +220,7 @@ pub struct TopicPermission {
 fn permission_spec_rules(schema: &mut Schema) {
     let mut rules = immutable_fields(&["brokerRef", "user", "serviceAccount"], "create a new Permission for another principal");
     rules.push(rule("has(self.user) != has(self.serviceAccount)", "set exactly one of user and serviceAccount"));
+    rules.push(rule("!has(self.brokerRef.__namespace__)", SAME_NAMESPACE));
     push_rules(schema, rules);
 }
 

@@ -200,7 +200,15 @@ pub async fn broker_access(ctx: &Context, broker: &Broker) -> Result<BrokerAcces
     if let Some(tls) = &broker.spec.tls {
         access.tls = true;
         let secret_name = tls.secret_name.clone().unwrap_or_else(|| format!("{name}-tls"));
-        access.ca_pem = secrets.get_opt(&secret_name).await?.and_then(|s| secret_value(&s, "ca.crt")).map(String::into_bytes);
+        let secret = secrets.get_opt(&secret_name).await?;
+        access.ca_pem = secret.as_ref().and_then(|s| secret_value(s, "ca.crt")).map(String::into_bytes);
+        // A broker that requires client certificates gets the one it
+        // serves with (cert-manager's carries the client usage too); the
+        // administrator credential still says who the operator is.
+        if tls.client_auth == warren_crds::v1alpha1::ClientAuth::Required {
+            access.identity =
+                secret.as_ref().and_then(|s| Some((secret_value(s, "tls.crt")?.into_bytes(), secret_value(s, "tls.key")?.into_bytes())));
+        }
         // Whatever address the operator dials (an override in tests), the
         // certificate names the client Service.
         access.server_name = Some(format!("{name}.{namespace}.svc"));

@@ -68,7 +68,12 @@ pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action>
     let children = build::build(&validated);
     let conflict = match foreign_child(&ctx, &namespace, &validated, &children).await? {
         Some(c) => Some(c),
-        None => access::ensure_admin_secret(&ctx, &validated).await?,
+        // Creating the administrator Secret is the first write: a refusal
+        // (RBAC, a quota) is reported like any child's.
+        None => match access::ensure_admin_secret(&ctx, &validated).await {
+            Ok(c) => c,
+            Err(e) => return apply_failed(&ctx, &brokers, &broker, e).await,
+        },
     };
     if let Some(conflict) = conflict {
         let status = status::name_conflict(&previous, generation, &conflict);
@@ -94,16 +99,7 @@ pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action>
     };
     let sts = match applied {
         Ok(sts) => sts,
-        Err(e) => {
-            // Never silent: a child the API server refuses (an immutable
-            // StatefulSet field, a quota, RBAC) shows in the Broker status.
-            let status = status::apply_failed(&previous, generation, &e.to_string());
-            if broker.status.as_ref() != Some(&status) {
-                publish(&ctx, broker.as_ref(), EventType::Warning, "ApplyFailed", "Apply", e.to_string()).await;
-            }
-            patch_status(&brokers, &name, &status).await?;
-            return Err(e);
-        }
+        Err(e) => return apply_failed(&ctx, &brokers, &broker, e).await,
     };
 
     let status = status::from_stateful_set(&validated, &sts, &previous, k8s_openapi::jiff::Timestamp::now());
@@ -117,6 +113,20 @@ pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action>
     }
     // Children changes wake us through `.owns()`; the requeue is a safety net.
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Never silent: an object the API server refuses (an immutable
+/// StatefulSet field, a quota, RBAC) shows in the Broker status
+/// (`Degraded`, reason `ApplyFailed`) and a Warning Event; the error goes
+/// on to the controller's backoff.
+async fn apply_failed(ctx: &Context, brokers: &Api<Broker>, broker: &Broker, e: Error) -> Result<Action> {
+    let previous = broker.status.clone().unwrap_or_default();
+    let status = status::apply_failed(&previous, broker.metadata.generation, &e.to_string());
+    if broker.status.as_ref() != Some(&status) {
+        publish(ctx, broker, EventType::Warning, "ApplyFailed", "Apply", e.to_string()).await;
+    }
+    patch_status(brokers, &broker.name_any(), &status).await?;
+    Err(e)
 }
 
 /// Reports a Broker waiting for something outside it (`reason`): status

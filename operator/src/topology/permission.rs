@@ -14,13 +14,20 @@ use tonic::Code;
 use warren_client::proto::{self, ClearPermissionsRequest, ListUsersRequest, SetPermissionsRequest};
 use warren_crds::v1alpha1::{Permission, PermissionStatus, TopologyStatus};
 
-use super::{BrokerTarget, FINALIZER, broker_target, failure_condition, namespace_of, patch_status, publish, ready, reason_for};
+use super::{BrokerTarget, FINALIZER, broker_target, claim, failure_condition, namespace_of, patch_status, publish, ready, reason_for};
 use crate::conditions;
 use crate::context::Context;
 use crate::error::{Error, Result};
 
 /// Controller name in metrics and logs.
 pub const CONTROLLER: &str = "permission";
+
+/// The broker-side identity of a Permission: its Broker and principal
+/// (one Permission per principal and Broker).
+pub fn claim_key(p: &Permission) -> Option<claim::Key> {
+    let namespace = p.namespace()?;
+    Some(claim::Key::new(&namespace, &p.spec.broker_ref, p.principal(&namespace)?))
+}
 
 /// Reconciles one Permission.
 pub async fn reconcile(p: Arc<Permission>, ctx: Arc<Context>) -> Result<Action> {
@@ -92,12 +99,20 @@ async fn apply(p: &Permission, ctx: &Context, api: &Api<Permission>) -> Result<A
             Ok(Action::requeue(Duration::from_secs(10)))
         }
     };
+    if !super::user::beside_its_broker(&namespace, &p.spec.broker_ref) {
+        return wait("NamespaceNotAllowed", warren_crds::v1alpha1::SAME_NAMESPACE.to_string()).await;
+    }
     let mut users = match broker_target(ctx, &namespace, &p.spec.broker_ref).await? {
         BrokerTarget::Ready(_, _, users) => users,
         BrokerTarget::Missing(m) => return wait("BrokerNotFound", m).await,
         BrokerTarget::NotReady(m) | BrokerTarget::Deleting(m) => return wait("BrokerNotReady", m).await,
         BrokerTarget::NotAllowed(m) => return wait("NamespaceNotAllowed", m).await,
     };
+    let all = super::all_in(ctx.stores.permissions.get()).await;
+    if let (Some(owner), Some(key)) = (claim::owner_other_than(p, &all, claim_key), claim_key(p)) {
+        let message = claim::conflict_message("Permission", &format!("the permissions of {principal}"), &key, &owner);
+        return wait("Conflict", message).await;
+    }
     let want = wanted(p);
     let current = match users.list_users(ListUsersRequest {}).await {
         Ok(r) => r.into_inner().users.into_iter().find(|u| u.name == principal).and_then(|u| u.permissions),
@@ -123,6 +138,15 @@ async fn apply(p: &Permission, ctx: &Context, api: &Api<Permission>) -> Result<A
 async fn cleanup(p: &Permission, ctx: &Context) -> Result<Action> {
     let namespace = namespace_of(p)?;
     let Some(principal) = p.principal(&namespace) else { return Ok(Action::await_change()) };
+    let all = super::all_in(ctx.stores.permissions.get()).await;
+    if claim::owner_other_than(p, &all, claim_key).is_some() || !super::user::beside_its_broker(&namespace, &p.spec.broker_ref) {
+        return Ok(Action::await_change());
+    }
+    if let Some(other) = claim::heir(p, &all, claim_key) {
+        let note = format!("the permissions of {principal} are also set by Permission {other}: left on the broker for it");
+        publish(ctx, p, EventType::Normal, "HandedOver", "Delete", note).await;
+        return Ok(Action::await_change());
+    }
     let mut users = match broker_target(ctx, &namespace, &p.spec.broker_ref).await? {
         BrokerTarget::Ready(_, _, users) => users,
         BrokerTarget::Missing(m) | BrokerTarget::Deleting(m) | BrokerTarget::NotAllowed(m) => {
@@ -134,6 +158,11 @@ async fn cleanup(p: &Permission, ctx: &Context) -> Result<Action> {
     match users.clear_permissions(ClearPermissionsRequest { user: principal.clone() }).await {
         Ok(_) => {
             publish(ctx, p, EventType::Normal, "Cleared", "Delete", format!("cleared the permissions of {principal}")).await;
+            Ok(Action::await_change())
+        }
+        Err(s) if s.code() == Code::FailedPrecondition => {
+            let note = format!("{principal} is defined in the broker's configuration; its permissions are left as they are");
+            publish(ctx, p, EventType::Normal, "NotCleared", "Delete", note).await;
             Ok(Action::await_change())
         }
         Err(s) => Err(Error::broker("ClearPermissions", s)),

@@ -22,9 +22,9 @@ use kube::{Resource, ResourceExt};
 use tonic::Code;
 use warren_client::UsersClient;
 use warren_client::proto::{DeleteUserRequest, ListUsersRequest, PutUserRequest};
-use warren_crds::v1alpha1::{TopologyStatus, User, UserStatus};
+use warren_crds::v1alpha1::{SAME_NAMESPACE, TopologyStatus, User, UserStatus};
 
-use super::{BrokerTarget, FINALIZER, broker_target, failure_condition, namespace_of, patch_status, publish, ready, reason_for};
+use super::{BrokerTarget, FINALIZER, broker_target, claim, failure_condition, namespace_of, patch_status, publish, ready, reason_for};
 use crate::broker::access::secret_value;
 use crate::conditions;
 use crate::context::{Context, FIELD_MANAGER};
@@ -32,6 +32,20 @@ use crate::error::{Error, Result};
 
 /// Controller name in metrics and logs.
 pub const CONTROLLER: &str = "user";
+
+/// The broker-side identity of a User: its Broker and user name (one
+/// owner per name, as for queues).
+pub fn claim_key(u: &User) -> Option<claim::Key> {
+    Some(claim::Key::new(&u.namespace()?, &u.spec.broker_ref, u.broker_name()))
+}
+
+/// Whether an access object is in its Broker's namespace: only there may
+/// it change the broker's users (whoever may create one may create an
+/// administrator). The CRD refuses others; this covers objects stored
+/// before that rule.
+pub fn beside_its_broker(own_namespace: &str, r: &warren_crds::v1alpha1::BrokerRef) -> bool {
+    r.namespace_or(own_namespace) == own_namespace
+}
 
 /// Reconciles one User.
 pub async fn reconcile(u: Arc<User>, ctx: Arc<Context>) -> Result<Action> {
@@ -146,12 +160,20 @@ async fn exists(users: &mut UsersClient, name: &str) -> std::result::Result<bool
 async fn apply(u: &User, ctx: &Context, api: &Api<User>) -> Result<Action> {
     let generation = u.metadata.generation;
     let name = u.broker_name();
+    if !beside_its_broker(&namespace_of(u)?, &u.spec.broker_ref) {
+        return wait(api, u, "NamespaceNotAllowed", SAME_NAMESPACE.to_string()).await;
+    }
     let mut users = match broker_target(ctx, &namespace_of(u)?, &u.spec.broker_ref).await? {
         BrokerTarget::Ready(_, _, users) => users,
         BrokerTarget::Missing(m) => return wait(api, u, "BrokerNotFound", m).await,
         BrokerTarget::NotReady(m) | BrokerTarget::Deleting(m) => return wait(api, u, "BrokerNotReady", m).await,
         BrokerTarget::NotAllowed(m) => return wait(api, u, "NamespaceNotAllowed", m).await,
     };
+    let all = super::all_in(ctx.stores.users.get()).await;
+    if let (Some(owner), Some(key)) = (claim::owner_other_than(u, &all, claim_key), claim_key(u)) {
+        let message = claim::conflict_message("User", &format!("user {name}"), &key, &owner);
+        return wait(api, u, "Conflict", message).await;
+    }
     let (password, version) = match credentials(ctx, u).await? {
         Ok(c) => c,
         Err(message) => return wait(api, u, "CredentialsMissing", message).await,
@@ -197,6 +219,16 @@ async fn apply(u: &User, ctx: &Context, api: &Api<User>) -> Result<Action> {
 async fn cleanup(u: &User, ctx: &Context) -> Result<Action> {
     let name = u.broker_name();
     ctx.users_applied.lock().unwrap_or_else(|p| p.into_inner()).remove(&u.uid().unwrap_or_default());
+    let all = super::all_in(ctx.stores.users.get()).await;
+    if claim::owner_other_than(u, &all, claim_key).is_some() || !beside_its_broker(&namespace_of(u)?, &u.spec.broker_ref) {
+        // Never put by this object: not its to delete.
+        return Ok(Action::await_change());
+    }
+    if let Some(other) = claim::heir(u, &all, claim_key) {
+        let note = format!("user {name} is also declared by User {other}: left on the broker for it");
+        publish(ctx, u, EventType::Normal, "HandedOver", "Delete", note).await;
+        return Ok(Action::await_change());
+    }
     let mut users = match broker_target(ctx, &namespace_of(u)?, &u.spec.broker_ref).await? {
         BrokerTarget::Ready(_, _, users) => users,
         BrokerTarget::Missing(m) | BrokerTarget::Deleting(m) | BrokerTarget::NotAllowed(m) => {
@@ -211,6 +243,20 @@ async fn cleanup(u: &User, ctx: &Context) -> Result<Action> {
             Ok(Action::await_change())
         }
         Err(s) if s.code() == Code::NotFound => Ok(Action::await_change()),
+        // Defined in the broker's own configuration: never put by this
+        // object, so nothing of it to delete.
+        Err(s) if s.code() == Code::FailedPrecondition => {
+            publish(
+                ctx,
+                u,
+                EventType::Normal,
+                "NotDeleted",
+                "Delete",
+                format!("user {name} is defined in the broker's configuration; left as it is"),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
         Err(s) => Err(Error::broker("DeleteUser", s)),
     }
 }

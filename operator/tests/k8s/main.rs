@@ -24,4 +24,5 @@ mod control_plane;
 mod crds;
 mod leader;
 mod load;
+mod security;
 mod topology;

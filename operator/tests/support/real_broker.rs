@@ -48,10 +48,12 @@ impl RealBroker {
             bin.display()
         );
         let dir = tempfile::tempdir().unwrap();
+        // A free port unless `extra` names the address.
+        let grpc_addr: &[&str] = if extra.contains(&"--grpc-addr") { &[] } else { &["--grpc-addr", "127.0.0.1:0"] };
         let mut child = Command::new(&bin)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
-            .args(["--grpc-addr", "127.0.0.1:0"])
+            .args(grpc_addr)
             .env("WARREN_HTTP_ADDR", "127.0.0.1:0")
             .env_remove("WARREN_CONFIG")
             .args(extra)

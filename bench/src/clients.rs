@@ -240,7 +240,14 @@ async fn produce<P: PublishOne>(w: &Workload, index: usize, ctx: &Ctx, publisher
 pub mod warren {
     use super::*;
     use crate::workload::QueueArg;
-    use warren_client::{Client, ExchangeKind, Message, QueueOptions, Subscription};
+    use warren_client::{Client, ConnectOptions, ExchangeKind, Message, QueueOptions, Subscription};
+
+    /// A client of the broker at `addr`, with TLS and credentials from the
+    /// `WARREN_*` variables (`WARREN_CA`, `WARREN_TOKEN`, ...), as every
+    /// Warren client of the bench connects.
+    pub async fn connect(addr: &str) -> warren_client::Result<Client> {
+        Client::connect_with(addr, &ConnectOptions::from_env()).await
+    }
 
     fn kind(w: &Workload) -> ExchangeKind {
         match w.exchange {
@@ -264,7 +271,7 @@ pub mod warren {
 
     /// Declares the exchange and the durable queues (purged) and binds them.
     pub async fn setup(addr: &str, w: &Workload) -> Result<()> {
-        let client = Client::connect(addr).await?;
+        let client = connect(addr).await?;
         let exchange = w.exchange.exchange_name();
         client.declare_exchange(exchange, kind(w), warren_client::ExchangeOptions::durable()).await?;
         for (i, q) in w.queue_names().iter().enumerate() {
@@ -277,7 +284,7 @@ pub mod warren {
 
     /// Deletes the queues and the exchange.
     pub async fn cleanup(addr: &str, w: &Workload) -> Result<()> {
-        let client = Client::connect(addr).await?;
+        let client = connect(addr).await?;
         for q in w.queue_names() {
             client.delete_queue(&q, false, false).await?;
         }
@@ -287,7 +294,7 @@ pub mod warren {
 
     /// Ready messages in the workload's queues.
     pub async fn ready(addr: &str, w: &Workload) -> Result<u64> {
-        let client = Client::connect(addr).await?;
+        let client = connect(addr).await?;
         let mut n = 0;
         for q in w.queue_names() {
             n += client.queue_info(&q).await?.ready;
@@ -320,7 +327,7 @@ pub mod warren {
     }
 
     pub async fn producer(addr: String, w: Arc<Workload>, index: usize, ctx: Arc<Ctx>) -> Result<ProducerStats> {
-        let client = Client::connect(&addr).await?;
+        let client = connect(&addr).await?;
         let p = Pub { publisher: client.publisher().await?, persistent: w.persistent() };
         let stats = produce(&w, index, &ctx, &p).await?;
         p.publisher.close().await?;
@@ -336,7 +343,7 @@ pub mod warren {
         ctx: Arc<Ctx>,
         ready: tokio::sync::oneshot::Sender<()>,
     ) -> Result<ConsumerStats> {
-        let client = Client::connect(&addr).await?;
+        let client = connect(&addr).await?;
         let queue = w.queue_name(index % w.queues);
         let mut consumer = client.consume(Subscription::new(&queue).prefetch(w.prefetch)).await?;
         let _ = ready.send(());

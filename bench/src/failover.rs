@@ -263,7 +263,7 @@ impl Probe for WarrenProbe {
             if self.client.is_none() {
                 let addr = self.addrs[self.next % self.addrs.len()].clone();
                 self.next += 1;
-                let c = tokio::time::timeout(timeout, warren_client::Client::connect(&addr))
+                let c = tokio::time::timeout(timeout, crate::clients::warren::connect(&addr))
                     .await
                     .map_err(|_| anyhow!("connect timed out"))??;
                 self.client = Some(c);
@@ -294,7 +294,7 @@ pub async fn warren(cluster: &mut WarrenCluster, kills: usize) -> Result<Failove
     let w = failover_workload();
     let queue = w.queue_name(0);
     let first = cluster.nodes[0].addr.clone();
-    warren_client::Client::connect(&first).await?.declare_queue(&queue, crate::clients::warren::queue_options(&w)).await?;
+    crate::clients::warren::connect(&first).await?.declare_queue(&queue, crate::clients::warren::queue_options(&w)).await?;
     let mut result = FailoverResult { broker: "warren-cluster".into(), ..FailoverResult::default() };
     for k in 0..kills {
         let leader = cluster.leader_of(&queue)?;

@@ -113,7 +113,7 @@ pub async fn warren_queues(addrs: &[String], w: &Workload, delete: bool) -> Resu
         .map(|(node, addr)| {
             let (addr, w, mine) = (addr.clone(), w.clone(), share(w.queues, node, addrs.len()));
             tokio::spawn(async move {
-                let client = warren_client::Client::connect(&addr).await?;
+                let client = crate::clients::warren::connect(&addr).await?;
                 for i in mine {
                     let q = w.queue_name(i);
                     if delete {

@@ -440,12 +440,17 @@ async fn should_authenticate_service_account_tokens_with_token_review() {
     let wrong_aud = jwt_shaped("wrong-audience");
     let expired = jwt_shaped("expired");
     let (g, w, e) = (good.clone(), wrong_aud.clone(), expired.clone());
+    // Set: the API server no longer accepts `good` (its pod was deleted).
+    let revoked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let is_revoked = revoked.clone();
     let (api, requests) = fake_api(move |path, body| {
         assert_eq!(path, "/apis/authentication.k8s.io/v1/tokenreviews");
         let review: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(review["spec"]["audiences"][0], "warren");
         let token = review["spec"]["token"].as_str().unwrap_or_default();
-        let status = if token == g {
+        let status = if token == g && is_revoked.load(Ordering::SeqCst) {
+            serde_json::json!({"authenticated": false, "error": "[invalid bearer token, pod \"worker-1\" not found]"})
+        } else if token == g {
             serde_json::json!({"authenticated": true, "user": {"username": "system:serviceaccount:shop:worker"}, "audiences": ["warren"]})
         } else if token == w {
             serde_json::json!({"authenticated": false, "error": "[invalid bearer token, token audiences [\"api\"] is invalid for the target audiences [\"warren\"]]"})
@@ -497,6 +502,39 @@ async fn should_authenticate_service_account_tokens_with_token_review() {
     let tf = write(dir.path(), "token", &good);
     let c = Client::connect_with(b.url(), &ConnectOptions::default().token_file(&tf)).await.unwrap();
     c.list_queues().await.unwrap();
+    drop(b);
+
+    // A token the API server stops accepting stops working within the
+    // cache TTL, on a connection that stays open too.
+    let b = TestBroker::start_with(&[
+        "--kubernetes-auth",
+        "token-review",
+        "--kubernetes-api",
+        &api,
+        "--kubernetes-token-file",
+        s(&own),
+        "--auth-file",
+        s(&auth),
+        "--auth-cache-ttl",
+        "1s",
+    ])
+    .await
+    .unwrap();
+    let c = Client::connect_with(b.url(), &ConnectOptions::default().token(&good)).await.unwrap();
+    c.list_queues().await.unwrap();
+    revoked.store(true, Ordering::SeqCst);
+    let refused = eventually(SETTLE, "the revoked token refused on its open connection", || {
+        let c = c.clone();
+        async move {
+            match c.list_queues().await {
+                Err(warren_client::Error::Status(s)) if s.code() == tonic::Code::Unauthenticated => Some(s.message().to_string()),
+                _ => None,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(refused.contains("not found"), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

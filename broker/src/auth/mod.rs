@@ -146,6 +146,10 @@ struct Bound {
     /// SHA-256 of the credential that proved the principal.
     credential: [u8; 32],
     principal: Arc<Principal>,
+    /// Until when the proof holds without asking again (the cache TTL, a
+    /// token's expiry): a ServiceAccount token revoked or expired stops
+    /// working on a connection that stays open too.
+    until: Instant,
     _slot: Option<Slot>,
 }
 
@@ -412,6 +416,7 @@ impl Auth {
                 && b.credential == credential
                 && b.principal.generation == self.generation()
                 && !b.principal.revoked.is_cancelled()
+                && b.until > Instant::now()
             {
                 return Ok(b.principal.clone());
             }
@@ -429,7 +434,7 @@ impl Auth {
             None => self.prove(conn, credential, header.unwrap_or_default()).await?,
         };
         let principal = self.resolve(proven.name.clone(), proven.mechanism);
-        self.bind(conn, credential, principal)
+        self.bind(conn, credential, principal, proven.until)
     }
 
     /// Checks a credential (cached).
@@ -522,7 +527,7 @@ impl Auth {
 
     /// Binds the connection to `principal` (its first user), counting it
     /// against the user's connection limit.
-    fn bind(&self, conn: &Connection, credential: [u8; 32], principal: Arc<Principal>) -> Result<Arc<Principal>, Status> {
+    fn bind(&self, conn: &Connection, credential: [u8; 32], principal: Arc<Principal>, until: Instant) -> Result<Arc<Principal>, Status> {
         let mut bound = conn.bound.lock();
         let slot = match bound.take() {
             Some(b) if b.principal.name != principal.name => {
@@ -536,7 +541,7 @@ impl Auth {
             Some(b) => b._slot,
             None => Some(self.take_slot(&principal, false)?),
         };
-        *bound = Some(Bound { credential, principal: principal.clone(), _slot: slot });
+        *bound = Some(Bound { credential, principal: principal.clone(), until, _slot: slot });
         Ok(principal)
     }
 

@@ -108,9 +108,14 @@ for mode in "${modes[@]}"; do
     "$(metric "$mode" .publish_rate)" "$(metric "$mode" .consume_rate)" "$(metric "$mode" .end_to_end.p50_ms)" \
     "$(metric "$mode" .end_to_end.p99_ms)" "$(metric "$mode" .confirm.p99_ms)" "$(metric "$mode" "$per_msg")"
 done
+# Ratios to plain text: of the medians, and the median of each round's
+# ratio (the three modes of a round ran back to back, so a machine whose
+# load drifts between rounds weighs less on it).
 plain="$(metric plain .publish_rate)"
 plain_cpu="$(metric plain "$per_msg")"
+round_ratio() { for i in $(seq 1 "$runs"); do jq -n "$(jq ".runs[0] | $2" "$out/$1-$i.json") / $(jq ".runs[0] | $2" "$out/plain-$i.json")"; done | median; }
 for mode in tls tls-auth; do
-  printf '%s / plain: publish rate %.3f, broker CPU per message %.3f\n' "$mode" \
-    "$(jq -n "$(metric "$mode" .publish_rate) / $plain")" "$(jq -n "$(metric "$mode" "$per_msg") / $plain_cpu")"
+  printf '%s / plain: publish rate %.3f (median of rounds %.3f), broker CPU per message %.3f (median of rounds %.3f)\n' "$mode" \
+    "$(jq -n "$(metric "$mode" .publish_rate) / $plain")" "$(round_ratio "$mode" .publish_rate)" \
+    "$(jq -n "$(metric "$mode" "$per_msg") / $plain_cpu")" "$(round_ratio "$mode" "$per_msg")"
 done

@@ -24,6 +24,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod queue;
+pub mod raft;
 pub mod routing;
 pub mod run;
 pub mod server;

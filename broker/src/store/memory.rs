@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use parking_lot::{Mutex, RwLock};
 
-use super::{Cf, Engine, Op, StoreError};
+use super::{Cf, Engine, Op, Reader, StoreError};
 
 type Data = Vec<BTreeMap<Vec<u8>, Vec<u8>>>;
 
@@ -78,6 +78,25 @@ impl MemoryEngine {
     }
 }
 
+impl Reader for MemoryEngine {
+
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read_fault()?;
+        Ok(self.cfs.read()[cf.index()].get(key).cloned())
+    }
+
+
+    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<super::KeyValue>, StoreError> {
+        self.read_fault()?;
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        Ok(self.cfs.read()[cf.index()].range(from.to_vec()..to.to_vec()).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+
+}
+
+
 impl Engine for MemoryEngine {
     fn write(&self, ops: &[Op], _sync: bool) -> Result<(), StoreError> {
         {
@@ -119,19 +138,6 @@ impl Engine for MemoryEngine {
             }
         }
         Ok(())
-    }
-
-    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.read_fault()?;
-        Ok(self.cfs.read()[cf.index()].get(key).cloned())
-    }
-
-    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<super::KeyValue>, StoreError> {
-        self.read_fault()?;
-        if from >= to {
-            return Ok(Vec::new());
-        }
-        Ok(self.cfs.read()[cf.index()].range(from.to_vec()..to.to_vec()).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())
     }
 
     fn disk_usage(&self) -> u64 {

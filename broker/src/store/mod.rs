@@ -29,6 +29,7 @@
 pub mod counters;
 pub mod keys;
 pub mod memory;
+pub mod overlay;
 pub mod rocks;
 
 use std::sync::Arc;
@@ -156,13 +157,18 @@ pub enum StoreError {
 /// A key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
-/// An ordered key-value store with column families.
-pub trait Engine: Send + Sync + 'static {
-    /// Applies `ops` atomically; durable on return when `sync`.
-    fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError>;
+/// Reading an ordered key-value store with column families: a store, or a
+/// store with pending writes on top ([`overlay::Overlay`]).
+pub trait Reader {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Up to `limit` entries with `from <= key < to`, in key order.
     fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError>;
+}
+
+/// An ordered key-value store with column families.
+pub trait Engine: Reader + Send + Sync + 'static {
+    /// Applies `ops` atomically; durable on return when `sync`.
+    fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError>;
     /// Bytes used on disk (0 for memory).
     fn disk_usage(&self) -> u64;
     /// Persists memory tables so that the next start need not replay the WAL.
@@ -614,6 +620,18 @@ mod tests {
         }
     }
 
+    impl Reader for Gate {
+        fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(cf, key)
+        }
+
+        fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+            self.inner.scan(cf, from, to, limit)
+        }
+
+    }
+
+
     impl Engine for Gate {
         fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError> {
             let mut st = self.state.lock();
@@ -624,12 +642,6 @@ mod tests {
             }
             drop(st);
             self.inner.write(ops, sync)
-        }
-        fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            self.inner.get(cf, key)
-        }
-        fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
-            self.inner.scan(cf, from, to, limit)
         }
         fn disk_usage(&self) -> u64 {
             0

@@ -8,7 +8,7 @@ use rocksdb::{
     WriteBatch, WriteOptions,
 };
 
-use super::{Cf, Engine, Op, StoreError};
+use super::{Cf, Engine, Op, Reader, StoreError};
 
 /// Memory RocksDB may use, split between memtables and the block cache.
 #[derive(Clone, Copy, Debug)]
@@ -99,25 +99,12 @@ fn cf_options(cf: Cf, cache: &Cache, tuning: RocksTuning) -> Options {
     opts
 }
 
-impl Engine for RocksEngine {
-    fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        for op in ops {
-            match op {
-                Op::Put(cf, k, v) => batch.put_cf(self.cf(*cf)?, k, v),
-                Op::Delete(cf, k) => batch.delete_cf(self.cf(*cf)?, k),
-                Op::Merge(cf, k, v) => batch.merge_cf(self.cf(*cf)?, k, v),
-                Op::DeleteRange(cf, from, to) => batch.delete_range_cf(self.cf(*cf)?, from, to),
-            }
-        }
-        let mut wo = WriteOptions::default();
-        wo.set_sync(sync);
-        self.db.write_opt(batch, &wo).map_err(io)
-    }
+impl Reader for RocksEngine {
 
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.db.get_cf(self.cf(cf)?, key).map_err(io)
     }
+
 
     fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<super::KeyValue>, StoreError> {
         let mut out = Vec::new();
@@ -137,6 +124,25 @@ impl Engine for RocksEngine {
             }
         }
         Ok(out)
+    }
+
+}
+
+
+impl Engine for RocksEngine {
+    fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        for op in ops {
+            match op {
+                Op::Put(cf, k, v) => batch.put_cf(self.cf(*cf)?, k, v),
+                Op::Delete(cf, k) => batch.delete_cf(self.cf(*cf)?, k),
+                Op::Merge(cf, k, v) => batch.merge_cf(self.cf(*cf)?, k, v),
+                Op::DeleteRange(cf, from, to) => batch.delete_range_cf(self.cf(*cf)?, from, to),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(batch, &wo).map_err(io)
     }
 
     fn disk_usage(&self) -> u64 {

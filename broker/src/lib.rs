@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod model;
 pub mod queue;
 pub mod raft;
+pub mod replica;
 pub mod routing;
 pub mod run;
 pub mod server;

@@ -51,7 +51,9 @@ pub type LocalReply = Option<Box<dyn std::any::Any + Send + Sync>>;
 /// The application side of one Raft group.
 pub trait GroupMachine: Send + 'static {
     /// Applies one committed entry: reads and writes go through `store`.
-    fn apply(&mut self, entry: &Applied<'_>, store: &mut Overlay<'_>) -> LocalReply;
+    /// An error is a storage failure: the group cannot go on applying (the
+    /// glue stops it; it restarts from the store).
+    fn apply(&mut self, entry: &Applied<'_>, store: &mut Overlay<'_>) -> Result<LocalReply, crate::store::StoreError>;
 
     /// Entries that change no state (openraft's blank and membership
     /// entries) still move time forward.

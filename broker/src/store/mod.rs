@@ -70,10 +70,14 @@ pub enum Cf {
     /// written atomically with their removal from the source queue, moved
     /// into the target queue atomically by its owner.
     Inbox,
+    /// What a replicated queue's state machine keeps besides its messages:
+    /// its state record, consumers, checked-out messages and dead-letter
+    /// outbox (see `keys::replica`).
+    Replica,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 10] = [
+    pub const ALL: [Cf; 11] = [
         Cf::Meta,
         Cf::Messages,
         Cf::Paged,
@@ -84,6 +88,7 @@ impl Cf {
         Cf::ExpiryTransient,
         Cf::Dedup,
         Cf::Inbox,
+        Cf::Replica,
     ];
 
     /// Emptied at open: their content never outlives the process.
@@ -101,6 +106,7 @@ impl Cf {
             Cf::ExpiryTransient => "expiry_transient",
             Cf::Dedup => "dedup",
             Cf::Inbox => "inbox",
+            Cf::Replica => "replica",
         }
     }
 
@@ -116,6 +122,7 @@ impl Cf {
             Cf::ExpiryTransient => 7,
             Cf::Dedup => 8,
             Cf::Inbox => 9,
+            Cf::Replica => 10,
         }
     }
 }

@@ -1,0 +1,314 @@
+//! A quorum queue's state machine: applies committed [`QueueEntry`]s to a
+//! replicated [`QueueState`], on every replica alike.
+//!
+//! What the outside world sees is not done here: deliveries, dead letters
+//! and consumers that leave are sent as [`ReplicaEvent`]s, which the queue's
+//! leader acts on and followers drop; the proposer on this node gets a
+//! [`QueueReply`].
+
+use std::sync::Arc;
+
+use prost::Message as _;
+use tokio::sync::mpsc;
+
+use super::ops::{QueueEntry, QueueOp};
+use crate::error::Error;
+use crate::model::{MessageData, QueueArgs, StoredMessage};
+use crate::queue::QueueShared;
+use crate::queue::deadletter;
+use crate::queue::read::{read_refill, read_timers};
+use crate::queue::state::{
+    ConsumerId, ConsumerLimits, ConsumerSpec, DeathReason, Effects, EnqueueOutcome, GetOutcome, Limits, OutDelivery, QueueState, Room,
+};
+use crate::raft::{Applied, GroupMachine, LocalReply};
+use crate::store::keys::{self, QueueId, replica};
+use crate::store::overlay::Overlay;
+use crate::store::{Cf, Op, Reader, StoreError};
+
+/// What an applied entry asks the leader to do.
+#[derive(Debug)]
+pub enum ReplicaEvent {
+    /// Hand a message to a consumer.
+    Deliver(OutDelivery),
+    /// A consumer left: dropped for a new leader, or failed (an unknown
+    /// delivery tag).
+    ConsumerGone { consumer: ConsumerId, error: Option<String> },
+    /// A dead-lettered message waits in the outbox under `seq`: route it,
+    /// hand it over, then propose `DeadLettered`.
+    DeadLetter { seq: u64, data: Arc<MessageData> },
+    /// For metrics (counted by the leader only).
+    Counted { expired: u64, dropped: Vec<DeathReason>, dead_lettered: Vec<DeathReason> },
+}
+
+/// What the proposer of an entry gets back.
+#[derive(Debug)]
+pub enum QueueReply {
+    Enqueued(Vec<EnqueueOutcome>),
+    Subscribed(Result<ConsumerId, Error>),
+    Done(Result<(), Error>),
+    /// Deliveries, and the ready count after them.
+    Got(Vec<OutDelivery>, u64),
+    Purged(u64),
+}
+
+/// Most read-and-apply rounds one entry may need (a refill, a timer read,
+/// a refill after it...). Far above what any entry needs; a bound so that
+/// a bug cannot loop.
+const MAX_READ_ROUNDS: usize = 10_000;
+
+pub struct QueueMachine {
+    pub state: QueueState,
+    events: mpsc::UnboundedSender<ReplicaEvent>,
+    shared: Arc<QueueShared>,
+}
+
+impl QueueMachine {
+    pub fn new(state: QueueState, events: mpsc::UnboundedSender<ReplicaEvent>, shared: Arc<QueueShared>) -> QueueMachine {
+        shared.publish(state.stats());
+        QueueMachine { state, events, shared }
+    }
+
+    fn id(&self) -> QueueId {
+        self.state.id
+    }
+
+    fn emit(&self, event: ReplicaEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// Applies one command; returns the proposer's reply.
+    fn command(&mut self, op: QueueOp, fx: &mut Effects, store: &mut Overlay<'_>) -> Result<QueueReply, StoreError> {
+        Ok(match op {
+            QueueOp::Enqueue(e) => {
+                let mut outcomes = Vec::with_capacity(e.messages.len());
+                for m in e.messages {
+                    let (mut data, delay) = m.into_data();
+                    // Quorum queues store every message, as RabbitMQ's do.
+                    data.properties.persistent = true;
+                    outcomes.push(self.state.enqueue(Arc::new(data), delay, fx));
+                }
+                QueueReply::Enqueued(outcomes)
+            }
+            QueueOp::Adopt(m) => {
+                let (mut data, _) = m.into_data();
+                data.properties.persistent = true;
+                self.state.adopt(None, Arc::new(data), fx);
+                QueueReply::Done(Ok(()))
+            }
+            QueueOp::Subscribe(s) => {
+                let spec = ConsumerSpec {
+                    tag: s.tag.as_str().into(),
+                    prefetch: s.prefetch,
+                    auto_ack: s.auto_ack,
+                    exclusive: s.exclusive,
+                    priority: s.priority,
+                    peer: s.peer,
+                    limits: Some(ConsumerLimits { max_unacked: s.max_unacked.max(1), max_unacked_bytes: s.max_unacked_bytes.max(1) }),
+                };
+                QueueReply::Subscribed(self.state.add_consumer(spec))
+            }
+            QueueOp::Unsubscribe(c) => {
+                self.state.remove_consumer(c.consumer, fx);
+                QueueReply::Done(Ok(()))
+            }
+            QueueOp::Ack(a) => {
+                let r = self.state.ack(a.consumer, a.tag, a.multiple, fx);
+                self.fail_consumer_on(a.consumer, &r, fx);
+                QueueReply::Done(r)
+            }
+            QueueOp::Nack(n) => {
+                let r = self.state.nack(n.consumer, n.tag, n.multiple, n.requeue, fx);
+                self.fail_consumer_on(n.consumer, &r, fx);
+                QueueReply::Done(r)
+            }
+            QueueOp::Qos(q) => {
+                self.state.set_prefetch(q.consumer, q.prefetch);
+                QueueReply::Done(Ok(()))
+            }
+            QueueOp::Settle(s) => {
+                self.state.settle(s.consumer, &s.tags, fx);
+                QueueReply::Done(Ok(()))
+            }
+            QueueOp::Get(g) => {
+                let mut rounds = 0;
+                loop {
+                    match self.state.get((g.max as usize).max(1), g.max_bytes.max(1), g.ack, fx) {
+                        GetOutcome::Messages(ds) => break QueueReply::Got(ds, self.state.stats().ready),
+                        GetOutcome::NeedRefill => {
+                            // Read what the queue needs now, then take again.
+                            let pending = std::mem::take(fx);
+                            let carried = self.carry_out(pending, store)?;
+                            *fx = carried;
+                            rounds += 1;
+                            if rounds > MAX_READ_ROUNDS {
+                                return Err(StoreError::Corrupt { cf: "messages", detail: "a get found no end to its reads".into() });
+                            }
+                        }
+                    }
+                }
+            }
+            QueueOp::Purge(_) => QueueReply::Purged(self.state.purge(fx)),
+            QueueOp::Tick(_) => {
+                self.state.poll_timers(fx);
+                QueueReply::Done(Ok(()))
+            }
+            QueueOp::DropConsumers(_) => {
+                for consumer in self.state.drop_consumers(fx) {
+                    self.emit(ReplicaEvent::ConsumerGone { consumer, error: None });
+                }
+                QueueReply::Done(Ok(()))
+            }
+            QueueOp::DeadLettered(d) => {
+                for seq in d.seqs {
+                    fx.ops.push(Op::Delete(Cf::Replica, replica::dead_letter(self.id(), seq)));
+                }
+                QueueReply::Done(Ok(()))
+            }
+        })
+    }
+
+    /// A consumer whose acknowledgement named an unknown tag leaves, as in
+    /// a classic queue.
+    fn fail_consumer_on(&mut self, consumer: ConsumerId, r: &Result<(), Error>, fx: &mut Effects) {
+        if let Err(e) = r
+            && self.state.remove_consumer(consumer, fx)
+        {
+            self.emit(ReplicaEvent::ConsumerGone { consumer, error: Some(e.to_string()) });
+        }
+    }
+
+    /// Writes a round's effects into the overlay and emits its events; the
+    /// reads it asks for are done at once and applied, until none is left.
+    /// Returns the effects of the last round (empty) for the caller to go on.
+    fn carry_out(&mut self, mut fx: Effects, store: &mut Overlay<'_>) -> Result<Effects, StoreError> {
+        for _ in 0..MAX_READ_ROUNDS {
+            let refill = fx.refill.take();
+            let timer = fx.timer_read.take();
+            self.write(fx, store)?;
+            fx = Effects::default();
+            if let Some(req) = refill {
+                let (entries, exhausted) = read_refill(&*store, self.id(), &req)?;
+                self.state.refilled(req.epoch, entries, exhausted, &mut fx);
+                self.state.dispatch(&mut fx, &mut |_| Room::UNLIMITED);
+                continue;
+            }
+            if let Some(req) = timer {
+                let result = read_timers(&*store, self.id(), &req)?;
+                self.state.timer_done(req.epoch, result, &mut fx);
+                self.state.dispatch(&mut fx, &mut |_| Room::UNLIMITED);
+                continue;
+            }
+            return Ok(fx);
+        }
+        Err(StoreError::Corrupt { cf: "messages", detail: "an entry found no end to its reads".into() })
+    }
+
+    /// Writes one round's effects and emits its events.
+    fn write(&mut self, mut fx: Effects, store: &mut Overlay<'_>) -> Result<(), StoreError> {
+        let mut dead_lettered = Vec::new();
+        for dl in std::mem::take(&mut fx.dead_letters) {
+            dead_lettered.push(dl.reason);
+            let Some(dlx) = self.state.args.dead_letter_exchange.clone() else { continue };
+            let data = deadletter::dead_lettered(
+                &dl.data,
+                &self.state.name,
+                dl.reason,
+                self.state.now(),
+                &dlx,
+                self.state.args.dead_letter_routing_key.as_deref(),
+            );
+            let seq = self.state.next_seq();
+            let record = StoredMessage::from_data(&data, self.state.now());
+            fx.ops.push(Op::Put(Cf::Replica, replica::dead_letter(self.id(), seq), record.encode_to_vec()));
+            self.emit(ReplicaEvent::DeadLetter { seq, data: Arc::new(data) });
+        }
+        if !fx.counters.is_zero() {
+            fx.ops.push(Op::Merge(Cf::QueueState, keys::encode_queue_state(self.id()).to_vec(), fx.counters.encode()));
+        }
+        store.write(std::mem::take(&mut fx.ops))?;
+        for d in fx.deliveries {
+            self.emit(ReplicaEvent::Deliver(d));
+        }
+        if fx.expired > 0 || !fx.dropped.is_empty() || !dead_lettered.is_empty() {
+            self.emit(ReplicaEvent::Counted { expired: fx.expired, dropped: fx.dropped, dead_lettered });
+        }
+        Ok(())
+    }
+
+    /// Applies a decoded entry (the [`GroupMachine`] without decoding).
+    pub fn apply_op(&mut self, now_ms: u64, op: QueueOp, store: &mut Overlay<'_>) -> Result<QueueReply, StoreError> {
+        self.state.set_now(now_ms);
+        let mut fx = Effects::default();
+        let reply = self.command(op, &mut fx, store)?;
+        self.state.dispatch(&mut fx, &mut |_| Room::UNLIMITED);
+        let mut rest = self.carry_out(fx, store)?;
+        self.state.write_replica_records(&mut rest);
+        self.write(rest, store)?;
+        self.shared.publish(self.state.stats());
+        Ok(reply)
+    }
+
+    /// The dead letters still waiting in the outbox (a new leader sends them
+    /// again).
+    pub fn pending_dead_letters(&self, store: &dyn Reader) -> Result<Vec<(u64, MessageData)>, StoreError> {
+        let (from, to) = replica::kind_range(self.id(), replica::DEAD_LETTER);
+        let mut out = Vec::new();
+        for (k, v) in store.scan(Cf::Replica, &from, &to, usize::MAX)? {
+            if let Some(seq) = replica::decode_id(&k) {
+                out.push((seq, StoredMessage::decode_bytes(bytes::Bytes::from(v))?.into_data()));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl GroupMachine for QueueMachine {
+    fn apply(&mut self, entry: &Applied<'_>, store: &mut Overlay<'_>) -> Result<LocalReply, StoreError> {
+        let op = match QueueEntry::decode(entry.data) {
+            Ok(QueueEntry { op: Some(op) }) => op,
+            // Every replica decodes the same bytes the same way: an entry
+            // this version cannot read changes nothing, anywhere.
+            Ok(QueueEntry { op: None }) | Err(_) => {
+                tracing::error!(queue = %self.state.name, index = entry.index, "cannot decode a log entry; skipped");
+                self.state.set_now(entry.now_ms);
+                return Ok(None);
+            }
+        };
+        let reply = self.apply_op(entry.now_ms, op, store)?;
+        Ok(Some(Box::new(reply)))
+    }
+
+    fn observe_time(&mut self, now_ms: u64) {
+        self.state.set_now(now_ms);
+    }
+
+    fn restore(&mut self, store: &dyn Reader) -> Result<(), StoreError> {
+        let (id, name, args, limits) = (self.state.id, self.state.name.clone(), self.state.args.clone(), *self.state.limits());
+        self.state = QueueState::restore_replicated(id, name, args, limits, store)?;
+        self.shared.publish(self.state.stats());
+        Ok(())
+    }
+
+    fn ranges(&self) -> Vec<(Cf, Vec<u8>, Vec<u8>)> {
+        let (start, end) = (keys::queue_start(self.id()).to_vec(), keys::queue_end(self.id()));
+        [Cf::Messages, Cf::QueueState, Cf::Delays, Cf::Expiry, Cf::Dedup, Cf::Replica]
+            .into_iter()
+            .map(|cf| (cf, start.clone(), end.clone()))
+            .collect()
+    }
+}
+
+/// Builds the machine of a new or recovered replica.
+pub fn machine(
+    id: QueueId,
+    name: Arc<str>,
+    args: QueueArgs,
+    limits: Limits,
+    events: mpsc::UnboundedSender<ReplicaEvent>,
+    shared: Arc<QueueShared>,
+) -> QueueMachine {
+    QueueMachine::new(QueueState::new_replicated(id, name, args, limits), events, shared)
+}
+
+#[cfg(test)]
+mod tests;

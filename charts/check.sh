@@ -49,6 +49,26 @@ if "$helm" template warren "$chart" --set operator.logFormat=yaml >/dev/null 2>"
 fi
 expect "$out/err" "logFormat" "the schema error naming logFormat"
 
+# As a subchart: a parent's `global` values reach it without tripping the
+# schema's additionalProperties: false.
+mkdir -p "$out/parent"
+cat > "$out/parent/Chart.yaml" <<EOF
+apiVersion: v2
+name: parent
+version: 0.1.0
+dependencies:
+  - name: warren
+    version: ">=0.0.0-0"
+    repository: "file://$chart"
+EOF
+printf 'global:\n  imageRegistry: registry.example\nwarren:\n  operator:\n    replicas: 2\n' > "$out/parent/values.yaml"
+"$helm" dependency update "$out/parent" >/dev/null
+"$helm" template p "$out/parent" > "$out/parent.yaml"
+expect "$out/parent.yaml" "replicas: 2" "the subchart's values from the parent"
+
+# NOTES work from a packaged chart: no paths into the repository.
+refuse "$chart/templates/NOTES.txt" "examples/" "a repository path in NOTES"
+
 # The CRDs shipped in the chart are the generated ones.
 for f in "$here"/../crds/generated/*.yaml; do
     cmp -s "$f" "$chart/crds/$(basename "$f")" || { echo "charts/check.sh: chart CRD $(basename "$f") differs from crds/generated (run crdgen)" >&2; exit 1; }

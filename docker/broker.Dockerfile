@@ -21,8 +21,8 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/bin/ /usr/local/bin/
 COPY --from=build --chown=65532:65532 /out/data /var/lib/warren
 ENV WARREN_DATA_DIR=/var/lib/warren \
-    WARREN_GRPC_ADDR=0.0.0.0:5680 \
-    WARREN_HTTP_ADDR=0.0.0.0:15680
+    WARREN_GRPC_ADDR=[::]:5680 \
+    WARREN_HTTP_ADDR=[::]:15680
 USER 65532:65532
 EXPOSE 5680 15680
 VOLUME ["/var/lib/warren"]

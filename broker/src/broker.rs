@@ -30,10 +30,14 @@ use crate::topology::{BindingDef, ExchangeDef, QueueDef, QueueEntry, SessionId, 
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
     pub node_name: String,
-    /// Largest message body accepted, in bytes.
+    /// Largest message accepted, in bytes: body plus encoded properties.
     pub max_message_size: usize,
     /// Per-queue in-memory window and per-consumer bounds.
     pub limits: Limits,
+    /// Most headers one message may carry.
+    pub max_message_headers: usize,
+    /// Most bytes of headers (names and encoded values) one message may carry.
+    pub max_message_header_bytes: usize,
     /// Most bytes of messages one `Get` reply carries (the rest stay in the
     /// queue): below the server's encoding limit, so a reply always fits.
     pub max_reply_bytes: u64,
@@ -54,6 +58,8 @@ impl Default for BrokerConfig {
             max_message_size: 16 << 20,
             limits: Limits::default(),
             max_reply_bytes: BrokerConfig::reply_budget(33 << 20),
+            max_message_headers: crate::config::DEFAULT_MAX_MESSAGE_HEADERS,
+            max_message_header_bytes: crate::config::DEFAULT_MAX_MESSAGE_HEADER_BYTES,
         }
     }
 }
@@ -556,8 +562,11 @@ impl Broker {
                 "the default exchange cannot be bound to or unbound from: it routes to every queue by name".into(),
             ));
         }
-        if !topo.exchanges.contains_key(source) {
+        let Some(source_def) = topo.exchanges.get(source) else {
             return Err(Error::not_found("exchange", source));
+        };
+        if source_def.kind == ExchangeKind::Topic {
+            validate_topic_pattern(source, key)?;
         }
         let dest = if dest_exchange {
             if !topo.exchanges.contains_key(dest) {
@@ -683,12 +692,11 @@ impl Broker {
         if self.is_shutting_down() {
             return Err(reject("the broker is shutting down".into()));
         }
-        let max = self.inner.config.max_message_size;
-        if msg.body.len() > max {
-            return Err(reject(format!("message body is {} bytes; the limit (max_message_size) is {max}", msg.body.len())));
-        }
-        if msg.exchange.len() > model::MAX_NAME_BYTES || msg.routing_key.len() > model::MAX_NAME_BYTES {
-            return Err(reject("exchange name or routing key is longer than 255 bytes".into()));
+        check_message_size(msg, &self.inner.config).map_err(reject)?;
+        for (field, value) in [("exchange", &msg.exchange), ("routing_key", &msg.routing_key)] {
+            if value.len() > model::MAX_NAME_BYTES {
+                return Err(reject(format!("{field} is {} bytes long; the limit is {} bytes", value.len(), model::MAX_NAME_BYTES)));
+            }
         }
         let snap = self.inner.snapshot.load();
         if msg.exchange.is_empty() {
@@ -865,6 +873,50 @@ impl Broker {
 
 /// Most messages one `Get` asks for; larger counts are served up to this.
 pub const MAX_GET_MESSAGES: u32 = 10_000;
+
+/// Checks a message against the size limits: its header count and header
+/// bytes, and its total size (body plus encoded properties, headers
+/// included). The error names the limit.
+fn check_message_size(msg: &proto::Message, config: &BrokerConfig) -> std::result::Result<(), String> {
+    use prost::Message as _;
+    let empty = HashMap::new();
+    let (properties, headers) = match &msg.properties {
+        Some(p) => (p.encoded_len(), &p.headers),
+        None => (0, &empty),
+    };
+    if headers.len() > config.max_message_headers {
+        return Err(format!("message has {} headers; the limit (max_message_headers) is {}", headers.len(), config.max_message_headers));
+    }
+    let header_bytes: usize = headers.iter().map(|(k, v)| k.len().saturating_add(v.encoded_len())).fold(0, usize::saturating_add);
+    if header_bytes > config.max_message_header_bytes {
+        return Err(format!(
+            "message headers are {header_bytes} bytes; the limit (max_message_header_bytes) is {}",
+            config.max_message_header_bytes
+        ));
+    }
+    let size = msg.body.len().saturating_add(properties);
+    if size > config.max_message_size {
+        return Err(format!(
+            "message is {size} bytes (body {}, properties {properties}); the limit (max_message_size) is {}",
+            msg.body.len(),
+            config.max_message_size
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a binding key of a topic exchange: at most
+/// [`MAX_PATTERN_WORDS`](crate::routing::topic::MAX_PATTERN_WORDS) words.
+fn validate_topic_pattern(exchange: &str, key: &str) -> Result<()> {
+    let max = crate::routing::topic::MAX_PATTERN_WORDS;
+    let words = key.split('.').count();
+    if words > max {
+        return Err(Error::InvalidArgument(format!(
+            "routing_key of a binding to topic exchange '{exchange}' has {words} words; the limit is {max} words"
+        )));
+    }
+    Ok(())
+}
 
 /// The delay a message asks for: the `delay_ms` field, else the `x-delay`
 /// header (milliseconds, as RabbitMQ's delayed-message exchange reads it).

@@ -201,7 +201,8 @@ pub struct Config {
     #[arg(long, env = "WARREN_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
 
-    /// Largest message body accepted, in bytes (units allowed: 16MiB).
+    /// Largest message accepted, in bytes (units allowed: 16MiB): its body
+    /// plus its encoded properties, headers included.
     #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE", default_value_t = 16 << 20, value_parser = parse_usize_bytes, value_name = "BYTES")]
     pub max_message_size: usize,
 
@@ -269,7 +270,37 @@ pub struct Config {
     /// collectors). The level comes from RUST_LOG (default `info`).
     #[arg(long, env = "WARREN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
     pub log_format: LogFormat,
+
+    // Client limits: what one client may ask of the broker.
+    /// Most gRPC calls (HTTP/2 streams) open at once on one connection. A
+    /// client that reaches it waits for one of its calls to end before the
+    /// next starts (gRPC clients honour the limit the server announces).
+    #[arg(long, env = "WARREN_MAX_CONCURRENT_STREAMS", default_value_t = DEFAULT_MAX_CONCURRENT_STREAMS, value_name = "N")]
+    pub max_concurrent_streams: u32,
+
+    /// How long a Consume stream may stay open before it sends its Subscribe
+    /// request; past it the stream ends with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "WARREN_CONSUME_SUBSCRIBE_TIMEOUT", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub consume_subscribe_timeout: Duration,
+
+    /// Most headers one message may carry (top-level entries of its
+    /// headers table); a message with more is rejected.
+    #[arg(long, env = "WARREN_MAX_MESSAGE_HEADERS", default_value_t = DEFAULT_MAX_MESSAGE_HEADERS, value_name = "N")]
+    pub max_message_headers: usize,
+
+    /// Most bytes of headers one message may carry: names plus encoded
+    /// values, nested lists and tables included; a message with more is
+    /// rejected.
+    #[arg(long, env = "WARREN_MAX_MESSAGE_HEADER_BYTES", default_value = "128KiB", value_parser = parse_usize_bytes, value_name = "BYTES")]
+    pub max_message_header_bytes: usize,
 }
+
+/// Default of `max_concurrent_streams`.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Default of `max_message_headers`.
+pub const DEFAULT_MAX_MESSAGE_HEADERS: usize = 1024;
+/// Default of `max_message_header_bytes`.
+pub const DEFAULT_MAX_MESSAGE_HEADER_BYTES: usize = 128 << 10;
 
 /// Why the configuration could not be loaded.
 #[derive(Debug)]
@@ -393,6 +424,32 @@ impl Config {
         if self.http_addr.port() != 0 && self.http_addr == self.grpc_addr {
             return Err(format!("http_addr and grpc_addr are both {}; they must differ", self.http_addr));
         }
+        self.validate_client_limits()
+    }
+
+    /// Checks the client limits; the error names the setting.
+    fn validate_client_limits(&self) -> Result<(), String> {
+        if self.max_concurrent_streams == 0 {
+            return Err("max_concurrent_streams must be greater than 0".into());
+        }
+        if self.consume_subscribe_timeout < Duration::from_millis(10) || self.consume_subscribe_timeout > Duration::from_secs(3600) {
+            return Err(format!(
+                "consume_subscribe_timeout is {}; it must be between 10ms and 1h",
+                show_duration(self.consume_subscribe_timeout)
+            ));
+        }
+        if self.max_message_headers == 0 {
+            return Err("max_message_headers must be greater than 0".into());
+        }
+        if self.max_message_header_bytes == 0 {
+            return Err("max_message_header_bytes must be greater than 0".into());
+        }
+        if self.max_message_header_bytes > 512 << 20 {
+            return Err(format!(
+                "max_message_header_bytes is {} bytes; the most allowed is 536870912 (512 MiB)",
+                self.max_message_header_bytes
+            ));
+        }
         Ok(())
     }
 
@@ -428,6 +485,10 @@ impl Config {
             ("publish_block_timeout", show_duration(self.publish_block_timeout)),
             ("alarm_check_interval", show_duration(self.alarm_check_interval)),
             ("log_format", format!("{:?}", self.log_format).to_lowercase()),
+            ("max_concurrent_streams", self.max_concurrent_streams.to_string()),
+            ("consume_subscribe_timeout", show_duration(self.consume_subscribe_timeout)),
+            ("max_message_headers", self.max_message_headers.to_string()),
+            ("max_message_header_bytes", self.max_message_header_bytes.to_string()),
         ];
         rows.iter().map(|(k, v)| format!("  {k} = {v}\n")).collect()
     }
@@ -520,6 +581,50 @@ mod tests {
             let Err(LoadError::Args(e)) = load(args) else { panic!("{args:?} should not parse") };
             assert!(e.to_string().contains(flag), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn should_load_and_check_the_client_limits() {
+        let c = loaded(&[]);
+        assert_eq!(c.max_concurrent_streams, DEFAULT_MAX_CONCURRENT_STREAMS);
+        assert_eq!(c.consume_subscribe_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_message_headers, DEFAULT_MAX_MESSAGE_HEADERS);
+        assert_eq!(c.max_message_header_bytes, DEFAULT_MAX_MESSAGE_HEADER_BYTES);
+        let c = loaded(&[
+            "--max-concurrent-streams",
+            "8",
+            "--consume-subscribe-timeout",
+            "250ms",
+            "--max-message-headers",
+            "3",
+            "--max-message-header-bytes",
+            "1KiB",
+        ]);
+        assert!(c.validate().is_ok());
+        assert_eq!((c.max_concurrent_streams, c.max_message_headers, c.max_message_header_bytes), (8, 3, 1024));
+        assert_eq!(c.consume_subscribe_timeout, Duration::from_millis(250));
+        let rendered = c.render();
+        for line in [
+            "max_concurrent_streams = 8",
+            "consume_subscribe_timeout = 250ms",
+            "max_message_headers = 3",
+            "max_message_header_bytes = 1024",
+        ] {
+            assert!(rendered.contains(line), "{line} in {rendered}");
+        }
+        for (args, setting) in [
+            (&["--max-concurrent-streams", "0"][..], "max_concurrent_streams"),
+            (&["--consume-subscribe-timeout", "0s"][..], "consume_subscribe_timeout"),
+            (&["--consume-subscribe-timeout", "2h"][..], "consume_subscribe_timeout"),
+            (&["--max-message-headers", "0"][..], "max_message_headers"),
+            (&["--max-message-header-bytes", "0"][..], "max_message_header_bytes"),
+            (&["--max-message-header-bytes", "1GiB"][..], "max_message_header_bytes"),
+        ] {
+            let err = loaded(args).validate().unwrap_err();
+            assert!(err.contains(setting), "{args:?}: {err}");
+        }
+        let Err(LoadError::Args(e)) = load(&["--max-concurrent-streams=-1"]) else { panic!("a negative stream limit parsed") };
+        assert!(e.to_string().contains("--max-concurrent-streams"), "{e}");
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
                 consumer_max_unacked_bytes: config.consumer_max_unacked_bytes,
             },
             max_reply_bytes: BrokerConfig::reply_budget(limit),
+            max_message_headers: config.max_message_headers,
+            max_message_header_bytes: config.max_message_header_bytes,
         },
     )
     .await
@@ -139,7 +141,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let reflection = reflection().build_v1().context("building the reflection service")?;
     let service = WarrenServer::new(
         WarrenService::new(broker.clone(), shutdown.clone(), config.data_dir.display().to_string(), addr.to_string())
-            .with_publish_block_timeout(config.publish_block_timeout),
+            .with_publish_block_timeout(config.publish_block_timeout)
+            .with_consume_subscribe_timeout(config.consume_subscribe_timeout),
     )
     .max_decoding_message_size(limit)
     .max_encoding_message_size(limit);
@@ -155,6 +158,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Streams per connection: a client cannot hold unbounded calls.
+        .max_concurrent_streams(config.max_concurrent_streams)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_v1alpha)

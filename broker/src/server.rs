@@ -112,15 +112,29 @@ pub struct WarrenService {
     /// How long a unary publish waits while a resource alarm blocks
     /// publishers.
     publish_block_timeout: std::time::Duration,
+    /// How long a consume stream may stay open without its Subscribe.
+    consume_subscribe_timeout: std::time::Duration,
 }
 
 impl WarrenService {
     pub fn new(broker: Broker, shutdown: CancellationToken, data_dir: String, grpc_addr: String) -> Self {
-        WarrenService { broker, shutdown, data_dir, grpc_addr, publish_block_timeout: std::time::Duration::from_secs(10) }
+        WarrenService {
+            broker,
+            shutdown,
+            data_dir,
+            grpc_addr,
+            publish_block_timeout: std::time::Duration::from_secs(10),
+            consume_subscribe_timeout: std::time::Duration::from_secs(10),
+        }
     }
 
     pub fn with_publish_block_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.publish_block_timeout = timeout;
+        self
+    }
+
+    pub fn with_consume_subscribe_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.consume_subscribe_timeout = timeout;
         self
     }
 
@@ -302,7 +316,19 @@ impl Warren for WarrenService {
     async fn consume(&self, req: Request<Streaming<proto::ConsumeRequest>>) -> Result<Response<Self::ConsumeStream>, Status> {
         let session = self.session(&req);
         let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("the stream closed before a subscribe request"))?;
+        // A stream that never subscribes would hold its slot (and the
+        // connection's stream limit) forever: it gets a bounded wait.
+        let limit = self.consume_subscribe_timeout;
+        let first = tokio::select! {
+            first = tokio::time::timeout(limit, inbound.message()) => first.map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "no subscribe request within {} of opening the consume stream (consume_subscribe_timeout)",
+                    crate::config::show_duration(limit)
+                ))
+            })??,
+            _ = self.shutdown.cancelled() => return Err(Error::ShuttingDown.into()),
+        };
+        let first = first.ok_or_else(|| Status::invalid_argument("the stream closed before a subscribe request"))?;
         let Some(proto::consume_request::Request::Subscribe(sub)) = first.request else {
             return Err(Status::invalid_argument("the first request on a consume stream must be subscribe"));
         };

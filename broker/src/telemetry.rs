@@ -274,7 +274,9 @@ impl ConsumeTraces {
             Some(pending) => {
                 let mut p = pending.lock();
                 if multiple {
-                    let keep = if tag == 0 { BTreeMap::new() } else { p.split_off(&(tag + 1)) };
+                    // u64::MAX with `multiple` settles everything.
+                    let keep =
+                        if tag == 0 { BTreeMap::new() } else { tag.checked_add(1).map_or_else(BTreeMap::new, |after| p.split_off(&after)) };
                     std::mem::replace(&mut *p, keep).into_values().collect()
                 } else {
                     p.remove(&tag).into_iter().collect()
@@ -375,6 +377,20 @@ mod tests {
         assert_eq!(ack.links.links.len(), 2, "an ack with multiple links every delivery it settles");
         assert!(ack.links.links.iter().any(|l| ids(&l.span_context) == ids(&deliver.span_context)));
         assert!(traces.pending.as_ref().unwrap().lock().is_empty());
+    }
+
+    #[test]
+    fn should_settle_everything_for_the_largest_tag_with_multiple() {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder().with_simple_exporter(exporter.clone()).build();
+        let traces = ConsumeTraces::with_tracer(provider.tracer("test"), "q", false);
+        traces.deliver(&proto::Delivery { delivery_tag: 1, ..Default::default() });
+        traces.deliver(&proto::Delivery { delivery_tag: u64::MAX, ..Default::default() });
+        traces.settle("ack", u64::MAX, true, None);
+        assert!(traces.pending.as_ref().unwrap().lock().is_empty());
+        let spans = exporter.get_finished_spans().unwrap();
+        let ack = spans.iter().find(|s| s.name == "ack").unwrap();
+        assert_eq!(ack.links.links.len(), 2);
     }
 
     #[test]

@@ -27,9 +27,65 @@ pub const GROUP: &str = "warren.dev";
 /// The `kubectl get warren` category shared by every Warren resource.
 pub const CATEGORY: &str = "warren";
 
+/// Annotation on every Warren CRD carrying [`SCHEMA_REVISION`].
+pub const SCHEMA_REVISION_ANNOTATION: &str = "warren.dev/schema-revision";
+
+/// Revision of the CRD schemas, bumped whenever the generated schemas
+/// change (a test compares a hash of them with `crds/schema-revisions.txt`).
+/// The operator refuses to start against installed CRDs of an older
+/// revision: it would read fields the API server prunes.
+pub const SCHEMA_REVISION: u32 = 2;
+
 /// Every Warren CRD, in a stable order (the order `crdgen` writes them in).
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![v1alpha1::Broker::crd(), v1alpha1::Exchange::crd(), v1alpha1::Queue::crd(), v1alpha1::Binding::crd()]
+    let mut broker = v1alpha1::Broker::crd();
+    add_root_rule(
+        &mut broker,
+        schema::rule(
+            format!(
+                "size(self.metadata.name) <= {} && self.metadata.name.matches('{}')",
+                v1alpha1::MAX_BROKER_NAME,
+                v1alpha1::BROKER_NAME_PATTERN
+            ),
+            format!(
+                "a Broker's name must be a DNS-1035 label (lower-case letters, digits and '-', starting with a letter) of at most {} \
+                 characters: it names the Broker's Services, and its StatefulSet's pod labels must fit in 63 characters",
+                v1alpha1::MAX_BROKER_NAME
+            ),
+        ),
+    );
+    let mut all = vec![broker, v1alpha1::Exchange::crd(), v1alpha1::Queue::crd(), v1alpha1::Binding::crd()];
+    for crd in &mut all {
+        crd.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(SCHEMA_REVISION_ANNOTATION.to_string(), SCHEMA_REVISION.to_string());
+    }
+    all
+}
+
+/// A stable hash (FNV-1a, 64 bits) of the CRDs without their revision
+/// annotation: what `crds/schema-revisions.txt` records per revision.
+pub fn schema_hash() -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for mut crd in crds() {
+        if let Some(a) = crd.metadata.annotations.as_mut() {
+            a.remove(SCHEMA_REVISION_ANNOTATION);
+        }
+        for byte in serde_json::to_vec(&crd).unwrap_or_default() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{hash:016x}")
+}
+
+fn add_root_rule(crd: &mut CustomResourceDefinition, rule: serde_json::Value) {
+    for version in &mut crd.spec.versions {
+        let Some(schema) = version.schema.as_mut().and_then(|s| s.open_api_v3_schema.as_mut()) else { continue };
+        let Ok(rule) = serde_json::from_value(rule.clone()) else { continue };
+        schema.x_kubernetes_validations.get_or_insert_with(Vec::new).push(rule);
+    }
 }
 
 /// The YAML document `crdgen` writes for one CRD: a header saying it is

@@ -162,7 +162,9 @@ fn should_only_reference_fields_cel_can_see() {
                 let text = r["rule"].as_str().unwrap();
                 for cap in field.captures_iter(text) {
                     let name = &cap[1];
-                    if !visible.iter().any(|v| v == name) {
+                    // At the root, CEL sees metadata.name and generateName.
+                    let root_metadata = path == kind && name == "metadata" && text.contains("self.metadata.name");
+                    if !visible.iter().any(|v| v == name) && !root_metadata {
                         problems.push(format!("{path}: rule `{text}` names `{name}`, which CEL cannot see"));
                     }
                 }
@@ -284,6 +286,8 @@ fn should_refuse_broker_settings_the_broker_would_refuse() {
         json!({"memoryCalculationStrategy": "allocated"}),
         json!({"diskFreeLimit": "1Gi"}),
         json!({"diskFreeLimit": 52428800}),
+        json!({"diskFreeLimit": 5368709120_i64}),
+        json!({"memoryHighWatermark": "32Mi"}),
         json!({"diskFreeLimit": "500M"}),
         json!({"publishBlockTimeout": "30s"}),
         json!({"publishBlockTimeout": "1h"}),
@@ -307,6 +311,10 @@ fn should_refuse_broker_settings_the_broker_would_refuse() {
         (json!({"alarmCheckInterval": "5ms"}), "alarmCheckInterval must be between 10ms and 60s"),
         (json!({"alarmCheckInterval": "2m"}), "alarmCheckInterval must be between 10ms and 60s"),
         (json!({"diskFreeLimt": "1Gi"}), "unknown field \"diskFreeLimt\""),
+        // The broker refuses an absolute watermark below 32 MiB.
+        (json!({"memoryHighWatermark": "16Mi"}), "memoryHighWatermark as a quantity must be at least 32Mi"),
+        (json!({"memoryHighWatermark": "33554431"}), "memoryHighWatermark as a quantity must be at least 32Mi"),
+        (json!({"diskFreeLimit": -1}), "diskFreeLimit"),
     ];
     for (config, want) in bad {
         let e = errors_of(&broker(config.clone()), None);
@@ -327,5 +335,32 @@ fn should_round_trip_every_kind_through_serde() {
             other => panic!("{}: unexpected kind {other}", file.display()),
         };
         assert!(ok, "{}: {kind} does not deserialize", file.display());
+    }
+}
+
+/// The operator refuses CRDs of an older revision, so the revision must
+/// change whenever the schemas do: each revision's schema hash is recorded.
+#[test]
+fn should_bump_the_schema_revision_when_the_schemas_change() {
+    let recorded = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/schema-revisions.txt")).unwrap();
+    let hash = warren_crds::schema_hash();
+    let line = recorded.lines().find(|l| l.split_whitespace().next() == Some(&warren_crds::SCHEMA_REVISION.to_string()));
+    match line {
+        Some(l) => assert_eq!(
+            l.split_whitespace().nth(1),
+            Some(hash.as_str()),
+            "the CRD schemas changed since revision {} was recorded: bump warren_crds::SCHEMA_REVISION and add `{} {hash}` to crds/schema-revisions.txt",
+            warren_crds::SCHEMA_REVISION,
+            warren_crds::SCHEMA_REVISION + 1
+        ),
+        None => panic!(
+            "crds/schema-revisions.txt has no line for revision {}: add `{} {hash}`",
+            warren_crds::SCHEMA_REVISION,
+            warren_crds::SCHEMA_REVISION
+        ),
+    }
+    for crd in warren_crds::crds() {
+        let annotations = crd.metadata.annotations.unwrap_or_default();
+        assert_eq!(annotations.get(warren_crds::SCHEMA_REVISION_ANNOTATION), Some(&warren_crds::SCHEMA_REVISION.to_string()));
     }
 }

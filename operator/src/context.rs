@@ -11,7 +11,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use tonic::transport::{Channel, Endpoint};
 use warren_client::proto::warren_client::WarrenClient;
-use warren_crds::v1alpha1::Queue;
+use warren_crds::v1alpha1::{Binding, Broker, Exchange, Queue};
 
 use crate::autoscaler::History;
 use crate::error::{Error, Result};
@@ -29,6 +29,12 @@ pub struct Settings {
     pub resync: Duration,
     /// Timeout of one gRPC call to a broker.
     pub broker_timeout: Duration,
+    /// Addresses to reach Brokers at instead of their in-cluster Service,
+    /// by `namespace/name` (an operator running outside the cluster, or
+    /// tests with a broker on loopback).
+    pub broker_endpoints: HashMap<String, String>,
+    /// Most reconciles at once, per controller.
+    pub concurrency: u16,
 }
 
 impl Default for Settings {
@@ -37,8 +43,35 @@ impl Default for Settings {
             broker_image: format!("ghcr.io/warren-mq/warren-broker:{}", env!("CARGO_PKG_VERSION")),
             resync: Duration::from_secs(30),
             broker_timeout: Duration::from_secs(10),
+            broker_endpoints: HashMap::new(),
+            concurrency: 16,
         }
     }
+}
+
+/// Parses `NAMESPACE/NAME=HOST:PORT` (a `--broker-endpoint` value).
+pub fn parse_broker_endpoint(s: &str) -> std::result::Result<(String, String), String> {
+    let (key, endpoint) = s.split_once('=').ok_or_else(|| format!("{s:?} is not NAMESPACE/NAME=HOST:PORT"))?;
+    let (ns, name) = key.split_once('/').ok_or_else(|| format!("{key:?} is not NAMESPACE/NAME"))?;
+    if ns.is_empty() || name.is_empty() || endpoint.is_empty() {
+        return Err(format!("{s:?} is not NAMESPACE/NAME=HOST:PORT"));
+    }
+    Ok((format!("{ns}/{name}"), endpoint.to_string()))
+}
+
+/// The reflector caches of the four Warren kinds, once their controllers
+/// run: reconcilers read Brokers and look for other claimants here instead
+/// of asking the API server.
+#[derive(Default)]
+pub struct Stores {
+    /// Brokers.
+    pub brokers: OnceLock<Store<Broker>>,
+    /// Exchanges.
+    pub exchanges: OnceLock<Store<Exchange>>,
+    /// Queues.
+    pub queues: OnceLock<Store<Queue>>,
+    /// Bindings.
+    pub bindings: OnceLock<Store<Binding>>,
 }
 
 /// Shared reconcile context.
@@ -55,9 +88,11 @@ pub struct Context {
     scale_resources: Mutex<HashMap<String, ApiResource>>,
     /// Recent autoscaling recommendations per Queue (by uid).
     pub histories: Mutex<HashMap<String, History>>,
-    /// The Queue controller's cache, once it runs (for autoscaling
-    /// conflicts between Queues).
-    queues: OnceLock<Store<Queue>>,
+    /// The controllers' caches, once they run.
+    pub stores: Stores,
+    /// Bindings listed from each broker (by endpoint), shared by every
+    /// Binding reconcile for a short while.
+    pub binding_lists: crate::topology::binding::ListCache,
 }
 
 impl Context {
@@ -72,18 +107,20 @@ impl Context {
             brokers: Mutex::default(),
             scale_resources: Mutex::default(),
             histories: Mutex::default(),
-            queues: OnceLock::new(),
+            stores: Stores::default(),
+            binding_lists: Default::default(),
         })
-    }
-
-    /// Gives the autoscaler the Queue controller's cache.
-    pub fn set_queues(&self, store: Store<Queue>) {
-        let _ = self.queues.set(store);
     }
 
     /// The Queue controller's cache, when it runs.
     pub fn queues(&self) -> Option<&Store<Queue>> {
-        self.queues.get()
+        self.stores.queues.get()
+    }
+
+    /// Where to reach the Broker `namespace/name`, whose status says
+    /// `endpoint`: the configured override, else the status.
+    pub fn broker_endpoint(&self, namespace: &str, name: &str, endpoint: Option<&str>) -> Option<String> {
+        self.settings.broker_endpoints.get(&format!("{namespace}/{name}")).cloned().or_else(|| endpoint.map(str::to_string))
     }
 
     /// A gRPC client for the broker at `endpoint` (`host:port`). Channels
@@ -91,7 +128,7 @@ impl Context {
     pub fn broker(&self, endpoint: &str) -> Result<WarrenClient<Channel>> {
         let mut brokers = self.brokers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(channel) = brokers.get(endpoint) {
-            return Ok(WarrenClient::new(channel.clone()));
+            return Ok(client(channel.clone()));
         }
         let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
         let channel = Endpoint::from_shared(uri)
@@ -100,7 +137,7 @@ impl Context {
             .timeout(self.settings.broker_timeout)
             .connect_lazy();
         brokers.insert(endpoint.to_string(), channel.clone());
-        Ok(WarrenClient::new(channel))
+        Ok(client(channel))
     }
 
     /// Cached API resource of a scale target's `apiVersion` + `kind`.
@@ -112,4 +149,12 @@ impl Context {
     pub fn cache_scale_resource(&self, key: String, ar: ApiResource) {
         self.scale_resources.lock().unwrap_or_else(|p| p.into_inner()).insert(key, ar);
     }
+}
+
+/// Largest gRPC response the operator reads from a broker: a list of every
+/// binding of a large broker is far more than tonic's 4 MiB default.
+pub const MAX_BROKER_RESPONSE: usize = 256 << 20;
+
+fn client(channel: Channel) -> WarrenClient<Channel> {
+    WarrenClient::new(channel).max_decoding_message_size(MAX_BROKER_RESPONSE)
 }

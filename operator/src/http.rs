@@ -1,6 +1,8 @@
 //! The operator's HTTP endpoints: `/metrics` (Prometheus), `/healthz`
-//! (the process runs), `/readyz` (the CRDs were found and the controllers
-//! started, or this replica is a standby waiting for the lease).
+//! (the process runs and no watch has been failing for longer than its
+//! limit: a stuck watch makes the kubelet restart the operator), `/readyz`
+//! (the CRDs were found and the controllers started, or this replica is a
+//! standby waiting for the lease).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::metrics::Metrics;
+use crate::watch::Watches;
 
 /// Shared state of the HTTP server.
 pub struct Health {
@@ -20,11 +23,20 @@ pub struct Health {
     pub metrics: Arc<Metrics>,
     /// Set once start-up checks passed.
     pub ready: AtomicBool,
+    /// Health of the watches.
+    pub watches: Arc<Watches>,
 }
 
 /// The router.
 pub fn router(health: Arc<Health>) -> Router {
-    Router::new().route("/metrics", get(metrics)).route("/healthz", get(|| async { "ok" })).route("/readyz", get(readyz)).with_state(health)
+    Router::new().route("/metrics", get(metrics)).route("/healthz", get(healthz)).route("/readyz", get(readyz)).with_state(health)
+}
+
+async fn healthz(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    match h.watches.check() {
+        Ok(()) => (StatusCode::OK, "ok".to_string()),
+        Err(stuck) => (StatusCode::SERVICE_UNAVAILABLE, stuck),
+    }
 }
 
 async fn metrics(State(h): State<Arc<Health>>) -> impl IntoResponse {
@@ -40,9 +52,23 @@ async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
     if h.ready.load(Ordering::Relaxed) { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "starting") }
 }
 
+/// Binds `addr`; the unspecified IPv6 address (`[::]`, both IPv6 and IPv4
+/// on Linux) falls back to `0.0.0.0` on a host without IPv6.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    match tokio::net::TcpListener::bind(addr).await {
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+            let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, addr.port()));
+            tracing::warn!(%addr, error = %e, "cannot listen on IPv6; listening on {v4}");
+            tokio::net::TcpListener::bind(v4).await
+        }
+        other => other,
+    }
+}
+
 /// Serves until the process ends.
 pub async fn serve(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = bind(addr).await?;
+    let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     axum::serve(listener, router(health)).await
 }
@@ -53,6 +79,7 @@ mod tests {
     use super::*;
     use axum::body::Body;
     use axum::http::Request;
+    use std::time::Duration;
     use tower::ServiceExt;
 
     async fn get(health: &Arc<Health>, path: &str) -> (StatusCode, String) {
@@ -64,7 +91,11 @@ mod tests {
 
     #[tokio::test]
     async fn should_serve_health_readiness_and_metrics() {
-        let health = Arc::new(Health { metrics: Arc::new(Metrics::default()), ready: AtomicBool::new(false) });
+        let health = Arc::new(Health {
+            metrics: Arc::new(Metrics::default()),
+            ready: AtomicBool::new(false),
+            watches: Watches::new(Duration::ZERO),
+        });
         assert_eq!(get(&health, "/healthz").await.0, StatusCode::OK);
         assert_eq!(get(&health, "/readyz").await.0, StatusCode::SERVICE_UNAVAILABLE);
         health.ready.store(true, Ordering::Relaxed);
@@ -73,5 +104,9 @@ mod tests {
         let (status, body) = get(&health, "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("warren_operator_reconciles_total{controller=\"queue\"} 1"), "{body}");
+        health.watches.record("queues", Some(&kube::runtime::watcher::Error::NoResourceVersion));
+        let (status, body) = get(&health, "/healthz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "a stuck watch fails the liveness check");
+        assert!(body.contains("queues watch"), "{body}");
     }
 }

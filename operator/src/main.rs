@@ -11,10 +11,11 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
-use warren_operator::context::{Context, Settings};
+use warren_operator::context::{Context, Settings, parse_broker_endpoint};
 use warren_operator::http::{self, Health};
 use warren_operator::leader::LeaseLock;
 use warren_operator::metrics::Metrics;
+use warren_operator::watch::Watches;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
@@ -26,8 +27,9 @@ enum LogFormat {
 #[derive(Debug, Parser)]
 #[command(name = "warren-operator", version, about)]
 struct Config {
-    /// Address of the HTTP server (/metrics, /healthz, /readyz).
-    #[arg(long, env = "WARREN_OPERATOR_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    /// Address of the HTTP server (/metrics, /healthz, /readyz). `[::]`
+    /// listens on IPv6 and IPv4 (falling back to 0.0.0.0 without IPv6).
+    #[arg(long, env = "WARREN_OPERATOR_HTTP_ADDR", default_value = "[::]:8080")]
     http_addr: SocketAddr,
     /// Image for Brokers that do not set spec.image.
     #[arg(long, env = "WARREN_OPERATOR_BROKER_IMAGE", default_value = concat!("ghcr.io/warren-mq/warren-broker:", env!("CARGO_PKG_VERSION")))]
@@ -55,6 +57,19 @@ struct Config {
     /// name from POD_NAME, else the host name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Reach the Broker NAMESPACE/NAME at HOST:PORT instead of its
+    /// in-cluster Service (an operator running outside the cluster, or a
+    /// broker on loopback in tests). Repeatable; the variable takes a
+    /// comma-separated list.
+    #[arg(long = "broker-endpoint", env = "WARREN_OPERATOR_BROKER_ENDPOINTS", value_delimiter = ',', value_parser = parse_broker_endpoint, value_name = "NAMESPACE/NAME=HOST:PORT")]
+    broker_endpoints: Vec<(String, String)>,
+    /// Most reconciles running at once, per controller.
+    #[arg(long, env = "WARREN_OPERATOR_MAX_CONCURRENT_RECONCILES", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    max_concurrent_reconciles: u16,
+    /// Seconds a watch may keep failing (no successful list or event in
+    /// between) before /healthz fails, so that a stuck operator is restarted.
+    #[arg(long, env = "WARREN_OPERATOR_WATCH_STUCK_SECONDS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    watch_stuck_seconds: u64,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "WARREN_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -84,21 +99,27 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(?config, %identity, "starting warren-operator {}", env!("CARGO_PKG_VERSION"));
 
     let metrics = Arc::new(Metrics::default());
-    let health = Arc::new(Health { metrics: metrics.clone(), ready: Default::default() });
+    let watches = Watches::new(Duration::from_secs(config.watch_stuck_seconds));
+    let health = Arc::new(Health { metrics: metrics.clone(), ready: Default::default(), watches: watches.clone() });
     let server = tokio::spawn(http::serve(config.http_addr, health.clone()));
 
     let client = Client::try_default().await.context("no Kubernetes configuration found (in-cluster service account or KUBECONFIG)")?;
-    if let Err(hint) = warren_operator::check_crds(&client, config.watch_namespace.as_deref()).await {
+    if let Err(hint) = warren_operator::check_crds(&client).await {
         tracing::error!("{hint}");
         eprintln!("warren-operator: {hint}");
         std::process::exit(2);
     }
     health.ready.store(true, Ordering::Relaxed);
 
-    let settings =
-        Settings { broker_image: config.broker_image.clone(), resync: Duration::from_secs(config.resync_seconds), ..Settings::default() };
+    let settings = Settings {
+        broker_image: config.broker_image.clone(),
+        resync: Duration::from_secs(config.resync_seconds),
+        broker_endpoints: config.broker_endpoints.iter().cloned().collect(),
+        concurrency: config.max_concurrent_reconciles,
+        ..Settings::default()
+    };
     let ctx = Context::new(client.clone(), metrics.clone(), settings, Some(identity.clone()));
-    let controllers = warren_operator::run_controllers(client.clone(), config.watch_namespace.clone(), ctx);
+    let controllers = warren_operator::run_controllers(client.clone(), config.watch_namespace.clone(), ctx, watches);
 
     if config.leader_election {
         let namespace = config.lease_namespace.clone().unwrap_or_else(own_namespace);

@@ -52,8 +52,8 @@ fn should_run_a_non_root_read_only_pod_with_probes_and_a_volume_claim() {
     assert!(c.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap().sleep.is_some());
 
     let env: Vec<_> = c.env.as_ref().unwrap().iter().map(|e| (e.name.as_str(), e.value.clone())).collect();
-    assert!(env.contains(&("WARREN_GRPC_ADDR", Some("0.0.0.0:5680".into()))));
-    assert!(env.contains(&("WARREN_HTTP_ADDR", Some("0.0.0.0:15680".into()))));
+    assert!(env.contains(&("WARREN_GRPC_ADDR", Some("[::]:5680".into()))));
+    assert!(env.contains(&("WARREN_HTTP_ADDR", Some("[::]:15680".into()))));
     assert!(env.contains(&("WARREN_DATA_DIR", Some("/var/lib/warren/data".into()))), "a directory of the volume, not its root");
     let mounts = c.volume_mounts.as_ref().unwrap();
     assert!(mounts.iter().any(|m| m.name == "data" && m.mount_path == "/var/lib/warren"));

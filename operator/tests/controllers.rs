@@ -310,14 +310,21 @@ async fn should_report_a_child_the_api_server_refuses_in_the_broker_status() {
     assert_eq!(
         api.lines(),
         [
+            "GET /api/v1/namespaces/ns/serviceaccounts/warren",
+            "GET /api/v1/namespaces/ns/configmaps/warren-config",
+            "GET /api/v1/namespaces/ns/services/warren-headless",
+            "GET /api/v1/namespaces/ns/services/warren",
+            "GET /apis/apps/v1/namespaces/ns/statefulsets/warren",
+            "GET /apis/policy/v1/namespaces/ns/poddisruptionbudgets/warren",
             "PATCH /api/v1/namespaces/ns/serviceaccounts/warren",
             "PATCH /api/v1/namespaces/ns/configmaps/warren-config",
             "PATCH /api/v1/namespaces/ns/services/warren-headless",
             "PATCH /api/v1/namespaces/ns/services/warren",
             "PATCH /apis/apps/v1/namespaces/ns/statefulsets/warren",
+            "POST /apis/events.k8s.io/v1/namespaces/ns/events",
             "PATCH /apis/warren.dev/v1alpha1/namespaces/ns/brokers/warren/status",
         ],
-        "stops at the refused child and reports it"
+        "checks that no name is taken, stops at the refused child and reports it (Event, status)"
     );
     let status = api.last_status("warren");
     let degraded = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Degraded").unwrap();
@@ -401,28 +408,41 @@ async fn should_apply_every_broker_child_with_one_field_manager_then_the_status(
     api.put(&bpath, obj.clone());
     // The StatefulSet the API server holds reports one ready pod.
     let sts = "/apis/apps/v1/namespaces/ns/statefulsets/warren";
-    api.put(sts, json!({"status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": 1}}));
+    let owned = json!([{"apiVersion": "warren.dev/v1alpha1", "kind": "Broker", "name": "warren", "uid": "u1", "controller": true}]);
+    api.put(
+        sts,
+        json!({"metadata": {"name": "warren", "ownerReferences": owned}, "status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "observedGeneration": 1}}),
+    );
     let b: Broker = serde_json::from_value(obj).unwrap();
     within(warren_operator::broker::reconcile(Arc::new(b), ctx)).await.unwrap();
     assert_eq!(
         api.lines(),
         [
+            "GET /api/v1/namespaces/ns/serviceaccounts/warren",
+            "GET /api/v1/namespaces/ns/configmaps/warren-config",
+            "GET /api/v1/namespaces/ns/services/warren-headless",
+            "GET /api/v1/namespaces/ns/services/warren",
+            "GET /apis/apps/v1/namespaces/ns/statefulsets/warren",
+            "GET /apis/policy/v1/namespaces/ns/poddisruptionbudgets/warren",
             "PATCH /api/v1/namespaces/ns/serviceaccounts/warren",
             "PATCH /api/v1/namespaces/ns/configmaps/warren-config",
             "PATCH /api/v1/namespaces/ns/services/warren-headless",
             "PATCH /api/v1/namespaces/ns/services/warren",
             "PATCH /apis/apps/v1/namespaces/ns/statefulsets/warren",
             "PATCH /apis/policy/v1/namespaces/ns/poddisruptionbudgets/warren",
+            "POST /apis/events.k8s.io/v1/namespaces/ns/events",
             "PATCH /apis/warren.dev/v1alpha1/namespaces/ns/brokers/warren/status",
         ]
     );
-    for r in api.recorded() {
+    for r in api.recorded().iter().filter(|r| r.method == "PATCH") {
         assert_eq!(r.content_type, "application/apply-patch+yaml", "{}", r.path);
         assert!(r.uri.contains("fieldManager=warren-operator") && r.uri.contains("force=true"), "{}", r.uri);
     }
-    let applied_sts = &api.recorded()[4].body;
+    let recorded = api.recorded();
+    let applied_sts = &recorded.iter().find(|r| r.method == "PATCH" && r.path.ends_with("statefulsets/warren")).unwrap().body;
     assert_eq!(applied_sts["metadata"]["ownerReferences"][0]["uid"], "u1");
     assert_eq!(applied_sts["metadata"]["ownerReferences"][0]["controller"], true);
+    assert_eq!(applied_sts["metadata"]["ownerReferences"][0]["blockOwnerDeletion"], true);
     let status = api.last_status("warren");
     assert_eq!(status["endpoint"], "warren.ns.svc:5680");
     assert_eq!(status["readyReplicas"], 1);
@@ -441,29 +461,61 @@ async fn should_report_an_invalid_broker_spec_without_applying_anything() {
     api.put(&bpath, obj.clone());
     let b: Broker = serde_json::from_value(obj).unwrap();
     within(warren_operator::broker::reconcile(Arc::new(b), ctx)).await.unwrap();
-    assert_eq!(api.lines(), [format!("PATCH {bpath}/status")]);
+    assert_eq!(api.lines(), ["POST /apis/events.k8s.io/v1/namespaces/ns/events".to_string(), format!("PATCH {bpath}/status")]);
     let status = api.last_status(&name);
     let degraded = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Degraded").unwrap();
     assert_eq!(degraded["reason"], "InvalidSpec");
     assert!(degraded["message"].as_str().unwrap().contains("at most 52"));
 }
 
+/// A child's name taken by an object the Broker does not control (the
+/// namespace's `default` ServiceAccount for a Broker named `default`):
+/// nothing is applied, the status and an Event say which object.
 #[tokio::test]
-async fn should_exit_with_a_hint_when_the_crds_are_missing() {
+async fn should_not_take_over_an_object_it_does_not_control() {
     let (client, api) = ApiServer::start();
-    let hint = warren_operator::check_crds(&client, None).await.unwrap_err();
-    assert!(hint.contains("brokers.warren.dev is not installed"), "{hint}");
-    assert!(hint.contains("kubectl apply --server-side -f charts/warren/crds/"), "{hint}");
-    assert_eq!(api.lines(), ["GET /apis/warren.dev/v1alpha1/brokers"]);
+    let ctx = context(client);
+    let bpath = path("brokers", NS, "default");
+    let obj = json!({"apiVersion": "warren.dev/v1alpha1", "kind": "Broker", "metadata": {"name": "default", "namespace": NS, "uid": "u1", "generation": 1}, "spec": {}});
+    api.put(&bpath, obj.clone());
+    api.put("/api/v1/namespaces/ns/serviceaccounts/default", json!({"metadata": {"name": "default", "namespace": NS}}));
+    let b: Broker = serde_json::from_value(obj).unwrap();
+    within(warren_operator::broker::reconcile(Arc::new(b), ctx)).await.unwrap();
+    assert!(api.lines().iter().all(|l| !l.starts_with("PATCH /api/v1/namespaces/ns/serviceaccounts")), "{:?}", api.lines());
+    assert!(api.lines().iter().all(|l| !l.contains("statefulsets/default") || l.starts_with("GET")), "{:?}", api.lines());
+    let status = api.last_status("default");
+    let degraded = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Degraded").unwrap();
+    assert_eq!(degraded["reason"], "NameConflict");
+    assert!(degraded["message"].as_str().unwrap().contains("ServiceAccount ns/default already exists"), "{degraded}");
+    assert_eq!(api.events()[0].1, "NameConflict");
+}
 
-    // Installed: every kind lists.
-    for plural in ["brokers", "exchanges", "queues", "bindings"] {
-        api.put(
-            &format!("/apis/warren.dev/v1alpha1/namespaces/{NS}/{plural}"),
-            json!({"apiVersion": "warren.dev/v1alpha1", "kind": "List", "metadata": {}, "items": []}),
-        );
+#[tokio::test]
+async fn should_exit_with_a_hint_when_the_crds_are_missing_or_older() {
+    let (client, api) = ApiServer::start();
+    let crd_path = |name: &str| format!("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}");
+    let hint = warren_operator::check_crds(&client).await.unwrap_err().to_string();
+    assert!(hint.contains("brokers.warren.dev is not installed"), "{hint}");
+    assert!(hint.contains("kubectl apply --server-side --force-conflicts -f charts/warren/crds/"), "{hint}");
+    assert_eq!(api.lines(), [format!("GET {}", crd_path("brokers.warren.dev"))]);
+
+    // Installed at an older schema revision: the fields it lacks would be
+    // pruned by the API server, so refuse with the upgrade command.
+    for crd in warren_crds::crds() {
+        let mut value = serde_json::to_value(&crd).unwrap();
+        value["metadata"]["annotations"][warren_crds::SCHEMA_REVISION_ANNOTATION] = "1".into();
+        api.put(&crd_path(crd.metadata.name.as_deref().unwrap()), value);
     }
-    warren_operator::check_crds(&client, Some(NS)).await.unwrap();
+    let hint = warren_operator::check_crds(&client).await.unwrap_err().to_string();
+    assert!(hint.contains("schema revision 1, older than"), "{hint}");
+
+    // Current: every CRD is read, none listed.
+    for crd in warren_crds::crds() {
+        api.put(&crd_path(crd.metadata.name.as_deref().unwrap()), serde_json::to_value(&crd).unwrap());
+    }
+    api.clear();
+    warren_operator::check_crds(&client).await.unwrap();
+    assert_eq!(api.lines().len(), 4);
 }
 
 #[tokio::test]
@@ -542,7 +594,7 @@ async fn should_refuse_to_scale_a_workload_another_queue_already_drives() {
     for q in [&older, &mine] {
         writer.apply_watcher_event(&watcher::Event::Apply(serde_json::from_value(q.clone()).unwrap()));
     }
-    e.ctx.set_queues(reader);
+    let _ = e.ctx.stores.queues.set(reader);
 
     reconcile_queue(&e, mine).await.unwrap();
     let broker_get = format!("GET {}", path("brokers", NS, "warren"));
@@ -566,4 +618,22 @@ async fn should_not_write_an_unchanged_status_on_every_poll() {
     e.broker.set_messages("orders", 7, 0);
     reconcile_queue(&e, again).await.unwrap();
     assert_eq!(e.api.last_status("orders")["ready"], 7);
+}
+
+/// A Kubernetes API error (here: reading the Broker is forbidden) leaves a
+/// condition saying so, not a stale status.
+#[tokio::test]
+async fn should_report_a_kubernetes_api_error_in_the_status() {
+    let (client, api) = ApiServer::start();
+    let ctx = context(client);
+    api.fail("GET", &path("brokers", NS, "warren"), 403, "brokers.warren.dev \"warren\" is forbidden");
+    let obj = queue_obj(json!({})).finalized();
+    api.put(&qpath(), obj.clone());
+    let q: Queue = serde_json::from_value(obj).unwrap();
+    let err = within(queue::reconcile(Arc::new(q), ctx)).await.unwrap_err();
+    assert_eq!(warren_operator::retry_delay(&err), std::time::Duration::from_secs(15));
+    let status = api.last_status("orders");
+    let ready = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+    assert_eq!(ready["reason"], "KubernetesApiError");
+    assert!(ready["message"].as_str().unwrap().contains("forbidden"), "{ready}");
 }

@@ -187,3 +187,35 @@ async fn should_start_the_real_broker_on_the_generated_configuration_file() {
         assert!(real.banner.contains(expected), "the broker did not take `{expected}`:\n{}", real.banner);
     }
 }
+
+/// The smallest absolute memory watermark the CRD and the operator accept
+/// is one the broker starts with, and one byte less is refused by the
+/// operator too (the CRD refuses it with a CEL rule): `16Mi` used to pass
+/// both and stop the broker.
+#[tokio::test]
+async fn should_accept_exactly_the_watermarks_the_broker_accepts() {
+    let broker = |w: &str| -> warren_crds::v1alpha1::Broker {
+        serde_json::from_value(json!({
+            "apiVersion": "warren.dev/v1alpha1", "kind": "Broker",
+            "metadata": {"name": "warren", "namespace": NS, "uid": "u"},
+            "spec": {"config": {"memoryHighWatermark": w, "diskFreeLimit": 5368709120_u64}}
+        }))
+        .unwrap()
+    };
+    let floor = format!("{}", warren_crds::v1alpha1::MIN_ABSOLUTE_WATERMARK);
+    let v = warren_operator::broker::build::validate(&broker(&floor), "img").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("warren.toml");
+    std::fs::write(&file, warren_operator::broker::build::config_toml(&v)).unwrap();
+    let real = RealBroker::start_with(&["--config", file.to_str().unwrap()]);
+    assert!(
+        real.banner.contains("memory_high_watermark = 32.0 MiB") || real.banner.contains("memory_high_watermark = 32MiB"),
+        "{}",
+        real.banner
+    );
+    assert!(real.banner.contains("disk_free_limit = 5.0 GiB") || real.banner.contains("disk_free_limit = 5GiB"), "{}", real.banner);
+    for too_low in ["16Mi", &format!("{}", warren_crds::v1alpha1::MIN_ABSOLUTE_WATERMARK - 1)] {
+        let e = warren_operator::broker::build::validate(&broker(too_low), "img").unwrap_err();
+        assert!(e.to_string().contains("below 32Mi"), "{e}");
+    }
+}

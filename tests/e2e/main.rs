@@ -8,6 +8,8 @@ mod consuming;
 mod docs;
 mod durability;
 mod flow;
+mod fuzz;
+mod hostile;
 mod interop;
 mod operability;
 mod routing;

@@ -84,6 +84,8 @@ pub struct TestBroker {
     data: tempfile::TempDir,
     extra: Vec<String>,
     envs: Vec<(String, String)>,
+    /// Where its stderr goes, when captured (else it is inherited).
+    stderr_log: Option<PathBuf>,
     /// The gRPC address it listens on.
     pub addr: String,
     /// The HTTP address (`/metrics`, `/healthz`, `/readyz`) it listens on.
@@ -106,12 +108,25 @@ impl TestBroker {
     /// Starts a broker with extra command-line arguments and environment
     /// variables.
     pub async fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Result<TestBroker> {
+        TestBroker::start_inner(args, envs, false).await
+    }
+
+    /// Starts a broker whose stderr (logs, and any panic message) goes to a
+    /// file in its temporary directory, read back with
+    /// [`stderr`](Self::stderr).
+    pub async fn start_capturing_stderr(args: &[&str]) -> Result<TestBroker> {
+        TestBroker::start_inner(args, &[], true).await
+    }
+
+    async fn start_inner(args: &[&str], envs: &[(&str, &str)], capture_stderr: bool) -> Result<TestBroker> {
         let data = tempfile::Builder::new().prefix("warren-test-").tempdir().context("cannot create a temp dir")?;
+        let stderr_log = capture_stderr.then(|| data.path().join("stderr.log"));
         let mut b = TestBroker {
             child: None,
             data,
             extra: args.iter().map(|s| s.to_string()).collect(),
             envs: envs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            stderr_log,
             addr: String::new(),
             http_addr: String::new(),
             stdout: Vec::new(),
@@ -132,6 +147,18 @@ impl TestBroker {
         self.child.as_ref().map(Child::id)
     }
 
+    /// What the broker wrote to stderr so far (empty unless started with
+    /// [`start_capturing_stderr`](Self::start_capturing_stderr)).
+    pub fn stderr(&self) -> String {
+        self.stderr_log.as_ref().and_then(|p| std::fs::read(p).ok()).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    /// Whether the process is still running (it has not exited or been
+    /// killed).
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     async fn spawn(&mut self) -> Result<()> {
         let bin = broker_bin()?;
         let mut cmd = Command::new(&bin);
@@ -144,8 +171,20 @@ impl TestBroker {
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stdout(Stdio::piped());
+        match &self.stderr_log {
+            Some(path) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .with_context(|| format!("cannot open {}", path.display()))?;
+                cmd.stderr(Stdio::from(file));
+            }
+            None => {
+                cmd.stderr(Stdio::inherit());
+            }
+        }
         let mut child = cmd.spawn().with_context(|| format!("cannot start {}", bin.display()))?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         // Read lines on a thread until the ready line; keep draining after so

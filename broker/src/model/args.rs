@@ -197,8 +197,78 @@ pub fn validate_binding_args(args: &HashMap<String, Value>) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    /// Any value a client can send, nested a few levels, with the integers
+    /// and strings that sit at the edges of what the parsers accept.
+    pub(crate) fn arb_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            prop_oneof![
+                -3i64..300,
+                prop::sample::select(vec![i64::MIN, -1, 0, 1, 255, 256, u32::MAX as i64, u32::MAX as i64 + 1, i64::MAX]),
+                any::<i64>()
+            ]
+            .prop_map(|i| Value { kind: Some(Kind::Int(i)) }),
+            prop_oneof![
+                prop::sample::select(vec!["", "classic", "quorum", "drop-head", "reject-publish", "reject-publish-dlx", "all", "any"])
+                    .prop_map(String::from),
+                Just("x".repeat(256)),
+                any::<String>(),
+            ]
+            .prop_map(|s| Value { kind: Some(Kind::String(s)) }),
+            any::<bool>().prop_map(|b| Value { kind: Some(Kind::Bool(b)) }),
+            any::<f64>().prop_map(|d| Value { kind: Some(Kind::Double(d)) }),
+            prop::collection::vec(any::<u8>(), 0..8).prop_map(|b| Value { kind: Some(Kind::Bytes(b.into())) }),
+            Just(Value { kind: None }),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|values| Value { kind: Some(Kind::List(warren_client::proto::ValueList { values })) }),
+                prop::collection::hash_map("[a-z-]{0,6}", inner, 0..4)
+                    .prop_map(|fields| Value { kind: Some(Kind::Map(warren_client::proto::ValueMap { fields })) }),
+            ]
+        })
+    }
+
+    /// Argument tables: known names (and a few others) with any value.
+    pub(crate) fn arb_args() -> impl Strategy<Value = HashMap<String, Value>> {
+        let name = prop_oneof![
+            prop::sample::select(KNOWN_QUEUE_ARGS.to_vec()).prop_map(String::from),
+            prop::sample::select(vec!["alternate-exchange", "x-match", "x-custom", ""]).prop_map(String::from),
+        ];
+        prop::collection::hash_map(name, arb_value(), 0..6)
+    }
+
+    proptest! {
+        /// The parsers take anything a client sends: a typed value or an
+        /// INVALID_ARGUMENT naming an argument, never a panic.
+        #[test]
+        fn should_parse_or_refuse_any_arguments(args in arb_args()) {
+            match QueueArgs::parse(&args) {
+                Ok(a) => {
+                    prop_assert!(a.max_priority.is_none_or(|p| p >= 1));
+                    prop_assert!(a.expires_ms.is_none_or(|e| e >= 1));
+                    prop_assert!(a.deduplication_window_ms.is_none_or(|w| w >= 1));
+                }
+                Err(Error::InvalidArgument(msg)) => prop_assert!(msg.contains("argument") || msg.contains("name") || msg.contains("routing key"), "{}", msg),
+                Err(e) => prop_assert!(false, "not INVALID_ARGUMENT: {e:?}"),
+            }
+            match ExchangeArgs::parse(&args) {
+                Ok(_) => {}
+                Err(Error::InvalidArgument(_)) => {}
+                Err(e) => prop_assert!(false, "not INVALID_ARGUMENT: {e:?}"),
+            }
+            match validate_binding_args(&args) {
+                Ok(()) => {}
+                Err(Error::InvalidArgument(msg)) => prop_assert!(msg.contains("x-match"), "{}", msg),
+                Err(e) => prop_assert!(false, "not INVALID_ARGUMENT: {e:?}"),
+            }
+        }
+    }
 
     fn int(i: i64) -> Value {
         Value { kind: Some(Kind::Int(i)) }

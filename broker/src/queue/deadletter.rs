@@ -60,11 +60,14 @@ pub fn dead_lettered(data: &MessageData, queue: &str, reason: DeathReason, now_m
     match history.iter().position(|e| field(e, "queue") == Some(queue) && field(e, "reason") == Some(reason.as_str())) {
         Some(pos) => {
             let mut entry = history.remove(pos);
+            // The history comes from the message's headers, which a client
+            // may have set to anything: a count that is not a positive
+            // integer starts again, one at its maximum stays there.
             let count = match entry.get("count").and_then(|v| v.kind.as_ref()) {
-                Some(Kind::Int(n)) => *n,
+                Some(Kind::Int(n)) => (*n).max(0),
                 _ => 0,
             };
-            entry.insert("count".into(), int(count + 1));
+            entry.insert("count".into(), int(count.saturating_add(1)));
             entry.insert("time".into(), time);
             history.insert(0, entry);
         }
@@ -160,6 +163,97 @@ mod tests {
         assert_eq!(summary, vec![(Some("work"), 2), (Some("retry"), 1)]);
         assert_eq!(d.properties.headers.get("x-first-death-queue"), Some(&string("work")));
         assert_eq!(d.properties.headers.get("x-last-death-reason"), Some(&string("rejected")));
+    }
+
+    fn death(queue: &str, reason: &str, count: Value) -> Value {
+        let fields =
+            HashMap::from([("queue".to_string(), string(queue)), ("reason".to_string(), string(reason)), ("count".to_string(), count)]);
+        Value { kind: Some(Kind::Map(ValueMap { fields })) }
+    }
+
+    fn with_x_death(value: Value) -> MessageData {
+        let mut m = msg();
+        m.properties.headers.insert(X_DEATH.into(), value);
+        m
+    }
+
+    #[test]
+    fn should_saturate_a_client_supplied_death_count() {
+        let list = |values: Vec<Value>| Value { kind: Some(Kind::List(ValueList { values })) };
+        let m = with_x_death(list(vec![death("work", "rejected", int(i64::MAX))]));
+        let d = dead_lettered(&m, "work", DeathReason::Rejected, 1000, "dlx", None);
+        assert_eq!(count(&deaths(&d)[0]), i64::MAX, "saturates instead of overflowing");
+        let d = dead_lettered(&d, "work", DeathReason::Rejected, 2000, "dlx", None);
+        assert_eq!(count(&deaths(&d)[0]), i64::MAX);
+        // Negative and non-integer counts start again at one.
+        for odd in [int(i64::MIN), int(-1), string("many"), Value { kind: Some(Kind::Double(f64::NAN)) }, Value { kind: None }] {
+            let m = with_x_death(list(vec![death("work", "rejected", odd.clone())]));
+            let d = dead_lettered(&m, "work", DeathReason::Rejected, 1000, "dlx", None);
+            assert_eq!(count(&deaths(&d)[0]), 1, "{odd:?}");
+        }
+    }
+
+    #[test]
+    fn should_replace_an_x_death_header_of_any_other_shape() {
+        let odd_values = [
+            string("not a list"),
+            int(7),
+            Value { kind: Some(Kind::Bytes(vec![0xff; 3].into())) },
+            Value { kind: Some(Kind::List(ValueList { values: vec![int(1), string("x"), Value { kind: None }] })) },
+            Value { kind: Some(Kind::Map(ValueMap { fields: HashMap::from([("count".to_string(), int(i64::MAX))]) })) },
+            Value { kind: None },
+        ];
+        for odd in odd_values {
+            let m = with_x_death(odd.clone());
+            let d = dead_lettered(&m, "work", DeathReason::Expired, 1000, "dlx", None);
+            let h = deaths(&d);
+            assert_eq!(h.len(), 1, "{odd:?}");
+            assert_eq!((field(&h[0], "queue"), count(&h[0])), (Some("work"), 1), "{odd:?}");
+            assert!(!is_cycle(&m, "work"), "{odd:?}");
+        }
+        // Entries whose queue or reason is not a string are kept as they are
+        // but never match.
+        let weird = Value {
+            kind: Some(Kind::List(ValueList {
+                values: vec![Value {
+                    kind: Some(Kind::Map(ValueMap {
+                        fields: HashMap::from([("queue".to_string(), int(1)), ("count".to_string(), int(i64::MAX))]),
+                    })),
+                }],
+            })),
+        };
+        let d = dead_lettered(&with_x_death(weird), "work", DeathReason::Expired, 1000, "dlx", None);
+        assert_eq!(deaths(&d).len(), 2);
+        assert_eq!(count(&deaths(&d)[0]), 1);
+    }
+
+    proptest::proptest! {
+        /// Whatever headers a client sent, dead-lettering records one more
+        /// death and never panics; the history stays bounded by (queue,
+        /// reason) pairs plus what the client sent.
+        #[test]
+        fn should_dead_letter_whatever_headers_the_message_has(
+            headers in proptest::collection::hash_map(
+                proptest::prop_oneof![proptest::strategy::Just(X_DEATH.to_string()), "[a-z-]{0,8}"],
+                crate::model::args::tests::arb_value(),
+                0..4,
+            ),
+            now in proptest::prelude::any::<u64>(),
+            reason in proptest::sample::select(vec![DeathReason::Rejected, DeathReason::Expired, DeathReason::Maxlen, DeathReason::DeliveryLimit]),
+        ) {
+            let mut m = msg();
+            m.properties.headers = headers;
+            let before = deaths(&m).len();
+            let d = dead_lettered(&m, "work", reason, now, "dlx", None);
+            let after = deaths(&d);
+            proptest::prop_assert!(after.len() == before || after.len() == before + 1);
+            proptest::prop_assert_eq!(field(&after[0], "queue"), Some("work"));
+            proptest::prop_assert!(count(&after[0]) >= 1);
+            let again = dead_lettered(&d, "work", reason, now, "dlx", None);
+            proptest::prop_assert_eq!(deaths(&again).len(), after.len());
+            proptest::prop_assert!(count(&deaths(&again)[0]) >= count(&after[0]));
+            let _ = is_cycle(&again, "work");
+        }
     }
 
     #[test]

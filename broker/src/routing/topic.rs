@@ -3,33 +3,64 @@
 //!
 //! [`TopicIndex`] is a trie over pattern words, so matching one routing key
 //! against thousands of bindings visits only the branches that can match.
+//!
+//! Matching walks the trie as a non-deterministic automaton: it keeps the
+//! *set* of trie nodes the key's words so far can have reached, one step
+//! per word, each node at most once per step. A `#` node that consumed a
+//! word stays in the set (it may swallow more), and entering a node also
+//! enters the `#` child below it (a `#` may swallow nothing). The cost is
+//! at most (key words + 1) x (trie nodes), whatever the patterns: a pattern
+//! such as `#.#.#.#` cannot make a publish exponential. Runs of `#` are
+//! collapsed on insert (`#.#` matches exactly what `#` does), so they do not
+//! even add nodes. `#.*` is *not* collapsed: it needs at least one word.
 
 use std::collections::HashMap;
 
+/// Most words in a topic binding pattern. The routing key itself is
+/// limited to 255 bytes (AMQP's short string), so a key has at most 128
+/// words.
+pub const MAX_PATTERN_WORDS: usize = 64;
+
 #[derive(Debug)]
 pub struct TopicIndex<T> {
-    root: Node<T>,
+    /// The trie; `nodes[0]` is the root.
+    nodes: Vec<Node<T>>,
     len: usize,
 }
 
+type NodeId = usize;
+
 #[derive(Debug)]
 struct Node<T> {
-    words: HashMap<Box<str>, Node<T>>,
-    star: Option<Box<Node<T>>>,
-    hash: Option<Box<Node<T>>>,
+    words: HashMap<Box<str>, NodeId>,
+    star: Option<NodeId>,
+    hash: Option<NodeId>,
+    /// Reached through a `#` edge: it consumes any further word and stays.
+    loops: bool,
     values: Vec<T>,
 }
 
-impl<T> Default for Node<T> {
-    fn default() -> Self {
-        Node { words: HashMap::new(), star: None, hash: None, values: Vec::new() }
+impl<T> Node<T> {
+    fn new(loops: bool) -> Self {
+        Node { words: HashMap::new(), star: None, hash: None, loops, values: Vec::new() }
     }
 }
 
 impl<T> Default for TopicIndex<T> {
     fn default() -> Self {
-        TopicIndex { root: Node::default(), len: 0 }
+        TopicIndex { nodes: vec![Node::new(false)], len: 0 }
     }
+}
+
+/// The words of a pattern with every run of `#` collapsed to one.
+pub fn normalized_words(pattern: &str) -> impl Iterator<Item = &str> {
+    let mut previous_hash = false;
+    pattern.split('.').filter(move |w| {
+        let hash = *w == "#";
+        let keep = !(hash && previous_hash);
+        previous_hash = hash;
+        keep
+    })
 }
 
 impl<T> TopicIndex<T> {
@@ -45,44 +76,81 @@ impl<T> TopicIndex<T> {
         self.len == 0
     }
 
-    pub fn insert(&mut self, pattern: &str, value: T) {
-        let mut node = &mut self.root;
-        for word in pattern.split('.') {
-            node = match word {
-                "*" => node.star.get_or_insert_with(Default::default),
-                "#" => node.hash.get_or_insert_with(Default::default),
-                w => node.words.entry(w.into()).or_default(),
-            };
+    /// Trie nodes, the root included (what bounds the cost of a match).
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    fn child(&mut self, at: NodeId, word: &str) -> NodeId {
+        let existing = match word {
+            "*" => self.nodes[at].star,
+            "#" => self.nodes[at].hash,
+            w => self.nodes[at].words.get(w).copied(),
+        };
+        if let Some(id) = existing {
+            return id;
         }
-        node.values.push(value);
+        let id = self.nodes.len();
+        self.nodes.push(Node::new(word == "#"));
+        let node = &mut self.nodes[at];
+        match word {
+            "*" => node.star = Some(id),
+            "#" => node.hash = Some(id),
+            w => {
+                node.words.insert(w.into(), id);
+            }
+        }
+        id
+    }
+
+    pub fn insert(&mut self, pattern: &str, value: T) {
+        let mut node = 0;
+        for word in normalized_words(pattern) {
+            node = self.child(node, word);
+        }
+        self.nodes[node].values.push(value);
         self.len += 1;
     }
 
-    /// Calls `f` for the value of every pattern matching `routing_key`. A
-    /// value can be reported more than once (when several paths match); the
-    /// caller deduplicates.
-    pub fn for_each_match<'a>(&'a self, routing_key: &str, f: &mut impl FnMut(&'a T)) {
-        let words: Vec<&str> = routing_key.split('.').collect();
-        walk(&self.root, &words, f);
-    }
-}
-
-fn walk<'a, T>(node: &'a Node<T>, words: &[&str], f: &mut impl FnMut(&'a T)) {
-    if let Some(hash) = &node.hash {
-        // `#` swallows zero or more words.
-        for skip in 0..=words.len() {
-            walk(hash, &words[skip..], f);
+    /// Adds `node` and the `#` nodes below it (each may match zero words).
+    fn enter(&self, mut node: NodeId, set: &mut Vec<NodeId>) {
+        set.push(node);
+        while let Some(hash) = self.nodes[node].hash {
+            set.push(hash);
+            node = hash;
         }
     }
-    match words.split_first() {
-        None => node.values.iter().for_each(&mut *f),
-        Some((first, rest)) => {
-            if let Some(child) = node.words.get(*first) {
-                walk(child, rest, f);
+
+    /// Calls `f` once for the value of every pattern matching
+    /// `routing_key` (patterns that normalize to the same words are one
+    /// trie node: each of their values is reported once).
+    pub fn for_each_match<'a>(&'a self, routing_key: &str, f: &mut impl FnMut(&'a T)) {
+        let mut current: Vec<NodeId> = Vec::new();
+        let mut next: Vec<NodeId> = Vec::new();
+        self.enter(0, &mut current);
+        for word in routing_key.split('.') {
+            next.clear();
+            for &id in &current {
+                let node = &self.nodes[id];
+                if let Some(&child) = node.words.get(word) {
+                    self.enter(child, &mut next);
+                }
+                if let Some(star) = node.star {
+                    self.enter(star, &mut next);
+                }
+                if node.loops {
+                    self.enter(id, &mut next);
+                }
             }
-            if let Some(star) = &node.star {
-                walk(star, rest, f);
+            next.sort_unstable();
+            next.dedup();
+            std::mem::swap(&mut current, &mut next);
+            if current.is_empty() {
+                return;
             }
+        }
+        for id in current {
+            self.nodes[id].values.iter().for_each(&mut *f);
         }
     }
 }
@@ -162,11 +230,67 @@ mod tests {
     proptest! {
         #[test]
         fn trie_agrees_with_the_reference_matcher(
-            patterns in prop::collection::vec(prop::collection::vec(pattern_word(), 1..5).prop_map(|w| w.join(".")), 1..12),
-            key in prop::collection::vec(word(), 1..6).prop_map(|w| w.join(".")),
+            patterns in prop::collection::vec(prop::collection::vec(pattern_word(), 1..8).prop_map(|w| w.join(".")), 1..12),
+            key in prop::collection::vec(word(), 1..10).prop_map(|w| w.join(".")),
         ) {
             let expected: BTreeSet<usize> = patterns.iter().enumerate().filter(|(_, p)| matches(p, &key)).map(|(i, _)| i).collect();
             prop_assert_eq!(index_matches(&patterns, &key), expected);
         }
+
+        #[test]
+        fn collapsing_runs_of_hash_keeps_the_meaning(
+            pattern in prop::collection::vec(pattern_word(), 1..8),
+            key in prop::collection::vec(word(), 1..8).prop_map(|w| w.join(".")),
+        ) {
+            let pattern = pattern.join(".");
+            let collapsed: Vec<&str> = normalized_words(&pattern).collect();
+            prop_assert!(!collapsed.windows(2).any(|w| w == ["#", "#"]));
+            prop_assert_eq!(matches(&collapsed.join("."), &key), matches(&pattern, &key));
+        }
+    }
+
+    /// `#` twenty times: the reference (backtracking) matcher, like the old
+    /// recursive trie walk, takes time exponential in the number of `#`; the
+    /// set-of-nodes walk is linear.
+    #[test]
+    fn should_match_a_run_of_hashes_against_a_long_key() {
+        let hashes = vec!["#"; 20].join(".");
+        let key = (0..100).map(|i| format!("w{i}")).collect::<Vec<_>>().join(".");
+        let patterns = [
+            hashes.clone(),                               // matches
+            format!("{hashes}.w99"),                      // matches: ends with w99
+            format!("{hashes}.nope"),                     // no: the last word differs
+            format!("w0.{hashes}.w50.{hashes}.w99"),      // matches
+            format!("w0.{hashes}.w50.{hashes}.w50"),      // no
+            format!("{}.#", vec!["*"; 100].join(".")),    // matches: 100 words, then none
+            format!("{}.*.#", vec!["*"; 100].join(".")),  // no: needs 101 words
+            format!("#.*.{}", vec!["#.*"; 60].join(".")), // matches: at least 61 words
+        ];
+        let patterns: Vec<String> = patterns.into_iter().collect();
+        let mut idx = TopicIndex::new();
+        for (i, p) in patterns.iter().enumerate() {
+            idx.insert(p, i);
+        }
+        let mut found = BTreeSet::new();
+        idx.for_each_match(&key, &mut |i| {
+            found.insert(*i);
+        });
+        assert_eq!(found, BTreeSet::from([0, 1, 3, 5, 7]));
+        // The run of `#` is one trie node, not twenty.
+        let mut one = TopicIndex::new();
+        one.insert(&hashes, ());
+        assert_eq!(one.node_count(), 2);
+    }
+
+    #[test]
+    fn should_collapse_only_runs_of_hash() {
+        assert_eq!(normalized_words("#.#.a.#.#.#").collect::<Vec<_>>(), vec!["#", "a", "#"]);
+        assert_eq!(normalized_words("#.*.#").collect::<Vec<_>>(), vec!["#", "*", "#"]);
+        // `#.*` needs a word where `#` needs none.
+        assert!(matches("a.#", "a"));
+        assert!(!matches("a.#.*", "a"));
+        assert!(index_matches(&["a.#".into()], "a").contains(&0));
+        assert!(index_matches(&["a.#.*".into(), "a.#.#.*".into()], "a").is_empty());
+        assert_eq!(index_matches(&["a.#.*".into(), "a.#.#.*".into()], "a.b"), BTreeSet::from([0, 1]));
     }
 }

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
@@ -38,7 +37,7 @@ pub struct BrokerSpec {
     /// implemented yet, so this must be 1 (the API server refuses anything
     /// else); the field exists so that manifests stay valid when it is.
     #[serde(default = "default_replicas")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1000))]
     pub replicas: i32,
     /// Broker container image. Defaults to the image the operator was
     /// configured with (the one matching its own version).
@@ -83,6 +82,52 @@ pub struct BrokerSpec {
     /// Tolerations of the pods.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
+    /// The address the broker listens on inside its pod: `::` (default:
+    /// every IPv6 and IPv4 address, for IPv4, IPv6 and dual-stack clusters)
+    /// or `0.0.0.0` (IPv4 only, for nodes whose kernel has IPv6 turned off).
+    #[serde(default)]
+    pub listen_address: ListenAddress,
+    /// Other namespaces whose Exchanges, Queues and Bindings may declare
+    /// topology in this Broker through `brokerRef.namespace` (`*`: every
+    /// namespace). Objects in the Broker's own namespace always may. An
+    /// object from a namespace not listed gets `Ready=False`, reason
+    /// `NamespaceNotAllowed`, and the broker is not touched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256), inner(pattern(TOPOLOGY_NAMESPACE_PATTERN), length(min = 1, max = 63)))]
+    pub topology_namespaces: Vec<String>,
+}
+
+/// The address the broker listens on inside its pod: `::` (default: every
+/// IPv6 and IPv4 address, for IPv4, IPv6 and dual-stack clusters) or
+/// `0.0.0.0` (IPv4 only, for nodes whose kernel has IPv6 turned off).
+// (This doc is the field's `kubectl explain` text.)
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ListenAddress {
+    /// Every IPv6 and IPv4 address.
+    #[default]
+    #[serde(rename = "::")]
+    Any,
+    /// Every IPv4 address.
+    #[serde(rename = "0.0.0.0")]
+    Ipv4Any,
+}
+
+impl ListenAddress {
+    /// `host:port` for the broker's `--grpc-addr` / `--http-addr`.
+    pub fn with_port(self, port: i32) -> String {
+        match self {
+            ListenAddress::Any => format!("[::]:{port}"),
+            ListenAddress::Ipv4Any => format!("0.0.0.0:{port}"),
+        }
+    }
+}
+
+impl BrokerSpec {
+    /// Whether objects in `namespace` may declare topology in this Broker,
+    /// which lives in `own`.
+    pub fn allows_topology_from(&self, own: &str, namespace: &str) -> bool {
+        namespace == own || self.topology_namespaces.iter().any(|n| n == "*" || n == namespace)
+    }
 }
 
 fn broker_spec_rules(schema: &mut Schema) {
@@ -100,15 +145,30 @@ fn broker_spec_rules(schema: &mut Schema) {
 /// A Kubernetes quantity of bytes without a fraction: `1073741824`, `512Mi`,
 /// `2Gi`, `1G`.
 pub const BYTES_PATTERN: &str = r"^[0-9]{1,15}(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$";
+/// An entry of `topologyNamespaces`: a namespace name, or `*`.
+pub const TOPOLOGY_NAMESPACE_PATTERN: &str = r"^(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?)$";
+/// The longest Broker name: the StatefulSet's `controller-revision-hash`
+/// pod label (`<name>-<10 characters>`) must fit in 63 characters.
+pub const MAX_BROKER_NAME: usize = 52;
+/// A Broker's name becomes the name of its Services, so it must be a
+/// DNS-1035 label (a letter first), and at most [`MAX_BROKER_NAME`] long.
+pub const BROKER_NAME_PATTERN: &str = "^[a-z]([-a-z0-9]*[a-z0-9])?$";
+
+/// The lowest absolute memory watermark the broker accepts (32 MiB): an
+/// idle broker already holds more than a few MiB. The CRD refuses less.
+pub const MIN_ABSOLUTE_WATERMARK: u64 = 32 << 20;
 /// The memory high watermark: a fraction above 0 and at most 1 written with
-/// a decimal point (`0.4`), or a quantity of bytes (`2Gi`).
+/// a decimal point (`0.4`), or a quantity of bytes (`2Gi`, at least
+/// [`MIN_ABSOLUTE_WATERMARK`], which a CEL rule checks).
 pub const WATERMARK_PATTERN: &str = r"^(0?\.[0-9]{0,6}[1-9][0-9]{0,6}|1\.0{0,6}|[1-9][0-9]{0,14}(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?)$";
 /// A duration the broker reads: a whole number and one unit (`250ms`,
 /// `10s`, `5m`, `1h`); also a valid Go / CEL duration.
 pub const DURATION_PATTERN: &str = r"^[0-9]{1,7}(ms|s|m|h)$";
 
 fn bytes_schema(_: &mut SchemaGenerator) -> Schema {
-    json_schema!({ "x-kubernetes-int-or-string": true, "pattern": BYTES_PATTERN })
+    // `pattern` checks strings, `minimum` integers (any size: bytes above
+    // 2^31 are common).
+    json_schema!({ "x-kubernetes-int-or-string": true, "pattern": BYTES_PATTERN, "minimum": 0 })
 }
 
 fn watermark_schema(_: &mut SchemaGenerator) -> Schema {
@@ -130,6 +190,14 @@ fn config_rules(schema: &mut Schema) {
             rule(
                 "!has(self.alarmCheckInterval) || (duration(self.alarmCheckInterval) >= duration('10ms') && duration(self.alarmCheckInterval) <= duration('60s'))",
                 "alarmCheckInterval must be between 10ms and 60s",
+            ),
+            rule(
+                format!(
+                    "!has(self.memoryHighWatermark) || self.memoryHighWatermark.contains('.') || \
+                     quantity(self.memoryHighWatermark).compareTo(quantity('{MIN_ABSOLUTE_WATERMARK}')) >= 0"
+                ),
+                "memoryHighWatermark as a quantity must be at least 32Mi (the broker refuses less: it would block publishers from the start); \
+                 for a fraction of the memory limit write it with a decimal point, such as \"0.4\"",
             ),
         ],
     );
@@ -184,7 +252,7 @@ impl Default for Storage {
 /// Broker settings, written to the broker's configuration file. Unset
 /// fields keep the broker's defaults. Every value is checked here, so a bad
 /// one is refused by the API server instead of stopping the broker.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = config_rules)]
 pub struct BrokerConfig {
@@ -207,7 +275,7 @@ pub struct BrokerConfig {
     /// broker's default is 50Mi).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "bytes_schema")]
-    pub disk_free_limit: Option<IntOrString>,
+    pub disk_free_limit: Option<Quantity>,
     /// How long a unary publish waits while an alarm blocks publishers before
     /// it fails with RESOURCE_EXHAUSTED: a whole number and a unit (`ms`,
     /// `s`, `m`, `h`), at most `1h` (broker default `10s`).
@@ -372,6 +440,9 @@ fn default_true() -> bool {
 fn storage_size_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "x-kubernetes-int-or-string": true,
+        // Never null: the operator needs a size (and an explicit null would
+        // otherwise be stored as it is instead of defaulted).
+        "nullable": false,
         "pattern": r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$",
         "default": "10Gi",
     })

@@ -15,7 +15,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
-use warren_crds::v1alpha1::{Broker, BrokerConfig, BrokerSpec};
+use warren_crds::v1alpha1::{Broker, BrokerConfig, BrokerSpec, MIN_ABSOLUTE_WATERMARK};
 
 use crate::error::{Error, Result};
 
@@ -38,8 +38,9 @@ pub const RUN_AS: i64 = 65532;
 /// configuration change rolls the pods.
 pub const CONFIG_HASH_ANNOTATION: &str = "warren.dev/config-hash";
 /// The longest Broker name: the StatefulSet's `controller-revision-hash`
-/// label (`<name>-<10 chars>`) must fit in 63 characters.
-pub const MAX_NAME_LEN: usize = 52;
+/// label (`<name>-<10 chars>`) must fit in 63 characters. The CRD refuses
+/// longer names too (a CEL rule on `metadata.name`).
+pub const MAX_NAME_LEN: usize = warren_crds::v1alpha1::MAX_BROKER_NAME;
 
 /// A Broker whose spec has been checked; everything downstream reads this,
 /// never the raw object.
@@ -142,8 +143,15 @@ pub fn settings(c: &BrokerConfig) -> Result<Vec<(&'static str, Setting)>> {
             Setting::Str(if text.contains('.') { text } else { format!("{text}.0") })
         } else {
             match quantity_bytes(w) {
-                Some(b) if b > 0 => Setting::Int(b),
-                _ => return Err(invalid("memoryHighWatermark", w, "neither a fraction such as \"0.4\" nor a quantity such as 2Gi")),
+                Some(b) if b >= MIN_ABSOLUTE_WATERMARK => Setting::Int(b),
+                Some(_) => {
+                    return Err(invalid(
+                        "memoryHighWatermark",
+                        w,
+                        "below 32Mi, which the broker refuses (it would block publishers from the start)",
+                    ));
+                }
+                None => return Err(invalid("memoryHighWatermark", w, "neither a fraction such as \"0.4\" nor a quantity such as 2Gi")),
             }
         };
         out.push(("memory_high_watermark", setting));
@@ -152,11 +160,7 @@ pub fn settings(c: &BrokerConfig) -> Result<Vec<(&'static str, Setting)>> {
         out.push(("memory_calculation_strategy", Setting::Str(s.as_str().into())));
     }
     if let Some(limit) = &c.disk_free_limit {
-        let bytes = match limit {
-            IntOrString::Int(i) => u64::try_from(*i).ok(),
-            IntOrString::String(s) => quantity_bytes(s),
-        };
-        let bytes = bytes.ok_or_else(|| invalid("diskFreeLimit", &format!("{limit:?}"), "not a quantity of bytes such as 1Gi"))?;
+        let bytes = quantity_bytes(&limit.0).ok_or_else(|| invalid("diskFreeLimit", &limit.0, "not a quantity of bytes such as 1Gi"))?;
         out.push(("disk_free_limit", Setting::Int(bytes)));
     }
     for (key, field, value) in [
@@ -186,7 +190,11 @@ pub fn validate(broker: &Broker, default_image: &str) -> Result<ValidatedBroker>
             name.len()
         )));
     }
-    let owner = broker.controller_owner_ref(&()).ok_or(Error::MissingObjectKey("uid"))?;
+    let mut owner = broker.controller_owner_ref(&()).ok_or(Error::MissingObjectKey("uid"))?;
+    // Foreground deletion of the Broker waits for its children (this needs
+    // `update` on brokers/finalizers where OwnerReferencesPermission-
+    // Enforcement is on: the chart grants it).
+    owner.block_owner_deletion = Some(true);
     let image = broker.spec.image.clone().unwrap_or_else(|| default_image.to_string());
     if image.trim().is_empty() {
         return Err(Error::InvalidSpec("spec.image is empty and the operator has no default broker image (--broker-image)".into()));
@@ -395,8 +403,8 @@ pub fn stateful_set(v: &ValidatedBroker) -> StatefulSet {
                 ..EnvVar::default()
             },
             env("WARREN_DATA_DIR", DATA_DIR),
-            env("WARREN_GRPC_ADDR", &format!("0.0.0.0:{GRPC_PORT}")),
-            env("WARREN_HTTP_ADDR", &format!("0.0.0.0:{HTTP_PORT}")),
+            env("WARREN_GRPC_ADDR", &spec.listen_address.with_port(GRPC_PORT)),
+            env("WARREN_HTTP_ADDR", &spec.listen_address.with_port(HTTP_PORT)),
             env("WARREN_CONFIG", &format!("{CONFIG_DIR}/{CONFIG_FILE}")),
         ]),
         ports: Some(vec![

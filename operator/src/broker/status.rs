@@ -43,6 +43,23 @@ pub fn apply_failed(previous: &BrokerStatus, generation: Option<i64>, message: &
     }
 }
 
+/// Status of a Broker one of whose child names is taken by an object it
+/// does not control: nothing was applied.
+pub fn name_conflict(previous: &BrokerStatus, generation: Option<i64>, message: &str) -> BrokerStatus {
+    BrokerStatus {
+        observed_generation: generation,
+        conditions: conditions::merge(
+            &previous.conditions,
+            vec![
+                conditions::new(READY, false, "NameConflict", message, generation),
+                conditions::new(PROGRESSING, false, "NameConflict", message, generation),
+                conditions::new(DEGRADED, true, "NameConflict", message, generation),
+            ],
+        ),
+        ..previous.clone()
+    }
+}
+
 /// Status from the StatefulSet the API server returned.
 pub fn from_stateful_set(v: &ValidatedBroker, sts: &StatefulSet, previous: &BrokerStatus, now: Timestamp) -> BrokerStatus {
     let want = v.spec.replicas;

@@ -12,7 +12,9 @@ use tonic::Code;
 use warren_client::proto::{DeclareExchangeRequest, DeleteExchangeRequest};
 use warren_crds::v1alpha1::{DeletionPolicy, Exchange, ExchangeStatus, TopologyStatus};
 
-use super::{BrokerTarget, FINALIZER, WAY_OUT, args, broker_target, namespace_of, patch_status, publish, ready, reason_for};
+use super::{
+    BrokerTarget, FINALIZER, WAY_OUT, args, broker_target, claim, failure_condition, namespace_of, patch_status, publish, ready, reason_for,
+};
 use crate::conditions::{self, READY};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -24,14 +26,32 @@ pub const CONTROLLER: &str = "exchange";
 pub async fn reconcile(x: Arc<Exchange>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile(CONTROLLER);
     let api: Api<Exchange> = Api::namespaced(ctx.client.clone(), &namespace_of(x.as_ref())?);
-    finalizer(&api, FINALIZER, x, |event| async {
+    let result = finalizer(&api, FINALIZER, x.clone(), |event| async {
         match event {
             Finalizer::Apply(x) => apply(&x, &ctx, &api).await,
             Finalizer::Cleanup(x) => cleanup(&x, &ctx, &api).await,
         }
     })
     .await
-    .map_err(Error::from)
+    .map_err(Error::from);
+    if let Err(e) = &result
+        && let Some((reason, message)) = failure_condition(e)
+        && let Err(w) = write(&api, &x, ready(false, reason, message, x.metadata.generation)).await
+    {
+        tracing::debug!(error = %w, "writing the failure into the status failed too");
+    }
+    result
+}
+
+/// The broker-side identity of an Exchange, for [`claim`].
+pub fn claim_key(x: &Exchange) -> Option<claim::Key> {
+    Some(claim::Key::new(&x.namespace()?, &x.spec.broker_ref, x.broker_name()))
+}
+
+/// The Exchange that owns `x`'s broker-side name, when it is another one.
+async fn owner(ctx: &Context, x: &Exchange) -> Option<String> {
+    let all = super::all_in(ctx.stores.exchanges.get()).await;
+    claim::owner_other_than(x, &all, claim_key)
 }
 
 async fn write(api: &Api<Exchange>, x: &Exchange, condition: k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition) -> Result<()> {
@@ -60,10 +80,15 @@ async fn apply(x: &Exchange, ctx: &Context, api: &Api<Exchange>) -> Result<Actio
         Err(e) => return Err(e),
     };
     let mut client = match broker_target(ctx, &namespace_of(x)?, &x.spec.broker_ref).await? {
-        BrokerTarget::Ready(client) => client,
+        BrokerTarget::Ready(client, _) => client,
         BrokerTarget::Missing(m) => return wait(api, x, "BrokerNotFound", m).await,
         BrokerTarget::NotReady(m) | BrokerTarget::Deleting(m) => return wait(api, x, "BrokerNotReady", m).await,
+        BrokerTarget::NotAllowed(m) => return wait(api, x, "NamespaceNotAllowed", m).await,
     };
+    if let (Some(owner), Some(key)) = (owner(ctx, x).await, claim_key(x)) {
+        let message = claim::conflict_message("Exchange", &format!("exchange {}", request.name), &key, &owner);
+        return wait(api, x, "Conflict", message).await;
+    }
 
     let passive = DeclareExchangeRequest { passive: true, ..request.clone() };
     let existed = match client.declare_exchange(passive).await {
@@ -119,9 +144,14 @@ async fn cleanup(x: &Exchange, ctx: &Context, api: &Api<Exchange>) -> Result<Act
             .await;
         return Ok(Action::await_change());
     }
+    if let Some(other) = claim::heir(x, &super::all_in(ctx.stores.exchanges.get()).await, claim_key) {
+        let note = format!("exchange {name} is also declared by Exchange {other}: left on the broker for it");
+        publish(ctx, x, EventType::Normal, "HandedOver", "Delete", note).await;
+        return Ok(Action::await_change());
+    }
     let mut client = match broker_target(ctx, &namespace_of(x)?, &x.spec.broker_ref).await? {
-        BrokerTarget::Ready(client) => client,
-        BrokerTarget::Missing(m) | BrokerTarget::Deleting(m) => {
+        BrokerTarget::Ready(client, _) => client,
+        BrokerTarget::Missing(m) | BrokerTarget::Deleting(m) | BrokerTarget::NotAllowed(m) => {
             publish(ctx, x, EventType::Normal, "BrokerGone", "Delete", format!("{m}; nothing to delete")).await;
             return Ok(Action::await_change());
         }

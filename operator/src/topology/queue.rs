@@ -14,7 +14,9 @@ use tonic::Code;
 use warren_client::proto::{DeclareQueueRequest, DeleteQueueRequest, QueueInfo};
 use warren_crds::v1alpha1::{AutoscalingStatus, DeletionPolicy, Queue, QueueStatus, TopologyStatus};
 
-use super::{BrokerTarget, FINALIZER, args, broker_target, namespace_of, patch_status, publish, ready, reason_for};
+use super::{
+    BrokerTarget, FINALIZER, args, broker_target, claim, failure_condition, namespace_of, patch_status, publish, ready, reason_for,
+};
 use crate::autoscaler;
 use crate::conditions::{self, AUTOSCALING_ACTIVE, READY};
 use crate::context::Context;
@@ -27,14 +29,26 @@ pub const CONTROLLER: &str = "queue";
 pub async fn reconcile(q: Arc<Queue>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile(CONTROLLER);
     let api: Api<Queue> = Api::namespaced(ctx.client.clone(), &namespace_of(q.as_ref())?);
-    finalizer(&api, FINALIZER, q, |event| async {
+    let result = finalizer(&api, FINALIZER, q.clone(), |event| async {
         match event {
             Finalizer::Apply(q) => apply(&q, &ctx, &api).await,
             Finalizer::Cleanup(q) => cleanup(&q, &ctx, &api).await,
         }
     })
     .await
-    .map_err(Error::from)
+    .map_err(Error::from);
+    if let Err(e) = &result
+        && let Some((reason, message)) = failure_condition(e)
+        && let Err(w) = write(&api, &q, only(ready(false, reason, message, q.metadata.generation))).await
+    {
+        tracing::debug!(error = %w, "writing the failure into the status failed too");
+    }
+    result
+}
+
+/// The broker-side identity of a Queue, for [`claim`].
+pub fn claim_key(q: &Queue) -> Option<claim::Key> {
+    Some(claim::Key::new(&q.namespace()?, &q.spec.broker_ref, q.broker_name()))
 }
 
 /// What to write into the status.
@@ -91,16 +105,16 @@ async fn apply(q: &Queue, ctx: &Context, api: &Api<Queue>) -> Result<Action> {
     };
     let retry = Action::requeue(Duration::from_secs(10));
     let mut client = match broker_target(ctx, &namespace_of(q)?, &q.spec.broker_ref).await? {
-        BrokerTarget::Ready(client) => client,
-        BrokerTarget::Missing(m) => {
-            write(api, q, only(ready(false, "BrokerNotFound", m, generation))).await?;
-            return Ok(retry);
-        }
-        BrokerTarget::NotReady(m) | BrokerTarget::Deleting(m) => {
-            write(api, q, only(ready(false, "BrokerNotReady", m, generation))).await?;
-            return Ok(retry);
-        }
+        BrokerTarget::Ready(client, _) => client,
+        BrokerTarget::Missing(m) => return waiting(api, q, "BrokerNotFound", m).await,
+        BrokerTarget::NotReady(m) | BrokerTarget::Deleting(m) => return waiting(api, q, "BrokerNotReady", m).await,
+        BrokerTarget::NotAllowed(m) => return waiting(api, q, "NamespaceNotAllowed", m).await,
     };
+    let all = super::all_in(ctx.stores.queues.get()).await;
+    if let (Some(owner), Some(key)) = (claim::owner_other_than(q, &all, claim_key), claim_key(q)) {
+        let message = claim::conflict_message("Queue", &format!("queue {}", request.name), &key, &owner);
+        return waiting(api, q, "Conflict", message).await;
+    }
 
     let name = request.name.clone();
     let passive = DeclareQueueRequest { passive: true, ..request.clone() };
@@ -109,8 +123,7 @@ async fn apply(q: &Queue, ctx: &Context, api: &Api<Queue>) -> Result<Action> {
         Err(s) if s.code() == Code::NotFound => false,
         Err(s) => {
             let message = format!("checking queue {name}: {}", s.message());
-            write(api, q, only(ready(false, reason_for(&s), message, generation))).await?;
-            return Ok(retry);
+            return waiting(api, q, reason_for(&s), message).await;
         }
     };
     let info = match client.declare_queue(request).await {
@@ -133,12 +146,27 @@ async fn apply(q: &Queue, ctx: &Context, api: &Api<Queue>) -> Result<Action> {
                 publish(ctx, q, EventType::Warning, reason, "Declare", message.clone()).await;
             }
             // The queue may still exist with other properties: keep
-            // mirroring its counts from a passive declare.
+            // mirroring its counts from a passive declare, and keep scaling
+            // its consumers from them (they can still consume from it).
             let passive = DeclareQueueRequest { name: name.clone(), passive: true, ..DeclareQueueRequest::default() };
             let info = client.declare_queue(passive).await.ok().and_then(|r| r.into_inner().queue);
-            let update = Update { conditions: vec![ready(false, reason, message, generation)], info, autoscaling: None };
+            let mut update = Update { conditions: vec![ready(false, reason, message.clone(), generation)], info, autoscaling: None };
+            if let Some(a) = &q.spec.autoscaling {
+                match &update.info {
+                    Some(info) => {
+                        let outcome = autoscaler::run(ctx, q, a, info).await;
+                        update.conditions.push(outcome.condition);
+                        update.autoscaling = Some(outcome.status);
+                    }
+                    None => {
+                        // Never `AutoscalingActive=True` while nothing is read.
+                        let m = format!("the backlog cannot be read: {message}");
+                        update.conditions.push(conditions::new(AUTOSCALING_ACTIVE, false, "QueueUnavailable", m, generation));
+                    }
+                }
+            }
             write(api, q, update).await?;
-            return Ok(retry);
+            return Ok(if q.spec.autoscaling.is_some() { next_poll(q, ctx) } else { retry });
         }
     };
 
@@ -156,6 +184,20 @@ async fn apply(q: &Queue, ctx: &Context, api: &Api<Queue>) -> Result<Action> {
     Ok(next_poll(q, ctx))
 }
 
+/// `Ready=False` with `reason`, and with an autoscaled Queue
+/// `AutoscalingActive=False` too (nothing is read, so nothing is scaled);
+/// looks again in 10 s.
+async fn waiting(api: &Api<Queue>, q: &Queue, reason: &str, message: String) -> Result<Action> {
+    let generation = q.metadata.generation;
+    let mut conditions = vec![ready(false, reason, message.clone(), generation)];
+    if q.spec.autoscaling.is_some() {
+        let m = format!("the backlog cannot be read: {message}");
+        conditions.push(conditions::new(AUTOSCALING_ACTIVE, false, reason, m, generation));
+    }
+    write(api, q, Update { conditions, info: None, autoscaling: None }).await?;
+    Ok(Action::requeue(Duration::from_secs(10)))
+}
+
 async fn cleanup(q: &Queue, ctx: &Context, api: &Api<Queue>) -> Result<Action> {
     let name = q.broker_name();
     if let Some(uid) = q.uid() {
@@ -167,10 +209,20 @@ async fn cleanup(q: &Queue, ctx: &Context, api: &Api<Queue>) -> Result<Action> {
         publish(ctx, q, EventType::Normal, "Retained", "Delete", note).await;
         return Ok(Action::await_change());
     }
+    if let Some(other) = claim::heir(q, &super::all_in(ctx.stores.queues.get()).await, claim_key) {
+        let note = format!("queue {name} is also declared by Queue {other}: left on the broker, with its messages, for it");
+        publish(ctx, q, EventType::Normal, "HandedOver", "Delete", note).await;
+        return Ok(Action::await_change());
+    }
     let generation = q.metadata.generation;
     let way_out = super::WAY_OUT;
     let mut client = match broker_target(ctx, &namespace_of(q)?, &q.spec.broker_ref).await? {
-        BrokerTarget::Ready(client) => client,
+        BrokerTarget::Ready(client, _) => client,
+        BrokerTarget::NotAllowed(m) => {
+            let note = format!("{m}; queue {name} was never declared by this object, so it is not deleted");
+            publish(ctx, q, EventType::Normal, "NotDeleted", "Delete", note).await;
+            return Ok(Action::await_change());
+        }
         BrokerTarget::Missing(m) | BrokerTarget::Deleting(m) => {
             let note = format!("{m}; queue {name} is not deleted (its data stays on the Broker's retained volume)");
             publish(ctx, q, EventType::Normal, "BrokerGone", "Delete", note).await;

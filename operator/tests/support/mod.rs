@@ -233,8 +233,12 @@ impl ApiServer {
 
 /// A context for tests: quick resync, test identity.
 pub fn context(client: Client) -> Arc<Context> {
-    let settings =
-        Settings { broker_image: "warren/broker:test".into(), resync: Duration::from_secs(30), broker_timeout: Duration::from_secs(5) };
+    let settings = Settings {
+        broker_image: "warren/broker:test".into(),
+        resync: Duration::from_secs(30),
+        broker_timeout: Duration::from_secs(5),
+        ..Settings::default()
+    };
     Context::new(client, Arc::new(Metrics::default()), settings, Some("test".into()))
 }
 

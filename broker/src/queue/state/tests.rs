@@ -256,6 +256,31 @@ fn should_reject_unknown_delivery_tags() {
 }
 
 #[test]
+fn should_settle_everything_with_multiple_and_the_largest_tag() {
+    // `tag + 1` overflowed here (a panic in debug builds, an empty
+    // settlement in release ones); u64::MAX with `multiple` means "all".
+    let mut h = Harness::new(true, QueueArgs::default(), Limits::default());
+    let a = h.q.add_consumer(spec("a", 0)).unwrap();
+    for i in 0..3 {
+        h.publish(i, true, None);
+    }
+    h.dispatch(100);
+    assert_eq!(h.q.stats().unacked, 3);
+    h.run(|q, fx| q.nack(a, u64::MAX, true, true, fx).unwrap());
+    assert_eq!((h.q.stats().unacked, h.q.stats().ready), (0, 3));
+    h.dispatch(100);
+    h.run(|q, fx| q.ack(a, u64::MAX, true, fx).unwrap());
+    assert_eq!((h.q.stats().unacked, h.q.stats().ready), (0, 0));
+    assert_eq!(h.stored_counters().messages, 0);
+    // Nothing left to settle: an unknown tag, not a crash.
+    let mut fx = Effects::default();
+    let e = h.q.ack(a, u64::MAX, true, &mut fx).unwrap_err();
+    assert!(e.to_string().contains("unknown delivery tag"), "{e}");
+    let e = h.q.ack(a, u64::MAX, false, &mut fx).unwrap_err();
+    assert!(e.to_string().contains("unknown delivery tag"), "{e}");
+}
+
+#[test]
 fn should_discard_on_nack_without_requeue_and_requeue_otherwise() {
     let mut h = Harness::new(true, QueueArgs::default(), Limits::default());
     let a = h.q.add_consumer(spec("a", 0)).unwrap();

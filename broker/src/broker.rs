@@ -377,6 +377,9 @@ impl Broker {
         validate_name("queue", &req.name, true)?;
         // Bad arguments are INVALID_ARGUMENT whether or not the queue exists.
         let args = if req.passive { QueueArgs::default() } else { QueueArgs::parse(&req.arguments)? };
+        if args.quorum {
+            check_quorum_declare(&req)?;
+        }
         let mut topo = self.inner.topo.lock().await;
         if let Some(entry) = topo.queues.get(req.name.as_str()) {
             check_owner(&entry.def, session)?;
@@ -736,6 +739,7 @@ impl Broker {
             exclusive: sub.exclusive,
             priority: sub.priority,
             peer: session.peer.to_string(),
+            limits: None,
         };
         entry.handle.tx.send(QueueCmd::Subscribe { spec, outbox, reply }).await.map_err(|_| Error::not_found("queue", &sub.queue))?;
         let consumer = rx.await.map_err(|_| Error::not_found("queue", &sub.queue))??;
@@ -827,6 +831,37 @@ impl Broker {
             data_dir: String::new(),
             grpc_addr: String::new(),
         }
+    }
+
+    // ------------------------------------------------------------ cluster
+
+    /// The cluster as this node sees it. A single node is a cluster of one
+    /// (node 0) with no replicated queues.
+    pub async fn cluster_status(&self) -> proto::ClusterStatusResponse {
+        proto::ClusterStatusResponse {
+            node_id: 0,
+            members: vec![proto::ClusterMember { id: 0, address: String::new(), alive: true, leaders: 0, replicas: 0 }],
+            metadata_leader: 0,
+            queues: Vec::new(),
+            queues_without_quorum: 0,
+        }
+    }
+
+    /// Quorum queues that would lose their majority if `node` stopped.
+    pub async fn quorum_critical(&self, _node: u64) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+
+    pub async fn grow_queues(&self, req: proto::GrowQueuesRequest) -> Result<proto::MembershipChangeResponse> {
+        Err(Error::PreconditionFailed(format!("node {} is not a member: this broker runs as a single node (no --peers)", req.node)))
+    }
+
+    pub async fn shrink_queues(&self, req: proto::ShrinkQueuesRequest) -> Result<proto::MembershipChangeResponse> {
+        Err(Error::PreconditionFailed(format!("node {} is not a member: this broker runs as a single node (no --peers)", req.node)))
+    }
+
+    pub async fn rebalance_queues(&self, _req: proto::RebalanceQueuesRequest) -> Result<proto::RebalanceQueuesResponse> {
+        Ok(proto::RebalanceQueuesResponse::default())
     }
 
     // ----------------------------------------------------------- shutdown
@@ -932,6 +967,23 @@ fn message_delay(msg: &proto::Message) -> std::result::Result<Option<u64>, Strin
     }
 }
 
+/// A quorum queue is durable, shared and long-lived (RabbitMQ's rules).
+fn check_quorum_declare(req: &proto::DeclareQueueRequest) -> Result<()> {
+    let refuse = |what: &str| {
+        Err(Error::InvalidArgument(format!("queue '{}': a quorum queue (x-queue-type \"quorum\") cannot be {what}", req.name)))
+    };
+    if !req.durable {
+        return refuse("non-durable");
+    }
+    if req.exclusive {
+        return refuse("exclusive");
+    }
+    if req.auto_delete {
+        return refuse("auto-delete");
+    }
+    Ok(())
+}
+
 fn check_owner(def: &QueueDef, session: &Session) -> Result<()> {
     match def.owner {
         Some(owner) if owner != session.id => Err(Error::AccessRefused(format!("queue '{}' is exclusive to another connection", def.name))),
@@ -952,6 +1004,10 @@ fn queue_info(entry: &QueueEntry) -> proto::QueueInfo {
         delayed: s.delayed,
         consumers: s.consumers,
         ready_bytes: s.ready_bytes,
+        queue_type: if entry.def.args.quorum { "quorum" } else { "classic" }.to_string(),
+        leader: 0,
+        members: Vec::new(),
+        online: Vec::new(),
     }
 }
 
@@ -967,7 +1023,7 @@ fn show_value(v: Option<&Value>) -> String {
 }
 
 /// The first argument that differs, as (field, current, requested).
-fn arguments_mismatch(current: &HashMap<String, Value>, requested: &HashMap<String, Value>) -> Option<(String, String, String)> {
+fn arguments_mismatch(current: &BTreeMap<String, Value>, requested: &BTreeMap<String, Value>) -> Option<(String, String, String)> {
     let mut names: Vec<&String> = current.keys().chain(requested.keys()).collect();
     names.sort();
     names.dedup();
@@ -983,7 +1039,7 @@ fn arguments_mismatch(current: &HashMap<String, Value>, requested: &HashMap<Stri
 /// Queue arguments with the ones that state a default left out, so that
 /// `x-queue-type: classic`, `x-single-active-consumer: false` or
 /// `x-overflow: drop-head` compare equal to their absence on re-declare.
-fn canonical_queue_args(args: &HashMap<String, Value>) -> HashMap<String, Value> {
+fn canonical_queue_args(args: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
     use proto::value::Kind;
     args.iter()
         .filter(|(k, v)| {

@@ -437,6 +437,30 @@ impl Warren for WarrenService {
         status.grpc_addr = self.grpc_addr.clone();
         Ok(Response::new(status))
     }
+
+    async fn cluster_status(&self, _req: Request<proto::ClusterStatusRequest>) -> Result<Response<proto::ClusterStatusResponse>, Status> {
+        Ok(Response::new(self.broker.cluster_status().await))
+    }
+
+    async fn quorum_critical(&self, req: Request<proto::QuorumCriticalRequest>) -> Result<Response<proto::QuorumCriticalResponse>, Status> {
+        let queues = self.broker.quorum_critical(req.into_inner().node).await?;
+        Ok(Response::new(proto::QuorumCriticalResponse { queues }))
+    }
+
+    async fn grow_queues(&self, req: Request<proto::GrowQueuesRequest>) -> Result<Response<proto::MembershipChangeResponse>, Status> {
+        Ok(Response::new(self.broker.grow_queues(req.into_inner()).await?))
+    }
+
+    async fn shrink_queues(&self, req: Request<proto::ShrinkQueuesRequest>) -> Result<Response<proto::MembershipChangeResponse>, Status> {
+        Ok(Response::new(self.broker.shrink_queues(req.into_inner()).await?))
+    }
+
+    async fn rebalance_queues(
+        &self,
+        req: Request<proto::RebalanceQueuesRequest>,
+    ) -> Result<Response<proto::RebalanceQueuesResponse>, Status> {
+        Ok(Response::new(self.broker.rebalance_queues(req.into_inner()).await?))
+    }
 }
 
 /// Unsubscribes a consumer when the last handle on it goes (the response

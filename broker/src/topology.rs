@@ -28,7 +28,7 @@ pub struct ExchangeDef {
     pub durable: bool,
     pub auto_delete: bool,
     pub internal: bool,
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
     pub args: ExchangeArgs,
     /// Pre-declared (`""`, `amq.*`): cannot be deleted.
     pub builtin: bool,
@@ -41,7 +41,7 @@ pub struct QueueDef {
     pub durable: bool,
     pub exclusive: bool,
     pub auto_delete: bool,
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
     pub args: QueueArgs,
     /// The connection an exclusive queue belongs to.
     pub owner: Option<SessionId>,
@@ -52,7 +52,7 @@ pub struct BindingDef {
     pub source: Arc<str>,
     pub dest: Dest,
     pub routing_key: String,
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
 }
 
 impl BindingDef {
@@ -67,7 +67,7 @@ impl BindingDef {
 
 /// A deterministic encoding of an argument map (sorted keys), used to tell
 /// bindings apart in storage.
-pub fn canonical_args(args: &HashMap<String, Value>) -> Vec<u8> {
+pub fn canonical_args(args: &BTreeMap<String, Value>) -> Vec<u8> {
     let sorted: BTreeMap<&String, &Value> = args.iter().collect();
     let mut out = Vec::new();
     for (k, v) in sorted {
@@ -93,7 +93,7 @@ pub struct ExchangeRecord {
     #[prost(bool, tag = "4")]
     pub internal: bool,
     #[prost(map = "string, message", tag = "5")]
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -105,7 +105,7 @@ pub struct QueueRecord {
     #[prost(bool, tag = "3")]
     pub auto_delete: bool,
     #[prost(map = "string, message", tag = "4")]
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -119,7 +119,7 @@ pub struct BindingRecord {
     #[prost(string, tag = "4")]
     pub routing_key: String,
     #[prost(map = "string, message", tag = "5")]
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
 }
 
 fn corrupt(detail: String) -> Error {

@@ -39,7 +39,7 @@ pub mod proto {
 
 mod value;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, BTreeMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -172,7 +172,7 @@ pub struct ExchangeOptions {
     pub durable: bool,
     pub auto_delete: bool,
     pub internal: bool,
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
 }
 
 impl ExchangeOptions {
@@ -193,7 +193,7 @@ pub struct QueueOptions {
     pub durable: bool,
     pub exclusive: bool,
     pub auto_delete: bool,
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
 }
 
 impl QueueOptions {
@@ -518,18 +518,18 @@ impl Client {
     // ------------------------------------------------------------- bindings
 
     pub async fn bind_queue(&self, exchange: &str, queue: &str, routing_key: &str) -> Result<()> {
-        self.bind(exchange, queue, false, routing_key, HashMap::new()).await
+        self.bind(exchange, queue, false, routing_key, BTreeMap::new()).await
     }
 
     /// Binds with arguments (for headers exchanges: the headers and `x-match`).
-    pub async fn bind_queue_with(&self, exchange: &str, queue: &str, routing_key: &str, args: HashMap<String, Value>) -> Result<()> {
+    pub async fn bind_queue_with(&self, exchange: &str, queue: &str, routing_key: &str, args: BTreeMap<String, Value>) -> Result<()> {
         self.bind(exchange, queue, false, routing_key, args).await
     }
 
     /// An exchange-to-exchange binding: messages from `source` matching the
     /// key also route through `destination`.
     pub async fn bind_exchange(&self, source: &str, destination: &str, routing_key: &str) -> Result<()> {
-        self.bind(source, destination, true, routing_key, HashMap::new()).await
+        self.bind(source, destination, true, routing_key, BTreeMap::new()).await
     }
 
     pub async fn bind(
@@ -538,7 +538,7 @@ impl Client {
         destination: &str,
         to_exchange: bool,
         routing_key: &str,
-        arguments: HashMap<String, Value>,
+        arguments: BTreeMap<String, Value>,
     ) -> Result<()> {
         self.raw().bind(binding_request(source, destination, to_exchange, routing_key, arguments)).await?;
         Ok(())
@@ -550,7 +550,7 @@ impl Client {
         destination: &str,
         to_exchange: bool,
         routing_key: &str,
-        arguments: HashMap<String, Value>,
+        arguments: BTreeMap<String, Value>,
     ) -> Result<()> {
         let binding = binding_request(source, destination, to_exchange, routing_key, arguments);
         self.raw().unbind(proto::UnbindRequest::from(binding)).await?;
@@ -616,7 +616,7 @@ fn binding_request(
     destination: &str,
     to_exchange: bool,
     routing_key: &str,
-    arguments: HashMap<String, Value>,
+    arguments: BTreeMap<String, Value>,
 ) -> proto::BindRequest {
     proto::BindRequest {
         source: source.to_string(),

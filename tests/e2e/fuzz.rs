@@ -92,7 +92,7 @@ fn list(values: Vec<Value>) -> Value {
     Value { kind: Some(Kind::List(proto::ValueList { values })) }
 }
 
-fn map(fields: HashMap<String, Value>) -> Value {
+fn map(fields: BTreeMap<String, Value>) -> Value {
     Value { kind: Some(Kind::Map(proto::ValueMap { fields })) }
 }
 
@@ -135,7 +135,7 @@ fn plausible_arg() -> impl Strategy<Value = (&'static str, Value)> {
 
 /// Queue arguments: every known one, with plausible values (that take
 /// effect) and arbitrary ones (that must be refused or ignored cleanly).
-fn queue_args() -> impl Strategy<Value = HashMap<String, Value>> {
+fn queue_args() -> impl Strategy<Value = BTreeMap<String, Value>> {
     let known = prop::sample::select(vec![
         "x-message-ttl",
         "x-expires",
@@ -156,7 +156,7 @@ fn queue_args() -> impl Strategy<Value = HashMap<String, Value>> {
 }
 
 /// Exchange and binding arguments.
-fn other_args() -> impl Strategy<Value = HashMap<String, Value>> {
+fn other_args() -> impl Strategy<Value = BTreeMap<String, Value>> {
     let entry = prop_oneof![
         name().prop_map(|v| ("alternate-exchange".to_string(), string(&v))),
         prop::sample::select(vec!["all", "any", "all-with-x", "any-with-x", "some"]).prop_map(|v| ("x-match".to_string(), string(v))),
@@ -180,7 +180,7 @@ fn x_death() -> impl Strategy<Value = Value> {
     prop_oneof![3 => prop::collection::vec(entry, 0..3).prop_map(list), 1 => value()]
 }
 
-fn headers() -> impl Strategy<Value = HashMap<String, Value>> {
+fn headers() -> impl Strategy<Value = BTreeMap<String, Value>> {
     let entry = prop_oneof![
         3 => ("[a-z-]{0,8}", value()),
         1 => x_death().prop_map(|v| ("x-death".to_string(), v)),

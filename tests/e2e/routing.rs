@@ -69,7 +69,7 @@ async fn should_route_headers_with_all_and_any() {
     c.declare_exchange("h", ExchangeKind::Headers, Default::default()).await.unwrap();
     queue(&c, "all").await;
     queue(&c, "any").await;
-    let args = |mode: &str| -> HashMap<String, Value> {
+    let args = |mode: &str| -> BTreeMap<String, Value> {
         HashMap::from([
             ("x-match".to_string(), Value::from(mode)),
             ("format".to_string(), Value::from("pdf")),

@@ -28,7 +28,7 @@ fn int(v: i64) -> Value {
     Value { kind: Some(Kind::Int(v)) }
 }
 
-fn field<'a>(entry: &'a HashMap<String, Value>, name: &str) -> Option<&'a str> {
+fn field<'a>(entry: &'a BTreeMap<String, Value>, name: &str) -> Option<&'a str> {
     match entry.get(name).and_then(|v| v.kind.as_ref()) {
         Some(Kind::String(s)) => Some(s),
         _ => None,
@@ -36,7 +36,7 @@ fn field<'a>(entry: &'a HashMap<String, Value>, name: &str) -> Option<&'a str> {
 }
 
 /// The `x-death` entries of a message, as tables.
-pub fn deaths(data: &MessageData) -> Vec<HashMap<String, Value>> {
+pub fn deaths(data: &MessageData) -> Vec<BTreeMap<String, Value>> {
     match data.properties.headers.get(X_DEATH).and_then(|v| v.kind.as_ref()) {
         Some(Kind::List(ValueList { values })) => values
             .iter()
@@ -127,7 +127,7 @@ mod tests {
         }
     }
 
-    fn count(e: &HashMap<String, Value>) -> i64 {
+    fn count(e: &BTreeMap<String, Value>) -> i64 {
         match e.get("count").and_then(|v| v.kind.as_ref()) {
             Some(Kind::Int(n)) => *n,
             _ => -1,

@@ -181,9 +181,15 @@ impl QueueMachine {
     /// reads it asks for are done at once and applied, until none is left.
     /// Returns the effects of the last round (empty) for the caller to go on.
     fn carry_out(&mut self, mut fx: Effects, store: &mut Overlay<'_>) -> Result<Effects, StoreError> {
+        // A round may ask for both reads; each is done in turn, none is
+        // dropped (a dropped timer read would leave the queue waiting for it
+        // forever).
+        let mut timer = None;
         for _ in 0..MAX_READ_ROUNDS {
             let refill = fx.refill.take();
-            let timer = fx.timer_read.take();
+            if let Some(t) = fx.timer_read.take() {
+                timer = Some(t);
+            }
             self.write(fx, store)?;
             fx = Effects::default();
             if let Some(req) = refill {
@@ -192,7 +198,7 @@ impl QueueMachine {
                 self.state.dispatch(&mut fx, &mut |_| Room::UNLIMITED);
                 continue;
             }
-            if let Some(req) = timer {
+            if let Some(req) = timer.take() {
                 let result = read_timers(&*store, self.id(), &req)?;
                 self.state.timer_done(req.epoch, result, &mut fx);
                 self.state.dispatch(&mut fx, &mut |_| Room::UNLIMITED);

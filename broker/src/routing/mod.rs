@@ -27,7 +27,7 @@ pub enum Dest {
 #[derive(Clone, Debug)]
 pub struct RouteBinding {
     pub routing_key: String,
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
     pub dest: Dest,
 }
 
@@ -72,7 +72,7 @@ impl ExchangeRoute {
         ExchangeRoute { name, kind, internal, alternate, matcher }
     }
 
-    fn for_each_dest<'a>(&'a self, routing_key: &str, headers: &HashMap<String, Value>, f: &mut impl FnMut(&'a Dest)) {
+    fn for_each_dest<'a>(&'a self, routing_key: &str, headers: &BTreeMap<String, Value>, f: &mut impl FnMut(&'a Dest)) {
         match &self.matcher {
             Matcher::Direct(map) => {
                 if let Some(dests) = map.get(routing_key) {
@@ -100,7 +100,7 @@ pub struct HeadersMatch {
 }
 
 impl HeadersMatch {
-    pub fn new(args: &HashMap<String, Value>) -> Self {
+    pub fn new(args: &BTreeMap<String, Value>) -> Self {
         let mode = match args.get("x-match").and_then(|v| v.kind.as_ref()) {
             Some(Kind::String(s)) => s.as_str(),
             _ => "all",
@@ -116,7 +116,7 @@ impl HeadersMatch {
         HeadersMatch { any, fields }
     }
 
-    pub fn matches(&self, headers: &HashMap<String, Value>) -> bool {
+    pub fn matches(&self, headers: &BTreeMap<String, Value>) -> bool {
         let eq = |(k, v): &(String, Value)| headers.get(k) == Some(v);
         if self.any { self.fields.iter().any(eq) } else { self.fields.iter().all(eq) }
     }
@@ -148,7 +148,7 @@ impl RoutingTable {
     /// Routes through `exchange`, following exchange-to-exchange bindings and
     /// alternate exchanges. The default exchange (`""`) is handled by the
     /// caller (it routes to the queue named by the routing key).
-    pub fn route(&self, exchange: &str, routing_key: &str, headers: &HashMap<String, Value>) -> Routed {
+    pub fn route(&self, exchange: &str, routing_key: &str, headers: &BTreeMap<String, Value>) -> Routed {
         let mut out = Routed::default();
         let mut seen_queues: HashSet<Arc<str>> = HashSet::new();
         let mut tried: HashSet<&str> = HashSet::new();
@@ -177,7 +177,7 @@ impl RoutingTable {
         &'a self,
         start: &'a ExchangeRoute,
         routing_key: &str,
-        headers: &HashMap<String, Value>,
+        headers: &BTreeMap<String, Value>,
         seen_queues: &mut HashSet<Arc<str>>,
         queues: &mut Vec<Arc<str>>,
     ) {

@@ -484,7 +484,7 @@ async fn consume(client: &Client, a: ConsumeArgs, out: &Printer) -> Result<(), F
 
 // ------------------------------------------------------------------ output
 
-fn args_json(args: &HashMap<String, Value>) -> Json {
+fn args_json(args: &BTreeMap<String, Value>) -> Json {
     let mut keys: Vec<&String> = args.keys().collect();
     keys.sort();
     Json::Object(keys.into_iter().map(|k| (k.clone(), args[k].to_json())).collect())

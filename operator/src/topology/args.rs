@@ -50,7 +50,7 @@ pub fn to_value(v: &serde_json::Value, path: &str) -> Result<proto::Value> {
     Ok(proto::Value { kind: Some(kind) })
 }
 
-fn free_form(args: &BTreeMap<String, serde_json::Value>, known: &[KnownArgument]) -> Result<HashMap<String, proto::Value>> {
+fn free_form(args: &BTreeMap<String, serde_json::Value>, known: &[KnownArgument]) -> Result<BTreeMap<String, proto::Value>> {
     let mut out = HashMap::new();
     for (key, value) in args {
         // The schema refuses these too; this covers objects stored before it did.
@@ -77,7 +77,7 @@ fn check_name(name: &str, field: &str) -> Result<()> {
 
 /// The arguments map of a Queue: typed fields first, then the free-form
 /// ones.
-pub fn queue_arguments(spec: &v1::QueueSpec) -> Result<HashMap<String, proto::Value>> {
+pub fn queue_arguments(spec: &v1::QueueSpec) -> Result<BTreeMap<String, proto::Value>> {
     let mut args = free_form(&spec.arguments, v1::KNOWN_QUEUE_ARGUMENTS)?;
     args.insert("x-queue-type".into(), string(spec.type_.as_str()));
     let ints = [

@@ -250,4 +250,24 @@ impl Warren for FakeBroker {
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
+
+    async fn cluster_status(&self, _: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn quorum_critical(&self, _: Request<QuorumCriticalRequest>) -> Result<Response<QuorumCriticalResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn grow_queues(&self, _: Request<GrowQueuesRequest>) -> Result<Response<MembershipChangeResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn shrink_queues(&self, _: Request<ShrinkQueuesRequest>) -> Result<Response<MembershipChangeResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn rebalance_queues(&self, _: Request<RebalanceQueuesRequest>) -> Result<Response<RebalanceQueuesResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 }

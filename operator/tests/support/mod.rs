@@ -43,7 +43,7 @@ impl Recorded {
 /// POST of an Event echoes it.
 #[derive(Clone, Default)]
 pub struct ApiServer {
-    objects: Arc<Mutex<HashMap<String, Value>>>,
+    objects: Arc<Mutex<BTreeMap<String, Value>>>,
     pub requests: Arc<Mutex<Vec<Recorded>>>,
     /// `METHOD path` → (code, message) answered instead of the default.
     failures: Arc<Mutex<HashMap<String, (u16, String)>>>,

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod cluster;
 mod consuming;
 mod docs;
 mod durability;

@@ -38,7 +38,11 @@ pub struct Applied<'a> {
     pub index: u64,
     /// The term of the leader that proposed it.
     pub term: u64,
-    /// The proposing leader's clock when it proposed the entry.
+    /// The proposing leader's clock when it proposed the entry. (Only
+    /// entries proposed through `RaftHost::propose` reach a machine: Raft's
+    /// own blank and membership entries carry no time — openraft creates
+    /// the first membership entry on every node at once, so a clock stamp
+    /// would differ between replicas — and are not shown to it.)
     pub now_ms: u64,
     /// The command, encoded by the machine's layer.
     pub data: &'a [u8],
@@ -52,10 +56,6 @@ pub type LocalReply = Option<Box<dyn std::any::Any + Send + Sync>>;
 pub trait GroupMachine: Send + 'static {
     /// Applies one committed entry: reads and writes go through `store`.
     fn apply(&mut self, entry: &Applied<'_>, store: &mut Overlay<'_>) -> LocalReply;
-
-    /// Entries that change no state (openraft's blank and membership
-    /// entries) still move time forward.
-    fn observe_time(&mut self, _now_ms: u64) {}
 
     /// Rebuilds the machine's memory from its store ranges (at start, and
     /// after a snapshot was installed into them).

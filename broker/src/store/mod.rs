@@ -70,10 +70,16 @@ pub enum Cf {
     /// written atomically with their removal from the source queue, moved
     /// into the target queue atomically by its owner.
     Inbox,
+    /// Raft log entries of every group on the node: group id, index ->
+    /// entry (see `raft::keys`).
+    RaftLog,
+    /// Raft metadata per group: group id, kind -> vote, last purged log id,
+    /// last applied log id and membership (see `raft::keys`).
+    RaftState,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 10] = [
+    pub const ALL: [Cf; 12] = [
         Cf::Meta,
         Cf::Messages,
         Cf::Paged,
@@ -84,6 +90,8 @@ impl Cf {
         Cf::ExpiryTransient,
         Cf::Dedup,
         Cf::Inbox,
+        Cf::RaftLog,
+        Cf::RaftState,
     ];
 
     /// Emptied at open: their content never outlives the process.
@@ -101,6 +109,8 @@ impl Cf {
             Cf::ExpiryTransient => "expiry_transient",
             Cf::Dedup => "dedup",
             Cf::Inbox => "inbox",
+            Cf::RaftLog => "raft_log",
+            Cf::RaftState => "raft_state",
         }
     }
 
@@ -116,6 +126,8 @@ impl Cf {
             Cf::ExpiryTransient => 7,
             Cf::Dedup => 8,
             Cf::Inbox => 9,
+            Cf::RaftLog => 10,
+            Cf::RaftState => 11,
         }
     }
 }
@@ -173,6 +185,13 @@ pub trait Engine: Reader + Send + Sync + 'static {
     fn disk_usage(&self) -> u64;
     /// Persists memory tables so that the next start need not replay the WAL.
     fn flush(&self) -> Result<(), StoreError>;
+    /// The entry with the greatest key in `[from, to)`, if any.
+    fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<KeyValue>, StoreError>;
+    /// Runs `read` against one consistent view of the whole store: writes
+    /// made while it runs are not visible to it (RocksDB: a snapshot;
+    /// memory: a copy). For reading a large state without holding it in
+    /// memory (Raft snapshots are streamed from one).
+    fn with_view(&self, read: &mut dyn FnMut(&dyn Reader) -> Result<(), StoreError>) -> Result<(), StoreError>;
 }
 
 /// A write: its ops, whether it must be synced, and what to run once it is
@@ -628,9 +647,7 @@ mod tests {
         fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
             self.inner.scan(cf, from, to, limit)
         }
-
     }
-
 
     impl Engine for Gate {
         fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError> {
@@ -648,6 +665,12 @@ mod tests {
         }
         fn flush(&self) -> Result<(), StoreError> {
             Ok(())
+        }
+        fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+            self.inner.last_in(cf, from, to)
+        }
+        fn with_view(&self, read: &mut dyn FnMut(&dyn Reader) -> Result<(), StoreError>) -> Result<(), StoreError> {
+            self.inner.with_view(read)
         }
     }
 

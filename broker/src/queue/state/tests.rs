@@ -9,7 +9,7 @@ use warren_client::proto::Properties;
 use super::*;
 use crate::queue::read::{read_refill, read_timers};
 use crate::store::memory::MemoryEngine;
-use crate::store::{Engine, keys};
+use crate::store::{Engine, Reader, keys};
 
 fn data(id: u64, persistent: bool, priority: Option<u32>) -> Arc<MessageData> {
     Arc::new(MessageData {

@@ -97,16 +97,17 @@ impl LogStore {
             }
         }
         out.extend(pending);
-        // Only a contiguous run starting at `from` is an answer: a gap
-        // would mean entries purged or truncated meanwhile.
-        let mut expected = from;
+        // Only a contiguous run is an answer (a gap would mean entries
+        // purged or truncated meanwhile): it starts at the first entry
+        // present, which is later than `from` when the log was purged.
+        let mut expected: Option<u64> = None;
         let mut entries = Vec::with_capacity(out.len());
         for (i, e) in out {
-            if i != expected {
+            if expected.is_some_and(|x| x != i) {
                 break;
             }
             entries.push(e);
-            expected += 1;
+            expected = Some(i + 1);
         }
         Ok(entries)
     }

@@ -220,6 +220,18 @@ impl TestCluster {
         }
     }
 
+    /// Waits until `expected` leads `group`.
+    async fn wait_leader(&self, group: GroupId, members: &[NodeId], expected: NodeId) {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            if self.leader(group, members).await == expected {
+                return;
+            }
+            assert!(Instant::now() < deadline, "node {expected} never led group {group}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Proposes through whichever node leads, following redirects.
     async fn propose(&self, group: GroupId, data: Vec<u8>) -> (u64, LocalReply) {
         let deadline = Instant::now() + SETTLE;
@@ -380,8 +392,7 @@ async fn should_change_membership_one_step_at_a_time() {
     assert!(matches!(c.node(follower).host.promote(3, gone).await, Err(GroupError::ForwardToLeader { .. })));
     // Leadership moves on request.
     host.transfer_leader(3, follower).await.unwrap();
-    let new = c.leader(3, &remaining).await;
-    assert_eq!(new, follower);
+    c.wait_leader(3, &remaining, follower).await;
     c.shutdown().await;
 }
 
@@ -447,7 +458,7 @@ async fn should_catch_up_a_follower_from_a_streamed_snapshot_after_the_log_was_p
     assert_eq!(n, keys as usize + 2);
     // And it serves as leader afterwards.
     c.node(c.leader(9, &[1, 2, 3]).await).host.transfer_leader(9, behind).await.unwrap();
-    assert_eq!(c.leader(9, &[1, 2, 3]).await, behind);
+    c.wait_leader(9, &[1, 2, 3], behind).await;
     let (index, _) = c.propose(9, put("led", "by the caught-up node")).await;
     c.applied(9, &[1, 2, 3], index).await;
     c.assert_identical(9, &[1, 2, 3]).await;
@@ -464,16 +475,12 @@ async fn should_share_wal_syncs_between_many_groups() {
     for g in &groups {
         c.leader(*g, &[1, 2, 3]).await;
     }
-    let before: Vec<(u64, u64)> = [1, 2, 3]
-        .iter()
-        .map(|id| {
-            let n = c.node(*id);
-            (
-                n.store.stats().synced_batches.load(std::sync::atomic::Ordering::Relaxed),
-                n.host.log_stats().appends.load(std::sync::atomic::Ordering::Relaxed),
-            )
-        })
-        .collect();
+    let counts = |n: &Node| {
+        use std::sync::atomic::Ordering::Relaxed;
+        let log = n.host.log_stats();
+        (n.store.stats().synced_batches.load(Relaxed), log.appends.load(Relaxed), log.entries.load(Relaxed))
+    };
+    let before: Vec<(u64, u64, u64)> = [1, 2, 3].iter().map(|id| counts(c.node(*id))).collect();
     let c = Arc::new(c);
     let mut tasks = Vec::new();
     for g in groups.clone() {
@@ -487,17 +494,17 @@ async fn should_share_wal_syncs_between_many_groups() {
     for t in tasks {
         tokio::time::timeout(SETTLE * 4, t).await.unwrap().unwrap();
     }
-    let mut total_syncs = 0;
-    let mut total_appends = 0;
+    let (mut total_syncs, mut total_appends, mut total_entries) = (0, 0, 0);
     for (i, id) in [1u64, 2, 3].iter().enumerate() {
-        let n = c.node(*id);
-        let syncs = n.store.stats().synced_batches.load(std::sync::atomic::Ordering::Relaxed) - before[i].0;
-        let appends = n.host.log_stats().appends.load(std::sync::atomic::Ordering::Relaxed) - before[i].1;
-        println!("node {id}: {appends} log appends in {syncs} synced batches");
+        let (syncs, appends, entries) = counts(c.node(*id));
+        let (syncs, appends, entries) = (syncs - before[i].0, appends - before[i].1, entries - before[i].2);
+        println!("node {id}: {entries} entries in {appends} log appends in {syncs} synced batches");
         total_syncs += syncs;
         total_appends += appends;
+        total_entries += entries;
     }
-    assert!(total_appends >= groups.len() as u64 * 10 * 3, "every proposal was appended on every replica");
+    // Committed means appended on a majority (the third may still lag).
+    assert!(total_entries >= groups.len() as u64 * 10 * 2, "every proposal was appended on a majority");
     assert!(total_syncs < total_appends, "appends of different groups shared WAL syncs ({total_syncs} syncs for {total_appends} appends)");
     println!(
         "{} groups: {total_appends} appends, {total_syncs} WAL syncs ({:.2} appends per sync)",

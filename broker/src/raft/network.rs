@@ -133,7 +133,7 @@ impl RaftNetworkV2<TypeConfig> for Network {
         if cut {
             rpc.entries.truncate(keep);
         }
-        let last = rpc.entries.last().map(|e| e.log_id.clone());
+        let last = rpc.entries.last().map(|e| e.log_id);
         match self.send(Rpc::Append(rpc), &option).await? {
             RpcReply::Append(AppendEntriesResponse::Success) if cut => Ok(AppendEntriesResponse::PartialSuccess(last)),
             RpcReply::Append(r) => Ok(r),

@@ -76,6 +76,9 @@ pub fn write(path: &Path, meta: &SnapshotMeta, view: &dyn Reader, ranges: &[(Cf,
     Ok(count)
 }
 
+/// One record: column family, key, value.
+pub type Record = (Cf, Vec<u8>, Vec<u8>);
+
 /// Reads a snapshot file record by record.
 pub struct SnapshotReader {
     input: BufReader<File>,
@@ -118,7 +121,7 @@ impl SnapshotReader {
     }
 
     /// The next record, or `None` after the last (checking the count).
-    pub fn next_record(&mut self) -> io::Result<Option<(Cf, Vec<u8>, Vec<u8>)>> {
+    pub fn next_record(&mut self) -> io::Result<Option<Record>> {
         if self.done {
             return Ok(None);
         }

@@ -180,14 +180,14 @@ impl StateMachine {
         let mut last: Option<LogId> = None;
         let mut membership: Option<StoredMembership> = None;
         for (entry, _) in batch {
-            let log_id = entry.log_id.clone();
+            let log_id = entry.log_id;
             let reply = match &entry.payload {
                 EntryPayload::Normal(p) => {
                     let applied = Applied { index: log_id.index, term: log_id.leader_id.term, now_ms: p.now_ms, data: &p.data };
                     machine.apply(&applied, &mut overlay)
                 }
                 EntryPayload::Membership(m) => {
-                    membership = Some(StoredMembership::new(Some(log_id.clone()), m.clone()));
+                    membership = Some(StoredMembership::new(Some(log_id), m.clone()));
                     None
                 }
                 EntryPayload::Blank => None,

@@ -12,11 +12,16 @@
 //! [`metrics`] (Prometheus), [`alarms`] (memory and disk limits that block
 //! publishers), [`http`] (`/metrics`, `/healthz`, `/readyz`) and
 //! [`telemetry`] (OpenTelemetry traces).
+//!
+//! In a cluster: [`cluster`] (peers, the node-to-node service, liveness)
+//! and [`raft`] (replication groups over the store; the only module that
+//! knows openraft).
 
 #![forbid(unsafe_code)]
 
 pub mod alarms;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod confirm;
 pub mod error;

@@ -11,11 +11,15 @@ use tokio_util::sync::CancellationToken;
 use warren_client::proto::{FILE_DESCRIPTOR_SET, warren_server::WarrenServer};
 
 use crate::alarms::{self, MonitorSettings};
-use crate::broker::{Broker, BrokerConfig};
+use crate::broker::{Broker, BrokerConfig, ClusterParts};
+use crate::replica::meta::Meta;
+use crate::replica::quorum::ReplicaCtx;
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::config::{Config, MemoryWatermark};
 use crate::http::{self, HttpState, Phase};
 use crate::metrics;
 use crate::queue::state::Limits;
+use crate::raft::{RaftHost, RaftOptions};
 use crate::server::{WarrenService, incoming};
 use crate::store::rocks::{RocksEngine, RocksTuning};
 use crate::store::{BatchObserver, Store};
@@ -34,6 +38,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Ready {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The cluster listener, in a cluster.
+    pub cluster: Option<SocketAddr>,
 }
 
 /// The memory high watermark in bytes, and how it was found.
@@ -79,6 +85,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let store = Store::with_write_buffer(engine.clone(), Some(observer), write_buffer);
     // The gRPC encoding limit; a Get reply is bounded below it.
     let limit = config.max_message_size.saturating_mul(2).saturating_add(1 << 20);
+    let raft_store = store.clone();
     let broker = Broker::open(
         store,
         BrokerConfig {
@@ -98,6 +105,27 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     .await
     .context("recovering the broker state failed")?;
     collector.set_broker(broker.clone());
+
+    // In a cluster: the node-to-node listener and the Raft groups' host.
+    let cluster = match config.cluster() {
+        None => None,
+        Some((node_id, listen, peers)) => {
+            let mut cc = ClusterConfig::new(node_id, listen, peers);
+            cc.max_message_bytes = limit;
+            let (cluster, cluster_addr) = Cluster::start(cc).await.with_context(|| format!("cannot listen on {listen} (cluster_addr)"))?;
+            collector.set_cluster(cluster.liveness());
+            let host = RaftHost::new(cluster.clone(), raft_store, config.data_dir.join("raft"), RaftOptions::default())
+                .map_err(|e| anyhow::anyhow!("Raft settings: {e}"))?;
+            tracing::info!(node_id, %cluster_addr, "cluster listener ready");
+            // Quorum queues and the metadata group; the broker applies the
+            // metadata's changes from now on.
+            let nodes: std::collections::BTreeSet<u64> = cluster.members().collect();
+            let replicas = ReplicaCtx::new(host.clone(), broker.config().limits);
+            let (meta, events) = Meta::start(host.clone(), nodes.clone()).await.map_err(|e| anyhow::anyhow!(e))?;
+            broker.attach_cluster(ClusterParts { meta, replicas, nodes }, events);
+            Some((cluster, cluster_addr, host))
+        }
+    };
 
     let (memory_limit, memory_text) = memory_limit(config.memory_high_watermark);
     tracing::info!(
@@ -168,7 +196,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let server = tokio::spawn(server);
     http_state.set_phase(Phase::Ready);
     tracing::info!(%addr, %http_addr, recovery_ms = started.elapsed().as_millis() as u64, queues = broker.list_queues().len(), "broker ready");
-    on_ready(Ready { grpc: addr, http: http_addr });
+    on_ready(Ready { grpc: addr, http: http_addr, cluster: cluster.as_ref().map(|(_, a, _)| *a) });
 
     shutdown.cancelled().await;
     tracing::info!("stopping: no new connections; ending subscriptions and draining publishes");
@@ -185,6 +213,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     }
     monitor_stop.cancel();
     let _ = monitor.await;
+    if let Some((cluster, _, host)) = &cluster {
+        host.shutdown().await;
+        cluster.stop();
+    }
     broker.shutdown().await.context("closing storage")?;
     http_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(5), http_server).await {

@@ -24,7 +24,7 @@
 //! * `ack` / `nack` / `reject` (server kind): a settlement, linked to the
 //!   `deliver` spans of the messages it settles.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -332,7 +332,7 @@ mod tests {
             exchange: "orders".into(),
             routing_key: "eu".into(),
             properties: Some(proto::Properties {
-                headers: HashMap::from([
+                headers: BTreeMap::from([
                     (TRACEPARENT.to_string(), Value { kind: Some(Kind::String(format!("00-{producer_trace}-{producer_span}-01"))) }),
                     (TRACESTATE.to_string(), Value { kind: Some(Kind::String("vendor=1".into())) }),
                     ("tenant".to_string(), Value { kind: Some(Kind::String("acme".into())) }),
@@ -405,7 +405,7 @@ mod tests {
         drop(span);
         assert_eq!(exporter.get_finished_spans().unwrap()[0].parent_span_id, SpanId::INVALID);
         // Garbage in the header is ignored, not propagated.
-        let mut headers = HashMap::from([(TRACEPARENT.to_string(), Value { kind: Some(Kind::String("nonsense".into())) })]);
+        let mut headers = BTreeMap::from([(TRACEPARENT.to_string(), Value { kind: Some(Kind::String("nonsense".into())) })]);
         assert!(!extract(&headers).span().span_context().is_valid());
         inject(&Context::new(), &mut headers);
     }

@@ -4,7 +4,7 @@
 //! Mutations are serialized by the broker (one lock); readers on the publish
 //! path only see the [`Snapshot`] it publishes after each change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use prost::Message as _;
@@ -92,7 +92,7 @@ pub struct ExchangeRecord {
     pub auto_delete: bool,
     #[prost(bool, tag = "4")]
     pub internal: bool,
-    #[prost(map = "string, message", tag = "5")]
+    #[prost(btree_map = "string, message", tag = "5")]
     pub arguments: BTreeMap<String, Value>,
 }
 
@@ -104,7 +104,7 @@ pub struct QueueRecord {
     pub id: u64,
     #[prost(bool, tag = "3")]
     pub auto_delete: bool,
-    #[prost(map = "string, message", tag = "4")]
+    #[prost(btree_map = "string, message", tag = "4")]
     pub arguments: BTreeMap<String, Value>,
 }
 
@@ -118,7 +118,7 @@ pub struct BindingRecord {
     pub to_exchange: bool,
     #[prost(string, tag = "4")]
     pub routing_key: String,
-    #[prost(map = "string, message", tag = "5")]
+    #[prost(btree_map = "string, message", tag = "5")]
     pub arguments: BTreeMap<String, Value>,
 }
 
@@ -286,7 +286,7 @@ impl Topology {
                 durable: true,
                 auto_delete: false,
                 internal: false,
-                arguments: HashMap::new(),
+                arguments: BTreeMap::new(),
                 args: ExchangeArgs::default(),
                 builtin: true,
             });

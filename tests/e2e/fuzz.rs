@@ -20,7 +20,7 @@
 //! WARREN_FUZZ_CASES=10000 cargo test -p warren-tests --test e2e fuzz -- --nocapture
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -109,7 +109,7 @@ fn value() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(3, 24, 4, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(list),
-            prop::collection::hash_map("[a-z-]{0,8}", inner, 0..4).prop_map(map),
+            prop::collection::btree_map("[a-z-]{0,8}", inner, 0..4).prop_map(map),
         ]
     })
 }
@@ -170,7 +170,7 @@ fn x_death() -> impl Strategy<Value = Value> {
     let count = prop_oneof![2 => prop::sample::select(vec![i64::MAX, i64::MIN, -1, 0]), 1 => edge_int()];
     let entry = (name(), prop::sample::select(vec!["rejected", "expired", "maxlen", "delivery_limit", "junk"]), count).prop_map(
         |(queue, reason, count)| {
-            map(HashMap::from([
+            map(BTreeMap::from([
                 ("queue".to_string(), string(&queue)),
                 ("reason".to_string(), string(reason)),
                 ("count".to_string(), int(count)),
@@ -191,7 +191,7 @@ fn headers() -> impl Strategy<Value = BTreeMap<String, Value>> {
         8 => prop::collection::vec(entry, 0..4).prop_map(|v| v.into_iter().collect()),
         // Over the header count and header bytes limits the broker runs with.
         1 => (17usize..40).prop_map(|n| (0..n).map(|i| (format!("h{i}"), int(i as i64))).collect()),
-        1 => Just(HashMap::from([("big".to_string(), string(&"v".repeat(5000)))])),
+        1 => Just(BTreeMap::from([("big".to_string(), string(&"v".repeat(5000)))])),
     ]
 }
 
@@ -354,7 +354,7 @@ fn setup() -> impl Strategy<Value = Vec<Op>> {
                     destination: destination.to_string(),
                     destination_kind,
                     routing_key,
-                    arguments: HashMap::new(),
+                    arguments: BTreeMap::new(),
                 },
                 unbind: false,
             })

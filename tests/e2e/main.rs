@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod cluster;
 mod consuming;
 mod docs;
 mod durability;
@@ -12,6 +13,7 @@ mod fuzz;
 mod hostile;
 mod interop;
 mod operability;
+mod quorum;
 mod routing;
 mod semantics;
 mod topology;

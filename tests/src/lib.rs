@@ -90,6 +90,8 @@ pub struct TestBroker {
     pub addr: String,
     /// The HTTP address (`/metrics`, `/healthz`, `/readyz`) it listens on.
     pub http_addr: String,
+    /// The cluster listener's address, when it runs in a cluster.
+    pub cluster_addr: Option<String>,
     /// Lines the broker printed to stdout (its configuration, the ready line).
     pub stdout: Vec<String>,
 }
@@ -129,6 +131,7 @@ impl TestBroker {
             stderr_log,
             addr: String::new(),
             http_addr: String::new(),
+            cluster_addr: None,
             stdout: Vec::new(),
         };
         b.spawn().await?;
@@ -215,6 +218,7 @@ impl TestBroker {
                             .find_map(|w| w.strip_prefix("http="))
                             .ok_or_else(|| anyhow!("the ready line names no http= address: {line}"))?
                             .to_string();
+                        self.cluster_addr = line.split_whitespace().find_map(|w| w.strip_prefix("cluster=")).map(str::to_string);
                         self.stdout.push(line);
                         return Ok(());
                     }
@@ -244,6 +248,26 @@ impl TestBroker {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// SIGSTOP: the process stays, but answers nothing until
+    /// [`resume`](Self::resume) (a hung node, a long GC pause).
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, sig: &str) -> Result<()> {
+        let pid = self.pid().ok_or_else(|| anyhow!("the broker is not running"))?;
+        let status = Command::new("kill").args([sig, &pid.to_string()]).status().context("cannot run kill")?;
+        if !status.success() {
+            bail!("kill {sig} {pid} failed");
+        }
+        Ok(())
     }
 
     /// SIGTERM, then waits (bounded) for a clean exit; returns whether it
@@ -317,7 +341,133 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
+        // A paused process would not die of SIGTERM; SIGKILL works anyway.
         self.kill();
+    }
+}
+
+/// Free TCP ports on 127.0.0.1 (bound, read, released: another process
+/// could take one meanwhile, which a test then reports as a failed start).
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>().context("cannot find a free port")?;
+    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
+/// N broker processes forming one cluster on 127.0.0.1: node ids 1..=N,
+/// each with its own data directory and a fixed cluster port (so that a
+/// restarted node keeps its address), gRPC and HTTP on free ports.
+pub struct TestCluster {
+    nodes: Vec<TestBroker>,
+    /// The `--peers` value every node got.
+    pub peers: String,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes.
+    pub async fn start(n: usize) -> Result<TestCluster> {
+        TestCluster::start_with(n, &[]).await
+    }
+
+    /// Starts `n` nodes, each with extra arguments.
+    pub async fn start_with(n: usize, args: &[&str]) -> Result<TestCluster> {
+        let ports = free_ports(n)?;
+        let peers = ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect::<Vec<_>>().join(",");
+        let starts = ports.iter().enumerate().map(|(i, port)| {
+            let mut all: Vec<String> = vec![
+                "--node-id".into(),
+                (i + 1).to_string(),
+                "--cluster-addr".into(),
+                format!("127.0.0.1:{port}"),
+                "--peers".into(),
+                peers.clone(),
+            ];
+            all.extend(args.iter().map(|s| s.to_string()));
+            async move {
+                let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+                TestBroker::start_with(&refs).await
+            }
+        });
+        // All at once, as a StatefulSet with parallel pod management does.
+        let started = futures::future::join_all(starts).await;
+        let nodes = started.into_iter().collect::<Result<Vec<_>>>()?;
+        Ok(TestCluster { nodes, peers })
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Node ids, 1..=N.
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        1..=self.nodes.len() as u64
+    }
+
+    fn index(&self, id: u64) -> Result<usize> {
+        let i = usize::try_from(id).ok().and_then(|i| i.checked_sub(1)).filter(|i| *i < self.nodes.len());
+        i.ok_or_else(|| anyhow!("no node {id} in a cluster of {}", self.nodes.len()))
+    }
+
+    /// The node with id `id` (1-based).
+    pub fn node(&self, id: u64) -> &TestBroker {
+        &self.nodes[self.index(id).unwrap_or(0)]
+    }
+
+    pub fn node_mut(&mut self, id: u64) -> &mut TestBroker {
+        let i = self.index(id).unwrap_or(0);
+        &mut self.nodes[i]
+    }
+
+    /// SIGKILL of node `id`.
+    pub fn kill(&mut self, id: u64) -> Result<()> {
+        let i = self.index(id)?;
+        self.nodes[i].kill();
+        Ok(())
+    }
+
+    /// Starts node `id` again on its data and cluster port.
+    pub async fn restart(&mut self, id: u64) -> Result<()> {
+        let i = self.index(id)?;
+        self.nodes[i].restart().await
+    }
+
+    /// SIGSTOP of node `id`.
+    pub fn pause(&self, id: u64) -> Result<()> {
+        self.nodes[self.index(id)?].pause()
+    }
+
+    /// SIGCONT of node `id`.
+    pub fn resume(&self, id: u64) -> Result<()> {
+        self.nodes[self.index(id)?].resume()
+    }
+
+    /// Which members node `id` sees alive (from its `/metrics`).
+    pub async fn peers_up(&self, id: u64) -> Result<std::collections::BTreeMap<u64, bool>> {
+        let text = self.node(id).metrics().await?;
+        let mut up = std::collections::BTreeMap::new();
+        for line in text.lines().filter(|l| l.starts_with("warren_cluster_peer_up{")) {
+            let node = line.split("node=\"").nth(1).and_then(|r| r.split('"').next()).and_then(|n| n.parse().ok());
+            let value = line.rsplit(' ').next().map(str::trim);
+            if let Some(node) = node {
+                up.insert(node, value == Some("1"));
+            }
+        }
+        Ok(up)
+    }
+
+    /// Waits until node `id` sees exactly `alive` as the live members.
+    pub async fn wait_for_peers(&self, id: u64, alive: &[u64], timeout: Duration) -> Result<()> {
+        let want: std::collections::BTreeSet<u64> = alive.iter().copied().collect();
+        eventually(timeout, &format!("node {id} to see {want:?} alive"), || async {
+            let up = self.peers_up(id).await.ok()?;
+            let seen: std::collections::BTreeSet<u64> = up.iter().filter(|(_, a)| **a).map(|(n, _)| *n).collect();
+            (seen == want).then_some(())
+        })
+        .await
     }
 }
 

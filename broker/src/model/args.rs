@@ -2,7 +2,7 @@
 //! values; an invalid value is rejected with `INVALID_ARGUMENT` naming the
 //! argument. Names and units follow RabbitMQ where RabbitMQ has the feature.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use warren_client::proto::Value;
 use warren_client::proto::value::Kind;
@@ -245,7 +245,7 @@ pub(crate) mod tests {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..4)
                     .prop_map(|values| Value { kind: Some(Kind::List(warren_client::proto::ValueList { values })) }),
-                prop::collection::hash_map("[a-z-]{0,6}", inner, 0..4)
+                prop::collection::btree_map("[a-z-]{0,6}", inner, 0..4)
                     .prop_map(|fields| Value { kind: Some(Kind::Map(warren_client::proto::ValueMap { fields })) }),
             ]
         })
@@ -257,7 +257,7 @@ pub(crate) mod tests {
             prop::sample::select(KNOWN_QUEUE_ARGS.to_vec()).prop_map(String::from),
             prop::sample::select(vec!["alternate-exchange", "x-match", "x-custom", ""]).prop_map(String::from),
         ];
-        prop::collection::hash_map(name, arb_value(), 0..6)
+        prop::collection::btree_map(name, arb_value(), 0..6)
     }
 
     proptest! {

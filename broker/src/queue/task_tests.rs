@@ -61,9 +61,7 @@ impl Reader for TestEngine {
     fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
         self.inner.scan(cf, from, to, limit)
     }
-
 }
-
 
 impl Engine for TestEngine {
     fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError> {
@@ -81,6 +79,12 @@ impl Engine for TestEngine {
     }
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+    fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        self.inner.last_in(cf, from, to)
+    }
+    fn with_view(&self, read: &mut dyn FnMut(&dyn Reader) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        self.inner.with_view(read)
     }
 }
 

@@ -38,7 +38,11 @@ pub struct Applied<'a> {
     pub index: u64,
     /// The term of the leader that proposed it.
     pub term: u64,
-    /// The proposing leader's clock when it proposed the entry.
+    /// The proposing leader's clock when it proposed the entry. (Only
+    /// entries proposed through `RaftHost::propose` reach a machine: Raft's
+    /// own blank and membership entries carry no time — openraft creates
+    /// the first membership entry on every node at once, so a clock stamp
+    /// would differ between replicas — and are not shown to it.)
     pub now_ms: u64,
     /// The command, encoded by the machine's layer.
     pub data: &'a [u8],
@@ -54,10 +58,6 @@ pub trait GroupMachine: Send + 'static {
     /// An error is a storage failure: the group cannot go on applying (the
     /// glue stops it; it restarts from the store).
     fn apply(&mut self, entry: &Applied<'_>, store: &mut Overlay<'_>) -> Result<LocalReply, crate::store::StoreError>;
-
-    /// Entries that change no state (openraft's blank and membership
-    /// entries) still move time forward.
-    fn observe_time(&mut self, _now_ms: u64) {}
 
     /// Rebuilds the machine's memory from its store ranges (at start, and
     /// after a snapshot was installed into them).

@@ -49,6 +49,10 @@ pub enum QueueReply {
     /// Deliveries, and the ready count after them.
     Got(Vec<OutDelivery>, u64),
     Purged(u64),
+    /// The replies of a batch's commands, in order.
+    Batch(Vec<QueueReply>),
+    /// A command that could not be read or was not allowed where it was.
+    Skipped,
 }
 
 /// Most read-and-apply rounds one entry may need (a refill, a timer read,
@@ -158,6 +162,25 @@ impl QueueMachine {
                 }
                 QueueReply::Done(Ok(()))
             }
+            QueueOp::Batch(b) => {
+                let mut replies = Vec::with_capacity(b.entries.len());
+                for e in b.entries {
+                    match e.op {
+                        // Batches do not nest.
+                        Some(QueueOp::Batch(_)) | None => replies.push(QueueReply::Skipped),
+                        Some(op) => {
+                            let reply = self.command(op, fx, store)?;
+                            // Each command sees the dispatch of the ones
+                            // before it, as if proposed one by one.
+                            self.state.dispatch(fx, &mut |_| Room::UNLIMITED);
+                            let pending = std::mem::take(fx);
+                            *fx = self.carry_out(pending, store)?;
+                            replies.push(reply);
+                        }
+                    }
+                }
+                QueueReply::Batch(replies)
+            }
             QueueOp::DeadLettered(d) => {
                 for seq in d.seqs {
                     fx.ops.push(Op::Delete(Cf::Replica, replica::dead_letter(self.id(), seq)));
@@ -254,18 +277,6 @@ impl QueueMachine {
         Ok(reply)
     }
 
-    /// The dead letters still waiting in the outbox (a new leader sends them
-    /// again).
-    pub fn pending_dead_letters(&self, store: &dyn Reader) -> Result<Vec<(u64, MessageData)>, StoreError> {
-        let (from, to) = replica::kind_range(self.id(), replica::DEAD_LETTER);
-        let mut out = Vec::new();
-        for (k, v) in store.scan(Cf::Replica, &from, &to, usize::MAX)? {
-            if let Some(seq) = replica::decode_id(&k) {
-                out.push((seq, StoredMessage::decode_bytes(bytes::Bytes::from(v))?.into_data()));
-            }
-        }
-        Ok(out)
-    }
 }
 
 impl GroupMachine for QueueMachine {
@@ -284,9 +295,6 @@ impl GroupMachine for QueueMachine {
         Ok(Some(Box::new(reply)))
     }
 
-    fn observe_time(&mut self, now_ms: u64) {
-        self.state.set_now(now_ms);
-    }
 
     fn restore(&mut self, store: &dyn Reader) -> Result<(), StoreError> {
         let (id, name, args, limits) = (self.state.id, self.state.name.clone(), self.state.args.clone(), *self.state.limits());
@@ -296,12 +304,30 @@ impl GroupMachine for QueueMachine {
     }
 
     fn ranges(&self) -> Vec<(Cf, Vec<u8>, Vec<u8>)> {
-        let (start, end) = (keys::queue_start(self.id()).to_vec(), keys::queue_end(self.id()));
-        [Cf::Messages, Cf::QueueState, Cf::Delays, Cf::Expiry, Cf::Dedup, Cf::Replica]
-            .into_iter()
-            .map(|cf| (cf, start.clone(), end.clone()))
-            .collect()
+        queue_ranges(self.id())
     }
+}
+
+/// The store ranges that hold a replicated queue's state.
+pub fn queue_ranges(id: QueueId) -> Vec<(Cf, Vec<u8>, Vec<u8>)> {
+    let (start, end) = (keys::queue_start(id).to_vec(), keys::queue_end(id));
+    [Cf::Messages, Cf::QueueState, Cf::Delays, Cf::Expiry, Cf::Dedup, Cf::Replica]
+        .into_iter()
+        .map(|cf| (cf, start.clone(), end.clone()))
+        .collect()
+}
+
+/// The dead letters still waiting in a queue's outbox (a new leader sends
+/// them again).
+pub fn pending_dead_letters(id: QueueId, store: &dyn Reader) -> Result<Vec<(u64, MessageData)>, StoreError> {
+    let (from, to) = replica::kind_range(id, replica::DEAD_LETTER);
+    let mut out = Vec::new();
+    for (k, v) in store.scan(Cf::Replica, &from, &to, usize::MAX)? {
+        if let Some(seq) = replica::decode_id(&k) {
+            out.push((seq, StoredMessage::decode_bytes(bytes::Bytes::from(v))?.into_data()));
+        }
+    }
+    Ok(out)
 }
 
 /// Builds the machine of a new or recovered replica.

@@ -3,6 +3,8 @@
 //! effects on the leader only. See `docs/replication.md`.
 
 pub mod machine;
+pub mod meta;
 pub mod ops;
+pub mod quorum;
 
 pub use machine::{QueueMachine, QueueReply, ReplicaEvent};

@@ -9,7 +9,7 @@ use crate::model::MessageData;
 /// One log entry's command.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct QueueEntry {
-    #[prost(oneof = "QueueOp", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13")]
+    #[prost(oneof = "QueueOp", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")]
     pub op: Option<QueueOp>,
 }
 
@@ -48,6 +48,16 @@ pub enum QueueOp {
     /// Dead letters the target queues have confirmed.
     #[prost(message, tag = "13")]
     DeadLettered(DeadLettered),
+    /// Several commands in one entry, applied in order (a leader's group
+    /// commit: what arrived while the previous entry was committing).
+    #[prost(message, tag = "14")]
+    Batch(Batch),
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Batch {
+    #[prost(message, repeated, tag = "1")]
+    pub entries: Vec<QueueEntry>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -74,10 +74,16 @@ pub enum Cf {
     /// its state record, consumers, checked-out messages and dead-letter
     /// outbox (see `keys::replica`).
     Replica,
+    /// Raft log entries of every group on the node: group id, index ->
+    /// entry (see `raft::keys`).
+    RaftLog,
+    /// Raft metadata per group: group id, kind -> vote, last purged log id,
+    /// last applied log id and membership (see `raft::keys`).
+    RaftState,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 11] = [
+    pub const ALL: [Cf; 13] = [
         Cf::Meta,
         Cf::Messages,
         Cf::Paged,
@@ -89,6 +95,8 @@ impl Cf {
         Cf::Dedup,
         Cf::Inbox,
         Cf::Replica,
+        Cf::RaftLog,
+        Cf::RaftState,
     ];
 
     /// Emptied at open: their content never outlives the process.
@@ -107,6 +115,8 @@ impl Cf {
             Cf::Dedup => "dedup",
             Cf::Inbox => "inbox",
             Cf::Replica => "replica",
+            Cf::RaftLog => "raft_log",
+            Cf::RaftState => "raft_state",
         }
     }
 
@@ -123,6 +133,8 @@ impl Cf {
             Cf::Dedup => 8,
             Cf::Inbox => 9,
             Cf::Replica => 10,
+            Cf::RaftLog => 11,
+            Cf::RaftState => 12,
         }
     }
 }
@@ -180,6 +192,13 @@ pub trait Engine: Reader + Send + Sync + 'static {
     fn disk_usage(&self) -> u64;
     /// Persists memory tables so that the next start need not replay the WAL.
     fn flush(&self) -> Result<(), StoreError>;
+    /// The entry with the greatest key in `[from, to)`, if any.
+    fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<KeyValue>, StoreError>;
+    /// Runs `read` against one consistent view of the whole store: writes
+    /// made while it runs are not visible to it (RocksDB: a snapshot;
+    /// memory: a copy). For reading a large state without holding it in
+    /// memory (Raft snapshots are streamed from one).
+    fn with_view(&self, read: &mut dyn FnMut(&dyn Reader) -> Result<(), StoreError>) -> Result<(), StoreError>;
 }
 
 /// A write: its ops, whether it must be synced, and what to run once it is
@@ -635,9 +654,7 @@ mod tests {
         fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
             self.inner.scan(cf, from, to, limit)
         }
-
     }
-
 
     impl Engine for Gate {
         fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError> {
@@ -655,6 +672,12 @@ mod tests {
         }
         fn flush(&self) -> Result<(), StoreError> {
             Ok(())
+        }
+        fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+            self.inner.last_in(cf, from, to)
+        }
+        fn with_view(&self, read: &mut dyn FnMut(&dyn Reader) -> Result<(), StoreError>) -> Result<(), StoreError> {
+            self.inner.with_view(read)
         }
     }
 

@@ -4,7 +4,7 @@
 //! 0 success, 1 the broker refused the request (or a publish was returned or
 //! rejected), 2 bad usage, 3 cannot connect.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -374,7 +374,7 @@ async fn queue(client: &Client, cmd: QueueCmd, out: &Printer) -> Result<(), Fail
 }
 
 fn properties(headers: Vec<(String, Value)>, props: Vec<(String, String)>, persistent: bool) -> Result<proto::Properties, Failure> {
-    let mut p = proto::Properties { persistent, headers: headers.into_iter().collect::<HashMap<_, _>>(), ..Default::default() };
+    let mut p = proto::Properties { persistent, headers: headers.into_iter().collect::<BTreeMap<_, _>>(), ..Default::default() };
     let int = |name: &str, v: &str| -> Result<i64, Failure> {
         v.parse::<i64>().map_err(|_| usage(format!("property {name} must be an integer, got {v:?}")))
     };

@@ -1,7 +1,7 @@
 //! Spec → gRPC request conversion: the typed CRD fields become the broker's
 //! RabbitMQ-named arguments. Pure functions, unit-tested.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use warren_client::proto::{
     self, BindRequest, DeclareExchangeRequest, DeclareQueueRequest, DestinationKind, ExchangeType, UnbindRequest, value::Kind,
@@ -51,7 +51,7 @@ pub fn to_value(v: &serde_json::Value, path: &str) -> Result<proto::Value> {
 }
 
 fn free_form(args: &BTreeMap<String, serde_json::Value>, known: &[KnownArgument]) -> Result<BTreeMap<String, proto::Value>> {
-    let mut out = HashMap::new();
+    let mut out = BTreeMap::new();
     for (key, value) in args {
         // The schema refuses these too; this covers objects stored before it did.
         if let Some(k) = known.iter().find(|k| k.name == key) {
@@ -161,7 +161,7 @@ pub fn bind_request(b: &BoundBinding) -> Result<BindRequest> {
     if b.source.len() > MAX_NAME_BYTES || b.destination.len() > MAX_NAME_BYTES {
         return Err(Error::InvalidSpec(format!("spec.source and spec.destination may have at most {MAX_NAME_BYTES} bytes")));
     }
-    let mut arguments = HashMap::new();
+    let mut arguments = BTreeMap::new();
     for (key, value) in &b.arguments {
         arguments.insert(key.clone(), to_value(value, &format!("spec.arguments.{key}"))?);
     }

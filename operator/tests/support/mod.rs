@@ -6,7 +6,7 @@
 pub mod fake_broker;
 pub mod real_broker;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

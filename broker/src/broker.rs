@@ -133,6 +133,9 @@ pub struct ClusterParts {
     pub replicas: Arc<ReplicaCtx>,
     /// Every node of the cluster.
     pub nodes: BTreeSet<NodeId>,
+    /// Whether a durable, shared queue declared without `x-queue-type` is a
+    /// quorum queue.
+    pub default_quorum: bool,
 }
 
 fn random_suffix() -> String {
@@ -419,7 +422,7 @@ impl Broker {
             let classic = req.arguments.get("x-queue-type").is_some() && !args.quorum;
             // In a cluster, durable shared queues are quorum queues unless
             // declared classic (node-local) explicitly.
-            let quorum = args.quorum || (req.durable && !req.exclusive && !req.auto_delete && !classic && !req.name.is_empty());
+            let quorum = args.quorum || (c.default_quorum && req.durable && !req.exclusive && !req.auto_delete && !classic && !req.name.is_empty());
             let exists = self.inner.topo.lock().await.queues.contains_key(req.name.as_str());
             if quorum && !exists {
                 check_quorum_declare(&req)?;
@@ -1299,6 +1302,12 @@ fn message_delay(msg: &proto::Message) -> std::result::Result<Option<u64>, Strin
 
 /// A quorum queue is durable, shared and long-lived (RabbitMQ's rules).
 fn check_quorum_declare(req: &proto::DeclareQueueRequest) -> Result<()> {
+    if req.arguments.contains_key("x-expires") {
+        return Err(Error::InvalidArgument(format!(
+            "queue '{}': argument 'x-expires' is not supported on quorum queues (delete unused quorum queues explicitly)",
+            req.name
+        )));
+    }
     let refuse = |what: &str| {
         Err(Error::InvalidArgument(format!("queue '{}': a quorum queue (x-queue-type \"quorum\") cannot be {what}", req.name)))
     };
@@ -1314,11 +1323,16 @@ fn check_quorum_declare(req: &proto::DeclareQueueRequest) -> Result<()> {
     Ok(())
 }
 
-/// The replicas of a new quorum queue: `size` nodes (all, by default),
-/// starting at a place that depends on the name, so that queues spread.
+/// Replicas of a quorum queue when `x-quorum-initial-group-size` is not given
+/// (fewer in a smaller cluster).
+const DEFAULT_QUORUM_SIZE: usize = 3;
+
+/// The replicas of a new quorum queue: `size` nodes (3 by default, all of
+/// them in a smaller cluster), starting at a place that depends on the
+/// name, so that queues spread over the nodes.
 fn choose_members(nodes: &BTreeSet<NodeId>, size: Option<u32>, name: &str) -> Vec<NodeId> {
     let all: Vec<NodeId> = nodes.iter().copied().collect();
-    let n = size.map_or(all.len(), |s| (s as usize).clamp(1, all.len().max(1)));
+    let n = size.map_or(DEFAULT_QUORUM_SIZE, |s| s as usize).clamp(1, all.len().max(1));
     let start = name.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)) % all.len().max(1);
     (0..n).map(|i| all[(start + i) % all.len()]).collect()
 }

@@ -26,6 +26,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// The type of a queue declared without `x-queue-type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum QueueType {
+    /// Kept on the node that declared it.
+    Classic,
+    /// Replicated with Raft over `x-quorum-initial-group-size` nodes (in a
+    /// cluster; a single node keeps it as a durable classic queue). Only
+    /// durable, non-exclusive, non-auto-delete queues: others stay classic.
+    Quorum,
+}
+
 /// How the memory alarm measures the broker's memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum MemoryStrategy {
@@ -280,6 +291,11 @@ pub struct Config {
     /// no replication.
     #[arg(long, env = "WARREN_PEERS", value_parser = parse_peers, value_name = "ID=HOST:PORT,...")]
     pub peers: Option<Peers>,
+
+    /// In a cluster, the type of a durable queue declared without
+    /// `x-queue-type` (exclusive and auto-delete queues are always classic).
+    #[arg(long, env = "WARREN_DEFAULT_QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum, value_name = "TYPE")]
+    pub default_queue_type: QueueType,
 
     /// Largest message accepted, in bytes (units allowed: 16MiB): its body
     /// plus its encoded properties, headers included.
@@ -585,6 +601,7 @@ impl Config {
                 if self.peers.is_some() { self.cluster_addr.to_string() } else { format!("{} (unused: no peers)", self.cluster_addr) },
             ),
             ("peers", self.peers.as_ref().map_or_else(|| "(none: a single node)".to_string(), Peers::to_string)),
+            ("default_queue_type", format!("{:?}", self.default_queue_type).to_lowercase()),
             ("max_message_size", self.max_message_size.to_string()),
             ("queue_window_messages", self.queue_window_messages.to_string()),
             ("queue_window_bytes", self.queue_window_bytes.to_string()),

@@ -122,7 +122,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             let nodes: std::collections::BTreeSet<u64> = cluster.members().collect();
             let replicas = ReplicaCtx::new(host.clone(), broker.config().limits);
             let (meta, events) = Meta::start(host.clone(), nodes.clone()).await.map_err(|e| anyhow::anyhow!(e))?;
-            broker.attach_cluster(ClusterParts { meta, replicas, nodes }, events);
+            let default_quorum = config.default_queue_type == crate::config::QueueType::Quorum;
+            broker.attach_cluster(ClusterParts { meta, replicas, nodes, default_quorum }, events);
             Some((cluster, cluster_addr, host))
         }
     };

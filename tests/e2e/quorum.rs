@@ -43,18 +43,37 @@ async fn publish_confirmed(client: &Client, exchange: &str, key: &str, body: Str
 }
 
 /// Reads everything in `queue` through `client`, acknowledging; stops after
-/// `idle` without a delivery.
+/// `idle` without a delivery. A subscription that fails or is cancelled
+/// (the queue's leader moved) is made again, as an application does.
 async fn drain(client: &Client, queue: &str, idle: Duration) -> Vec<String> {
     let mut out = Vec::new();
-    let mut consumer = client.consume(Subscription::new(queue).prefetch(500)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        match consumer.next_timeout(idle).await {
-            Ok(Some(d)) => {
-                out.push(String::from_utf8_lossy(&d.body).into_owned());
-                consumer.ack(d.delivery_tag).await.unwrap();
+    'subscribe: while Instant::now() < deadline {
+        let mut consumer = match client.consume(Subscription::new(queue).prefetch(500)).await {
+            Ok(c) => c,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
             }
-            Ok(None) | Err(_) => break,
+        };
+        loop {
+            match tokio::time::timeout(idle, consumer.next()).await {
+                Ok(Ok(Some(d))) => {
+                    let body = String::from_utf8_lossy(&d.body).into_owned();
+                    if consumer.ack(d.delivery_tag).await.is_err() {
+                        // Not acknowledged: it comes back, and is read again.
+                        continue 'subscribe;
+                    }
+                    out.push(body);
+                }
+                // Cancelled or broken: subscribe again.
+                Ok(Ok(None)) | Ok(Err(_)) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'subscribe;
+                }
+                // Idle: the queue is drained.
+                Err(_) => break 'subscribe,
+            }
         }
     }
     out
@@ -219,6 +238,11 @@ async fn should_return_unacknowledged_messages_when_the_leader_dies_and_keep_goi
     c.pause(others[1]).unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     c.resume(others[1]).unwrap();
+    for _ in 0..10 {
+        let q = cl.queue_info("work").await;
+        eprintln!("DEBUG {:?}", q.map(|q| (q.leader, q.ready, q.unacked, q.consumers)));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let got = drain(&cl, "work", Duration::from_secs(3)).await;
     let unique: BTreeSet<&String> = got.iter().collect();
     assert_eq!(unique.len(), 20, "all 20 back, the 5 held ones included: {got:?}");

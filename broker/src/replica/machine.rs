@@ -274,6 +274,7 @@ impl QueueMachine {
         self.state.write_replica_records(&mut rest);
         self.write(rest, store)?;
         self.shared.publish(self.state.stats());
+        self.shared.set_deadline(self.state.next_deadline());
         Ok(reply)
     }
 
@@ -300,6 +301,7 @@ impl GroupMachine for QueueMachine {
         let (id, name, args, limits) = (self.state.id, self.state.name.clone(), self.state.args.clone(), *self.state.limits());
         self.state = QueueState::restore_replicated(id, name, args, limits, store)?;
         self.shared.publish(self.state.stats());
+        self.shared.set_deadline(self.state.next_deadline());
         Ok(())
     }
 

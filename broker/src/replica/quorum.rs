@@ -198,7 +198,6 @@ pub async fn spawn(
         node: ctx.node(),
         id,
         name,
-        args,
         members: members.into_iter().collect(),
         rx,
         me: tx.downgrade(),
@@ -207,6 +206,7 @@ pub async fn spawn(
         leading_term: None,
         pending: VecDeque::new(),
         inflight: None,
+        backoff: None,
         consumers: HashMap::new(),
         early: HashMap::new(),
         remote: HashMap::new(),
@@ -245,6 +245,9 @@ struct RemoteConsumer {
 /// The one entry in flight: proposed here, or forwarded to the leader.
 enum Done {
     Proposed(Vec<Waiter>, Result<QueueReply, String>),
+    /// Nothing was appended (Raft does not take writes here yet, or any
+    /// more): the commands go back to the head of the queue.
+    NotAppended(Vec<(QueueOp, Waiter)>),
     Forwarded(Waiter, Result<WireReply, String>),
 }
 
@@ -256,7 +259,6 @@ struct Task {
     node: NodeId,
     id: QueueId,
     name: Arc<str>,
-    args: QueueArgs,
     members: Vec<NodeId>,
     rx: mpsc::Receiver<QueueCmd>,
     me: mpsc::WeakSender<QueueCmd>,
@@ -266,6 +268,8 @@ struct Task {
     leading_term: Option<u64>,
     pending: VecDeque<(QueueOp, Waiter)>,
     inflight: Option<Inflight>,
+    /// A pause before proposing again.
+    backoff: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     consumers: HashMap<ConsumerId, LocalConsumer>,
     /// Deliveries applied before their consumer's subscribe reply came.
     early: HashMap<ConsumerId, Vec<OutDelivery>>,
@@ -327,6 +331,7 @@ impl Task {
                     if changed { self.on_leader_change() } else { self.leader = None }
                 }
                 done = poll_inflight(&mut self.inflight) => self.finished(done),
+                _ = wait_backoff(&mut self.backoff) => self.backoff = None,
                 _ = tick.tick() => self.on_tick(),
             }
             self.flush_settles();
@@ -577,7 +582,7 @@ impl Task {
     }
 
     fn propose_next(&mut self) {
-        if self.inflight.is_some() || self.pending.is_empty() {
+        if self.inflight.is_some() || self.pending.is_empty() || self.backoff.is_some() {
             return;
         }
         if !self.is_leader() {
@@ -585,6 +590,7 @@ impl Task {
             return;
         }
         let mut entries = Vec::new();
+        let mut ops = Vec::new();
         let mut waiters = Vec::new();
         let mut bytes = 0usize;
         while let Some((op, _)) = self.pending.front() {
@@ -594,7 +600,8 @@ impl Task {
             }
             bytes += size;
             let Some((op, w)) = self.pending.pop_front() else { break };
-            entries.push(QueueEntry::of(op));
+            entries.push(QueueEntry::of(op.clone()));
+            ops.push(op);
             waiters.push(w);
         }
         let entry = if entries.len() == 1 {
@@ -607,6 +614,7 @@ impl Task {
         let single = waiters.len() == 1;
         self.inflight = Some(Box::pin(async move {
             let r = match tokio::time::timeout(CALL_TIMEOUT, host.propose(id, entry.encode_to_vec())).await {
+                Ok(Err(ProposeError::ForwardToLeader { .. })) => return Done::NotAppended(ops.into_iter().zip(waiters).collect()),
                 Ok(Ok((_, Some(reply)))) => match reply.downcast::<QueueReply>() {
                     Ok(r) => Ok(*r),
                     Err(_) => Err("the queue's state machine replied with something else".to_string()),
@@ -664,6 +672,15 @@ impl Task {
         self.inflight = None;
         let (waiters, result) = match done {
             Done::Proposed(w, r) => (w, r),
+            Done::NotAppended(back) => {
+                for item in back.into_iter().rev() {
+                    self.pending.push_front(item);
+                }
+                // Again shortly: a new leader takes writes once its first
+                // entry commits; a deposed one learns who leads.
+                self.backoff = Some(Box::pin(tokio::time::sleep(Duration::from_millis(20))));
+                return;
+            }
             Done::Forwarded(waiter, r) => {
                 match r {
                     Ok(WireReply::NotLeader(_)) if self.is_leader() => {
@@ -798,15 +815,12 @@ impl Task {
         if !self.is_leader() || self.inflight.is_some() || !self.pending.is_empty() {
             return;
         }
-        let stats = self.ctx_stats();
-        let timed = self.args.message_ttl_ms.is_some() || stats.delayed > 0 || self.args.expires_ms.is_some();
-        if timed && (stats.ready > 0 || stats.delayed > 0) {
+        let due = self.ctx.upgrade().and_then(|c| c.queue(self.id)).and_then(|q| q.shared.deadline());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        if due.is_some_and(|t| t <= now) {
+            // Expiry and delays apply at the entry's time, on every replica.
             self.pending.push_back((QueueOp::Tick(ops::Empty {}), Waiter::None));
         }
-    }
-
-    fn ctx_stats(&self) -> crate::queue::state::QueueStats {
-        self.ctx.upgrade().and_then(|c| c.queue(self.id)).map(|q| q.shared.stats()).unwrap_or_default()
     }
 
     fn send_dead_letter(&mut self, seq: u64, data: MessageData) {
@@ -866,6 +880,13 @@ async fn recv_event(events: &mut Option<mpsc::UnboundedReceiver<ReplicaEvent>>) 
 async fn changed(leader: &mut Option<watch::Receiver<LeaderInfo>>) -> bool {
     match leader {
         Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn wait_backoff(backoff: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match backoff {
+        Some(s) => s.as_mut().await,
         None => std::future::pending().await,
     }
 }

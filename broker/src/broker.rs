@@ -1171,18 +1171,89 @@ impl Broker {
     /// The cluster as this node sees it. A single node is a cluster of one
     /// (node 0) with no replicated queues.
     pub async fn cluster_status(&self) -> proto::ClusterStatusResponse {
+        let Some(c) = self.cluster() else {
+            return proto::ClusterStatusResponse {
+                node_id: 0,
+                members: vec![proto::ClusterMember { id: 0, address: String::new(), alive: true, leaders: 0, replicas: 0 }],
+                metadata_leader: 0,
+                queues: Vec::new(),
+                queues_without_quorum: 0,
+            };
+        };
+        let host = &c.replicas.host;
+        let me = host.node_id();
+        let alive = host.cluster().liveness();
+        let mut queues = Vec::new();
+        let mut leaders: BTreeMap<NodeId, u32> = BTreeMap::new();
+        let mut replicas: BTreeMap<NodeId, u32> = BTreeMap::new();
+        let mut without_quorum = 0;
+        for info in self.list_queues().into_iter().filter(|q| q.queue_type == "quorum") {
+            let id = self.snapshot().queues.get(info.name.as_str()).map(|e| e.def.id).unwrap_or(0);
+            let status = host.status(id);
+            for m in &info.members {
+                *replicas.entry(*m).or_default() += 1;
+            }
+            if info.leader != 0 {
+                *leaders.entry(info.leader).or_default() += 1;
+            }
+            if info.online.len() <= info.members.len() / 2 {
+                without_quorum += 1;
+            }
+            queues.push(proto::QueueReplicas {
+                name: info.name,
+                leader: info.leader,
+                members: info.members,
+                online: info.online,
+                term: status.as_ref().map_or(0, |s| s.term),
+                commit_index: status.as_ref().and_then(|s| s.committed).unwrap_or(0),
+                lag: status
+                    .as_ref()
+                    .map(|s| s.lag.iter().map(|(node, entries)| proto::ReplicaLag { node: *node, entries: *entries }).collect())
+                    .unwrap_or_default(),
+                elections: 0,
+            });
+        }
+        let members = host
+            .cluster()
+            .config()
+            .peers
+            .iter()
+            .map(|(id, addr)| proto::ClusterMember {
+                id: *id,
+                address: addr.clone(),
+                alive: *id == me || alive.is_alive(*id),
+                leaders: leaders.get(id).copied().unwrap_or(0),
+                replicas: replicas.get(id).copied().unwrap_or(0),
+            })
+            .collect();
         proto::ClusterStatusResponse {
-            node_id: 0,
-            members: vec![proto::ClusterMember { id: 0, address: String::new(), alive: true, leaders: 0, replicas: 0 }],
-            metadata_leader: 0,
-            queues: Vec::new(),
-            queues_without_quorum: 0,
+            node_id: me,
+            members,
+            metadata_leader: host.leader(crate::replica::meta::META_GROUP).and_then(|l| l.leader).unwrap_or(0),
+            queues,
+            queues_without_quorum: without_quorum,
         }
     }
 
-    /// Quorum queues that would lose their majority if `node` stopped.
-    pub async fn quorum_critical(&self, _node: u64) -> Result<Vec<String>> {
-        Ok(Vec::new())
+    /// Quorum queues that would lose their majority if `node` stopped: those
+    /// it holds a replica of whose other replicas that are up are not a
+    /// majority.
+    pub async fn quorum_critical(&self, node: u64) -> Result<Vec<String>> {
+        let Some(c) = self.cluster() else { return Ok(Vec::new()) };
+        if !c.nodes.contains(&node) {
+            return Err(Error::InvalidArgument(format!("node {node} is not a member of the cluster ({:?})", c.nodes)));
+        }
+        let mut out = Vec::new();
+        for info in self.list_queues().into_iter().filter(|q| q.queue_type == "quorum") {
+            if !info.members.contains(&node) {
+                continue;
+            }
+            let others_up = info.online.iter().filter(|n| **n != node).count();
+            if others_up <= info.members.len() / 2 {
+                out.push(info.name);
+            }
+        }
+        Ok(out)
     }
 
     pub async fn grow_queues(&self, req: proto::GrowQueuesRequest) -> Result<proto::MembershipChangeResponse> {

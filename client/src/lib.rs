@@ -398,6 +398,9 @@ impl Subscription {
 #[derive(Clone, Debug)]
 pub struct Client {
     raw: RawClient,
+    /// With several addresses: keeps the prober that leaves dead nodes out
+    /// running while any clone of the client lives.
+    _nodes: Option<Arc<()>>,
 }
 
 /// Normalizes a server address: `host:port` gets `http://`.
@@ -406,23 +409,62 @@ pub fn normalize_server(addr: &str) -> String {
 }
 
 impl Client {
-    /// Connects to `addr` (`http://host:port`, or `host:port`).
+    /// Connects to `addr` (`http://host:port`, or `host:port`). A
+    /// comma-separated list names several nodes of one cluster: calls are
+    /// spread over the nodes that answer, and a node that goes away is left
+    /// out until it is back (a stream that was on it ends with an error;
+    /// open it again and it goes to another node).
     pub async fn connect(addr: impl AsRef<str>) -> Result<Client> {
-        let addr = normalize_server(addr.as_ref());
-        let connect_err = |detail: String| Error::Connect { addr: addr.clone(), detail };
-        let endpoint = Endpoint::from_shared(addr.clone())
-            .map_err(|e| connect_err(format!("invalid address: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(32 << 20));
-        let channel = endpoint.connect().await.map_err(|e| connect_err(error_chain(&e)))?;
-        Ok(Client::from_channel(channel))
+        let addrs: Vec<String> = addr.as_ref().split(',').map(str::trim).filter(|a| !a.is_empty()).map(normalize_server).collect();
+        let shown = addrs.join(",");
+        let connect_err = |detail: String| Error::Connect { addr: shown.clone(), detail };
+        let endpoints = addrs
+            .iter()
+            .map(|a| {
+                Endpoint::from_shared(a.clone()).map_err(|e| connect_err(format!("invalid address {a}: {e}"))).map(|e| {
+                    e.connect_timeout(Duration::from_secs(5))
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(30))
+                        .keep_alive_timeout(Duration::from_secs(10))
+                        .initial_stream_window_size(Some(4 << 20))
+                        .initial_connection_window_size(Some(32 << 20))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        match endpoints.len() {
+            0 => Err(connect_err("no address given".into())),
+            1 => {
+                let channel = endpoints[0].connect().await.map_err(|e| connect_err(error_chain(&e)))?;
+                Ok(Client::from_channel(channel))
+            }
+            _ => {
+                // At least one must answer now, as with a single address.
+                let mut last = String::new();
+                let mut any = false;
+                for e in &endpoints {
+                    match e.connect().await {
+                        Ok(_) => {
+                            any = true;
+                            break;
+                        }
+                        Err(err) => last = error_chain(&err),
+                    }
+                }
+                if !any {
+                    return Err(connect_err(last));
+                }
+                let (channel, changes) = Channel::balance_channel::<usize>(endpoints.len().max(16));
+                let alive = Arc::new(());
+                tokio::spawn(watch_nodes(endpoints, changes, Arc::downgrade(&alive)));
+                let mut client = Client::from_channel(channel);
+                client._nodes = Some(alive);
+                Ok(client)
+            }
+        }
     }
 
     pub fn from_channel(channel: Channel) -> Client {
-        Client { raw: RawClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX) }
+        Client { raw: RawClient::new(channel).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX), _nodes: None }
     }
 
     /// The generated client, for calls this wrapper does not cover.
@@ -911,5 +953,40 @@ impl Consumer {
                 Err(e) => Some((Err(e), None)),
             }
         })
+    }
+}
+
+/// How often a client of several nodes checks which of them answer.
+const NODE_PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Keeps the nodes that accept connections in `changes`' balance set and
+/// the others out, until the client is dropped (`alive` gone).
+async fn watch_nodes(
+    endpoints: Vec<Endpoint>,
+    changes: tokio::sync::mpsc::Sender<tonic::transport::channel::Change<usize, Endpoint>>,
+    alive: std::sync::Weak<()>,
+) {
+    use tonic::transport::channel::Change;
+    let mut up = vec![false; endpoints.len()];
+    loop {
+        if alive.strong_count() == 0 {
+            return;
+        }
+        for (i, e) in endpoints.iter().enumerate() {
+            let uri = e.uri();
+            let target = format!("{}:{}", uri.host().unwrap_or("127.0.0.1"), uri.port_u16().unwrap_or(80));
+            let ok = matches!(
+                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(target.as_str())).await,
+                Ok(Ok(_))
+            );
+            if ok != up[i] {
+                let change = if ok { Change::Insert(i, e.clone()) } else { Change::Remove(i) };
+                if changes.send(change).await.is_err() {
+                    return;
+                }
+                up[i] = ok;
+            }
+        }
+        tokio::time::sleep(NODE_PROBE_INTERVAL).await;
     }
 }

@@ -256,3 +256,42 @@ async fn should_return_unacknowledged_messages_when_the_leader_dies_and_keep_goi
     assert!(counts.values().all(|n| *n == 1), "each once: {counts:?}");
     c.restart(leader).await.unwrap();
 }
+
+/// A client given every node's address keeps working when one dies: its
+/// calls go to the nodes that answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_let_a_client_of_several_nodes_carry_on_when_one_dies() {
+    let mut c = TestCluster::start(3).await.unwrap();
+    let all = (1..=3u64).map(|id| c.node(id).url()).collect::<Vec<_>>().join(",");
+    let client = Client::connect(&all).await.unwrap();
+    client.declare_queue("events", quorum()).await.unwrap();
+    assert!(publish_confirmed(&client, "", "events", "before".into()).await);
+    let leader = leader_of(&c, 1, "events").await;
+    c.kill(leader).unwrap();
+    // Once the failover is over, every call succeeds, none goes to the dead
+    // node.
+    let survivor = (1..=3u64).find(|n| *n != leader).unwrap_or(1);
+    let _ = eventually(FAILOVER, "a new leader", || async {
+        let info = client_of(&c, survivor).await?.queue_info("events").await.ok()?;
+        (info.leader != 0 && info.leader != leader).then_some(())
+    })
+    .await;
+    let mut failures = 0;
+    for i in 0..50 {
+        match client.publish(Message::new("", "events", format!("after-{i}")).persistent()).await {
+            Ok(confirm) if confirm.status == ConfirmStatus::Routed as i32 => {}
+            other => {
+                failures += 1;
+                eprintln!("call {i} failed: {other:?}");
+            }
+        }
+    }
+    assert!(failures <= 2, "{failures} of 50 calls failed after the failover");
+    let got = drain(&client, "events", Duration::from_secs(3)).await;
+    assert!(got.contains(&"before".to_string()));
+    assert!(got.len() >= 49, "{got:?}");
+}
+
+async fn client_of(c: &TestCluster, id: u64) -> Option<Client> {
+    c.node(id).client().await.ok()
+}

@@ -14,21 +14,21 @@ use warren_client::proto::{self, ConfirmStatus, Value};
 
 use crate::confirm::{self, ConfirmSink, ConfirmTracker, PartOutcome};
 use crate::error::{Error, Result, WireError};
-use crate::raft::NodeId;
-use crate::replica::meta::{Definitions, Meta, MetaCmd, MetaEvent, QuorumDef, is_quorum_id};
-use crate::replica::quorum::{DeadLetterFn, ReplicaCtx};
-use prost::Message as _;
 use crate::model::StoredMessage;
 use crate::model::args::{ExchangeArgs, validate_binding_args};
 use crate::model::{self, ExchangeKind, MessageData, QueueArgs, validate_name, validate_routing_key};
 use crate::queue::state::{ConsumerId, ConsumerSpec, Limits, QueueState, SeqAllocator};
 use crate::queue::task::{self, QueueEvent, TaskEnv};
 use crate::queue::{ConsumerStream, Outbox, QueueCmd, QueueRef};
+use crate::raft::NodeId;
+use crate::replica::meta::{Definitions, Meta, MetaCmd, MetaEvent, QuorumDef, is_quorum_id};
+use crate::replica::quorum::{DeadLetterFn, ReplicaCtx};
 use crate::routing::Dest;
 use crate::store::counters::QueueCounters;
 use crate::store::keys::{self, QueueId, meta};
 use crate::store::{Cf, Op, Store};
 use crate::topology::{BindingDef, ExchangeDef, QueueDef, QueueEntry, SessionId, Snapshot, Topology};
+use prost::Message as _;
 
 /// Settings of the broker core.
 #[derive(Clone, Debug)]
@@ -283,6 +283,14 @@ impl Broker {
     // ---------------------------------------------------------- exchanges
 
     pub async fn declare_exchange(&self, req: proto::DeclareExchangeRequest) -> Result<proto::ExchangeInfo> {
+        if req.passive && self.cluster().is_some() {
+            match self.declare_exchange_local(req.clone()).await {
+                Err(Error::NotFound { .. }) => {
+                    self.sync_meta().await;
+                }
+                other => return other,
+            }
+        }
         if let Some(c) = self.cluster()
             && !req.passive
         {
@@ -413,6 +421,14 @@ impl Broker {
     // -------------------------------------------------------------- queues
 
     pub async fn declare_queue(&self, session: &Session, req: proto::DeclareQueueRequest) -> Result<proto::QueueInfo> {
+        if req.passive && self.cluster().is_some() {
+            match self.declare_queue_local(session, req.clone()).await {
+                Err(Error::NotFound { .. }) => {
+                    self.sync_meta().await;
+                }
+                other => return other,
+            }
+        }
         if let Some(c) = self.cluster()
             && !req.passive
         {
@@ -422,7 +438,8 @@ impl Broker {
             let classic = req.arguments.get("x-queue-type").is_some() && !args.quorum;
             // In a cluster, durable shared queues are quorum queues unless
             // declared classic (node-local) explicitly.
-            let quorum = args.quorum || (c.default_quorum && req.durable && !req.exclusive && !req.auto_delete && !classic && !req.name.is_empty());
+            let quorum =
+                args.quorum || (c.default_quorum && req.durable && !req.exclusive && !req.auto_delete && !classic && !req.name.is_empty());
             let exists = self.inner.topo.lock().await.queues.contains_key(req.name.as_str());
             if quorum && !exists {
                 check_quorum_declare(&req)?;
@@ -525,6 +542,9 @@ impl Broker {
     pub async fn delete_queue(&self, session: &Session, name: &str, if_unused: bool, if_empty: bool) -> Result<u64> {
         self.ensure_running()?;
         validate_name("queue", name, false)?;
+        if self.cluster().is_some() && !self.inner.topo.lock().await.queues.contains_key(name) {
+            self.sync_meta().await;
+        }
         let quorum = {
             let topo = self.inner.topo.lock().await;
             let entry = topo.queues.get(name).ok_or_else(|| Error::not_found("queue", name))?;
@@ -550,6 +570,28 @@ impl Broker {
 
     fn cluster(&self) -> Option<&ClusterParts> {
         self.inner.cluster.get()
+    }
+
+    /// In a cluster: catches up with the metadata's latest changes (after
+    /// a lookup missed: the object may have been declared through another
+    /// node a moment ago). True when it waited, so a retry may find it.
+    async fn sync_meta(&self) -> bool {
+        match self.cluster() {
+            Some(c) => {
+                c.meta.barrier().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`Broker::queue_for`], after catching up with the cluster's metadata
+    /// if the queue is not known here yet.
+    async fn queue_for_synced(&self, session: &Session, name: &str) -> Result<QueueEntry> {
+        match self.queue_for(session, name) {
+            Err(Error::NotFound { .. }) if self.sync_meta().await => self.queue_for(session, name),
+            other => other,
+        }
     }
 
     /// Joins the broker to its cluster: topology changes go through the
@@ -623,6 +665,7 @@ impl Broker {
                     let req = proto::UnbindRequest::decode(b.as_slice()).map_err(bad)?;
                     self.unbind_local(session, req).await.map(|_| Vec::new())
                 }
+                MetaCmd::Barrier => Ok(Vec::new()),
             }
         }
         .await;
@@ -737,6 +780,9 @@ impl Broker {
         if kind == proto::DestinationKind::Exchange {
             return true;
         }
+        if !self.inner.topo.lock().await.queues.contains_key(destination) {
+            self.sync_meta().await;
+        }
         self.inner.topo.lock().await.queues.get(destination).is_some_and(|e| is_quorum_id(e.def.id))
     }
 
@@ -800,7 +846,7 @@ impl Broker {
 
     pub async fn purge_queue(&self, session: &Session, name: &str) -> Result<u64> {
         self.ensure_running()?;
-        let entry = self.queue_for(session, name)?;
+        let entry = self.queue_for_synced(session, name).await?;
         let (reply, rx) = oneshot::channel();
         entry.handle.tx.send(QueueCmd::Purge { reply }).await.map_err(|_| Error::not_found("queue", name))?;
         rx.await.map_err(|_| Error::not_found("queue", name))?
@@ -984,7 +1030,14 @@ impl Broker {
             Err(reason) => return sink.send(confirm::immediate(seq, ConfirmStatus::Rejected, reason)),
         };
         let span = crate::telemetry::route_span(&msg);
-        let routed = self.route(&msg);
+        let mut routed = self.route(&msg);
+        // Nothing to route to here yet: in a cluster the exchange, queue or
+        // binding may have been made through another node a moment ago.
+        if matches!(&routed, Ok((q, _)) if q.is_empty()) || routed.is_err() {
+            if self.sync_meta().await {
+                routed = self.route(&msg);
+            }
+        }
         crate::telemetry::end_route(span, routed.as_ref().map_or(0, |(queues, _)| queues.len()));
         match routed {
             Err(reason) => sink.send(confirm::immediate(seq, ConfirmStatus::Rejected, reason)),
@@ -1056,7 +1109,7 @@ impl Broker {
 
     pub async fn subscribe(&self, session: &Session, sub: proto::Subscribe) -> Result<Subscription> {
         self.ensure_running()?;
-        let entry = self.queue_for(session, &sub.queue)?;
+        let entry = self.queue_for_synced(session, &sub.queue).await?;
         let tag: Arc<str> = if sub.consumer_tag.is_empty() {
             format!("amq.ctag-{}", random_suffix()).into()
         } else {
@@ -1081,7 +1134,7 @@ impl Broker {
 
     pub async fn get(&self, session: &Session, req: proto::GetRequest) -> Result<Vec<proto::Delivery>> {
         self.ensure_running()?;
-        let entry = self.queue_for(session, &req.queue)?;
+        let entry = self.queue_for_synced(session, &req.queue).await?;
         let (reply, rx) = oneshot::channel();
         entry
             .handle

@@ -12,14 +12,14 @@ use warren_client::proto::{FILE_DESCRIPTOR_SET, warren_server::WarrenServer};
 
 use crate::alarms::{self, MonitorSettings};
 use crate::broker::{Broker, BrokerConfig, ClusterParts};
-use crate::replica::meta::Meta;
-use crate::replica::quorum::ReplicaCtx;
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::config::{Config, MemoryWatermark};
 use crate::http::{self, HttpState, Phase};
 use crate::metrics;
 use crate::queue::state::Limits;
 use crate::raft::{RaftHost, RaftOptions};
+use crate::replica::meta::Meta;
+use crate::replica::quorum::ReplicaCtx;
 use crate::server::{WarrenService, incoming};
 use crate::store::rocks::{RocksEngine, RocksTuning};
 use crate::store::{BatchObserver, Store};

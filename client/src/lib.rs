@@ -39,7 +39,7 @@ pub mod proto {
 
 mod value;
 
-use std::collections::{HashMap, BTreeMap};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -975,10 +975,8 @@ async fn watch_nodes(
         for (i, e) in endpoints.iter().enumerate() {
             let uri = e.uri();
             let target = format!("{}:{}", uri.host().unwrap_or("127.0.0.1"), uri.port_u16().unwrap_or(80));
-            let ok = matches!(
-                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(target.as_str())).await,
-                Ok(Ok(_))
-            );
+            let ok =
+                matches!(tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(target.as_str())).await, Ok(Ok(_)));
             if ok != up[i] {
                 let change = if ok { Change::Insert(i, e.clone()) } else { Change::Remove(i) };
                 if changes.send(change).await.is_err() {

@@ -295,3 +295,109 @@ async fn should_let_a_client_of_several_nodes_carry_on_when_one_dies() {
 async fn client_of(c: &TestCluster, id: u64) -> Option<Client> {
     c.node(id).client().await.ok()
 }
+
+/// The queue features of classic queues work on quorum queues too, through
+/// any node: TTL and dead-lettering into another quorum queue, length
+/// limits, priorities, delays, delivery limits, deduplication and single
+/// active consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_keep_every_queue_feature_on_quorum_queues() {
+    let c = TestCluster::start(3).await.unwrap();
+    let (c1, c2, c3) = (client(&c, 1).await, client(&c, 2).await, client(&c, 3).await);
+
+    // TTL + dead-lettering between two quorum queues (through an exchange).
+    c1.declare_exchange("dlx", ExchangeKind::Fanout, ExchangeOptions::durable()).await.unwrap();
+    c1.declare_queue("dead", quorum()).await.unwrap();
+    c2.bind_queue("dlx", "dead", "").await.unwrap();
+    c2.declare_queue("short", quorum().arg("x-message-ttl", 200i64).arg("x-dead-letter-exchange", "dlx")).await.unwrap();
+    for i in 0..5 {
+        assert!(publish_confirmed(&c3, "", "short", format!("ttl-{i}")).await);
+    }
+    let dead = eventually(FAILOVER, "5 expired messages dead-lettered", || async {
+        let q = c3.queue_info("dead").await.ok()?;
+        (q.ready == 5).then_some(q)
+    })
+    .await
+    .unwrap();
+    assert_eq!(dead.ready, 5);
+    let got = c1.get("dead", 5, true).await.unwrap();
+    let bodies: Vec<String> = got.iter().map(|d| String::from_utf8_lossy(&d.body).into_owned()).collect();
+    assert_eq!(bodies, vec!["ttl-0", "ttl-1", "ttl-2", "ttl-3", "ttl-4"], "in order");
+    let death = got[0].properties.as_ref().and_then(|p| p.headers.get("x-first-death-reason")).cloned();
+    assert_eq!(death, Some("expired".into()));
+    assert_eq!(c2.queue_info("short").await.unwrap().ready, 0);
+
+    // Max length with drop-head, and with reject-publish.
+    c1.declare_queue("capped", quorum().arg("x-max-length", 3i64)).await.unwrap();
+    for i in 0..5 {
+        assert!(publish_confirmed(&c2, "", "capped", format!("cap-{i}")).await);
+    }
+    let bodies: Vec<String> =
+        c3.get("capped", 10, true).await.unwrap().iter().map(|d| String::from_utf8_lossy(&d.body).into_owned()).collect();
+    assert_eq!(bodies, vec!["cap-2", "cap-3", "cap-4"], "the oldest dropped");
+    c1.declare_queue("full", quorum().arg("x-max-length", 1i64).arg("x-overflow", "reject-publish")).await.unwrap();
+    let first = c3.publish(Message::new("", "full", "first").persistent()).await.unwrap();
+    assert_eq!(first.status, ConfirmStatus::Routed as i32, "{first:?}");
+    let refused = c2.publish(Message::new("", "full", "second").persistent()).await.unwrap();
+    assert_eq!(refused.status, ConfirmStatus::Rejected as i32, "{refused:?}");
+
+    // Priorities.
+    c1.declare_queue("prio", quorum().arg("x-max-priority", 5i64)).await.unwrap();
+    for (body, p) in [("low", 1u32), ("high", 5), ("mid", 3)] {
+        let m = Message::new("", "prio", body).persistent().priority(p);
+        assert_eq!(c2.publish(m).await.unwrap().status, ConfirmStatus::Routed as i32);
+    }
+    let bodies: Vec<String> =
+        c3.get("prio", 3, true).await.unwrap().iter().map(|d| String::from_utf8_lossy(&d.body).into_owned()).collect();
+    assert_eq!(bodies, vec!["high", "mid", "low"]);
+
+    // Delays: held back, then ready.
+    c1.declare_queue("later", quorum()).await.unwrap();
+    let m = Message::new("", "later", "delayed").persistent().delay(Duration::from_millis(800));
+    assert_eq!(c3.publish(m).await.unwrap().status, ConfirmStatus::Routed as i32);
+    assert!(c1.get("later", 1, true).await.unwrap().is_empty(), "not ready yet");
+    let got = eventually(FAILOVER, "the delayed message", || async {
+        let got = c2.get("later", 1, true).await.ok()?;
+        (!got.is_empty()).then_some(got)
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got[0].body), "delayed");
+
+    // Deduplication by message id.
+    c1.declare_queue("once", quorum().arg("x-deduplication-window", 60_000i64)).await.unwrap();
+    let first = c2.publish(Message::new("", "once", "a").persistent().message_id("id-1")).await.unwrap();
+    let again = c3.publish(Message::new("", "once", "a").persistent().message_id("id-1")).await.unwrap();
+    assert_eq!(first.status, ConfirmStatus::Routed as i32);
+    assert_eq!(again.status, ConfirmStatus::Duplicate as i32, "a retry through another node is recognised");
+    assert_eq!(c1.queue_info("once").await.unwrap().ready, 1);
+
+    // Delivery limit: a message rejected with requeue too often is dropped.
+    c1.declare_queue("poison", quorum().arg("x-delivery-limit", 2i64)).await.unwrap();
+    assert!(publish_confirmed(&c2, "", "poison", "bad".into()).await);
+    let mut consumer = c3.consume(Subscription::new("poison").prefetch(1)).await.unwrap();
+    let mut deliveries = 0;
+    while let Ok(Some(d)) = consumer.next_timeout(Duration::from_secs(3)).await {
+        deliveries += 1;
+        consumer.nack(d.delivery_tag, false, true).await.unwrap();
+        assert!(deliveries < 10, "the delivery limit stops redeliveries");
+    }
+    assert!((2..=3).contains(&deliveries), "{deliveries} deliveries with x-delivery-limit 2");
+    drop(consumer);
+
+    // Single active consumer: the second waits until the first leaves.
+    c1.declare_queue("single", quorum().arg("x-single-active-consumer", true)).await.unwrap();
+    for i in 0..4 {
+        assert!(publish_confirmed(&c1, "", "single", format!("s{i}")).await);
+    }
+    let mut first = c2.consume(Subscription::new("single").prefetch(1).consumer_tag("first")).await.unwrap();
+    let mut second = c3.consume(Subscription::new("single").prefetch(1).consumer_tag("second")).await.unwrap();
+    let d = first.next_timeout(Duration::from_secs(10)).await.unwrap().expect("the active consumer gets a delivery");
+    assert!(second.next_timeout(Duration::from_millis(500)).await.unwrap().is_none(), "the other one waits");
+    first.ack(d.delivery_tag).await.unwrap();
+    // The ack is applied (s1 went to the active consumer) before it leaves.
+    eventually(FAILOVER, "the ack applied", || async { (c1.queue_info("single").await.ok()?.ready == 2).then_some(()) }).await.unwrap();
+    drop(first);
+    let d = second.next_timeout(Duration::from_secs(10)).await.unwrap().expect("the waiting consumer takes over");
+    assert_eq!(String::from_utf8_lossy(&d.body), "s1");
+}

@@ -277,7 +277,6 @@ impl QueueMachine {
         self.shared.set_deadline(self.state.next_deadline());
         Ok(reply)
     }
-
 }
 
 impl GroupMachine for QueueMachine {
@@ -295,7 +294,6 @@ impl GroupMachine for QueueMachine {
         let reply = self.apply_op(entry.now_ms, op, store)?;
         Ok(Some(Box::new(reply)))
     }
-
 
     fn restore(&mut self, store: &dyn Reader) -> Result<(), StoreError> {
         let (id, name, args, limits) = (self.state.id, self.state.name.clone(), self.state.args.clone(), *self.state.limits());

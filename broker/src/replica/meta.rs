@@ -37,6 +37,8 @@ pub const META_GROUP: u64 = 0;
 pub const QUORUM_ID_BIT: u64 = 1 << 63;
 /// The call that proposes a metadata change on the group's leader.
 const META_PROPOSE: &str = "meta.propose";
+/// How long a read barrier may wait.
+const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a change may wait for a leader, its commit and its application.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Results of applied entries kept for their proposers.
@@ -51,12 +53,25 @@ pub fn is_quorum_id(id: QueueId) -> bool {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum MetaCmd {
     DeclareExchange(Vec<u8>),
-    DeleteExchange { name: String, if_unused: bool },
+    DeleteExchange {
+        name: String,
+        if_unused: bool,
+    },
     /// A quorum queue; its id is assigned when applied.
-    DeclareQueue { request: Vec<u8>, members: Vec<NodeId> },
-    DeleteQueue { name: String, if_unused: bool, if_empty: bool },
+    DeclareQueue {
+        request: Vec<u8>,
+        members: Vec<NodeId>,
+    },
+    DeleteQueue {
+        name: String,
+        if_unused: bool,
+        if_empty: bool,
+    },
     Bind(Vec<u8>),
     Unbind(Vec<u8>),
+    /// Changes nothing: a node that applied it has applied everything
+    /// committed before it (a read barrier).
+    Barrier,
 }
 
 /// A quorum queue's definition.
@@ -71,7 +86,11 @@ pub struct QuorumDef {
 /// What a node's broker is asked to do, in log order.
 #[derive(Debug)]
 pub enum MetaEvent {
-    Apply { index: u64, cmd: MetaCmd, queue: Option<QuorumDef> },
+    Apply {
+        index: u64,
+        cmd: MetaCmd,
+        queue: Option<QuorumDef>,
+    },
     /// Bring the broker in line with these definitions (after a restart or
     /// a snapshot).
     Resync(Definitions),
@@ -171,6 +190,7 @@ impl MetaMachine {
                 ops.push(Op::Delete(Cf::Replica, k));
                 ops.extend(self.bindings_touching(store, |b| b.destination_queue() == Some(name))?);
             }
+            MetaCmd::Barrier => {}
             MetaCmd::Bind(req) => ops.push(Op::Put(Cf::Replica, key(KIND_BINDING, req), Vec::new())),
             MetaCmd::Unbind(req) => {
                 // An unbind names the same fields as its bind.
@@ -252,7 +272,10 @@ pub struct Meta {
 impl Meta {
     /// Starts the metadata group on this node; returns the events its
     /// broker must apply, in order.
-    pub async fn start(host: RaftHost, members: BTreeSet<NodeId>) -> std::result::Result<(Arc<Meta>, mpsc::UnboundedReceiver<MetaEvent>), String> {
+    pub async fn start(
+        host: RaftHost,
+        members: BTreeSet<NodeId>,
+    ) -> std::result::Result<(Arc<Meta>, mpsc::UnboundedReceiver<MetaEvent>), String> {
         let (tx, rx) = mpsc::unbounded_channel();
         let meta = Arc::new(Meta { host: host.clone(), applied: watch::channel(0).0, results: Mutex::new(BTreeMap::new()) });
         let weak = Arc::downgrade(&meta);
@@ -263,11 +286,12 @@ impl Meta {
                 Box::pin(async move {
                     let meta = weak.upgrade().ok_or("the node is stopping")?;
                     let cmd: MetaCmd = crate::raft::decode(&body)?;
-                    let r: std::result::Result<u64, (Option<NodeId>, String)> = match meta.host.propose(META_GROUP, crate::raft::encode(&cmd)).await {
-                        Ok((index, _)) => Ok(index),
-                        Err(ProposeError::ForwardToLeader { leader }) => Err((leader, "not the leader".into())),
-                        Err(e) => Err((None, e.to_string())),
-                    };
+                    let r: std::result::Result<u64, (Option<NodeId>, String)> =
+                        match meta.host.propose(META_GROUP, crate::raft::encode(&cmd)).await {
+                            Ok((index, _)) => Ok(index),
+                            Err(ProposeError::ForwardToLeader { leader }) => Err((leader, "not the leader".into())),
+                            Err(e) => Err((None, e.to_string())),
+                        };
                     Ok(Bytes::from(crate::raft::encode(&r)))
                 })
             }),
@@ -293,6 +317,14 @@ impl Meta {
         });
     }
 
+    /// Waits until this node's broker has applied every change committed
+    /// before now (a change made through another node a moment ago is then
+    /// visible here): an empty entry through the log, applied here. Bounded;
+    /// without a quorum it gives up (the caller answers from what it has).
+    pub async fn barrier(&self) {
+        let _ = tokio::time::timeout(BARRIER_TIMEOUT, self.change(MetaCmd::Barrier)).await;
+    }
+
     /// Proposes a change and returns what applying it did on this node.
     pub async fn change(&self, cmd: MetaCmd) -> Result<Vec<u8>> {
         let deadline = tokio::time::Instant::now() + CHANGE_TIMEOUT;
@@ -306,7 +338,9 @@ impl Meta {
         match self.results.lock().remove(&index) {
             Some(Ok(bytes)) => Ok(bytes),
             Some(Err(e)) => Err(e.into()),
-            None => Err(Error::Unavailable("the change's result on this node is unknown (too many changes at once); check and retry".into())),
+            None => {
+                Err(Error::Unavailable("the change's result on this node is unknown (too many changes at once); check and retry".into()))
+            }
         }
     }
 
@@ -323,21 +357,20 @@ impl Meta {
                     Ok((index, _)) => return Ok(index),
                     Err(ProposeError::Unknown { .. }) => {
                         return Err(Error::Unavailable(
-                            "the metadata leader changed while the change was committing: it may or may not be applied; check and retry".into(),
+                            "the metadata leader changed while the change was committing: it may or may not be applied; check and retry"
+                                .into(),
                         ));
                     }
                     Err(e) => e.to_string(),
                 },
-                Some(l) => {
-                    match self.host.cluster().call_with_timeout(l, META_PROPOSE, Bytes::from(data.clone()), CHANGE_TIMEOUT).await {
-                        Ok(reply) => match crate::raft::decode::<std::result::Result<u64, (Option<NodeId>, String)>>(&reply) {
-                            Ok(Ok(index)) => return Ok(index),
-                            Ok(Err((_, e))) => e,
-                            Err(e) => e,
-                        },
-                        Err(e) => e.to_string(),
-                    }
-                }
+                Some(l) => match self.host.cluster().call_with_timeout(l, META_PROPOSE, Bytes::from(data.clone()), CHANGE_TIMEOUT).await {
+                    Ok(reply) => match crate::raft::decode::<std::result::Result<u64, (Option<NodeId>, String)>>(&reply) {
+                        Ok(Ok(index)) => return Ok(index),
+                        Ok(Err((_, e))) => e,
+                        Err(e) => e,
+                    },
+                    Err(e) => e.to_string(),
+                },
                 None => "no metadata leader yet".to_string(),
             };
             last = outcome;

@@ -51,8 +51,11 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Commands waiting for the entry in flight, beyond which the task stops
 /// reading its channel (publishers wait: back-pressure, not memory).
 const MAX_PENDING_COMMANDS: usize = 16_384;
-/// Hops a forwarded command may take to find the leader.
+/// Hops a consumer's subscribe may take to find the leader.
 const MAX_HOPS: u8 = 3;
+/// How long a forwarded command keeps looking for the leader (an election
+/// takes 1-2 s).
+const FORWARD_PATIENCE: Duration = Duration::from_secs(10);
 /// How often a leader looks for expired and due messages.
 const TICK: Duration = Duration::from_millis(500);
 /// How long a forwarded call may take.
@@ -75,7 +78,8 @@ pub struct ReplicaCtx {
 
 impl ReplicaCtx {
     pub fn new(host: RaftHost, limits: Limits) -> Arc<ReplicaCtx> {
-        let ctx = Arc::new(ReplicaCtx { host, limits, queues: Default::default(), members: Default::default(), dead_letter: Default::default() });
+        let ctx =
+            Arc::new(ReplicaCtx { host, limits, queues: Default::default(), members: Default::default(), dead_letter: Default::default() });
         let weak = Arc::downgrade(&ctx);
         ctx.host.cluster().register_call(
             QQ_OP,
@@ -181,10 +185,20 @@ pub async fn spawn(
     let member = members.contains(&ctx.node());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     if member && !ctx.host.groups().contains(&id) {
+        let fresh = !ctx.host.has_state(id);
         let m = machine::machine(id, name.clone(), args.clone(), ctx.limits, events_tx, shared.clone());
         match ctx.host.start_group(id, Box::new(m), Bootstrap::Members(members.clone())).await {
             Ok(()) | Err(crate::raft::GroupError::AlreadyRunning(_)) => {}
             Err(e) => return Err(Error::Unavailable(format!("cannot start the replica of queue '{name}': {e}"))),
+        }
+        // A new queue's first replica stands for election at once rather
+        // than after an election timeout: the queue takes publishes sooner,
+        // and leaders spread as the first replicas do.
+        if fresh && members.first() == Some(&ctx.node()) {
+            let host = ctx.host.clone();
+            tokio::spawn(async move {
+                let _ = host.elect(id).await;
+            });
         }
     }
     let (tx, rx) = mpsc::channel(1024);
@@ -212,6 +226,7 @@ pub async fn spawn(
         remote: HashMap::new(),
         fwd_next: 0,
         dead_letters_sent: BTreeSet::new(),
+        dead_letter_tx: None,
         settle: HashMap::new(),
         stopping: false,
     };
@@ -224,9 +239,18 @@ enum Waiter {
     None,
     /// Publishes: one tracker per message of the `Enqueue`.
     Confirms(Vec<Option<Arc<ConfirmTracker>>>),
-    Subscribe { tag: Arc<str>, spec: ConsumerSpec, outbox: Arc<Outbox>, reply: oneshot::Sender<crate::error::Result<ConsumerId>> },
-    Get { reply: oneshot::Sender<crate::error::Result<Vec<proto::Delivery>>> },
-    Purge { reply: oneshot::Sender<crate::error::Result<u64>> },
+    Subscribe {
+        tag: Arc<str>,
+        spec: ConsumerSpec,
+        outbox: Arc<Outbox>,
+        reply: oneshot::Sender<crate::error::Result<ConsumerId>>,
+    },
+    Get {
+        reply: oneshot::Sender<crate::error::Result<Vec<proto::Delivery>>>,
+    },
+    Purge {
+        reply: oneshot::Sender<crate::error::Result<u64>>,
+    },
     Remote(oneshot::Sender<WireReply>),
 }
 
@@ -248,7 +272,9 @@ enum Done {
     /// Nothing was appended (Raft does not take writes here yet, or any
     /// more): the commands go back to the head of the queue.
     NotAppended(Vec<(QueueOp, Waiter)>),
-    Forwarded(Waiter, Result<WireReply, String>),
+    /// The command (to propose here if this node took over meanwhile), who
+    /// waits for it, and the leader's answer.
+    Forwarded(QueueOp, Waiter, Result<WireReply, String>),
 }
 
 type Inflight = BoxFuture<'static, Done>;
@@ -277,6 +303,8 @@ struct Task {
     /// Which member to try next when the leader is unknown.
     fwd_next: usize,
     dead_letters_sent: BTreeSet<u64>,
+    /// The worker that routes this queue's dead letters, in order.
+    dead_letter_tx: Option<mpsc::UnboundedSender<(u64, MessageData)>>,
     /// Deliveries to auto-ack consumers handed to their stream, to settle.
     settle: HashMap<ConsumerId, Vec<u64>>,
     stopping: bool,
@@ -363,6 +391,7 @@ impl Task {
                 // messages return to the queue before anything else.
                 self.pending.push_front((QueueOp::DropConsumers(ops::Empty {}), Waiter::None));
                 self.dead_letters_sent.clear();
+                self.dead_letter_tx = None;
                 self.resend_dead_letters();
             }
             (Some(_), false) => {
@@ -491,11 +520,7 @@ impl Task {
             QueueCmd::Remote(RemoteCmd::DeadLettered(seq)) => {
                 self.submit(QueueOp::DeadLettered(ops::DeadLettered { seqs: vec![seq] }), Waiter::None);
             }
-            QueueCmd::Touch
-            | QueueCmd::Tick
-            | QueueCmd::Writable { .. }
-            | QueueCmd::TimerDone { .. }
-            | QueueCmd::Refilled { .. } => {}
+            QueueCmd::Touch | QueueCmd::Tick | QueueCmd::Writable { .. } | QueueCmd::TimerDone { .. } | QueueCmd::Refilled { .. } => {}
             #[cfg(test)]
             QueueCmd::Crash => {}
         }
@@ -562,8 +587,29 @@ impl Task {
             return;
         };
         let (host, id, me, name) = (self.host.clone(), self.id, self.me.clone(), self.name.clone());
+        let members: Vec<NodeId> = self.members.iter().copied().filter(|m| *m != self.node).collect();
         tokio::spawn(async move {
-            match attach_remote(host, id, target, spec.clone(), outbox).await {
+            // While there is no leader (an election), try again for a while.
+            let deadline = tokio::time::Instant::now() + FORWARD_PATIENCE;
+            let mut target = target;
+            let mut attempt = 0u32;
+            let attached = loop {
+                match attach_remote(host.clone(), id, target, spec.clone(), outbox.clone()).await {
+                    Err(Error::Unavailable(m)) if tokio::time::Instant::now() < deadline => {
+                        tracing::debug!(queue = %name, reason = %m, "no leader to attach a consumer to yet");
+                        attempt += 1;
+                        target = host
+                            .leader(id)
+                            .and_then(|l| l.leader)
+                            .filter(|l| *l != host.node_id())
+                            .or_else(|| members.get(attempt as usize % members.len().max(1)).copied())
+                            .unwrap_or(target);
+                        tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt.min(10) + 1))).await;
+                    }
+                    other => break other,
+                }
+            };
+            match attached {
                 Ok((consumer, tx)) => {
                     let Some(me) = me.upgrade() else { return };
                     // Registered before the client learns its id, so that
@@ -604,11 +650,8 @@ impl Task {
             ops.push(op);
             waiters.push(w);
         }
-        let entry = if entries.len() == 1 {
-            entries.pop().unwrap_or_default()
-        } else {
-            QueueEntry::of(QueueOp::Batch(ops::Batch { entries }))
-        };
+        let entry =
+            if entries.len() == 1 { entries.pop().unwrap_or_default() } else { QueueEntry::of(QueueOp::Batch(ops::Batch { entries })) };
         let host = self.host.clone();
         let id = self.id;
         let single = waiters.len() == 1;
@@ -662,9 +705,10 @@ impl Task {
         };
         let host = self.host.clone();
         let id = self.id;
+        let members: Vec<NodeId> = self.members.iter().copied().filter(|m| *m != self.node).collect();
         self.inflight = Some(Box::pin(async move {
-            let r = call_op(&host, id, target, QueueEntry::of(op), 0).await;
-            Done::Forwarded(waiter, r)
+            let r = call_op(&host, id, target, &members, QueueEntry::of(op.clone())).await;
+            Done::Forwarded(op, waiter, r)
         }));
     }
 
@@ -681,11 +725,17 @@ impl Task {
                 self.backoff = Some(Box::pin(tokio::time::sleep(Duration::from_millis(20))));
                 return;
             }
-            Done::Forwarded(waiter, r) => {
+            Done::Forwarded(op, waiter, r) => {
                 match r {
                     Ok(WireReply::NotLeader(_)) if self.is_leader() => {
                         // This node took over meanwhile: propose it here.
-                        fail_waiter(waiter, &format!("queue '{}': leadership moved; retry", self.name));
+                        self.pending.push_front((op, waiter));
+                    }
+                    Ok(WireReply::NotLeader(Some(l))) if l == self.node => {
+                        // The others see this node as the leader before it
+                        // does: wait for it to notice.
+                        self.pending.push_front((op, waiter));
+                        self.backoff = Some(Box::pin(tokio::time::sleep(Duration::from_millis(20))));
                     }
                     Ok(reply) => deliver_wire(waiter, reply, &self.name),
                     Err(e) => fail_waiter(waiter, &e),
@@ -827,21 +877,15 @@ impl Task {
         if !self.dead_letters_sent.insert(seq) {
             return;
         }
-        let Some(f) = self.ctx.upgrade().and_then(|c| c.dead_letter.get().cloned()) else { return };
-        let me = self.me.clone();
-        tokio::spawn(async move {
-            // Retried until the targets have it (bounded: the outbox entry
-            // stays, and a new leader sends it again).
-            for attempt in 0..20u32 {
-                if f(data.clone()).await {
-                    if let Some(me) = me.upgrade() {
-                        let _ = me.send(QueueCmd::Remote(RemoteCmd::DeadLettered(seq))).await;
-                    }
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
-            }
-        });
+        if self.dead_letter_tx.as_ref().is_none_or(|tx| tx.is_closed()) {
+            let Some(f) = self.ctx.upgrade().and_then(|c| c.dead_letter.get().cloned()) else { return };
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(dead_letter_worker(f, rx, self.me.clone()));
+            self.dead_letter_tx = Some(tx);
+        }
+        if let Some(tx) = &self.dead_letter_tx {
+            let _ = tx.send((seq, data));
+        }
     }
 
     fn resend_dead_letters(&mut self) {
@@ -849,6 +893,25 @@ impl Task {
         for (seq, data) in pending {
             self.send_dead_letter(seq, data);
         }
+    }
+}
+
+/// Routes a queue's dead letters one after the other (so that they arrive
+/// in the order they died), each retried until its targets have it; then
+/// tells the queue, which drops it from its outbox.
+async fn dead_letter_worker(f: DeadLetterFn, mut rx: mpsc::UnboundedReceiver<(u64, MessageData)>, me: mpsc::WeakSender<QueueCmd>) {
+    while let Some((seq, data)) = rx.recv().await {
+        let mut attempt = 0u32;
+        while !f(data.clone()).await {
+            attempt += 1;
+            if attempt > 20 || me.upgrade().is_none() {
+                // Left in the outbox: the next leader sends it again.
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
+        }
+        let Some(queue) = me.upgrade() else { return };
+        let _ = queue.send(QueueCmd::Remote(RemoteCmd::DeadLettered(seq))).await;
     }
 }
 
@@ -901,9 +964,7 @@ async fn poll_inflight(inflight: &mut Option<Inflight>) -> Done {
 fn propose_error_text(e: &ProposeError) -> String {
     match e {
         ProposeError::ForwardToLeader { .. } => "leadership moved before the command was proposed; retry".into(),
-        ProposeError::Unknown { .. } => {
-            "leadership moved before the command committed: it may or may not have been applied; retry".into()
-        }
+        ProposeError::Unknown { .. } => "leadership moved before the command committed: it may or may not have been applied; retry".into(),
         other => other.to_string(),
     }
 }
@@ -1006,22 +1067,41 @@ fn get_delivery(d: &OutDelivery, ready: u64) -> proto::Delivery {
     p
 }
 
-/// Sends a command to `target`, following `NotLeader` answers a few hops.
-async fn call_op(host: &RaftHost, queue: QueueId, mut target: NodeId, entry: QueueEntry, hops: u8) -> Result<WireReply, String> {
+/// Sends a command to the queue's leader: to `target` first, then to whom
+/// the answers name, or the other members in turn while there is no leader
+/// (an election), for a bounded time.
+async fn call_op(host: &RaftHost, queue: QueueId, target: NodeId, members: &[NodeId], entry: QueueEntry) -> Result<WireReply, String> {
     let entry = entry.encode_to_vec();
-    let mut hops = hops;
-    loop {
-        let body = enc(&OpCall { queue, hops, entry: entry.clone() });
-        let reply = host.cluster().call_with_timeout(target, QQ_OP, body, CALL_TIMEOUT).await.map_err(|e| call_error_text(&e))?;
-        let reply: WireReply = crate::raft::decode(&reply)?;
+    let deadline = tokio::time::Instant::now() + FORWARD_PATIENCE;
+    let mut target = target;
+    let mut next = 0usize;
+    let mut last = String::new();
+    for attempt in 0..200u32 {
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        let body = enc(&OpCall { queue, hops: 0, entry: entry.clone() });
+        let reply = match host.cluster().call_with_timeout(target, QQ_OP, body, CALL_TIMEOUT).await {
+            Ok(reply) => crate::raft::decode::<WireReply>(&reply)?,
+            Err(e) => {
+                last = call_error_text(&e);
+                WireReply::NotLeader(None)
+            }
+        };
         match reply {
-            WireReply::NotLeader(Some(l)) if l != target && hops < MAX_HOPS => {
-                target = l;
-                hops += 1;
+            WireReply::NotLeader(Some(l)) if l == host.node_id() => return Ok(WireReply::NotLeader(Some(l))),
+            WireReply::NotLeader(Some(l)) if l != target => target = l,
+            WireReply::NotLeader(_) => {
+                if let Some(m) = members.get(next % members.len().max(1)) {
+                    target = *m;
+                }
+                next += 1;
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt.min(10) + 1))).await;
             }
             other => return Ok(other),
         }
     }
+    Err(if last.is_empty() { "the queue has no leader (an election is under way, or no majority is up); retry".to_string() } else { last })
 }
 
 fn call_error_text(e: &CallError) -> String {
@@ -1033,7 +1113,9 @@ async fn handle_op(ctx: Weak<ReplicaCtx>, _from: NodeId, body: Bytes) -> Result<
     let call: OpCall = crate::raft::decode(&body)?;
     let ctx = ctx.upgrade().ok_or("the node is stopping")?;
     let Some(queue) = ctx.queue(call.queue) else {
-        return Ok(enc(&WireReply::Unavailable(format!("queue {} is not on this node", call.queue))));
+        // Not created here yet (this node is applying the metadata behind
+        // the caller), or gone: the caller tries elsewhere, for a while.
+        return Ok(enc(&WireReply::NotLeader(None)));
     };
     let op = match QueueEntry::decode(call.entry.as_slice()) {
         Ok(QueueEntry { op: Some(op) }) => op,
@@ -1053,8 +1135,12 @@ async fn serve_consumer(ctx: Weak<ReplicaCtx>, _from: NodeId, mut duplex: Duplex
     let Ok(ToLeader::Subscribe { queue, tag, prefetch, auto_ack, exclusive, priority, peer }) = crate::raft::decode(&first) else {
         return;
     };
-    let Some(handle) = ctx.upgrade().and_then(|c| c.queue(queue)) else {
-        let e = Error::Unavailable(format!("queue {queue} is not on this node"));
+    let Some(ctx) = ctx.upgrade() else { return };
+    let leads = ctx.host.leader(queue).and_then(|l| l.leader) == Some(ctx.node());
+    let handle = ctx.queue(queue).filter(|_| leads);
+    drop(ctx);
+    let Some(handle) = handle else {
+        let e = Error::Unavailable(format!("this node does not lead queue {queue}"));
         let _ = duplex.tx.send(enc(&FromLeader::Subscribed(Err(WireError::from(&e))))).await;
         return;
     };

@@ -16,8 +16,8 @@ use warren_client::proto::Properties;
 use super::*;
 use crate::queue::state::OutDelivery;
 use crate::replica::ops::{ConsumerRef, DeadLettered, Empty, Enqueue, Get, Nack, Publish, Qos, Settle, SettleTags, Subscribe};
-use crate::store::{Engine, Reader};
 use crate::store::memory::MemoryEngine;
+use crate::store::{Engine, Reader};
 
 struct Replica {
     engine: MemoryEngine,
@@ -127,7 +127,12 @@ enum Step {
 }
 
 fn step() -> impl Strategy<Value = Step> {
-    let msg = (0u8..4, prop_oneof![3 => Just(None), 1 => (1u64..400).prop_map(Some)], prop_oneof![4 => Just(None), 1 => (1u64..300).prop_map(Some)], any::<bool>());
+    let msg = (
+        0u8..4,
+        prop_oneof![3 => Just(None), 1 => (1u64..400).prop_map(Some)],
+        prop_oneof![4 => Just(None), 1 => (1u64..300).prop_map(Some)],
+        any::<bool>(),
+    );
     prop_oneof![
         8 => prop::collection::vec(msg, 1..4).prop_map(Step::Enqueue),
         2 => (0u32..4, any::<bool>()).prop_map(|(prefetch, auto_ack)| Step::Subscribe { prefetch, auto_ack }),

@@ -1310,10 +1310,20 @@ impl Broker {
     }
 
     pub async fn grow_queues(&self, req: proto::GrowQueuesRequest) -> Result<proto::MembershipChangeResponse> {
+        if self.cluster().is_some() {
+            return Err(Error::PreconditionFailed(
+                "changing a quorum queue's replica set is not supported yet: replicas are chosen when the queue is declared".into(),
+            ));
+        }
         Err(Error::PreconditionFailed(format!("node {} is not a member: this broker runs as a single node (no --peers)", req.node)))
     }
 
     pub async fn shrink_queues(&self, req: proto::ShrinkQueuesRequest) -> Result<proto::MembershipChangeResponse> {
+        if self.cluster().is_some() {
+            return Err(Error::PreconditionFailed(
+                "changing a quorum queue's replica set is not supported yet: replicas are chosen when the queue is declared".into(),
+            ));
+        }
         Err(Error::PreconditionFailed(format!("node {} is not a member: this broker runs as a single node (no --peers)", req.node)))
     }
 

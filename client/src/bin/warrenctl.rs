@@ -63,6 +63,22 @@ enum Command {
     Consume(ConsumeArgs),
     /// The node: identity, uptime, alarms, totals.
     Status,
+    /// The cluster: members, quorum queues and their replicas.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Members (up or not, leaders and replicas each holds) and every
+    /// quorum queue's leader, replicas, term and lag.
+    Status,
+    /// The quorum queues that would lose their majority if NODE stopped
+    /// (exits 4 when there are any: stop NODE only when it exits 0).
+    QuorumCritical {
+        /// The node id.
+        node: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -311,6 +327,65 @@ async fn run(cli: Cli, out: &Printer) -> Result<(), Failure> {
             out.status(&s);
             Ok(())
         }
+        Command::Cluster(ClusterCmd::Status) => {
+            let s = client.raw().cluster_status(proto::ClusterStatusRequest {}).await.map_err(warren_client::Error::from)?.into_inner();
+            let members: Vec<Json> = s
+                .members
+                .iter()
+                .map(|m| json!({ "id": m.id, "address": m.address, "up": m.alive, "leaders": m.leaders, "replicas": m.replicas }))
+                .collect();
+            let queues: Vec<Json> = s
+                .queues
+                .iter()
+                .map(|q| {
+                    json!({
+                        "queue": q.name,
+                        "leader": q.leader,
+                        "members": q.members.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+                        "online": q.online.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+                        "term": q.term,
+                        "commit_index": q.commit_index,
+                        "lag": q.lag.iter().map(|l| format!("{}:{}", l.node, l.entries)).collect::<Vec<_>>().join(","),
+                    })
+                })
+                .collect();
+            if matches!(out.mode, Output::Json) {
+                println!(
+                    "{}",
+                    json!({
+                        "node_id": s.node_id,
+                        "metadata_leader": s.metadata_leader,
+                        "queues_without_quorum": s.queues_without_quorum,
+                        "members": members,
+                        "queues": queues,
+                    })
+                );
+            } else {
+                println!(
+                    "node {} (metadata leader: {}; quorum queues without a majority up: {})",
+                    s.node_id, s.metadata_leader, s.queues_without_quorum
+                );
+                out.table(&["id", "address", "up", "leaders", "replicas"], &members);
+                println!();
+                out.table(&["queue", "leader", "members", "online", "term", "commit_index", "lag"], &queues);
+            }
+            Ok(())
+        }
+        Command::Cluster(ClusterCmd::QuorumCritical { node }) => {
+            let r = client
+                .raw()
+                .quorum_critical(proto::QuorumCriticalRequest { node })
+                .await
+                .map_err(warren_client::Error::from)?
+                .into_inner();
+            let rows: Vec<Json> = r.queues.iter().map(|q| json!({ "queue": q })).collect();
+            out.table(&["queue"], &rows);
+            if r.queues.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure { code: 4, message: format!("{} quorum queue(s) would lose their majority if node {node} stopped", r.queues.len()) })
+            }
+        }
     }
 }
 
@@ -365,7 +440,7 @@ async fn queue(client: &Client, cmd: QueueCmd, out: &Printer) -> Result<(), Fail
         QueueCmd::Info { name } => {
             let info = client.queue_info(&name).await?;
             out.table(
-                &["name", "ready", "unacked", "delayed", "consumers", "durable", "exclusive", "auto_delete", "arguments"],
+                &["name", "type", "ready", "unacked", "delayed", "consumers", "durable", "leader", "members", "online", "arguments"],
                 &[queue_json(&info)],
             );
         }
@@ -514,6 +589,10 @@ fn queue_json(q: &proto::QueueInfo) -> Json {
         "exclusive": q.exclusive,
         "auto_delete": q.auto_delete,
         "arguments": args_json(&q.arguments),
+        "type": q.queue_type,
+        "leader": q.leader,
+        "members": q.members.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+        "online": q.online.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
     })
 }
 

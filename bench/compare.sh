@@ -8,6 +8,9 @@
 #   bench/compare.sh --runs 1 --duration 3s --warmup 1s --backlog 100000   # quick
 #   bench/compare.sh --only 1p1c,1p1c-half-rate        # some entries
 #   bench/compare.sh --list                            # the suite
+#   bench/compare.sh --brokers warren,rabbitmq,warren-cluster,rabbitmq-cluster \
+#       --only 1p1c,4p4c,quorum-1p1c,quorum-1p1c-half-rate,quorum-4p4c,quorum-4p4c-spread,failover,idle-queues
+#                                                      # single node and 3-node quorum queues in one run
 #
 # Every flag is passed to `warren-bench compare` (see `--help`). Results go to
 # ${WARREN_BENCH_JSON:-bench-results/compare-<time>.json}.

@@ -59,7 +59,7 @@ impl WarrenProcess {
         let mut child = Command::new(&self.bin)
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(["--grpc-addr", "127.0.0.1:0"])
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .args(&self.extra)
             .env("RUST_LOG", std::env::var("WARREN_BENCH_BROKER_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
@@ -86,12 +86,20 @@ impl WarrenProcess {
                 self.addr = format!("http://{addr}");
                 Ok(started.elapsed())
             }
-            Err(_) => {
+            Err(e) => {
                 self.kill();
-                bail!(
-                    "warren-broker did not print its ready line within {START_TIMEOUT:?} (log: {})",
-                    self.data_dir.with_extension("log").display()
-                )
+                let log = self.data_dir.with_extension("log");
+                let tail: Vec<String> =
+                    std::fs::read_to_string(&log).unwrap_or_default().lines().rev().take(5).map(str::to_string).collect::<Vec<_>>();
+                let tail: Vec<&str> = tail.iter().rev().map(String::as_str).collect();
+                match e {
+                    mpsc::RecvTimeoutError::Timeout => {
+                        bail!("warren-broker did not print its ready line within {START_TIMEOUT:?} (log: {})", log.display())
+                    }
+                    mpsc::RecvTimeoutError::Disconnected => {
+                        bail!("warren-broker exited before it was ready; the end of its log ({}):\n{}", log.display(), tail.join("\n"))
+                    }
+                }
             }
         }
     }
@@ -125,7 +133,15 @@ impl WarrenProcess {
         self.spawn()
     }
 
-    fn kill(&mut self) {
+    /// Starts the broker again (after [`WarrenProcess::kill`]) on the same
+    /// data; returns the time from spawn to ready.
+    pub fn start_again(&mut self) -> Result<Duration> {
+        self.kill();
+        self.spawn()
+    }
+
+    /// Kills the broker at once (SIGKILL, as `kill -9`) and reaps it.
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -143,18 +159,31 @@ impl Drop for WarrenProcess {
 pub const DEFAULT_AMQP_URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 fn run(cmd: &str, args: &[&str], timeout: Duration) -> Result<String> {
-    let mut child = Command::new(cmd)
-        .args(args)
+    run_command(Command::new(cmd).args(args), timeout)
+}
+
+/// Runs `command` to completion within `timeout` (killed after it);
+/// returns its stdout and stderr, or an error with them when it fails.
+pub fn run_command(command: &mut Command, timeout: Duration) -> Result<String> {
+    let cmd = command.get_program().to_string_lossy().to_string();
+    let args: Vec<String> = command.get_args().map(|a| a.to_string_lossy().to_string()).collect();
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {cmd} (install RabbitMQ: apt-get install -y rabbitmq-server, or use bench/compare.sh)"))?;
+    // Read both pipes while waiting, so that a chatty command cannot block
+    // on a full pipe.
+    let out_reader = drain(child.stdout.take());
+    let err_reader = drain(child.stderr.take());
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child.try_wait()? {
-            let out = child.wait_with_output()?;
-            let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+            // A daemon the command left behind may hold the pipes open:
+            // take what arrived within a few seconds.
+            let take = |rx: mpsc::Receiver<String>| rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default();
+            let text = take(out_reader) + &take(err_reader);
             if !status.success() {
                 bail!("{cmd} {} failed ({status}): {}", args.join(" "), text.trim());
             }
@@ -169,18 +198,71 @@ fn run(cmd: &str, args: &[&str], timeout: Duration) -> Result<String> {
     }
 }
 
-/// The local RabbitMQ node's `beam.smp` pid.
-pub fn rabbitmq_pid() -> Option<u32> {
-    procfs::find_process("beam.smp")
+/// Reads `pipe` to its end on a thread; the text arrives on the channel.
+fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_string(&mut s);
+        }
+        let _ = tx.send(s);
+    });
+    rx
 }
+
+/// The local RabbitMQ node's `beam.smp` pid: asked from the node itself
+/// (other Erlang VMs, such as the bench's own 3-node cluster, may run
+/// beside it), or the first `beam.smp` when `rabbitmqctl` cannot tell.
+pub fn rabbitmq_pid() -> Option<u32> {
+    run("rabbitmqctl", &["-q", "eval", "os:getpid()."], Duration::from_secs(30))
+        .ok()
+        .and_then(|out| parse_erlang_pid(&out))
+        .or_else(|| procfs::find_process("beam.smp"))
+}
+
+/// The pid in `rabbitmqctl eval 'os:getpid().'`'s answer (`"1234"`).
+pub fn parse_erlang_pid(out: &str) -> Option<u32> {
+    out.lines().rev().map(|l| l.trim().trim_matches('"')).find_map(|l| l.parse().ok())
+}
+
+/// A command that runs `program args` with every inherited file
+/// descriptor above 2 closed first (through `bash`). A broker that outlives
+/// the bench (`rabbitmq-server -detached`) or may be orphaned must not keep
+/// what the bench inherited: run under `flock LOCK warren-bench ...`, the
+/// lock's descriptor would stay held by the Erlang VM, and every other
+/// `flock` on the machine would wait for it.
+pub fn without_inherited_fds(program: &Path, args: &[&str]) -> Command {
+    if !Path::new("/bin/bash").exists() {
+        let mut c = Command::new(program);
+        c.args(args);
+        return c;
+    }
+    let mut c = Command::new("/bin/bash");
+    c.arg("-c").arg(CLOSE_FDS_THEN_EXEC).arg(program).args(args);
+    c
+}
+
+/// `bash -c` script: close descriptors 3 and up, then exec `$0 "$@"`.
+pub const CLOSE_FDS_THEN_EXEC: &str =
+    r#"for fd in /proc/$$/fd/*; do n=${fd##*/}; if [ "$n" -gt 2 ]; then eval "exec $n>&-"; fi; done 2>/dev/null; exec "$0" "$@""#;
 
 /// Starts the local RabbitMQ node unless it runs, and waits until it serves.
 pub fn ensure_rabbitmq() -> Result<u32> {
     if rabbitmq_pid().is_none() {
         eprintln!("starting RabbitMQ (rabbitmq-server -detached)");
-        run("rabbitmq-server", &["-detached"], Duration::from_secs(60))?;
+        run_command(&mut without_inherited_fds(Path::new("rabbitmq-server"), &["-detached"]), Duration::from_secs(60))?;
     }
-    run("rabbitmqctl", &["await_startup", "--timeout", "180"], Duration::from_secs(200))?;
+    // `await_startup` fails at once while the node has not registered with
+    // epmd yet: ask again until it answers (bounded).
+    let deadline = Instant::now() + Duration::from_secs(200);
+    loop {
+        match run("rabbitmqctl", &["await_startup", "--timeout", "60"], Duration::from_secs(75)) {
+            Ok(_) => break,
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
     rabbitmq_pid().ok_or_else(|| anyhow!("RabbitMQ started but no beam.smp process was found"))
 }
 
@@ -198,4 +280,37 @@ pub fn restart_rabbitmq_app() -> Result<Duration> {
 /// RabbitMQ's version, for the report.
 pub fn rabbitmq_version() -> Option<String> {
     run("rabbitmqctl", &["version"], Duration::from_secs(30)).ok().map(|s| s.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn should_close_inherited_descriptors_before_exec() {
+        // The test process has descriptors above 2 open (the test harness's
+        // pipes and files, this file's own): none survives into the child.
+        let _held = std::fs::File::open("/proc/self/status").unwrap();
+        let out = run_command(&mut without_inherited_fds(Path::new("ls"), &["/proc/self/fd"]), Duration::from_secs(30)).unwrap();
+        let fds: Vec<u32> = out.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        // 0-2 and the directory `ls` reads.
+        assert!(fds.iter().filter(|f| **f > 2).count() <= 1, "{fds:?}");
+    }
+
+    #[test]
+    fn should_parse_the_pid_rabbitmqctl_prints() {
+        assert_eq!(parse_erlang_pid("\"4827\"\n"), Some(4827));
+        assert_eq!(parse_erlang_pid("some warning\n\"12\""), Some(12));
+        assert_eq!(parse_erlang_pid("Error: unable to perform"), None);
+    }
+
+    #[test]
+    fn should_bound_a_command_and_report_its_output() {
+        let out = run_command(Command::new("sh").args(["-c", "echo out; echo err >&2"]), Duration::from_secs(30)).unwrap();
+        assert!(out.contains("out") && out.contains("err"), "{out}");
+        let e = run_command(Command::new("sh").args(["-c", "echo nope >&2; exit 3"]), Duration::from_secs(30)).unwrap_err();
+        assert!(format!("{e}").contains("nope"), "{e}");
+        let e = run_command(Command::new("sleep").arg("30"), Duration::from_millis(100)).unwrap_err();
+        assert!(format!("{e}").contains("did not finish"), "{e}");
+    }
 }

@@ -239,6 +239,7 @@ async fn produce<P: PublishOne>(w: &Workload, index: usize, ctx: &Ctx, publisher
 
 pub mod warren {
     use super::*;
+    use crate::workload::QueueArg;
     use warren_client::{Client, ExchangeKind, Message, QueueOptions, Subscription};
 
     fn kind(w: &Workload) -> ExchangeKind {
@@ -249,13 +250,25 @@ pub mod warren {
         }
     }
 
+    /// A durable queue with the workload's type arguments.
+    pub fn queue_options(w: &Workload) -> QueueOptions {
+        let mut o = QueueOptions::durable();
+        for (k, v) in w.queue_type.warren_arguments() {
+            o = match v {
+                QueueArg::Int(i) => o.arg(k, i),
+                QueueArg::Str(s) => o.arg(k, s),
+            };
+        }
+        o
+    }
+
     /// Declares the exchange and the durable queues (purged) and binds them.
     pub async fn setup(addr: &str, w: &Workload) -> Result<()> {
         let client = Client::connect(addr).await?;
         let exchange = w.exchange.exchange_name();
         client.declare_exchange(exchange, kind(w), warren_client::ExchangeOptions::durable()).await?;
         for (i, q) in w.queue_names().iter().enumerate() {
-            client.declare_queue(q, QueueOptions::durable()).await?;
+            client.declare_queue(q, queue_options(w)).await?;
             client.purge_queue(q).await?;
             client.bind_queue(exchange, q, &w.exchange.binding_key(i, q)).await?;
         }
@@ -343,11 +356,12 @@ pub mod warren {
 
 pub mod rabbit {
     use super::*;
+    use crate::workload::{QueueArg, QueueType};
     use lapin::options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
         ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
     };
-    use lapin::types::FieldTable;
+    use lapin::types::{AMQPValue, FieldTable};
     use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 
     fn kind(w: &Workload) -> ExchangeKind {
@@ -362,9 +376,29 @@ pub mod rabbit {
         Connection::connect(uri, ConnectionProperties::default()).await.with_context(|| format!("cannot connect to RabbitMQ at {uri}"))
     }
 
-    /// A classic durable queue: RabbitMQ's default queue type.
+    /// A durable queue (of the type `queue_arguments` says).
     fn durable() -> QueueDeclareOptions {
         QueueDeclareOptions { durable: true, ..QueueDeclareOptions::default() }
+    }
+
+    /// The declare arguments of the workload's queue type
+    /// (`x-queue-version`, `x-queue-type`).
+    pub fn queue_arguments(t: QueueType) -> FieldTable {
+        let mut table = FieldTable::default();
+        for (k, v) in t.rabbitmq_arguments() {
+            let v = match v {
+                QueueArg::Int(i) => AMQPValue::LongLongInt(i),
+                QueueArg::Str(s) => AMQPValue::LongString(s.into()),
+            };
+            table.insert(k.into(), v);
+        }
+        table
+    }
+
+    /// Declares one durable queue of type `t`.
+    pub async fn declare_queue(ch: &lapin::Channel, name: &str, t: QueueType) -> Result<()> {
+        ch.queue_declare(name.into(), durable(), queue_arguments(t)).await?;
+        Ok(())
     }
 
     pub async fn setup(uri: &str, w: &Workload) -> Result<()> {
@@ -379,7 +413,7 @@ pub mod rabbit {
         )
         .await?;
         for (i, q) in w.queue_names().iter().enumerate() {
-            ch.queue_declare(q.as_str().into(), durable(), FieldTable::default()).await?;
+            declare_queue(&ch, q, w.queue_type).await?;
             ch.queue_purge(q.as_str().into(), QueuePurgeOptions::default()).await?;
             ch.queue_bind(
                 q.as_str().into(),

@@ -4,11 +4,19 @@
 //! * `warren-bench run --broker warren|rabbitmq [workload flags]`: one
 //!   workload, printed as a table (and as JSON with `--json`).
 //! * `warren-bench compare`: the standard suite against both brokers,
-//!   alternating, with medians and ratios (see `bench/README.md`).
+//!   alternating, with medians and ratios (see `bench/README.md`); with
+//!   `--brokers warren-cluster,rabbitmq-cluster` the 3-node quorum-queue
+//!   entries (throughput, failover, idle queues).
+//! * `warren-bench perftest`: RabbitMQ's PerfTest beside the lapin client,
+//!   against the same RabbitMQ (`bench/perftest.sh`).
 
 mod brokers;
 mod clients;
+mod cluster;
 mod compare;
+mod failover;
+mod idle;
+mod perftest;
 mod procfs;
 mod report;
 mod runner;
@@ -17,7 +25,7 @@ mod workload;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use brokers::WarrenProcess;
@@ -38,6 +46,9 @@ enum Cmd {
     /// Runs the standard suite against both brokers; prints medians and
     /// ratios, writes JSON.
     Compare(compare::CompareArgs),
+    /// Cross-checks RabbitMQ's figures with RabbitMQ's PerfTest (Java)
+    /// against warren-bench's lapin client (see `bench/perftest.sh`).
+    Perftest(perftest::PerfTestArgs),
 }
 
 #[derive(clap::Args)]
@@ -76,7 +87,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut _dir = None;
     let mut target = match (args.broker, &args.warren_addr) {
         (BrokerKind::Warren, Some(addr)) => {
-            Target { kind: BrokerKind::Warren, endpoint: warren_client::normalize_server(addr), pid: args.broker_pid, process: None }
+            Target::single(BrokerKind::Warren, warren_client::normalize_server(addr), args.broker_pid, None)
         }
         (BrokerKind::Warren, None) => {
             let dir = tempfile::Builder::new().prefix("warren-bench-").tempdir()?;
@@ -94,7 +105,10 @@ async fn run(args: RunArgs) -> Result<()> {
                 None if args.amqp_uri == brokers::DEFAULT_AMQP_URI => Some(tokio::task::spawn_blocking(brokers::ensure_rabbitmq).await??),
                 None => None,
             };
-            Target { kind: BrokerKind::Rabbitmq, endpoint: args.amqp_uri.clone(), pid, process: None }
+            Target::single(BrokerKind::Rabbitmq, args.amqp_uri.clone(), pid, None)
+        }
+        (BrokerKind::WarrenCluster | BrokerKind::RabbitmqCluster, _) => {
+            bail!("`run` drives one node; for the 3-node clusters use `compare --brokers warren-cluster,rabbitmq-cluster`")
         }
     };
     let mut results = Vec::new();
@@ -132,6 +146,7 @@ fn main() -> ExitCode {
         match cli.cmd {
             Cmd::Run(args) => run(args).await,
             Cmd::Compare(args) => compare::compare(args).await,
+            Cmd::Perftest(args) => perftest::perftest(args).await,
         }
     });
     match result {
@@ -158,7 +173,7 @@ mod tests {
                 assert_eq!(a.broker, BrokerKind::Rabbitmq);
                 assert_eq!(a.workload.producers, 2);
             }
-            Cmd::Compare(_) => panic!("expected run"),
+            Cmd::Compare(_) | Cmd::Perftest(_) => panic!("expected run"),
         }
         let cli = Cli::try_parse_from(["warren-bench", "compare", "--runs", "3", "--only", "1p1c,backlog", "--brokers", "warren"]).unwrap();
         match cli.cmd {
@@ -167,7 +182,7 @@ mod tests {
                 assert_eq!(a.only, vec!["1p1c", "backlog"]);
                 assert_eq!(a.brokers, vec![BrokerKind::Warren]);
             }
-            Cmd::Run(_) => panic!("expected compare"),
+            Cmd::Run(_) | Cmd::Perftest(_) => panic!("expected compare"),
         }
     }
 }

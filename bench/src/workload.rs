@@ -56,6 +56,49 @@ impl ExchangeType {
     }
 }
 
+/// The kind of queue a workload declares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueType {
+    /// A durable queue with no type argument: Warren's only single-node
+    /// kind; RabbitMQ's classic queue in its default version (1 in 3.10).
+    Classic,
+    /// RabbitMQ: a classic queue, version 2 (`x-queue-version: 2`, the
+    /// faster, non-lazy-by-design index of 3.10). Warren: the same as
+    /// `classic`.
+    ClassicV2,
+    /// A replicated queue (`x-queue-type: quorum`) on both brokers; needs a
+    /// cluster for replication (RabbitMQ accepts it on one node too).
+    Quorum,
+}
+
+impl QueueType {
+    /// RabbitMQ's declare arguments for this type.
+    pub fn rabbitmq_arguments(self) -> Vec<(&'static str, QueueArg)> {
+        match self {
+            QueueType::Classic => vec![],
+            QueueType::ClassicV2 => vec![("x-queue-version", QueueArg::Int(2))],
+            QueueType::Quorum => vec![("x-queue-type", QueueArg::Str("quorum"))],
+        }
+    }
+
+    /// Warren's declare arguments: no queue version (Warren has one
+    /// single-node queue implementation).
+    pub fn warren_arguments(self) -> Vec<(&'static str, QueueArg)> {
+        match self {
+            QueueType::Classic | QueueType::ClassicV2 => vec![],
+            QueueType::Quorum => vec![("x-queue-type", QueueArg::Str("quorum"))],
+        }
+    }
+}
+
+/// A queue argument's value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueArg {
+    Int(i64),
+    Str(&'static str),
+}
+
 /// A workload: the same flags for both brokers.
 #[derive(Clone, Debug, Args, Serialize)]
 pub struct Workload {
@@ -111,6 +154,9 @@ pub struct Workload {
     /// Queue name prefix.
     #[arg(long, default_value = "warren-bench")]
     pub queue_prefix: String,
+    /// The queues' type (declare arguments).
+    #[arg(long, value_enum, default_value_t = QueueType::Classic)]
+    pub queue_type: QueueType,
     /// Give up on messages not consumed this long after the producers stop.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     #[serde(serialize_with = "ser_duration")]
@@ -135,6 +181,7 @@ impl Default for Workload {
             backlog: None,
             restart: false,
             queue_prefix: "warren-bench".into(),
+            queue_type: QueueType::Classic,
             drain_timeout: Duration::from_secs(60),
         }
     }
@@ -283,6 +330,11 @@ mod tests {
         assert_eq!(w.warmup, Duration::from_millis(500));
         assert_eq!(w.exchange.copies(w.queues), 10);
         assert!(w.validate().is_ok());
+        assert_eq!(w.queue_type, QueueType::Classic);
+        let w = Cli::try_parse_from(["x", "--queue-type", "classic-v2"]).unwrap().w;
+        assert_eq!(w.queue_type, QueueType::ClassicV2);
+        let w = Cli::try_parse_from(["x", "--queue-type", "quorum"]).unwrap().w;
+        assert_eq!(w.queue_type, QueueType::Quorum);
     }
 
     #[test]
@@ -293,6 +345,15 @@ mod tests {
         assert!(w.validate().unwrap_err().contains("--size"));
         let w = Workload { restart: true, ..Workload::default() };
         assert!(w.validate().unwrap_err().contains("--backlog"));
+    }
+
+    #[test]
+    fn should_map_queue_types_to_declare_arguments() {
+        assert!(QueueType::Classic.rabbitmq_arguments().is_empty());
+        assert_eq!(QueueType::ClassicV2.rabbitmq_arguments(), vec![("x-queue-version", QueueArg::Int(2))]);
+        assert!(QueueType::ClassicV2.warren_arguments().is_empty());
+        assert_eq!(QueueType::Quorum.rabbitmq_arguments(), vec![("x-queue-type", QueueArg::Str("quorum"))]);
+        assert_eq!(QueueType::Quorum.warren_arguments(), QueueType::Quorum.rabbitmq_arguments());
     }
 
     #[test]

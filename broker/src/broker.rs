@@ -479,7 +479,16 @@ impl Broker {
                 let mismatch = flag("durable", d.durable, req.durable)
                     .or_else(|| flag("exclusive", d.exclusive, req.exclusive))
                     .or_else(|| flag("auto_delete", d.auto_delete, req.auto_delete))
-                    .or_else(|| arguments_mismatch(&canonical_queue_args(&d.arguments), &canonical_queue_args(&req.arguments)));
+                    .or_else(|| {
+                        // A quorum queue made by the cluster's default type
+                        // is re-declared without `x-queue-type` as it was
+                        // declared: the type it got is implied.
+                        let mut requested = req.arguments.clone();
+                        if is_quorum_id(d.id) && !requested.contains_key("x-queue-type") {
+                            requested.insert("x-queue-type".into(), Value { kind: Some(proto::value::Kind::String("quorum".into())) });
+                        }
+                        arguments_mismatch(&canonical_queue_args(&d.arguments), &canonical_queue_args(&requested))
+                    });
                 if let Some((field, current, requested)) = mismatch {
                     return Err(Error::PreconditionFailed(format!(
                         "queue '{}' exists with {field} = {current}; cannot re-declare it with {field} = {requested}",

@@ -13,6 +13,7 @@ mod fuzz;
 mod hostile;
 mod interop;
 mod operability;
+mod partition;
 mod quorum;
 mod routing;
 mod semantics;

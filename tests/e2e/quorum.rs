@@ -95,6 +95,13 @@ async fn should_serve_a_quorum_queue_and_its_topology_from_every_node() {
     assert!((1..=3).contains(&leader));
     // Re-declaring is idempotent from any node; other properties conflict.
     c3.declare_queue("orders", quorum()).await.unwrap();
+    // A queue that became a quorum queue by the cluster's default type is
+    // re-declared as it was declared (no x-queue-type); classic conflicts.
+    c1.declare_queue("by-default", QueueOptions::durable()).await.unwrap();
+    assert_eq!(c2.queue_info("by-default").await.unwrap().queue_type, "quorum");
+    c3.declare_queue("by-default", QueueOptions::durable()).await.unwrap();
+    let err = c2.declare_queue("by-default", QueueOptions::durable().arg("x-queue-type", "classic")).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
     let err = c2.declare_queue("orders", quorum().arg("x-max-length", 5i64)).await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
     // Quorum queues must be durable and shared.

@@ -604,3 +604,156 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A TCP proxy on 127.0.0.1 that can cut the link it stands for: while
+/// `partitioned`, bytes stop flowing both ways (connections stay open and
+/// silent, as across a real network partition, so peers see timeouts, not
+/// resets); healing closes the silent connections, so peers reconnect.
+pub struct FaultProxy {
+    /// The port clients connect to.
+    pub port: u16,
+    state: std::sync::Arc<ProxyState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct ProxyState {
+    partitioned: std::sync::atomic::AtomicBool,
+    /// Bumped on every change: connections of an older epoch end.
+    epoch: tokio::sync::watch::Sender<u64>,
+}
+
+impl FaultProxy {
+    /// Forwards `127.0.0.1:PORT` to `target`.
+    pub async fn start(target: String) -> Result<FaultProxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("proxy listener")?;
+        let port = listener.local_addr()?.port();
+        let state = std::sync::Arc::new(ProxyState {
+            partitioned: std::sync::atomic::AtomicBool::new(false),
+            epoch: tokio::sync::watch::channel(0).0,
+        });
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else { return };
+                let st = st.clone();
+                let target = target.clone();
+                tokio::spawn(async move { proxy_one(inbound, target, st).await });
+            }
+        });
+        Ok(FaultProxy { port, state, task })
+    }
+
+    /// Cuts (true) or heals (false) the link.
+    pub fn set_partitioned(&self, partitioned: bool) {
+        self.state.partitioned.store(partitioned, std::sync::atomic::Ordering::SeqCst);
+        self.state.epoch.send_modify(|e| *e += 1);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.state.epoch.send_modify(|e| *e += 1);
+    }
+}
+
+async fn proxy_one(mut inbound: tokio::net::TcpStream, target: String, st: std::sync::Arc<ProxyState>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut epoch = st.epoch.subscribe();
+    let start = *epoch.borrow_and_update();
+    if st.partitioned.load(std::sync::atomic::Ordering::SeqCst) {
+        // Accepted, then silent until healed (or the proxy goes).
+        let _ = epoch.changed().await;
+        return;
+    }
+    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+    let (mut ri, mut wi) = inbound.split();
+    let (mut ro, mut wo) = outbound.split();
+    let mut a = [0u8; 16 << 10];
+    let mut b = [0u8; 16 << 10];
+    loop {
+        tokio::select! {
+            n = ri.read(&mut a) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => if wo.write_all(&a[..n]).await.is_err() { return },
+            },
+            n = ro.read(&mut b) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => if wi.write_all(&b[..n]).await.is_err() { return },
+            },
+            _ = epoch.changed() => {
+                if *epoch.borrow() == start { continue }
+                if st.partitioned.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Partitioned: hold both sockets, pass nothing, until healed.
+                    let _ = epoch.changed().await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// A cluster whose every node-to-node link (i dials j) goes through its own
+/// [`FaultProxy`], so that a test can partition any set of nodes.
+pub struct PartitionedCluster {
+    pub nodes: Vec<TestBroker>,
+    /// `proxies[&(i, j)]`: the link node i uses to reach node j.
+    pub proxies: std::collections::BTreeMap<(u64, u64), FaultProxy>,
+}
+
+impl PartitionedCluster {
+    pub async fn start(n: usize) -> Result<PartitionedCluster> {
+        let ports = free_ports(n)?;
+        let mut proxies = std::collections::BTreeMap::new();
+        for i in 1..=n as u64 {
+            for j in 1..=n as u64 {
+                if i != j {
+                    proxies.insert((i, j), FaultProxy::start(format!("127.0.0.1:{}", ports[(j - 1) as usize])).await?);
+                }
+            }
+        }
+        let starts = (1..=n as u64).map(|i| {
+            let peers = (1..=n as u64)
+                .map(|j| {
+                    let port = if i == j { ports[(j - 1) as usize] } else { proxies[&(i, j)].port };
+                    format!("{j}=127.0.0.1:{port}")
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let args: Vec<String> = vec![
+                "--node-id".into(),
+                i.to_string(),
+                "--cluster-addr".into(),
+                format!("127.0.0.1:{}", ports[(i - 1) as usize]),
+                "--peers".into(),
+                peers,
+            ];
+            async move {
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                TestBroker::start_with(&refs).await
+            }
+        });
+        let nodes = futures::future::join_all(starts).await.into_iter().collect::<Result<Vec<_>>>()?;
+        Ok(PartitionedCluster { nodes, proxies })
+    }
+
+    pub fn node(&self, id: u64) -> &TestBroker {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    /// Cuts every link between `side` and the other nodes (both ways).
+    pub fn isolate(&self, side: &[u64]) {
+        for ((i, j), p) in &self.proxies {
+            if side.contains(i) != side.contains(j) {
+                p.set_partitioned(true);
+            }
+        }
+    }
+
+    /// Heals every link.
+    pub fn heal(&self) {
+        for p in self.proxies.values() {
+            p.set_partitioned(false);
+        }
+    }
+}

@@ -1612,6 +1612,7 @@ impl QueueState {
             self.consume(msg, fx);
         }
         self.window_tally = Tally::default();
+        let mut cut_from = None;
         if let Some(from) = self.frontier.take()
             && self.disk_only.count > 0
         {
@@ -1626,27 +1627,35 @@ impl QueueState {
                 delayed: 0,
             });
             fx.sync = true;
-            // The expiry index of the purged messages goes too.
-            let (start, end) = (keys::queue_start(self.id).to_vec(), keys::queue_end(self.id));
-            fx.ops.push(Op::DeleteRange(Cf::Expiry, start.clone(), end.clone()));
-            fx.ops.push(Op::DeleteRange(Cf::ExpiryTransient, start, end));
-            // Unacknowledged messages above the frontier were caught by the
-            // range deletes: write them (and their index entries) back.
-            let unacked: Vec<QMsg> = self.consumers.iter().flat_map(|c| c.unacked.values()).cloned().collect();
-            for m in unacked {
-                if m.key >= from && m.loc != Loc::Memory {
-                    let cf = if m.loc == Loc::Stored { Cf::Messages } else { Cf::Paged };
-                    fx.ops.push(Op::Put(cf, self.msg_key(Record::Message, m.key), m.stored_form().encode_to_vec()));
-                    if m.loc == Loc::Stored && m.delivery_count > 0 {
-                        fx.ops.push(Op::Put(
-                            Cf::Messages,
-                            self.msg_key(Record::Deliveries, m.key),
-                            m.delivery_count.to_le_bytes().to_vec(),
-                        ));
-                    }
+            cut_from = Some(from);
+        }
+        // The expiry index of the purged messages goes too, whole (so that
+        // the index after a purge is the same whatever was in memory), and
+        // the entries of unacknowledged messages are written back; so are
+        // unacknowledged messages above the frontier, which the range
+        // deletes caught.
+        let (start, end) = (keys::queue_start(self.id).to_vec(), keys::queue_end(self.id));
+        fx.ops.push(Op::DeleteRange(Cf::Expiry, start.clone(), end.clone()));
+        fx.ops.push(Op::DeleteRange(Cf::ExpiryTransient, start, end));
+        let unacked: Vec<QMsg> = self.consumers.iter().flat_map(|c| c.unacked.values()).cloned().collect();
+        for m in unacked {
+            if let Some(from) = cut_from
+                && m.key >= from
+                && m.loc != Loc::Memory
+            {
+                let cf = if m.loc == Loc::Stored { Cf::Messages } else { Cf::Paged };
+                let mut record = m.stored_form();
+                if m.loc == Loc::Stored {
+                    // As first written: a stored message's count is in its
+                    // own `Deliveries` record.
+                    record.delivery_count = 0;
                 }
-                self.index_expiry(&m, fx);
+                fx.ops.push(Op::Put(cf, self.msg_key(Record::Message, m.key), record.encode_to_vec()));
+                if m.loc == Loc::Stored && m.delivery_count > 0 {
+                    fx.ops.push(Op::Put(Cf::Messages, self.msg_key(Record::Deliveries, m.key), m.delivery_count.to_le_bytes().to_vec()));
+                }
             }
+            self.index_expiry(&m, fx);
         }
         self.disk_only = Tally::default();
         self.disk_only_stored = Tally::default();

@@ -134,22 +134,37 @@ impl QueueMachine {
                 QueueReply::Done(Ok(()))
             }
             QueueOp::Get(g) => {
+                // One message at a time, reading from the store between
+                // takes as the window needs: what a get returns depends on
+                // the queue, never on how much of it a replica holds in
+                // memory. A peek (no ack) shows the head only.
+                let max = if g.ack { (g.max as usize).max(1) } else { 1 };
+                let mut out: Vec<OutDelivery> = Vec::new();
+                let mut bytes = 0u64;
                 let mut rounds = 0;
-                loop {
-                    match self.state.get((g.max as usize).max(1), g.max_bytes.max(1), g.ack, fx) {
-                        GetOutcome::Messages(ds) => break QueueReply::Got(ds, self.state.stats().ready),
-                        GetOutcome::NeedRefill => {
-                            // Read what the queue needs now, then take again.
-                            let pending = std::mem::take(fx);
-                            let carried = self.carry_out(pending, store)?;
-                            *fx = carried;
-                            rounds += 1;
-                            if rounds > MAX_READ_ROUNDS {
-                                return Err(StoreError::Corrupt { cf: "messages", detail: "a get found no end to its reads".into() });
-                            }
+                while out.len() < max {
+                    let budget = if out.is_empty() { g.max_bytes.max(1) } else { g.max_bytes.saturating_sub(bytes) };
+                    if budget == 0 {
+                        break;
+                    }
+                    match self.state.get(1, budget, g.ack, fx) {
+                        GetOutcome::Messages(ds) => {
+                            let Some(mut d) = ds.into_iter().next() else { break };
+                            bytes = bytes.saturating_add(d.msg.data.mem_size());
+                            d.tag = out.len() as u64 + 1;
+                            out.push(d);
                         }
+                        GetOutcome::NeedRefill => {}
+                    }
+                    // Read what the queue needs now before the next take.
+                    let pending = std::mem::take(fx);
+                    *fx = self.carry_out(pending, store)?;
+                    rounds += 1;
+                    if rounds > MAX_READ_ROUNDS {
+                        return Err(StoreError::Corrupt { cf: "messages", detail: "a get found no end to its reads".into() });
                     }
                 }
+                QueueReply::Got(out, self.state.stats().ready)
             }
             QueueOp::Purge(_) => QueueReply::Purged(self.state.purge(fx)),
             QueueOp::Tick(_) => {

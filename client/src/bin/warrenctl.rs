@@ -372,18 +372,17 @@ async fn run(cli: Cli, out: &Printer) -> Result<(), Failure> {
             Ok(())
         }
         Command::Cluster(ClusterCmd::QuorumCritical { node }) => {
-            let r = client
-                .raw()
-                .quorum_critical(proto::QuorumCriticalRequest { node })
-                .await
-                .map_err(warren_client::Error::from)?
-                .into_inner();
+            let r =
+                client.raw().quorum_critical(proto::QuorumCriticalRequest { node }).await.map_err(warren_client::Error::from)?.into_inner();
             let rows: Vec<Json> = r.queues.iter().map(|q| json!({ "queue": q })).collect();
             out.table(&["queue"], &rows);
             if r.queues.is_empty() {
                 Ok(())
             } else {
-                Err(Failure { code: 4, message: format!("{} quorum queue(s) would lose their majority if node {node} stopped", r.queues.len()) })
+                Err(Failure {
+                    code: 4,
+                    message: format!("{} quorum queue(s) would lose their majority if node {node} stopped", r.queues.len()),
+                })
             }
         }
     }

@@ -56,6 +56,9 @@ const MAX_HOPS: u8 = 3;
 /// How long a forwarded command keeps looking for the leader (an election
 /// takes 1-2 s).
 const FORWARD_PATIENCE: Duration = Duration::from_secs(10);
+/// How long one forwarded attempt may take before another replica is tried
+/// (a leader behind a partition does not answer at all).
+const FORWARD_ATTEMPT: Duration = Duration::from_secs(3);
 /// How often a leader looks for expired and due messages.
 const TICK: Duration = Duration::from_millis(500);
 /// How long a forwarded call may take.
@@ -220,6 +223,7 @@ pub async fn spawn(
         leading_term: None,
         pending: VecDeque::new(),
         inflight: None,
+        inflight_forward: false,
         backoff: None,
         consumers: HashMap::new(),
         early: HashMap::new(),
@@ -294,6 +298,8 @@ struct Task {
     leading_term: Option<u64>,
     pending: VecDeque<(QueueOp, Waiter)>,
     inflight: Option<Inflight>,
+    /// Whether the entry in flight was forwarded (not proposed here).
+    inflight_forward: bool,
     /// A pause before proposing again.
     backoff: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     consumers: HashMap<ConsumerId, LocalConsumer>,
@@ -378,6 +384,14 @@ impl Task {
 
     fn on_leader_change(&mut self) {
         let info = self.leader_info();
+        if self.inflight_forward && self.inflight.is_some() {
+            // A command forwarded to the old leader may never be answered
+            // (a partition): give it up. Its waiter learns that the outcome
+            // is unknown (the publish is rejected and republished); the
+            // commands behind it go to the new leader.
+            self.inflight = None;
+            self.inflight_forward = false;
+        }
         let leads = info.leader == Some(self.node);
         match (self.leading_term, leads) {
             (Some(t), true) if t == info.term => {}
@@ -706,6 +720,7 @@ impl Task {
         let host = self.host.clone();
         let id = self.id;
         let members: Vec<NodeId> = self.members.iter().copied().filter(|m| *m != self.node).collect();
+        self.inflight_forward = true;
         self.inflight = Some(Box::pin(async move {
             let r = call_op(&host, id, target, &members, QueueEntry::of(op.clone())).await;
             Done::Forwarded(op, waiter, r)
@@ -714,6 +729,7 @@ impl Task {
 
     fn finished(&mut self, done: Done) {
         self.inflight = None;
+        self.inflight_forward = false;
         let (waiters, result) = match done {
             Done::Proposed(w, r) => (w, r),
             Done::NotAppended(back) => {
@@ -1081,7 +1097,7 @@ async fn call_op(host: &RaftHost, queue: QueueId, target: NodeId, members: &[Nod
             break;
         }
         let body = enc(&OpCall { queue, hops: 0, entry: entry.clone() });
-        let reply = match host.cluster().call_with_timeout(target, QQ_OP, body, CALL_TIMEOUT).await {
+        let reply = match host.cluster().call_with_timeout(target, QQ_OP, body, FORWARD_ATTEMPT).await {
             Ok(reply) => crate::raft::decode::<WireReply>(&reply)?,
             Err(e) => {
                 last = call_error_text(&e);

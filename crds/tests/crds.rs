@@ -255,8 +255,12 @@ fn should_make_bindings_and_exchanges_immutable_and_brokers_storage_immutable() 
     validate_object(&broker("10Gi", 1), None).unwrap();
     let e = errors_of(&broker("20Gi", 1), Some(&broker("10Gi", 1)));
     assert!(e.contains("storage is immutable"), "{e}");
-    let e = errors_of(&broker("10Gi", 3), None);
-    assert!(e.contains("replicas must be 1: queue replication across pods is not implemented yet"), "{e}");
+    validate_object(&broker("10Gi", 3), None).unwrap();
+    validate_object(&broker("10Gi", 7), None).unwrap();
+    let e = errors_of(&broker("10Gi", 8), None);
+    assert!(e.contains("spec.replicas: must be less than or equal to 7"), "{e}");
+    let e = errors_of(&broker("10Gi", 0), None);
+    assert!(e.contains("spec.replicas: must be greater than or equal to 1"), "{e}");
     let e = errors_of(&broker("lots", 1), None);
     assert!(e.contains("spec.storage.size: should match"), "{e}");
 
@@ -272,6 +276,27 @@ fn should_make_bindings_and_exchanges_immutable_and_brokers_storage_immutable() 
         None,
     );
     assert!(e.contains("set spec.alternateExchange instead"), "{e}");
+}
+
+#[test]
+fn should_resize_a_cluster_but_never_turn_a_single_broker_into_one() {
+    let broker = |replicas: i64| json!({"apiVersion": "warren.dev/v1alpha1", "kind": "Broker", "metadata": {"name": "w"}, "spec": {"replicas": replicas}});
+    validate_object(&broker(5), Some(&broker(3))).unwrap();
+    validate_object(&broker(3), Some(&broker(5))).unwrap();
+    validate_object(&broker(2), Some(&broker(3))).unwrap();
+    for (from, to) in [(1, 3), (3, 1)] {
+        let e = errors_of(&broker(to), Some(&broker(from)));
+        assert!(e.contains("replicas cannot change between 1 and more than 1"), "{from} -> {to}: {e}");
+    }
+    // The queue type is an enum with a default.
+    let b: Broker = serde_json::from_value(broker(3)).unwrap();
+    assert_eq!(b.spec.default_queue_type, warren_crds::v1alpha1::DefaultQueueType::Quorum);
+    let mut classic = broker(3);
+    classic["spec"]["defaultQueueType"] = "classic".into();
+    validate_object(&classic, None).unwrap();
+    classic["spec"]["defaultQueueType"] = "stream".into();
+    let e = errors_of(&classic, None);
+    assert!(e.contains("spec.defaultQueueType: unsupported value"), "{e}");
 }
 
 #[test]

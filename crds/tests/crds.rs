@@ -111,7 +111,7 @@ fn should_reject_out_of_range_and_unknown_queue_fields() {
     assert!(e.contains("spec.overflow: unsupported value"), "{e}");
     let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "messageTTL": 5})), None);
     assert!(e.contains("unknown field \"messageTTL\""), "{e}");
-    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "type": "quorum"})), None);
+    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "type": "stream"})), None);
     assert!(e.contains("spec.type: unsupported value"), "{e}");
     let e = errors_of(&queue(json!({"durable": true})), None);
     assert!(e.contains("spec.brokerRef: Required value"), "{e}");
@@ -140,6 +140,30 @@ fn should_reject_inconsistent_queue_arguments_with_cel() {
     validate_object(&queue(json!({"brokerRef": {"name": "w"}, "deliveryLimit": 0})), None).unwrap();
     let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "deliveryLimit": 4294967296_i64})), None);
     assert!(e.contains("spec.deliveryLimit: must be less than or equal to"), "{e}");
+}
+
+#[test]
+fn should_hold_quorum_queues_to_the_brokers_rules() {
+    let q = |extra: Value| {
+        let mut spec = json!({"brokerRef": {"name": "w"}, "type": "quorum"});
+        spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        queue(spec)
+    };
+    validate_object(&q(json!({"deliveryLimit": 5, "messageTtlMs": 1000, "arguments": {"x-quorum-initial-group-size": 5}})), None).unwrap();
+    for (extra, want) in [
+        (json!({"durable": false}), "a quorum queue is durable"),
+        (json!({"autoDelete": true}), "a quorum queue cannot be autoDelete"),
+        (json!({"expiresMs": 60000}), "a quorum queue cannot have expiresMs"),
+    ] {
+        let e = errors_of(&q(extra.clone()), None);
+        assert!(e.contains(want), "{extra}: {e}");
+    }
+    // Classic queues may.
+    validate_object(&queue(json!({"brokerRef": {"name": "w"}, "durable": false, "autoDelete": true, "expiresMs": 1})), None).unwrap();
+    let e = errors_of(&q(json!({})), Some(&queue(json!({"brokerRef": {"name": "w"}}))));
+    assert!(e.contains("type is immutable"), "{e}");
+    let parsed: Queue = serde_json::from_value(q(json!({}))).unwrap();
+    assert_eq!(parsed.spec.type_.as_str(), "quorum");
 }
 
 /// The API server builds a CEL type from the schema and drops every field

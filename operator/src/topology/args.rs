@@ -248,6 +248,16 @@ mod tests {
     }
 
     #[test]
+    fn should_declare_a_quorum_queue_with_its_type() {
+        let q = queue(json!({"brokerRef": {"name": "w"}, "type": "quorum", "deliveryLimit": 5,
+                             "arguments": {"x-quorum-initial-group-size": 5}}));
+        let req = declare_queue(&q).unwrap();
+        assert!(req.durable && !req.auto_delete);
+        assert_eq!(req.arguments["x-queue-type"], string("quorum"));
+        assert_eq!(req.arguments["x-quorum-initial-group-size"], int(5));
+    }
+
+    #[test]
     fn should_refuse_what_the_broker_would_refuse_with_the_field_named() {
         let e = declare_queue(&queue(json!({"brokerRef": {"name": "w"}, "arguments": {"x-max-length": 5}}))).unwrap_err();
         assert!(e.to_string().contains("spec.arguments sets x-max-length, which has a typed field: set spec.maxLength instead"), "{e}");

@@ -435,7 +435,7 @@ impl Broker {
             self.ensure_running()?;
             validate_name("queue", &req.name, true)?;
             let args = QueueArgs::parse(&req.arguments)?;
-            let classic = req.arguments.get("x-queue-type").is_some() && !args.quorum;
+            let classic = req.arguments.contains_key("x-queue-type") && !args.quorum;
             // In a cluster, durable shared queues are quorum queues unless
             // declared classic (node-local) explicitly.
             let quorum =
@@ -1042,10 +1042,8 @@ impl Broker {
         let mut routed = self.route(&msg);
         // Nothing to route to here yet: in a cluster the exchange, queue or
         // binding may have been made through another node a moment ago.
-        if matches!(&routed, Ok((q, _)) if q.is_empty()) || routed.is_err() {
-            if self.sync_meta().await {
-                routed = self.route(&msg);
-            }
+        if (matches!(&routed, Ok((q, _)) if q.is_empty()) || routed.is_err()) && self.sync_meta().await {
+            routed = self.route(&msg);
         }
         crate::telemetry::end_route(span, routed.as_ref().map_or(0, |(queues, _)| queues.len()));
         match routed {

@@ -125,7 +125,7 @@ pub enum QueueCmd {
     },
     /// For a quorum queue's task: a command from another node or from
     /// one of its helpers (classic queues ignore it).
-    Remote(crate::replica::quorum::RemoteCmd),
+    Remote(Box<crate::replica::quorum::RemoteCmd>),
     /// Makes the task panic (tests of the recovery from a bug).
     #[cfg(test)]
     Crash,

@@ -103,6 +103,9 @@ impl GroupMachine for Kv {
     }
 }
 
+/// Key-value records of a store range.
+type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
 fn put(k: &str, v: &str) -> Vec<u8> {
     bincode::serialize(&Cmd::Put(k.as_bytes().to_vec(), v.as_bytes().to_vec())).unwrap()
 }
@@ -279,7 +282,7 @@ impl TestCluster {
 
     /// Asserts that every running member holds identical records.
     async fn assert_identical(&self, group: GroupId, members: &[NodeId]) -> usize {
-        let mut reference: Option<(NodeId, Vec<(Vec<u8>, Vec<u8>)>)> = None;
+        let mut reference: Option<(NodeId, Records)> = None;
         for id in members {
             if !self.nodes.contains_key(id) {
                 continue;

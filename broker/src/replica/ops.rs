@@ -14,6 +14,7 @@ pub struct QueueEntry {
 }
 
 #[derive(Clone, PartialEq, prost::Oneof)]
+#[allow(clippy::large_enum_variant)] // as prost generates it
 pub enum QueueOp {
     /// Published messages, in order.
     #[prost(message, tag = "1")]

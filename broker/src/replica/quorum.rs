@@ -112,6 +112,7 @@ impl ReplicaCtx {
 }
 
 /// A command from another node, or from a helper task of this queue.
+#[allow(clippy::large_enum_variant)] // boxed in `QueueCmd`
 pub enum RemoteCmd {
     /// Apply `op` if this node leads; the reply goes back to the caller.
     Op { op: QueueOp, reply: oneshot::Sender<WireReply> },
@@ -271,6 +272,7 @@ struct RemoteConsumer {
 }
 
 /// The one entry in flight: proposed here, or forwarded to the leader.
+#[allow(clippy::large_enum_variant)] // one per queue, in flight
 enum Done {
     Proposed(Vec<Waiter>, Result<QueueReply, String>),
     /// Nothing was appended (Raft does not take writes here yet, or any
@@ -520,25 +522,31 @@ impl Task {
                 let _ = reply.send(());
                 return false;
             }
-            QueueCmd::Remote(RemoteCmd::Op { op, reply }) => {
+            QueueCmd::Touch | QueueCmd::Tick | QueueCmd::Writable { .. } | QueueCmd::TimerDone { .. } | QueueCmd::Refilled { .. } => {}
+            QueueCmd::Remote(remote) => self.remote_cmd(*remote),
+            #[cfg(test)]
+            QueueCmd::Crash => {}
+        }
+        true
+    }
+
+    fn remote_cmd(&mut self, cmd: RemoteCmd) {
+        match cmd {
+            RemoteCmd::Op { op, reply } => {
                 if self.is_leader() {
                     self.pending.push_back((op, Waiter::Remote(reply)));
                 } else {
                     let _ = reply.send(WireReply::NotLeader(self.leader_info().leader));
                 }
             }
-            QueueCmd::Remote(RemoteCmd::Consumer { consumer, spec, tx, done }) => {
+            RemoteCmd::Consumer { consumer, spec, tx, done } => {
                 self.remote.insert(consumer, RemoteConsumer { spec, tx });
                 let _ = done.send(());
             }
-            QueueCmd::Remote(RemoteCmd::DeadLettered(seq)) => {
+            RemoteCmd::DeadLettered(seq) => {
                 self.submit(QueueOp::DeadLettered(ops::DeadLettered { seqs: vec![seq] }), Waiter::None);
             }
-            QueueCmd::Touch | QueueCmd::Tick | QueueCmd::Writable { .. } | QueueCmd::TimerDone { .. } | QueueCmd::Refilled { .. } => {}
-            #[cfg(test)]
-            QueueCmd::Crash => {}
         }
-        true
     }
 
     fn ctx_limits(&self) -> Limits {
@@ -629,7 +637,7 @@ impl Task {
                     // Registered before the client learns its id, so that
                     // its first acknowledgement finds the stream.
                     let (done, registered) = oneshot::channel();
-                    let _ = me.send(QueueCmd::Remote(RemoteCmd::Consumer { consumer, spec, tx, done })).await;
+                    let _ = me.send(QueueCmd::Remote(Box::new(RemoteCmd::Consumer { consumer, spec, tx, done }))).await;
                     let _ = registered.await;
                     let _ = reply.send(Ok(consumer));
                 }
@@ -927,7 +935,7 @@ async fn dead_letter_worker(f: DeadLetterFn, mut rx: mpsc::UnboundedReceiver<(u6
             tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
         }
         let Some(queue) = me.upgrade() else { return };
-        let _ = queue.send(QueueCmd::Remote(RemoteCmd::DeadLettered(seq))).await;
+        let _ = queue.send(QueueCmd::Remote(Box::new(RemoteCmd::DeadLettered(seq)))).await;
     }
 }
 
@@ -1138,7 +1146,7 @@ async fn handle_op(ctx: Weak<ReplicaCtx>, _from: NodeId, body: Bytes) -> Result<
         _ => return Err("a queue command that cannot be read".into()),
     };
     let (reply, rx) = oneshot::channel();
-    if queue.tx.send(QueueCmd::Remote(RemoteCmd::Op { op, reply })).await.is_err() {
+    if queue.tx.send(QueueCmd::Remote(Box::new(RemoteCmd::Op { op, reply }))).await.is_err() {
         return Ok(enc(&WireReply::Unavailable("the queue stopped".into())));
     }
     let reply = rx.await.unwrap_or(WireReply::Unavailable("the queue stopped before answering".into()));

@@ -65,7 +65,7 @@ impl Replica {
         self.machine.restore(&self.engine).unwrap();
     }
 
-    fn dump(&self) -> Vec<(&'static str, Vec<(Vec<u8>, Vec<u8>)>)> {
+    fn dump(&self) -> Vec<(&'static str, Records)> {
         Cf::ALL
             .iter()
             .map(|cf| {
@@ -98,6 +98,9 @@ impl Replica {
         })
     }
 }
+
+/// Key-value records of a column family.
+type Records = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// The records two dumps disagree on, readable.
 fn diff(a: &Replica, b: &Replica) -> String {

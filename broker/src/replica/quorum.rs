@@ -224,7 +224,7 @@ pub async fn spawn(
         leading_term: None,
         pending: VecDeque::new(),
         inflight: None,
-        inflight_forward: false,
+        inflight_forward: None,
         backoff: None,
         consumers: HashMap::new(),
         early: HashMap::new(),
@@ -300,8 +300,9 @@ struct Task {
     leading_term: Option<u64>,
     pending: VecDeque<(QueueOp, Waiter)>,
     inflight: Option<Inflight>,
-    /// Whether the entry in flight was forwarded (not proposed here).
-    inflight_forward: bool,
+    /// The leader the entry in flight was forwarded to, when it was sent
+    /// to a known leader (not proposed here, not while looking for one).
+    inflight_forward: Option<NodeId>,
     /// A pause before proposing again.
     backoff: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     consumers: HashMap<ConsumerId, LocalConsumer>,
@@ -386,13 +387,16 @@ impl Task {
 
     fn on_leader_change(&mut self) {
         let info = self.leader_info();
-        if self.inflight_forward && self.inflight.is_some() {
-            // A command forwarded to the old leader may never be answered
-            // (a partition): give it up. Its waiter learns that the outcome
-            // is unknown (the publish is rejected and republished); the
-            // commands behind it go to the new leader.
+        if let Some(to) = self.inflight_forward
+            && self.inflight.is_some()
+            && info.leader.is_some_and(|l| l != to)
+        {
+            // A command forwarded to a leader that is no longer one may never
+            // be answered (a partition): give it up. Its waiter learns that
+            // the outcome is unknown (the publish is rejected and
+            // republished); the commands behind it go to the new leader.
             self.inflight = None;
-            self.inflight_forward = false;
+            self.inflight_forward = None;
         }
         let leads = info.leader == Some(self.node);
         match (self.leading_term, leads) {
@@ -728,7 +732,7 @@ impl Task {
         let host = self.host.clone();
         let id = self.id;
         let members: Vec<NodeId> = self.members.iter().copied().filter(|m| *m != self.node).collect();
-        self.inflight_forward = true;
+        self.inflight_forward = self.leader_info().leader.filter(|l| *l == target);
         self.inflight = Some(Box::pin(async move {
             let r = call_op(&host, id, target, &members, QueueEntry::of(op.clone())).await;
             Done::Forwarded(op, waiter, r)
@@ -737,7 +741,7 @@ impl Task {
 
     fn finished(&mut self, done: Done) {
         self.inflight = None;
-        self.inflight_forward = false;
+        self.inflight_forward = None;
         let (waiters, result) = match done {
             Done::Proposed(w, r) => (w, r),
             Done::NotAppended(back) => {

@@ -415,6 +415,8 @@ impl Broker {
     }
 
     pub async fn list_exchanges(&self) -> Vec<proto::ExchangeInfo> {
+        // In a cluster: include what was changed through other nodes.
+        self.sync_meta().await;
         self.inner.topo.lock().await.exchanges.values().map(ExchangeDef::info).collect()
     }
 
@@ -1025,6 +1027,8 @@ impl Broker {
     }
 
     pub async fn list_bindings(&self) -> Vec<proto::BindingInfo> {
+        // In a cluster: include what was changed through other nodes.
+        self.sync_meta().await;
         let topo = self.inner.topo.lock().await;
         topo.all_bindings().map(BindingDef::info).collect()
     }

@@ -13,6 +13,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     // Bodies and byte values are `bytes::Bytes`: fan-out shares one buffer.
     config.bytes(["."]);
+    // Maps (headers, arguments, tables) are ordered, so that a message or a
+    // definition always encodes to the same bytes: replicas that apply the
+    // same log store byte-identical records.
+    config.btree_map(["."]);
 
     tonic_prost_build::configure().file_descriptor_set_path(out_dir.join("warren_descriptor.bin")).compile_with_config(
         config,

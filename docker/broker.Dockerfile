@@ -24,6 +24,6 @@ ENV WARREN_DATA_DIR=/var/lib/warren \
     WARREN_GRPC_ADDR=[::]:5680 \
     WARREN_HTTP_ADDR=[::]:15680
 USER 65532:65532
-EXPOSE 5680 15680
+EXPOSE 5680 5681 15680
 VOLUME ["/var/lib/warren"]
 ENTRYPOINT ["/usr/local/bin/warren-broker"]

@@ -135,15 +135,58 @@ impl WarrenCluster {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// The node leading `queue`'s Raft group.
-    ///
-    /// TODO(cluster): ask the broker once the cluster code lands: `warrenctl
-    /// queue info QUEUE` (or the `QueueInfo` reply) is to show the leader
-    /// and the members. Until then this fails, and the runs that need it
-    /// say so; the throughput runs fall back to node 1.
-    pub fn leader_of(&self, _queue: &str) -> Result<usize> {
-        bail!("TODO(cluster): Warren does not report a queue's leader yet (warrenctl queue info: leader/members)")
+    /// The node (index) leading `queue`'s Raft group, as the nodes report
+    /// it (`QueueInfo.leader`). Blocking: call it from a blocking context.
+    pub fn leader_of(&self, queue: &str) -> Result<usize> {
+        warren_leader(&self.endpoints(), queue)
     }
+
+    /// Waits until every replica of `queue` is up again (after a restart).
+    /// Blocking, bounded.
+    pub fn wait_replicas(&self, queue: &str, timeout: Duration) -> Result<()> {
+        let endpoints = self.endpoints();
+        let queue = queue.to_string();
+        tokio::runtime::Handle::current().block_on(async move {
+            let deadline = std::time::Instant::now() + timeout;
+            while std::time::Instant::now() < deadline {
+                for addr in &endpoints {
+                    if let Ok(c) = warren_client::Client::connect(addr).await
+                        && let Ok(info) = c.queue_info(&queue).await
+                        && !info.members.is_empty()
+                        && info.online.len() == info.members.len()
+                        && info.leader != 0
+                    {
+                        return Ok(());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            bail!("queue {queue}: not every replica came back within {timeout:?}")
+        })
+    }
+}
+
+/// The index of the node leading `queue` among `endpoints` (node ids are
+/// 1-based, in the order of `endpoints`). Blocking, bounded (30 s, for an
+/// election).
+pub fn warren_leader(endpoints: &[String], queue: &str) -> Result<usize> {
+    let endpoints = endpoints.to_vec();
+    let queue = queue.to_string();
+    tokio::runtime::Handle::current().block_on(async move {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            for addr in &endpoints {
+                if let Ok(c) = warren_client::Client::connect(addr).await
+                    && let Ok(info) = c.queue_info(&queue).await
+                    && info.leader != 0
+                {
+                    return usize::try_from(info.leader - 1).map_err(|e| anyhow!("{e}"));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("queue {queue} has no leader after 30 s")
+    })
 }
 
 // ---------------------------------------------------------------- RabbitMQ

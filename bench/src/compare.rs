@@ -363,12 +363,10 @@ async fn one_run(kind: BrokerKind, args: &CompareArgs, entry: &Entry, w: &Worklo
                 connect: entry.connect,
                 pids: cluster.pids(),
                 process: None,
-                // TODO(cluster): the leader from the status API; until then
-                // the lookup fails and clients use node 1 (see
-                // `WarrenCluster::leader_of`).
-                resolve_leader: Some(std::sync::Arc::new(|_q: &str| {
-                    Err(anyhow::anyhow!("TODO(cluster): Warren does not report a queue's leader yet; clients use node 1"))
-                })),
+                resolve_leader: Some({
+                    let endpoints = cluster.endpoints();
+                    std::sync::Arc::new(move |q: &str| crate::cluster::warren_leader(&endpoints, q))
+                }),
             };
             let result = runner::run(&mut target, w).await;
             tokio::task::spawn_blocking(move || cluster.stop()).await??;

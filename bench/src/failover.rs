@@ -285,11 +285,8 @@ impl Probe for WarrenProbe {
 
 /// Failover on a Warren cluster, as for RabbitMQ.
 ///
-/// TODO(cluster): needs the queue's leader from the broker
-/// ([`WarrenCluster::leader_of`], to come with `warrenctl queue info`);
-/// until then this stops at the first lookup with that message. The rest
-/// (kill -9, publishing through the survivors, restart, the loop) is
-/// written against the documented flags and the same [`Probe`] loop.
+/// The queue's leader comes from the nodes (`QueueInfo.leader`); after a
+/// restart the next kill waits until every replica is up again.
 pub async fn warren(cluster: &mut WarrenCluster, kills: usize) -> Result<FailoverResult> {
     let w = failover_workload();
     let queue = w.queue_name(0);
@@ -297,7 +294,7 @@ pub async fn warren(cluster: &mut WarrenCluster, kills: usize) -> Result<Failove
     crate::clients::warren::connect(&first).await?.declare_queue(&queue, crate::clients::warren::queue_options(&w)).await?;
     let mut result = FailoverResult { broker: "warren-cluster".into(), ..FailoverResult::default() };
     for k in 0..kills {
-        let leader = cluster.leader_of(&queue)?;
+        let leader = tokio::task::block_in_place(|| cluster.leader_of(&queue))?;
         let survivors: Vec<String> = (1..NODES).map(|d| cluster.nodes[(leader + d) % NODES].addr.clone()).collect();
         let mut probe = WarrenProbe::new(survivors, &queue);
         let warm = Wall(Instant::now());
@@ -319,10 +316,8 @@ pub async fn warren(cluster: &mut WarrenCluster, kills: usize) -> Result<Failove
         result.kills.push(t);
         let took = tokio::task::block_in_place(|| cluster.restart_node(leader))?;
         result.restart_s.push(took.as_secs_f64());
-        // TODO(cluster): wait until the queue has all its members again
-        // (the status API's members); until then, a fixed bounded wait for
-        // the restarted node to catch up.
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        // Every replica up again before the next kill.
+        tokio::task::block_in_place(|| cluster.wait_replicas(&queue, Duration::from_secs(60)))?;
     }
     Ok(result.finish())
 }

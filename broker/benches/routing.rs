@@ -3,7 +3,7 @@
 //!
 //! `cargo bench -p warren-broker --bench routing`
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::Arc;
 
@@ -28,7 +28,7 @@ fn topic_bindings() -> Vec<RouteBinding> {
                 3 => format!("#.{service}.audit"),
                 _ => format!("{region}.{service}.event{}", i % 7),
             };
-            RouteBinding { routing_key: key, arguments: HashMap::new(), dest: Dest::Queue(format!("q{}", i % 1000).into()) }
+            RouteBinding { routing_key: key, arguments: BTreeMap::new(), dest: Dest::Queue(format!("q{}", i % 1000).into()) }
         })
         .collect()
 }
@@ -42,7 +42,7 @@ fn table(name: &str, kind: ExchangeKind, bindings: &[RouteBinding]) -> RoutingTa
 fn bench_topic(c: &mut Criterion) {
     let bindings = topic_bindings();
     let t = table("topic", ExchangeKind::Topic, &bindings);
-    let headers = HashMap::new();
+    let headers = BTreeMap::new();
     let keys = ["eu.svc42.event0", "us.svc7.created", "ap.svc499.deleted", "cn.svc3.x.y.audit", "nomatch.nothing.here"];
     for k in keys {
         let n = t.route("topic", k, &headers).queues.len();
@@ -58,9 +58,9 @@ fn bench_topic(c: &mut Criterion) {
 }
 
 fn bench_direct_and_fanout(c: &mut Criterion) {
-    let headers = HashMap::new();
+    let headers = BTreeMap::new();
     let direct: Vec<RouteBinding> = (0..BINDINGS)
-        .map(|i| RouteBinding { routing_key: format!("key{i}"), arguments: HashMap::new(), dest: Dest::Queue(format!("q{i}").into()) })
+        .map(|i| RouteBinding { routing_key: format!("key{i}"), arguments: BTreeMap::new(), dest: Dest::Queue(format!("q{i}").into()) })
         .collect();
     let t = table("direct", ExchangeKind::Direct, &direct);
     c.bench_function("direct_10k_bindings/hit", |b| b.iter(|| black_box(t.route("direct", black_box("key4242"), &headers))));

@@ -2,7 +2,7 @@
 //! the gRPC layer decodes a request, calls one method here and maps the
 //! result.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -13,18 +13,22 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use warren_client::proto::{self, ConfirmStatus, Value};
 
 use crate::confirm::{self, ConfirmSink, ConfirmTracker, PartOutcome};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, WireError};
 use crate::model::StoredMessage;
 use crate::model::args::{ExchangeArgs, validate_binding_args};
 use crate::model::{self, ExchangeKind, MessageData, QueueArgs, validate_name, validate_routing_key};
 use crate::queue::state::{ConsumerId, ConsumerSpec, Limits, QueueState, SeqAllocator};
 use crate::queue::task::{self, QueueEvent, TaskEnv};
 use crate::queue::{ConsumerStream, Outbox, QueueCmd, QueueRef};
+use crate::raft::NodeId;
+use crate::replica::meta::{Definitions, Meta, MetaCmd, MetaEvent, QuorumDef, is_quorum_id};
+use crate::replica::quorum::{DeadLetterFn, ReplicaCtx};
 use crate::routing::Dest;
 use crate::store::counters::QueueCounters;
-use crate::store::keys::{self, meta};
+use crate::store::keys::{self, QueueId, meta};
 use crate::store::{Cf, Op, Store};
 use crate::topology::{BindingDef, ExchangeDef, QueueDef, QueueEntry, SessionId, Snapshot, Topology};
+use prost::Message as _;
 
 /// Settings of the broker core.
 #[derive(Clone, Debug)]
@@ -119,6 +123,19 @@ struct Inner {
     shutting_down: AtomicBool,
     started: Instant,
     totals: Totals,
+    /// In a cluster: the metadata group and the quorum queues' context.
+    cluster: std::sync::OnceLock<ClusterParts>,
+}
+
+/// A node's cluster parts the broker uses.
+pub struct ClusterParts {
+    pub meta: Arc<Meta>,
+    pub replicas: Arc<ReplicaCtx>,
+    /// Every node of the cluster.
+    pub nodes: BTreeSet<NodeId>,
+    /// Whether a durable, shared queue declared without `x-queue-type` is a
+    /// quorum queue.
+    pub default_quorum: bool,
 }
 
 fn random_suffix() -> String {
@@ -171,6 +188,7 @@ impl Broker {
                 shutting_down: AtomicBool::new(false),
                 started: Instant::now(),
                 totals: Totals::default(),
+                cluster: std::sync::OnceLock::new(),
             }),
         };
         tokio::spawn(broker.clone().event_loop(queue_rx, session_rx));
@@ -265,6 +283,26 @@ impl Broker {
     // ---------------------------------------------------------- exchanges
 
     pub async fn declare_exchange(&self, req: proto::DeclareExchangeRequest) -> Result<proto::ExchangeInfo> {
+        if req.passive && self.cluster().is_some() {
+            match self.declare_exchange_local(req.clone()).await {
+                Err(Error::NotFound { .. }) => {
+                    self.sync_meta().await;
+                }
+                other => return other,
+            }
+        }
+        if let Some(c) = self.cluster()
+            && !req.passive
+        {
+            self.ensure_running()?;
+            validate_name("exchange", &req.name, false)?;
+            let bytes = c.meta.change(MetaCmd::DeclareExchange(req.encode_to_vec())).await?;
+            return proto::ExchangeInfo::decode(bytes.as_slice()).map_err(|e| Error::Unavailable(e.to_string()));
+        }
+        self.declare_exchange_local(req).await
+    }
+
+    async fn declare_exchange_local(&self, req: proto::DeclareExchangeRequest) -> Result<proto::ExchangeInfo> {
         self.ensure_running()?;
         validate_name("exchange", &req.name, req.passive)?;
         let mut topo = self.inner.topo.lock().await;
@@ -322,6 +360,16 @@ impl Broker {
     }
 
     pub async fn delete_exchange(&self, name: &str, if_unused: bool) -> Result<()> {
+        if let Some(c) = self.cluster() {
+            self.ensure_running()?;
+            validate_name("exchange", name, true)?;
+            c.meta.change(MetaCmd::DeleteExchange { name: name.to_string(), if_unused }).await?;
+            return Ok(());
+        }
+        self.delete_exchange_local(name, if_unused).await
+    }
+
+    async fn delete_exchange_local(&self, name: &str, if_unused: bool) -> Result<()> {
         self.ensure_running()?;
         validate_name("exchange", name, true)?;
         let mut topo = self.inner.topo.lock().await;
@@ -367,16 +415,63 @@ impl Broker {
     }
 
     pub async fn list_exchanges(&self) -> Vec<proto::ExchangeInfo> {
+        // In a cluster: include what was changed through other nodes.
+        self.sync_meta().await;
         self.inner.topo.lock().await.exchanges.values().map(ExchangeDef::info).collect()
     }
 
     // -------------------------------------------------------------- queues
 
     pub async fn declare_queue(&self, session: &Session, req: proto::DeclareQueueRequest) -> Result<proto::QueueInfo> {
+        if req.passive && self.cluster().is_some() {
+            match self.declare_queue_local(session, req.clone()).await {
+                Err(Error::NotFound { .. }) => {
+                    self.sync_meta().await;
+                }
+                other => return other,
+            }
+        }
+        if let Some(c) = self.cluster()
+            && !req.passive
+        {
+            self.ensure_running()?;
+            validate_name("queue", &req.name, true)?;
+            let args = QueueArgs::parse(&req.arguments)?;
+            let classic = req.arguments.contains_key("x-queue-type") && !args.quorum;
+            // In a cluster, durable shared queues are quorum queues unless
+            // declared classic (node-local) explicitly.
+            let quorum =
+                args.quorum || (c.default_quorum && req.durable && !req.exclusive && !req.auto_delete && !classic && !req.name.is_empty());
+            let exists = self.inner.topo.lock().await.queues.contains_key(req.name.as_str());
+            if quorum && !exists {
+                check_quorum_declare(&req)?;
+                if req.name.is_empty() {
+                    return Err(Error::InvalidArgument("a quorum queue needs a name (server-named queues are exclusive)".into()));
+                }
+                if req.name.starts_with("amq.") {
+                    return Err(Error::AccessRefused(format!(
+                        "queue name '{}' is reserved: names starting with 'amq.' belong to the broker",
+                        req.name
+                    )));
+                }
+                let mut request = req.clone();
+                request.arguments.insert("x-queue-type".into(), Value { kind: Some(proto::value::Kind::String("quorum".into())) });
+                let members = choose_members(&c.nodes, args.quorum_initial_group_size, &req.name);
+                let bytes = c.meta.change(MetaCmd::DeclareQueue { request: request.encode_to_vec(), members }).await?;
+                return proto::QueueInfo::decode(bytes.as_slice()).map_err(|e| Error::Unavailable(e.to_string()));
+            }
+        }
+        self.declare_queue_local(session, req).await
+    }
+
+    async fn declare_queue_local(&self, session: &Session, req: proto::DeclareQueueRequest) -> Result<proto::QueueInfo> {
         self.ensure_running()?;
         validate_name("queue", &req.name, true)?;
         // Bad arguments are INVALID_ARGUMENT whether or not the queue exists.
         let args = if req.passive { QueueArgs::default() } else { QueueArgs::parse(&req.arguments)? };
+        if args.quorum {
+            check_quorum_declare(&req)?;
+        }
         let mut topo = self.inner.topo.lock().await;
         if let Some(entry) = topo.queues.get(req.name.as_str()) {
             check_owner(&entry.def, session)?;
@@ -386,7 +481,16 @@ impl Broker {
                 let mismatch = flag("durable", d.durable, req.durable)
                     .or_else(|| flag("exclusive", d.exclusive, req.exclusive))
                     .or_else(|| flag("auto_delete", d.auto_delete, req.auto_delete))
-                    .or_else(|| arguments_mismatch(&canonical_queue_args(&d.arguments), &canonical_queue_args(&req.arguments)));
+                    .or_else(|| {
+                        // A quorum queue made by the cluster's default type
+                        // is re-declared without `x-queue-type` as it was
+                        // declared: the type it got is implied.
+                        let mut requested = req.arguments.clone();
+                        if is_quorum_id(d.id) && !requested.contains_key("x-queue-type") {
+                            requested.insert("x-queue-type".into(), Value { kind: Some(proto::value::Kind::String("quorum".into())) });
+                        }
+                        arguments_mismatch(&canonical_queue_args(&d.arguments), &canonical_queue_args(&requested))
+                    });
                 if let Some((field, current, requested)) = mismatch {
                     return Err(Error::PreconditionFailed(format!(
                         "queue '{}' exists with {field} = {current}; cannot re-declare it with {field} = {requested}",
@@ -396,7 +500,9 @@ impl Broker {
             }
             // A declare counts as a use (x-expires).
             let _ = entry.handle.tx.try_send(QueueCmd::Touch);
-            return Ok(queue_info(entry));
+            let mut info = queue_info(entry);
+            self.fill_replicas(&mut info, entry.def.id);
+            return Ok(info);
         }
         if req.passive {
             return Err(Error::not_found("queue", &req.name));
@@ -447,12 +553,248 @@ impl Broker {
     pub async fn delete_queue(&self, session: &Session, name: &str, if_unused: bool, if_empty: bool) -> Result<u64> {
         self.ensure_running()?;
         validate_name("queue", name, false)?;
-        {
+        if self.cluster().is_some() && !self.inner.topo.lock().await.queues.contains_key(name) {
+            self.sync_meta().await;
+        }
+        let quorum = {
             let topo = self.inner.topo.lock().await;
             let entry = topo.queues.get(name).ok_or_else(|| Error::not_found("queue", name))?;
             check_owner(&entry.def, session)?;
+            is_quorum_id(entry.def.id).then(|| entry.handle.shared.stats())
+        };
+        if let (Some(stats), Some(c)) = (quorum, self.cluster()) {
+            // The conditions are checked here, on this node's view; the
+            // deletion itself then happens on every node.
+            if if_unused && stats.consumers > 0 {
+                return Err(Error::PreconditionFailed(format!("queue '{name}' is in use ({} consumer(s))", stats.consumers)));
+            }
+            if if_empty && stats.ready + stats.unacked > 0 {
+                return Err(Error::PreconditionFailed(format!("queue '{name}' is not empty ({} message(s))", stats.ready + stats.unacked)));
+            }
+            let bytes = c.meta.change(MetaCmd::DeleteQueue { name: name.to_string(), if_unused: false, if_empty: false }).await?;
+            return Ok(bytes.try_into().map(u64::from_be_bytes).unwrap_or(stats.ready));
         }
         self.delete_queue_if(name, None, if_unused, if_empty, "queue was deleted").await
+    }
+
+    // ---------------------------------------------------------- cluster
+
+    fn cluster(&self) -> Option<&ClusterParts> {
+        self.inner.cluster.get()
+    }
+
+    /// In a cluster: catches up with the metadata's latest changes (after
+    /// a lookup missed: the object may have been declared through another
+    /// node a moment ago). True when it waited, so a retry may find it.
+    async fn sync_meta(&self) -> bool {
+        match self.cluster() {
+            Some(c) => {
+                c.meta.barrier().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// [`Broker::queue_for`], after catching up with the cluster's metadata
+    /// if the queue is not known here yet.
+    async fn queue_for_synced(&self, session: &Session, name: &str) -> Result<QueueEntry> {
+        match self.queue_for(session, name) {
+            Err(Error::NotFound { .. }) if self.sync_meta().await => self.queue_for(session, name),
+            other => other,
+        }
+    }
+
+    /// Joins the broker to its cluster: topology changes go through the
+    /// metadata group from now on; `events` are that group's changes, which
+    /// this node applies in order.
+    pub fn attach_cluster(&self, parts: ClusterParts, mut events: mpsc::UnboundedReceiver<MetaEvent>) {
+        let weak = Arc::downgrade(&self.inner);
+        let dead_letter: DeadLetterFn = Arc::new(move |data: MessageData| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                let Some(inner) = weak.upgrade() else { return false };
+                let broker = Broker { inner };
+                let msg = proto::Message {
+                    exchange: data.exchange,
+                    routing_key: data.routing_key,
+                    properties: Some(data.properties),
+                    body: data.body,
+                    mandatory: false,
+                    delay_ms: None,
+                };
+                let c = broker.publish_one(msg, 0).await;
+                c.status != ConfirmStatus::Rejected as i32
+            })
+        });
+        let _ = parts.replicas.dead_letter.set(dead_letter);
+        if self.inner.cluster.set(parts).is_err() {
+            return;
+        }
+        let broker = self.clone();
+        tokio::spawn(async move {
+            let session = broker.open_session("cluster");
+            while let Some(event) = events.recv().await {
+                match event {
+                    MetaEvent::Apply { index, cmd, queue } => {
+                        let r = broker.apply_meta(&session, cmd, queue).await;
+                        if let Err(e) = &r {
+                            tracing::debug!(index, error = %e.message, "a metadata change did not apply on this node");
+                        }
+                        if let Some(c) = broker.cluster() {
+                            c.meta.record(index, r);
+                        }
+                    }
+                    MetaEvent::Resync(defs) => broker.resync(&session, defs).await,
+                }
+            }
+        });
+    }
+
+    async fn apply_meta(&self, session: &Session, cmd: MetaCmd, queue: Option<QuorumDef>) -> std::result::Result<Vec<u8>, WireError> {
+        let bad = |e: prost::DecodeError| Error::InvalidArgument(format!("a metadata entry cannot be read: {e}"));
+        let r: Result<Vec<u8>> = async {
+            match cmd {
+                MetaCmd::DeclareExchange(b) => {
+                    let req = proto::DeclareExchangeRequest::decode(b.as_slice()).map_err(bad)?;
+                    Ok(self.declare_exchange_local(req).await?.encode_to_vec())
+                }
+                MetaCmd::DeleteExchange { name, if_unused } => self.delete_exchange_local(&name, if_unused).await.map(|_| Vec::new()),
+                MetaCmd::DeclareQueue { .. } => {
+                    let def = queue.ok_or_else(|| Error::InvalidArgument("a quorum queue declaration without a definition".into()))?;
+                    Ok(self.create_quorum_queue(def).await?.encode_to_vec())
+                }
+                MetaCmd::DeleteQueue { name, .. } => {
+                    let id = queue.map(|q| q.id);
+                    Ok(self.delete_quorum_queue(&name, id).await?.to_be_bytes().to_vec())
+                }
+                MetaCmd::Bind(b) => {
+                    let req = proto::BindRequest::decode(b.as_slice()).map_err(bad)?;
+                    self.bind_local(session, req).await.map(|_| Vec::new())
+                }
+                MetaCmd::Unbind(b) => {
+                    let req = proto::UnbindRequest::decode(b.as_slice()).map_err(bad)?;
+                    self.unbind_local(session, req).await.map(|_| Vec::new())
+                }
+                MetaCmd::Barrier => Ok(Vec::new()),
+            }
+        }
+        .await;
+        r.map_err(|e| WireError::from(&e))
+    }
+
+    /// Brings this node's replicated topology in line with `defs`.
+    async fn resync(&self, session: &Session, defs: Definitions) {
+        for req in defs.exchanges.values() {
+            if let Ok(req) = proto::DeclareExchangeRequest::decode(req.as_slice())
+                && let Err(e) = self.declare_exchange_local(req).await
+            {
+                tracing::warn!(error = %e, "could not restore an exchange from the cluster's metadata");
+            }
+        }
+        let stale: Vec<Arc<str>> = {
+            let topo = self.inner.topo.lock().await;
+            topo.queues
+                .values()
+                .filter(|e| is_quorum_id(e.def.id) && defs.queues.get(&*e.def.name).is_none_or(|d| d.id != e.def.id))
+                .map(|e| e.def.name.clone())
+                .collect()
+        };
+        for name in stale {
+            let _ = self.delete_quorum_queue(&name, None).await;
+        }
+        for def in defs.queues.values() {
+            if let Err(e) = self.create_quorum_queue(def.clone()).await {
+                tracing::warn!(error = %e, "could not restore a quorum queue from the cluster's metadata");
+            }
+        }
+        for b in &defs.bindings {
+            if let Ok(req) = proto::BindRequest::decode(b.as_slice())
+                && let Err(e) = self.bind_local(session, req).await
+            {
+                tracing::debug!(error = %e, "could not restore a binding from the cluster's metadata");
+            }
+        }
+    }
+
+    /// Starts this node's part of a quorum queue (idempotent).
+    async fn create_quorum_queue(&self, def: QuorumDef) -> Result<proto::QueueInfo> {
+        let req = proto::DeclareQueueRequest::decode(def.request.as_slice())
+            .map_err(|e| Error::InvalidArgument(format!("a quorum queue definition cannot be read: {e}")))?;
+        let Some(c) = self.cluster() else { return Err(Error::Unavailable("not in a cluster".into())) };
+        let mut topo = self.inner.topo.lock().await;
+        if let Some(entry) = topo.queues.get(req.name.as_str()) {
+            if entry.def.id == def.id {
+                return Ok(queue_info(entry));
+            }
+            return Err(Error::PreconditionFailed(format!(
+                "queue '{}' exists on this node as a {} queue; a quorum queue of that name cannot be added here",
+                req.name,
+                if is_quorum_id(entry.def.id) { "different quorum" } else { "classic" }
+            )));
+        }
+        let args = QueueArgs::parse(&req.arguments)?;
+        let name: Arc<str> = req.name.as_str().into();
+        let members: BTreeSet<NodeId> = def.members.iter().copied().collect();
+        let handle = crate::replica::quorum::spawn(&c.replicas, def.id, name.clone(), args.clone(), members).await?;
+        let qdef = QueueDef {
+            id: def.id,
+            name: name.clone(),
+            durable: true,
+            exclusive: false,
+            auto_delete: false,
+            arguments: req.arguments,
+            args,
+            owner: None,
+        };
+        let entry = QueueEntry { def: Arc::new(qdef), handle };
+        let info = queue_info(&entry);
+        topo.queues.insert(name.clone(), entry);
+        self.publish_snapshot(&topo, &[], &[name]);
+        Ok(info)
+    }
+
+    /// Removes this node's part of a quorum queue: its task, its replica
+    /// and its data, and the bindings to it.
+    async fn delete_quorum_queue(&self, name: &str, id: Option<QueueId>) -> Result<u64> {
+        let mut topo = self.inner.topo.lock().await;
+        let Some(entry) = topo.queues.get(name).cloned() else { return Err(Error::not_found("queue", name)) };
+        if !is_quorum_id(entry.def.id) || id.is_some_and(|id| id != entry.def.id) {
+            return Err(Error::not_found("queue", name));
+        }
+        let count = entry.handle.shared.stats().ready;
+        let (reply, rx) = oneshot::channel();
+        let cmd = QueueCmd::Delete { if_unused: false, if_empty: false, reason: "queue was deleted".into(), extra_ops: Vec::new(), reply };
+        if entry.handle.tx.send(cmd).await.is_ok() {
+            let _ = rx.await;
+        }
+        if let Some(c) = self.cluster() {
+            let ranges = crate::replica::machine::queue_ranges(entry.def.id);
+            if let Err(e) = c.replicas.host.delete_group(entry.def.id, ranges).await {
+                tracing::debug!(queue = name, error = %e, "removing the queue's replica");
+            }
+        }
+        let dest = Dest::Queue(entry.def.name.clone());
+        let changed = topo.remove_bindings_to(&dest, &mut Vec::new());
+        let removed = topo.queues.remove(name).map(|e| e.def.name.clone());
+        self.publish_snapshot(&topo, &changed, removed.as_slice());
+        self.auto_delete_exchanges_locked(&mut topo, changed).await;
+        Ok(count)
+    }
+
+    /// Whether a binding request goes through the cluster's metadata: its
+    /// destination is an exchange or a quorum queue.
+    async fn replicated_binding(&self, kind: proto::DestinationKind, destination: &str) -> bool {
+        if self.cluster().is_none() {
+            return false;
+        }
+        if kind == proto::DestinationKind::Exchange {
+            return true;
+        }
+        if !self.inner.topo.lock().await.queues.contains_key(destination) {
+            self.sync_meta().await;
+        }
+        self.inner.topo.lock().await.queues.get(destination).is_some_and(|e| is_quorum_id(e.def.id))
     }
 
     async fn delete_queue_if(&self, name: &str, id: Option<u64>, if_unused: bool, if_empty: bool, reason: &str) -> Result<u64> {
@@ -515,7 +857,7 @@ impl Broker {
 
     pub async fn purge_queue(&self, session: &Session, name: &str) -> Result<u64> {
         self.ensure_running()?;
-        let entry = self.queue_for(session, name)?;
+        let entry = self.queue_for_synced(session, name).await?;
         let (reply, rx) = oneshot::channel();
         entry.handle.tx.send(QueueCmd::Purge { reply }).await.map_err(|_| Error::not_found("queue", name))?;
         rx.await.map_err(|_| Error::not_found("queue", name))?
@@ -523,9 +865,37 @@ impl Broker {
 
     pub fn list_queues(&self) -> Vec<proto::QueueInfo> {
         let snap = self.snapshot();
-        let mut out: Vec<proto::QueueInfo> = snap.queues.values().map(queue_info).collect();
+        let mut out: Vec<proto::QueueInfo> = snap
+            .queues
+            .values()
+            .map(|e| {
+                let mut info = queue_info(e);
+                self.fill_replicas(&mut info, e.def.id);
+                info
+            })
+            .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
+    }
+
+    /// A quorum queue's leader and replicas, as this node knows them.
+    fn fill_replicas(&self, info: &mut proto::QueueInfo, id: QueueId) {
+        let Some(c) = self.cluster() else { return };
+        if !is_quorum_id(id) {
+            return;
+        }
+        info.queue_type = "quorum".into();
+        let status = c.replicas.host.status(id);
+        let mut members: Vec<NodeId> = status.as_ref().map(|s| s.voters.iter().copied().collect()).unwrap_or_default();
+        if members.is_empty() {
+            members = c.replicas.members.read().get(&id).cloned().unwrap_or_default();
+        }
+        members.sort_unstable();
+        info.leader = status.and_then(|s| s.leader).unwrap_or(0);
+        let alive = c.replicas.host.cluster().liveness();
+        let me = c.replicas.host.node_id();
+        info.online = members.iter().copied().filter(|n| *n == me || alive.is_alive(*n)).collect();
+        info.members = members;
     }
 
     /// Looks a queue up for use by `session` (exclusive queues only by their
@@ -584,14 +954,26 @@ impl Broker {
     /// A binding survives a restart when both its ends do.
     fn binding_durable(topo: &Topology, b: &BindingDef) -> bool {
         let source = topo.exchanges.get(&*b.source).is_some_and(|x| x.durable);
+        // Bindings to quorum queues live in the cluster's metadata.
         let dest = match &b.dest {
-            Dest::Queue(q) => topo.queues.get(&**q).is_some_and(|e| e.def.durable && !e.def.exclusive),
+            Dest::Queue(q) => topo.queues.get(&**q).is_some_and(|e| e.def.durable && !e.def.exclusive && !is_quorum_id(e.def.id)),
             Dest::Exchange(x) => topo.exchanges.get(&**x).is_some_and(|x| x.durable),
         };
         source && dest
     }
 
     pub async fn bind(&self, session: &Session, req: proto::BindRequest) -> Result<()> {
+        if self.replicated_binding(req.destination_kind(), &req.destination).await
+            && let Some(c) = self.cluster()
+        {
+            self.ensure_running()?;
+            c.meta.change(MetaCmd::Bind(req.encode_to_vec())).await?;
+            return Ok(());
+        }
+        self.bind_local(session, req).await
+    }
+
+    async fn bind_local(&self, session: &Session, req: proto::BindRequest) -> Result<()> {
         self.ensure_running()?;
         let mut topo = self.inner.topo.lock().await;
         let b = self.binding_def(&topo, session, req)?;
@@ -610,6 +992,17 @@ impl Broker {
     /// Removes a binding; removing one that does not exist succeeds (the
     /// exchange and destination must exist).
     pub async fn unbind(&self, session: &Session, req: proto::UnbindRequest) -> Result<()> {
+        if self.replicated_binding(req.destination_kind(), &req.destination).await
+            && let Some(c) = self.cluster()
+        {
+            self.ensure_running()?;
+            c.meta.change(MetaCmd::Unbind(req.encode_to_vec())).await?;
+            return Ok(());
+        }
+        self.unbind_local(session, req).await
+    }
+
+    async fn unbind_local(&self, session: &Session, req: proto::UnbindRequest) -> Result<()> {
         self.ensure_running()?;
         let mut topo = self.inner.topo.lock().await;
         let b = self.binding_def(&topo, session, req.into())?;
@@ -634,6 +1027,8 @@ impl Broker {
     }
 
     pub async fn list_bindings(&self) -> Vec<proto::BindingInfo> {
+        // In a cluster: include what was changed through other nodes.
+        self.sync_meta().await;
         let topo = self.inner.topo.lock().await;
         topo.all_bindings().map(BindingDef::info).collect()
     }
@@ -648,7 +1043,12 @@ impl Broker {
             Err(reason) => return sink.send(confirm::immediate(seq, ConfirmStatus::Rejected, reason)),
         };
         let span = crate::telemetry::route_span(&msg);
-        let routed = self.route(&msg);
+        let mut routed = self.route(&msg);
+        // Nothing to route to here yet: in a cluster the exchange, queue or
+        // binding may have been made through another node a moment ago.
+        if (matches!(&routed, Ok((q, _)) if q.is_empty()) || routed.is_err()) && self.sync_meta().await {
+            routed = self.route(&msg);
+        }
         crate::telemetry::end_route(span, routed.as_ref().map_or(0, |(queues, _)| queues.len()));
         match routed {
             Err(reason) => sink.send(confirm::immediate(seq, ConfirmStatus::Rejected, reason)),
@@ -709,7 +1109,7 @@ impl Broker {
         if ex.internal {
             return Err(reject(format!("exchange '{}' is internal: it cannot be published to directly", msg.exchange)));
         }
-        let empty = HashMap::new();
+        let empty = BTreeMap::new();
         let headers = msg.properties.as_ref().map_or(&empty, |p| &p.headers);
         let routed = snap.routes.route(&msg.exchange, &msg.routing_key, headers);
         let queues = routed.queues.iter().filter_map(|q| snap.queues.get(q).map(|e| e.handle.clone())).collect();
@@ -720,7 +1120,7 @@ impl Broker {
 
     pub async fn subscribe(&self, session: &Session, sub: proto::Subscribe) -> Result<Subscription> {
         self.ensure_running()?;
-        let entry = self.queue_for(session, &sub.queue)?;
+        let entry = self.queue_for_synced(session, &sub.queue).await?;
         let tag: Arc<str> = if sub.consumer_tag.is_empty() {
             format!("amq.ctag-{}", random_suffix()).into()
         } else {
@@ -736,6 +1136,7 @@ impl Broker {
             exclusive: sub.exclusive,
             priority: sub.priority,
             peer: session.peer.to_string(),
+            limits: None,
         };
         entry.handle.tx.send(QueueCmd::Subscribe { spec, outbox, reply }).await.map_err(|_| Error::not_found("queue", &sub.queue))?;
         let consumer = rx.await.map_err(|_| Error::not_found("queue", &sub.queue))??;
@@ -744,7 +1145,7 @@ impl Broker {
 
     pub async fn get(&self, session: &Session, req: proto::GetRequest) -> Result<Vec<proto::Delivery>> {
         self.ensure_running()?;
-        let entry = self.queue_for(session, &req.queue)?;
+        let entry = self.queue_for_synced(session, &req.queue).await?;
         let (reply, rx) = oneshot::channel();
         entry
             .handle
@@ -829,6 +1230,118 @@ impl Broker {
         }
     }
 
+    // ------------------------------------------------------------ cluster
+
+    /// The cluster as this node sees it. A single node is a cluster of one
+    /// (node 0) with no replicated queues.
+    pub async fn cluster_status(&self) -> proto::ClusterStatusResponse {
+        let Some(c) = self.cluster() else {
+            return proto::ClusterStatusResponse {
+                node_id: 0,
+                members: vec![proto::ClusterMember { id: 0, address: String::new(), alive: true, leaders: 0, replicas: 0 }],
+                metadata_leader: 0,
+                queues: Vec::new(),
+                queues_without_quorum: 0,
+            };
+        };
+        let host = &c.replicas.host;
+        let me = host.node_id();
+        let alive = host.cluster().liveness();
+        let mut queues = Vec::new();
+        let mut leaders: BTreeMap<NodeId, u32> = BTreeMap::new();
+        let mut replicas: BTreeMap<NodeId, u32> = BTreeMap::new();
+        let mut without_quorum = 0;
+        for info in self.list_queues().into_iter().filter(|q| q.queue_type == "quorum") {
+            let id = self.snapshot().queues.get(info.name.as_str()).map(|e| e.def.id).unwrap_or(0);
+            let status = host.status(id);
+            for m in &info.members {
+                *replicas.entry(*m).or_default() += 1;
+            }
+            if info.leader != 0 {
+                *leaders.entry(info.leader).or_default() += 1;
+            }
+            if info.online.len() <= info.members.len() / 2 {
+                without_quorum += 1;
+            }
+            queues.push(proto::QueueReplicas {
+                name: info.name,
+                leader: info.leader,
+                members: info.members,
+                online: info.online,
+                term: status.as_ref().map_or(0, |s| s.term),
+                commit_index: status.as_ref().and_then(|s| s.committed).unwrap_or(0),
+                lag: status
+                    .as_ref()
+                    .map(|s| s.lag.iter().map(|(node, entries)| proto::ReplicaLag { node: *node, entries: *entries }).collect())
+                    .unwrap_or_default(),
+                elections: 0,
+            });
+        }
+        let members = host
+            .cluster()
+            .config()
+            .peers
+            .iter()
+            .map(|(id, addr)| proto::ClusterMember {
+                id: *id,
+                address: addr.clone(),
+                alive: *id == me || alive.is_alive(*id),
+                leaders: leaders.get(id).copied().unwrap_or(0),
+                replicas: replicas.get(id).copied().unwrap_or(0),
+            })
+            .collect();
+        proto::ClusterStatusResponse {
+            node_id: me,
+            members,
+            metadata_leader: host.leader(crate::replica::meta::META_GROUP).and_then(|l| l.leader).unwrap_or(0),
+            queues,
+            queues_without_quorum: without_quorum,
+        }
+    }
+
+    /// Quorum queues that would lose their majority if `node` stopped: those
+    /// it holds a replica of whose other replicas that are up are not a
+    /// majority.
+    pub async fn quorum_critical(&self, node: u64) -> Result<Vec<String>> {
+        let Some(c) = self.cluster() else { return Ok(Vec::new()) };
+        if !c.nodes.contains(&node) {
+            return Err(Error::InvalidArgument(format!("node {node} is not a member of the cluster ({:?})", c.nodes)));
+        }
+        let mut out = Vec::new();
+        for info in self.list_queues().into_iter().filter(|q| q.queue_type == "quorum") {
+            if !info.members.contains(&node) {
+                continue;
+            }
+            let others_up = info.online.iter().filter(|n| **n != node).count();
+            if others_up <= info.members.len() / 2 {
+                out.push(info.name);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn grow_queues(&self, req: proto::GrowQueuesRequest) -> Result<proto::MembershipChangeResponse> {
+        if self.cluster().is_some() {
+            return Err(Error::PreconditionFailed(
+                "changing a quorum queue's replica set is not supported yet: replicas are chosen when the queue is declared".into(),
+            ));
+        }
+        Err(Error::PreconditionFailed(format!("node {} is not a member: this broker runs as a single node (no --peers)", req.node)))
+    }
+
+    pub async fn shrink_queues(&self, req: proto::ShrinkQueuesRequest) -> Result<proto::MembershipChangeResponse> {
+        if self.cluster().is_some() {
+            return Err(Error::PreconditionFailed(
+                "changing a quorum queue's replica set is not supported yet: replicas are chosen when the queue is declared".into(),
+            ));
+        }
+        Err(Error::PreconditionFailed(format!("node {} is not a member: this broker runs as a single node (no --peers)", req.node)))
+    }
+
+    pub async fn rebalance_queues(&self, _req: proto::RebalanceQueuesRequest) -> Result<proto::RebalanceQueuesResponse> {
+        Ok(proto::RebalanceQueuesResponse::default())
+    }
+
     // ----------------------------------------------------------- shutdown
 
     /// Refuses new work from now on.
@@ -879,7 +1392,7 @@ pub const MAX_GET_MESSAGES: u32 = 10_000;
 /// included). The error names the limit.
 fn check_message_size(msg: &proto::Message, config: &BrokerConfig) -> std::result::Result<(), String> {
     use prost::Message as _;
-    let empty = HashMap::new();
+    let empty = BTreeMap::new();
     let (properties, headers) = match &msg.properties {
         Some(p) => (p.encoded_len(), &p.headers),
         None => (0, &empty),
@@ -932,6 +1445,43 @@ fn message_delay(msg: &proto::Message) -> std::result::Result<Option<u64>, Strin
     }
 }
 
+/// A quorum queue is durable, shared and long-lived (RabbitMQ's rules).
+fn check_quorum_declare(req: &proto::DeclareQueueRequest) -> Result<()> {
+    if req.arguments.contains_key("x-expires") {
+        return Err(Error::InvalidArgument(format!(
+            "queue '{}': argument 'x-expires' is not supported on quorum queues (delete unused quorum queues explicitly)",
+            req.name
+        )));
+    }
+    let refuse = |what: &str| {
+        Err(Error::InvalidArgument(format!("queue '{}': a quorum queue (x-queue-type \"quorum\") cannot be {what}", req.name)))
+    };
+    if !req.durable {
+        return refuse("non-durable");
+    }
+    if req.exclusive {
+        return refuse("exclusive");
+    }
+    if req.auto_delete {
+        return refuse("auto-delete");
+    }
+    Ok(())
+}
+
+/// Replicas of a quorum queue when `x-quorum-initial-group-size` is not given
+/// (fewer in a smaller cluster).
+const DEFAULT_QUORUM_SIZE: usize = 3;
+
+/// The replicas of a new quorum queue: `size` nodes (3 by default, all of
+/// them in a smaller cluster), starting at a place that depends on the
+/// name, so that queues spread over the nodes.
+fn choose_members(nodes: &BTreeSet<NodeId>, size: Option<u32>, name: &str) -> Vec<NodeId> {
+    let all: Vec<NodeId> = nodes.iter().copied().collect();
+    let n = size.map_or(DEFAULT_QUORUM_SIZE, |s| s as usize).clamp(1, all.len().max(1));
+    let start = name.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)) % all.len().max(1);
+    (0..n).map(|i| all[(start + i) % all.len()]).collect()
+}
+
 fn check_owner(def: &QueueDef, session: &Session) -> Result<()> {
     match def.owner {
         Some(owner) if owner != session.id => Err(Error::AccessRefused(format!("queue '{}' is exclusive to another connection", def.name))),
@@ -952,6 +1502,10 @@ fn queue_info(entry: &QueueEntry) -> proto::QueueInfo {
         delayed: s.delayed,
         consumers: s.consumers,
         ready_bytes: s.ready_bytes,
+        queue_type: if entry.def.args.quorum { "quorum" } else { "classic" }.to_string(),
+        leader: 0,
+        members: Vec::new(),
+        online: Vec::new(),
     }
 }
 
@@ -967,7 +1521,7 @@ fn show_value(v: Option<&Value>) -> String {
 }
 
 /// The first argument that differs, as (field, current, requested).
-fn arguments_mismatch(current: &HashMap<String, Value>, requested: &HashMap<String, Value>) -> Option<(String, String, String)> {
+fn arguments_mismatch(current: &BTreeMap<String, Value>, requested: &BTreeMap<String, Value>) -> Option<(String, String, String)> {
     let mut names: Vec<&String> = current.keys().chain(requested.keys()).collect();
     names.sort();
     names.dedup();
@@ -983,7 +1537,7 @@ fn arguments_mismatch(current: &HashMap<String, Value>, requested: &HashMap<Stri
 /// Queue arguments with the ones that state a default left out, so that
 /// `x-queue-type: classic`, `x-single-active-consumer: false` or
 /// `x-overflow: drop-head` compare equal to their absence on re-declare.
-fn canonical_queue_args(args: &HashMap<String, Value>) -> HashMap<String, Value> {
+fn canonical_queue_args(args: &BTreeMap<String, Value>) -> BTreeMap<String, Value> {
     use proto::value::Kind;
     args.iter()
         .filter(|(k, v)| {

@@ -26,6 +26,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// The type of a queue declared without `x-queue-type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum QueueType {
+    /// Kept on the node that declared it.
+    Classic,
+    /// Replicated with Raft over `x-quorum-initial-group-size` nodes (in a
+    /// cluster; a single node keeps it as a durable classic queue). Only
+    /// durable, non-exclusive, non-auto-delete queues: others stay classic.
+    Quorum,
+}
+
 /// How the memory alarm measures the broker's memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum MemoryStrategy {
@@ -154,6 +165,66 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// The default port of the cluster listener.
+pub const DEFAULT_CLUSTER_PORT: u16 = 5681;
+
+/// Parses `HOST:PORT` with an IP host, or a bare IP (port 5681).
+pub fn parse_cluster_addr(s: &str) -> Result<SocketAddr, String> {
+    let t = s.trim();
+    if let Ok(a) = t.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    match t.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(SocketAddr::new(ip, DEFAULT_CLUSTER_PORT)),
+        Err(_) => Err(format!("'{t}' is not an address to listen on: expected IP:PORT such as 0.0.0.0:5681")),
+    }
+}
+
+/// Every member of a cluster: node id -> the `host:port` its peers dial.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peers(pub std::collections::BTreeMap<u64, String>);
+
+impl fmt::Display for Peers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let parts: Vec<String> = self.0.iter().map(|(id, addr)| format!("{id}={addr}")).collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// Parses `ID=HOST:PORT,ID=HOST:PORT,...` (a missing port is 5681; HOST
+/// may be a DNS name, such as a StatefulSet pod's name under its headless
+/// Service).
+pub fn parse_peers(s: &str) -> Result<Peers, String> {
+    let mut peers = std::collections::BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| format!("'{part}' is not ID=HOST:PORT"))?;
+        let id: u64 = id.trim().parse().map_err(|_| format!("'{}' in '{part}' is not a node id (a number)", id.trim()))?;
+        let addr = addr.trim();
+        let (host, port) = match addr.rsplit_once(':') {
+            // An IPv6 address without a port has colons but no brackets.
+            Some((h, p)) if !h.is_empty() && (!h.contains(':') || h.starts_with('[')) => {
+                let port: u16 = p.parse().map_err(|_| format!("'{p}' in '{part}' is not a port"))?;
+                (h.to_string(), port)
+            }
+            _ => (addr.to_string(), DEFAULT_CLUSTER_PORT),
+        };
+        if host.is_empty() || host.contains(char::is_whitespace) || host.contains('/') {
+            return Err(format!("'{part}' has no valid host"));
+        }
+        if port == 0 {
+            return Err(format!("'{part}': port 0 cannot be dialed"));
+        }
+        let host = if host.contains(':') && !host.starts_with('[') { format!("[{host}]") } else { host };
+        if peers.insert(id, format!("{host}:{port}")).is_some() {
+            return Err(format!("node {id} is listed twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("no peers: expected ID=HOST:PORT,...".into());
+    }
+    Ok(Peers(peers))
+}
+
 /// Prints a duration the way [`parse_duration`] reads it.
 pub fn show_duration(d: Duration) -> String {
     if d.subsec_millis() != 0 || d.as_secs() == 0 { format!("{}ms", d.as_millis()) } else { format!("{}s", d.as_secs()) }
@@ -200,6 +271,31 @@ pub struct Config {
     /// Name of this node in status and logs (default: the host name).
     #[arg(long, env = "WARREN_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
+
+    /// This node's id in the cluster: a number unique among the peers and
+    /// stable across restarts (on Kubernetes, the StatefulSet ordinal).
+    /// Required with --peers.
+    #[arg(long, env = "WARREN_NODE_ID", value_name = "N")]
+    pub node_id: Option<u64>,
+
+    /// Address the cluster listener binds, for traffic between nodes
+    /// (IP:PORT, or an IP for port 5681). Used only with --peers.
+    #[arg(long, env = "WARREN_CLUSTER_ADDR", default_value = "127.0.0.1:5681", value_parser = parse_cluster_addr, value_name = "HOST:PORT")]
+    pub cluster_addr: SocketAddr,
+
+    /// Every member of the cluster, this node included, as
+    /// ID=HOST:PORT,... with the address the other nodes dial (on
+    /// Kubernetes the pods' stable names through the headless Service; it
+    /// may differ from --cluster-addr, which is where this node binds).
+    /// Without it the broker runs as a single node: no cluster listener,
+    /// no replication.
+    #[arg(long, env = "WARREN_PEERS", value_parser = parse_peers, value_name = "ID=HOST:PORT,...")]
+    pub peers: Option<Peers>,
+
+    /// In a cluster, the type of a durable queue declared without
+    /// `x-queue-type` (exclusive and auto-delete queues are always classic).
+    #[arg(long, env = "WARREN_DEFAULT_QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum, value_name = "TYPE")]
+    pub default_queue_type: QueueType,
 
     /// Largest message accepted, in bytes (units allowed: 16MiB): its body
     /// plus its encoded properties, headers included.
@@ -456,7 +552,34 @@ impl Config {
                 self.max_message_header_bytes
             ));
         }
+        self.validate_cluster()
+    }
+
+    fn validate_cluster(&self) -> Result<(), String> {
+        let Some(peers) = &self.peers else {
+            if let Some(id) = self.node_id {
+                return Err(format!("node_id is {id} but peers is not set: a cluster needs both (a single node needs neither)"));
+            }
+            return Ok(());
+        };
+        let Some(id) = self.node_id else {
+            return Err(format!("peers is set ({peers}) but node_id is not: give this node's id, one of the peers"));
+        };
+        if !peers.0.contains_key(&id) {
+            return Err(format!("node_id {id} is not among the peers ({peers}): list every member, this node included"));
+        }
+        for (name, addr) in [("grpc_addr", self.grpc_addr), ("http_addr", self.http_addr)] {
+            if self.cluster_addr.port() != 0 && self.cluster_addr == addr {
+                return Err(format!("cluster_addr and {name} are both {addr}; they must differ"));
+            }
+        }
         Ok(())
+    }
+
+    /// The cluster settings, when this node is a member of one (`peers`
+    /// set and the configuration validated).
+    pub fn cluster(&self) -> Option<(u64, SocketAddr, std::collections::BTreeMap<u64, String>)> {
+        Some((self.node_id?, self.cluster_addr, self.peers.as_ref()?.0.clone()))
     }
 
     pub fn node_name(&self) -> String {
@@ -478,6 +601,13 @@ impl Config {
             ("grpc_addr", self.grpc_addr.to_string()),
             ("http_addr", self.http_addr.to_string()),
             ("node_name", self.node_name()),
+            ("node_id", self.node_id.map_or_else(|| "(none)".to_string(), |n| n.to_string())),
+            (
+                "cluster_addr",
+                if self.peers.is_some() { self.cluster_addr.to_string() } else { format!("{} (unused: no peers)", self.cluster_addr) },
+            ),
+            ("peers", self.peers.as_ref().map_or_else(|| "(none: a single node)".to_string(), Peers::to_string)),
+            ("default_queue_type", format!("{:?}", self.default_queue_type).to_lowercase()),
             ("max_message_size", self.max_message_size.to_string()),
             ("queue_window_messages", self.queue_window_messages.to_string()),
             ("queue_window_bytes", self.queue_window_bytes.to_string()),
@@ -516,6 +646,7 @@ fn file_error(path: &Path, e: &clap::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn load(args: &[&str]) -> Result<Config, LoadError> {
@@ -649,6 +780,63 @@ mod tests {
         }
         let Err(LoadError::Args(e)) = load(&["--max-concurrent-streams=-1"]) else { panic!("a negative stream limit parsed") };
         assert!(e.to_string().contains("--max-concurrent-streams"), "{e}");
+    }
+
+    #[test]
+    fn should_parse_and_validate_cluster_settings() {
+        let c = loaded(&[]);
+        assert_eq!(c.peers, None);
+        assert_eq!(c.cluster_addr.to_string(), "127.0.0.1:5681");
+        assert!(c.cluster().is_none(), "no peers: a single node");
+        assert!(c.render().contains("peers = (none: a single node)"));
+
+        let c = loaded(&[
+            "--node-id",
+            "2",
+            "--cluster-addr",
+            "0.0.0.0",
+            "--peers",
+            "1=warren-0.warren:5681, 2=warren-1.warren,3=10.0.0.3:7000",
+        ]);
+        c.validate().unwrap();
+        assert_eq!(c.cluster_addr.to_string(), "0.0.0.0:5681", "a bare IP gets the default port");
+        let (id, listen, peers) = c.cluster().unwrap();
+        assert_eq!((id, listen.port()), (2, 5681));
+        assert_eq!(peers[&1], "warren-0.warren:5681");
+        assert_eq!(peers[&2], "warren-1.warren:5681", "a missing port is 5681");
+        assert_eq!(peers[&3], "10.0.0.3:7000");
+        assert!(c.render().contains("peers = 1=warren-0.warren:5681,2=warren-1.warren:5681,3=10.0.0.3:7000"), "{}", c.render());
+        assert_eq!(parse_peers("1=[::1]:5681,2=::1").unwrap().0[&2], "[::1]:5681");
+
+        for (args, setting) in [
+            (&["--peers", "1=a:1,2=b:2"][..], "node_id"),
+            (&["--node-id", "3", "--peers", "1=a:1,2=b:2"][..], "node_id"),
+            (&["--node-id", "3"][..], "peers"),
+            (&["--node-id", "1", "--peers", "1=a:1", "--cluster-addr", "127.0.0.1:5680"][..], "cluster_addr"),
+        ] {
+            let err = loaded(args).validate().unwrap_err();
+            assert!(err.contains(setting), "{args:?}: {err}");
+        }
+        for bad in ["1=a:1,1=b:2", "x=a:1", "1=a:port", "1=", "1=a:0", "a:1", ""] {
+            assert!(parse_peers(bad).is_err(), "{bad:?} should not parse");
+            let Err(LoadError::Args(e)) = load(&["--peers", bad]) else { panic!("{bad:?} should not load") };
+            assert!(e.to_string().contains("--peers"), "{bad:?}: {e}");
+        }
+        let Err(LoadError::Args(e)) = load(&["--cluster-addr", "warren-0:5681"]) else { panic!("a name is not a bind address") };
+        assert!(e.to_string().contains("--cluster-addr"), "{e}");
+    }
+
+    #[test]
+    fn should_take_cluster_settings_from_the_file_and_environment() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("warren.toml");
+        std::fs::write(&path, "node_id = 1\ncluster_addr = \"0.0.0.0:7001\"\npeers = \"1=n1:7001,2=n2:7001,3=n3:7001\"\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let c = loaded(&["--config", path.to_str().unwrap_or_default()]);
+        c.validate().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.node_id, Some(1));
+        assert_eq!(c.cluster_addr.to_string(), "0.0.0.0:7001");
+        assert_eq!(c.peers.as_ref().map(|p| p.0.len()), Some(3));
     }
 
     #[test]

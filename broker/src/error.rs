@@ -55,3 +55,58 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An error as it crosses between nodes: its metric label and its text.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WireError {
+    pub code: String,
+    pub message: String,
+}
+
+impl From<&Error> for WireError {
+    fn from(e: &Error) -> WireError {
+        WireError { code: e.metric_label().to_string(), message: e.to_string() }
+    }
+}
+
+impl From<WireError> for Error {
+    fn from(w: WireError) -> Error {
+        let m = w.message;
+        match w.code.as_str() {
+            "invalid_argument" => Error::InvalidArgument(m),
+            "not_found" => {
+                let kind = ["queue", "exchange", "consumer", "binding"].into_iter().find(|k| m.starts_with(k)).unwrap_or("object");
+                let name = m.split('\'').nth(1).unwrap_or_default().to_string();
+                Error::NotFound { kind, name }
+            }
+            "precondition_failed" => Error::PreconditionFailed(m),
+            "access_refused" => Error::AccessRefused(m),
+            "already_exists" => Error::AlreadyExists(m),
+            "resource_exhausted" => Error::ResourceExhausted(m),
+            "shutting_down" => Error::ShuttingDown,
+            _ => Error::Unavailable(m),
+        }
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+
+    #[test]
+    fn errors_keep_their_kind_across_nodes() {
+        for e in [
+            Error::InvalidArgument("bad".into()),
+            Error::not_found("queue", "q1"),
+            Error::PreconditionFailed("no".into()),
+            Error::AccessRefused("mine".into()),
+            Error::AlreadyExists("taken".into()),
+            Error::ResourceExhausted("full".into()),
+            Error::ShuttingDown,
+            Error::Unavailable("later".into()),
+        ] {
+            let back = Error::from(WireError::from(&e));
+            assert_eq!((back.metric_label(), back.to_string()), (e.metric_label(), e.to_string()));
+        }
+    }
+}

@@ -14,12 +14,17 @@
 //! [`telemetry`] (OpenTelemetry traces). Security sits at the edge: [`tls`]
 //! (certificates for any listener, reloaded as they rotate) and [`auth`]
 //! (authentication in a tower layer, authorization hooks per RPC, users).
+//!
+//! In a cluster: [`cluster`] (peers, the node-to-node service, liveness)
+//! and [`raft`] (replication groups over the store; the only module that
+//! knows openraft).
 
 #![forbid(unsafe_code)]
 
 pub mod alarms;
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod confirm;
 pub mod error;
@@ -27,6 +32,8 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod queue;
+pub mod raft;
+pub mod replica;
 pub mod routing;
 pub mod run;
 pub mod server;

@@ -44,7 +44,10 @@ async fn main() -> ExitCode {
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let result = warren_broker::run::run(config, shutdown, |ready| {
         // Scripts and tests wait for this line; `grpc=` stays first.
-        println!("warren-broker ready: grpc={} http={}", ready.grpc, ready.http);
+        match ready.cluster {
+            Some(cluster) => println!("warren-broker ready: grpc={} http={} cluster={cluster}", ready.grpc, ready.http),
+            None => println!("warren-broker ready: grpc={} http={}", ready.grpc, ready.http),
+        }
     })
     .await;
     match result {

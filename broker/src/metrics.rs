@@ -269,6 +269,7 @@ impl Metrics {
 pub struct BrokerCollector {
     broker: OnceLock<Broker>,
     started: OnceLock<Instant>,
+    cluster: OnceLock<crate::cluster::Liveness>,
 }
 
 impl std::fmt::Debug for BrokerCollector {
@@ -287,6 +288,11 @@ impl BrokerCollector {
     /// Starts showing the broker's queues (after recovery).
     pub fn set_broker(&self, broker: Broker) {
         let _ = self.broker.set(broker);
+    }
+
+    /// Starts showing which cluster members answer heartbeats.
+    pub fn set_cluster(&self, liveness: crate::cluster::Liveness) {
+        let _ = self.cluster.set(liveness);
     }
 }
 
@@ -509,6 +515,13 @@ impl Collector for BrokerCollector {
         }
         enc.encode_descriptor("build", "Version of the broker.", None, MetricType::Info)?
             .encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
+        if let Some(liveness) = self.cluster.get() {
+            let help = "1 while a cluster member answers the node-pair heartbeat (this node: always 1), else 0.";
+            let mut e = enc.encode_descriptor("cluster_peer_up", help, None, gauge)?;
+            for (node, status) in liveness.current() {
+                e.encode_family(&[("node", node.to_string().as_str())])?.encode_gauge(&u64::from(status.alive))?;
+            }
+        }
 
         let Some(broker) = self.broker.get() else {
             return Ok(());
@@ -676,14 +689,14 @@ mod tests {
 
     #[test]
     fn should_expose_ten_thousand_queues_in_one_cheap_pass() {
-        use std::collections::HashMap;
+        use std::collections::BTreeMap;
 
         use crate::queue::{QueueRef, QueueShared};
         use crate::topology::{QueueDef, QueueEntry};
 
         const QUEUES: u64 = 10_000;
         let (tx, _rx) = tokio::sync::mpsc::channel(1);
-        let mut queues = HashMap::new();
+        let mut queues = BTreeMap::new();
         for id in 0..QUEUES {
             let name: Arc<str> = format!("queue-{id:05}").into();
             let shared = Arc::new(QueueShared::default());
@@ -694,7 +707,7 @@ mod tests {
                 durable: false,
                 exclusive: false,
                 auto_delete: false,
-                arguments: HashMap::new(),
+                arguments: BTreeMap::new(),
                 args: Default::default(),
                 owner: None,
             };

@@ -13,11 +13,15 @@ use warren_client::proto::{FILE_DESCRIPTOR_SET, warren_server::WarrenServer};
 
 use crate::alarms::{self, MonitorSettings};
 use crate::auth::{self, Auth};
-use crate::broker::{Broker, BrokerConfig};
+use crate::broker::{Broker, BrokerConfig, ClusterParts};
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::config::{Config, MemoryWatermark};
 use crate::http::{self, HttpState, Phase};
 use crate::metrics;
 use crate::queue::state::Limits;
+use crate::raft::{RaftHost, RaftOptions};
+use crate::replica::meta::Meta;
+use crate::replica::quorum::ReplicaCtx;
 use crate::server::{WarrenService, incoming};
 use crate::store::rocks::{RocksEngine, RocksTuning};
 use crate::store::{BatchObserver, Store};
@@ -37,6 +41,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Ready {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The cluster listener, in a cluster.
+    pub cluster: Option<SocketAddr>,
 }
 
 /// The memory high watermark in bytes, and how it was found.
@@ -99,6 +105,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let store = Store::with_write_buffer(engine.clone(), Some(observer), write_buffer);
     // The gRPC encoding limit; a Get reply is bounded below it.
     let limit = config.max_message_size.saturating_mul(2).saturating_add(1 << 20);
+    let raft_store = store.clone();
     let broker = Broker::open(
         store,
         BrokerConfig {
@@ -128,6 +135,32 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         }
         _ => {}
     }
+
+    // In a cluster: the node-to-node listener and the Raft groups' host.
+    let cluster = match config.cluster() {
+        None => None,
+        Some((node_id, listen, peers)) => {
+            let mut cc = ClusterConfig::new(node_id, listen, peers);
+            cc.max_message_bytes = limit;
+            let (cluster, cluster_addr) = Cluster::start(cc).await.with_context(|| format!("cannot listen on {listen} (cluster_addr)"))?;
+            collector.set_cluster(cluster.liveness());
+            let host = RaftHost::new(cluster.clone(), raft_store, config.data_dir.join("raft"), RaftOptions::default())
+                .map_err(|e| anyhow::anyhow!("Raft settings: {e}"))?;
+            tracing::info!(node_id, %cluster_addr, "cluster listener ready");
+            if !cluster_addr.ip().is_loopback() {
+                // TLS and authentication cover the gRPC listener only.
+                tracing::warn!(%cluster_addr, "the node-to-node listener has no TLS and no authentication: let only the cluster's nodes reach it (on Kubernetes the Broker's NetworkPolicy does)");
+            }
+            // Quorum queues and the metadata group; the broker applies the
+            // metadata's changes from now on.
+            let nodes: std::collections::BTreeSet<u64> = cluster.members().collect();
+            let replicas = ReplicaCtx::new(host.clone(), broker.config().limits);
+            let (meta, events) = Meta::start(host.clone(), nodes.clone()).await.map_err(|e| anyhow::anyhow!(e))?;
+            let default_quorum = config.default_queue_type == crate::config::QueueType::Quorum;
+            broker.attach_cluster(ClusterParts { meta, replicas, nodes, default_quorum }, events);
+            Some((cluster, cluster_addr, host))
+        }
+    };
 
     let (memory_limit, memory_text) = memory_limit(config.memory_high_watermark);
     tracing::info!(
@@ -205,7 +238,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     let server = tokio::spawn(server);
     http_state.set_phase(Phase::Ready);
     tracing::info!(%addr, %http_addr, tls = grpc_tls.is_some(), authentication = access.enabled(), recovery_ms = started.elapsed().as_millis() as u64, queues = broker.list_queues().len(), "broker ready");
-    on_ready(Ready { grpc: addr, http: http_addr });
+    on_ready(Ready { grpc: addr, http: http_addr, cluster: cluster.as_ref().map(|(_, a, _)| *a) });
 
     shutdown.cancelled().await;
     tracing::info!("stopping: no new connections; ending subscriptions and draining publishes");
@@ -223,6 +256,10 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     monitor_stop.cancel();
     tls_stop.cancel();
     let _ = monitor.await;
+    if let Some((cluster, _, host)) = &cluster {
+        host.shutdown().await;
+        cluster.stop();
+    }
     broker.shutdown().await.context("closing storage")?;
     http_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(5), http_server).await {

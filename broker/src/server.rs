@@ -508,11 +508,40 @@ impl Warren for WarrenService {
         status.grpc_addr = self.grpc_addr.clone();
         Ok(Response::new(status))
     }
+
+    async fn cluster_status(&self, req: Request<proto::ClusterStatusRequest>) -> Result<Response<proto::ClusterStatusResponse>, Status> {
+        authz::check(&req, Operation::ClusterStatus)?;
+        Ok(Response::new(self.broker.cluster_status().await))
+    }
+
+    async fn quorum_critical(&self, req: Request<proto::QuorumCriticalRequest>) -> Result<Response<proto::QuorumCriticalResponse>, Status> {
+        authz::check(&req, Operation::QuorumCritical)?;
+        let queues = self.broker.quorum_critical(req.into_inner().node).await?;
+        Ok(Response::new(proto::QuorumCriticalResponse { queues }))
+    }
+
+    async fn grow_queues(&self, req: Request<proto::GrowQueuesRequest>) -> Result<Response<proto::MembershipChangeResponse>, Status> {
+        authz::check(&req, Operation::GrowQueues)?;
+        Ok(Response::new(self.broker.grow_queues(req.into_inner()).await?))
+    }
+
+    async fn shrink_queues(&self, req: Request<proto::ShrinkQueuesRequest>) -> Result<Response<proto::MembershipChangeResponse>, Status> {
+        authz::check(&req, Operation::ShrinkQueues)?;
+        Ok(Response::new(self.broker.shrink_queues(req.into_inner()).await?))
+    }
+
+    async fn rebalance_queues(
+        &self,
+        req: Request<proto::RebalanceQueuesRequest>,
+    ) -> Result<Response<proto::RebalanceQueuesResponse>, Status> {
+        authz::check(&req, Operation::RebalanceQueues)?;
+        Ok(Response::new(self.broker.rebalance_queues(req.into_inner()).await?))
+    }
 }
 
 /// A string argument (`alternate-exchange`, `x-dead-letter-exchange`), for
 /// the permission check.
-fn string_arg<'a>(args: &'a std::collections::HashMap<String, proto::Value>, key: &str) -> Option<&'a str> {
+fn string_arg<'a>(args: &'a std::collections::BTreeMap<String, proto::Value>, key: &str) -> Option<&'a str> {
     match args.get(key).and_then(|v| v.kind.as_ref()) {
         Some(proto::value::Kind::String(s)) => Some(s.as_str()),
         _ => None,

@@ -24,7 +24,7 @@
 //! * `ack` / `nack` / `reject` (server kind): a settlement, linked to the
 //!   `deliver` spans of the messages it settles.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
@@ -104,7 +104,7 @@ pub fn init(node_name: &str) -> anyhow::Result<Option<TelemetryGuard>> {
 
 // ------------------------------------------------------------ propagation
 
-struct HeaderInjector<'a>(&'a mut HashMap<String, Value>);
+struct HeaderInjector<'a>(&'a mut BTreeMap<String, Value>);
 
 impl Injector for HeaderInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
@@ -112,7 +112,7 @@ impl Injector for HeaderInjector<'_> {
     }
 }
 
-struct HeaderExtractor<'a>(&'a HashMap<String, Value>);
+struct HeaderExtractor<'a>(&'a BTreeMap<String, Value>);
 
 impl Extractor for HeaderExtractor<'_> {
     fn get(&self, key: &str) -> Option<&str> {
@@ -129,7 +129,7 @@ impl Extractor for HeaderExtractor<'_> {
 
 /// The trace context a message's headers carry (an empty context when
 /// none, or when it does not parse).
-pub fn extract(headers: &HashMap<String, Value>) -> Context {
+pub fn extract(headers: &BTreeMap<String, Value>) -> Context {
     if !headers.contains_key(TRACEPARENT) {
         return Context::new();
     }
@@ -138,12 +138,12 @@ pub fn extract(headers: &HashMap<String, Value>) -> Context {
 
 /// Writes `cx`'s span context into `headers` (`traceparent`, and
 /// `tracestate` when not empty), replacing what was there.
-pub fn inject(cx: &Context, headers: &mut HashMap<String, Value>) {
+pub fn inject(cx: &Context, headers: &mut BTreeMap<String, Value>) {
     headers.remove(TRACESTATE);
     TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
 }
 
-fn remote_span_context(headers: &HashMap<String, Value>) -> Option<SpanContext> {
+fn remote_span_context(headers: &BTreeMap<String, Value>) -> Option<SpanContext> {
     let cx = extract(headers);
     let sc = cx.span().span_context().clone();
     sc.is_valid().then_some(sc)
@@ -177,7 +177,7 @@ fn publish_span_with(tracer: &SdkTracer, msg: &mut proto::Message) -> Span {
     span
 }
 
-fn child_span(tracer: &SdkTracer, name: &'static str, headers: &HashMap<String, Value>, attrs: Vec<KeyValue>) -> Span {
+fn child_span(tracer: &SdkTracer, name: &'static str, headers: &BTreeMap<String, Value>, attrs: Vec<KeyValue>) -> Span {
     let parent = extract(headers);
     tracer.span_builder(name).with_kind(SpanKind::Internal).with_attributes(attrs).start_with_context(tracer, &parent)
 }
@@ -313,7 +313,7 @@ mod tests {
     use opentelemetry::trace::{SpanId, TraceId};
     use opentelemetry_sdk::trace::InMemorySpanExporter;
 
-    fn header(headers: &HashMap<String, Value>, key: &str) -> Option<String> {
+    fn header(headers: &BTreeMap<String, Value>, key: &str) -> Option<String> {
         match headers.get(key)?.kind.as_ref()? {
             Kind::String(s) => Some(s.clone()),
             _ => None,
@@ -332,7 +332,7 @@ mod tests {
             exchange: "orders".into(),
             routing_key: "eu".into(),
             properties: Some(proto::Properties {
-                headers: HashMap::from([
+                headers: BTreeMap::from([
                     (TRACEPARENT.to_string(), Value { kind: Some(Kind::String(format!("00-{producer_trace}-{producer_span}-01"))) }),
                     (TRACESTATE.to_string(), Value { kind: Some(Kind::String("vendor=1".into())) }),
                     ("tenant".to_string(), Value { kind: Some(Kind::String("acme".into())) }),
@@ -405,7 +405,7 @@ mod tests {
         drop(span);
         assert_eq!(exporter.get_finished_spans().unwrap()[0].parent_span_id, SpanId::INVALID);
         // Garbage in the header is ignored, not propagated.
-        let mut headers = HashMap::from([(TRACEPARENT.to_string(), Value { kind: Some(Kind::String("nonsense".into())) })]);
+        let mut headers = BTreeMap::from([(TRACEPARENT.to_string(), Value { kind: Some(Kind::String("nonsense".into())) })]);
         assert!(!extract(&headers).span().span_context().is_valid());
         inject(&Context::new(), &mut headers);
     }

@@ -4,7 +4,7 @@
 //! Mutations are serialized by the broker (one lock); readers on the publish
 //! path only see the [`Snapshot`] it publishes after each change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use prost::Message as _;
@@ -28,7 +28,7 @@ pub struct ExchangeDef {
     pub durable: bool,
     pub auto_delete: bool,
     pub internal: bool,
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
     pub args: ExchangeArgs,
     /// Pre-declared (`""`, `amq.*`): cannot be deleted.
     pub builtin: bool,
@@ -41,7 +41,7 @@ pub struct QueueDef {
     pub durable: bool,
     pub exclusive: bool,
     pub auto_delete: bool,
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
     pub args: QueueArgs,
     /// The connection an exclusive queue belongs to.
     pub owner: Option<SessionId>,
@@ -52,7 +52,7 @@ pub struct BindingDef {
     pub source: Arc<str>,
     pub dest: Dest,
     pub routing_key: String,
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
 }
 
 impl BindingDef {
@@ -67,7 +67,7 @@ impl BindingDef {
 
 /// A deterministic encoding of an argument map (sorted keys), used to tell
 /// bindings apart in storage.
-pub fn canonical_args(args: &HashMap<String, Value>) -> Vec<u8> {
+pub fn canonical_args(args: &BTreeMap<String, Value>) -> Vec<u8> {
     let sorted: BTreeMap<&String, &Value> = args.iter().collect();
     let mut out = Vec::new();
     for (k, v) in sorted {
@@ -92,8 +92,8 @@ pub struct ExchangeRecord {
     pub auto_delete: bool,
     #[prost(bool, tag = "4")]
     pub internal: bool,
-    #[prost(map = "string, message", tag = "5")]
-    pub arguments: HashMap<String, Value>,
+    #[prost(btree_map = "string, message", tag = "5")]
+    pub arguments: BTreeMap<String, Value>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -104,8 +104,8 @@ pub struct QueueRecord {
     pub id: u64,
     #[prost(bool, tag = "3")]
     pub auto_delete: bool,
-    #[prost(map = "string, message", tag = "4")]
-    pub arguments: HashMap<String, Value>,
+    #[prost(btree_map = "string, message", tag = "4")]
+    pub arguments: BTreeMap<String, Value>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -118,8 +118,8 @@ pub struct BindingRecord {
     pub to_exchange: bool,
     #[prost(string, tag = "4")]
     pub routing_key: String,
-    #[prost(map = "string, message", tag = "5")]
-    pub arguments: HashMap<String, Value>,
+    #[prost(btree_map = "string, message", tag = "5")]
+    pub arguments: BTreeMap<String, Value>,
 }
 
 fn corrupt(detail: String) -> Error {
@@ -286,7 +286,7 @@ impl Topology {
                 durable: true,
                 auto_delete: false,
                 internal: false,
-                arguments: HashMap::new(),
+                arguments: BTreeMap::new(),
                 args: ExchangeArgs::default(),
                 builtin: true,
             });

@@ -40,7 +40,7 @@ pub mod proto {
 mod connect;
 mod value;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -178,7 +178,7 @@ pub struct ExchangeOptions {
     pub durable: bool,
     pub auto_delete: bool,
     pub internal: bool,
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
 }
 
 impl ExchangeOptions {
@@ -199,7 +199,7 @@ pub struct QueueOptions {
     pub durable: bool,
     pub exclusive: bool,
     pub auto_delete: bool,
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
 }
 
 impl QueueOptions {
@@ -405,6 +405,9 @@ impl Subscription {
 pub struct Client {
     raw: RawClient,
     users: UsersClient,
+    /// With several addresses: keeps the prober that leaves dead nodes out
+    /// running while any clone of the client lives.
+    _nodes: Option<Arc<()>>,
 }
 
 /// Normalizes a server address: `host:port` gets `http://`.
@@ -414,29 +417,73 @@ pub fn normalize_server(addr: &str) -> String {
 
 impl Client {
     /// Connects to `addr` (`http://host:port`, or `host:port`) without
-    /// credentials.
+    /// credentials. A comma-separated list names several nodes of one
+    /// cluster: calls are spread over the nodes that answer, and a node
+    /// that goes away is left out until it is back (a stream that was on it
+    /// ends with an error; open it again and it goes to another node).
     pub async fn connect(addr: impl AsRef<str>) -> Result<Client> {
         Client::connect_with(addr, &ConnectOptions::default()).await
     }
 
-    /// Connects to `addr` with TLS (`https://host:port`, or a CA or client
-    /// certificate in `options`) and credentials.
+    /// Connects as [`Client::connect`] does, with TLS (`https://`
+    /// addresses, or a CA or client certificate in `options`) and the
+    /// credentials in `options`.
     pub async fn connect_with(addr: impl AsRef<str>, options: &ConnectOptions) -> Result<Client> {
-        let addr = normalize_server(addr.as_ref());
-        let connect_err = |detail: String| Error::Connect { addr: addr.clone(), detail };
+        let addrs: Vec<String> = addr
+            .as_ref()
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(normalize_server)
+            .map(|a| if options.wants_tls() && a.starts_with("http://") { a.replacen("http://", "https://", 1) } else { a })
+            .collect();
+        let shown = addrs.join(",");
+        let connect_err = |detail: String| Error::Connect { addr: shown.clone(), detail };
         let credentials = options.credentials().map_err(connect_err)?;
-        let addr = if options.wants_tls() && addr.starts_with("http://") { addr.replacen("http://", "https://", 1) } else { addr.clone() };
-        let connect_err = |detail: String| Error::Connect { addr: addr.clone(), detail };
-        let endpoint = Endpoint::from_shared(addr.clone())
-            .map_err(|e| connect_err(format!("invalid address: {e}")))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .initial_stream_window_size(Some(4 << 20))
-            .initial_connection_window_size(Some(32 << 20));
-        let endpoint = options.tls(endpoint, addr.starts_with("https://")).map_err(connect_err)?;
-        let channel = endpoint.connect().await.map_err(|e| connect_err(error_chain(&e)))?;
-        Ok(Client::from_channel_with(channel, credentials))
+        let endpoints = addrs
+            .iter()
+            .map(|a| {
+                let e = Endpoint::from_shared(a.clone()).map_err(|e| connect_err(format!("invalid address {a}: {e}")))?;
+                let e = e
+                    .connect_timeout(Duration::from_secs(5))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_timeout(Duration::from_secs(10))
+                    .initial_stream_window_size(Some(4 << 20))
+                    .initial_connection_window_size(Some(32 << 20));
+                options.tls(e, a.starts_with("https://")).map_err(connect_err)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        match endpoints.len() {
+            0 => Err(connect_err("no address given".into())),
+            1 => {
+                let channel = endpoints[0].connect().await.map_err(|e| connect_err(error_chain(&e)))?;
+                Ok(Client::from_channel_with(channel, credentials))
+            }
+            _ => {
+                // At least one must answer now, as with a single address.
+                let mut last = String::new();
+                let mut any = false;
+                for e in &endpoints {
+                    match e.connect().await {
+                        Ok(_) => {
+                            any = true;
+                            break;
+                        }
+                        Err(err) => last = error_chain(&err),
+                    }
+                }
+                if !any {
+                    return Err(connect_err(last));
+                }
+                let (channel, changes) = Channel::balance_channel::<usize>(endpoints.len().max(16));
+                let alive = Arc::new(());
+                tokio::spawn(watch_nodes(endpoints, changes, Arc::downgrade(&alive)));
+                let mut client = Client::from_channel_with(channel, credentials);
+                client._nodes = Some(alive);
+                Ok(client)
+            }
+        }
     }
 
     pub fn from_channel(channel: Channel) -> Client {
@@ -449,6 +496,7 @@ impl Client {
         Client {
             raw: RawClient::new(service.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX),
             users: UsersClient::new(service),
+            _nodes: None,
         }
     }
 
@@ -550,18 +598,18 @@ impl Client {
     // ------------------------------------------------------------- bindings
 
     pub async fn bind_queue(&self, exchange: &str, queue: &str, routing_key: &str) -> Result<()> {
-        self.bind(exchange, queue, false, routing_key, HashMap::new()).await
+        self.bind(exchange, queue, false, routing_key, BTreeMap::new()).await
     }
 
     /// Binds with arguments (for headers exchanges: the headers and `x-match`).
-    pub async fn bind_queue_with(&self, exchange: &str, queue: &str, routing_key: &str, args: HashMap<String, Value>) -> Result<()> {
+    pub async fn bind_queue_with(&self, exchange: &str, queue: &str, routing_key: &str, args: BTreeMap<String, Value>) -> Result<()> {
         self.bind(exchange, queue, false, routing_key, args).await
     }
 
     /// An exchange-to-exchange binding: messages from `source` matching the
     /// key also route through `destination`.
     pub async fn bind_exchange(&self, source: &str, destination: &str, routing_key: &str) -> Result<()> {
-        self.bind(source, destination, true, routing_key, HashMap::new()).await
+        self.bind(source, destination, true, routing_key, BTreeMap::new()).await
     }
 
     pub async fn bind(
@@ -570,7 +618,7 @@ impl Client {
         destination: &str,
         to_exchange: bool,
         routing_key: &str,
-        arguments: HashMap<String, Value>,
+        arguments: BTreeMap<String, Value>,
     ) -> Result<()> {
         self.raw().bind(binding_request(source, destination, to_exchange, routing_key, arguments)).await?;
         Ok(())
@@ -582,7 +630,7 @@ impl Client {
         destination: &str,
         to_exchange: bool,
         routing_key: &str,
-        arguments: HashMap<String, Value>,
+        arguments: BTreeMap<String, Value>,
     ) -> Result<()> {
         let binding = binding_request(source, destination, to_exchange, routing_key, arguments);
         self.raw().unbind(proto::UnbindRequest::from(binding)).await?;
@@ -648,7 +696,7 @@ fn binding_request(
     destination: &str,
     to_exchange: bool,
     routing_key: &str,
-    arguments: HashMap<String, Value>,
+    arguments: BTreeMap<String, Value>,
 ) -> proto::BindRequest {
     proto::BindRequest {
         source: source.to_string(),
@@ -943,5 +991,38 @@ impl Consumer {
                 Err(e) => Some((Err(e), None)),
             }
         })
+    }
+}
+
+/// How often a client of several nodes checks which of them answer.
+const NODE_PROBE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Keeps the nodes that accept connections in `changes`' balance set and
+/// the others out, until the client is dropped (`alive` gone).
+async fn watch_nodes(
+    endpoints: Vec<Endpoint>,
+    changes: tokio::sync::mpsc::Sender<tonic::transport::channel::Change<usize, Endpoint>>,
+    alive: std::sync::Weak<()>,
+) {
+    use tonic::transport::channel::Change;
+    let mut up = vec![false; endpoints.len()];
+    loop {
+        if alive.strong_count() == 0 {
+            return;
+        }
+        for (i, e) in endpoints.iter().enumerate() {
+            let uri = e.uri();
+            let target = format!("{}:{}", uri.host().unwrap_or("127.0.0.1"), uri.port_u16().unwrap_or(80));
+            let ok =
+                matches!(tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(target.as_str())).await, Ok(Ok(_)));
+            if ok != up[i] {
+                let change = if ok { Change::Insert(i, e.clone()) } else { Change::Remove(i) };
+                if changes.send(change).await.is_err() {
+                    return;
+                }
+                up[i] = ok;
+            }
+        }
+        tokio::time::sleep(NODE_PROBE_INTERVAL).await;
     }
 }

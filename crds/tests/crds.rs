@@ -121,7 +121,7 @@ fn should_reject_out_of_range_and_unknown_queue_fields() {
     assert!(e.contains("spec.overflow: unsupported value"), "{e}");
     let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "messageTTL": 5})), None);
     assert!(e.contains("unknown field \"messageTTL\""), "{e}");
-    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "type": "quorum"})), None);
+    let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "type": "stream"})), None);
     assert!(e.contains("spec.type: unsupported value"), "{e}");
     let e = errors_of(&queue(json!({"durable": true})), None);
     assert!(e.contains("spec.brokerRef: Required value"), "{e}");
@@ -150,6 +150,30 @@ fn should_reject_inconsistent_queue_arguments_with_cel() {
     validate_object(&queue(json!({"brokerRef": {"name": "w"}, "deliveryLimit": 0})), None).unwrap();
     let e = errors_of(&queue(json!({"brokerRef": {"name": "w"}, "deliveryLimit": 4294967296_i64})), None);
     assert!(e.contains("spec.deliveryLimit: must be less than or equal to"), "{e}");
+}
+
+#[test]
+fn should_hold_quorum_queues_to_the_brokers_rules() {
+    let q = |extra: Value| {
+        let mut spec = json!({"brokerRef": {"name": "w"}, "type": "quorum"});
+        spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        queue(spec)
+    };
+    validate_object(&q(json!({"deliveryLimit": 5, "messageTtlMs": 1000, "arguments": {"x-quorum-initial-group-size": 5}})), None).unwrap();
+    for (extra, want) in [
+        (json!({"durable": false}), "a quorum queue is durable"),
+        (json!({"autoDelete": true}), "a quorum queue cannot be autoDelete"),
+        (json!({"expiresMs": 60000}), "a quorum queue cannot have expiresMs"),
+    ] {
+        let e = errors_of(&q(extra.clone()), None);
+        assert!(e.contains(want), "{extra}: {e}");
+    }
+    // Classic queues may.
+    validate_object(&queue(json!({"brokerRef": {"name": "w"}, "durable": false, "autoDelete": true, "expiresMs": 1})), None).unwrap();
+    let e = errors_of(&q(json!({})), Some(&queue(json!({"brokerRef": {"name": "w"}}))));
+    assert!(e.contains("type is immutable"), "{e}");
+    let parsed: Queue = serde_json::from_value(q(json!({}))).unwrap();
+    assert_eq!(parsed.spec.type_.as_str(), "quorum");
 }
 
 /// The API server builds a CEL type from the schema and drops every field
@@ -265,8 +289,12 @@ fn should_make_bindings_and_exchanges_immutable_and_brokers_storage_immutable() 
     validate_object(&broker("10Gi", 1), None).unwrap();
     let e = errors_of(&broker("20Gi", 1), Some(&broker("10Gi", 1)));
     assert!(e.contains("storage is immutable"), "{e}");
-    let e = errors_of(&broker("10Gi", 3), None);
-    assert!(e.contains("replicas must be 1: queue replication across pods is not implemented yet"), "{e}");
+    validate_object(&broker("10Gi", 3), None).unwrap();
+    validate_object(&broker("10Gi", 7), None).unwrap();
+    let e = errors_of(&broker("10Gi", 8), None);
+    assert!(e.contains("spec.replicas: must be less than or equal to 7"), "{e}");
+    let e = errors_of(&broker("10Gi", 0), None);
+    assert!(e.contains("spec.replicas: must be greater than or equal to 1"), "{e}");
     let e = errors_of(&broker("lots", 1), None);
     assert!(e.contains("spec.storage.size: should match"), "{e}");
 
@@ -282,6 +310,27 @@ fn should_make_bindings_and_exchanges_immutable_and_brokers_storage_immutable() 
         None,
     );
     assert!(e.contains("set spec.alternateExchange instead"), "{e}");
+}
+
+#[test]
+fn should_resize_a_cluster_but_never_turn_a_single_broker_into_one() {
+    let broker = |replicas: i64| json!({"apiVersion": "warren.dev/v1alpha1", "kind": "Broker", "metadata": {"name": "w"}, "spec": {"replicas": replicas}});
+    validate_object(&broker(5), Some(&broker(3))).unwrap();
+    validate_object(&broker(3), Some(&broker(5))).unwrap();
+    validate_object(&broker(2), Some(&broker(3))).unwrap();
+    for (from, to) in [(1, 3), (3, 1)] {
+        let e = errors_of(&broker(to), Some(&broker(from)));
+        assert!(e.contains("replicas cannot change between 1 and more than 1"), "{from} -> {to}: {e}");
+    }
+    // The queue type is an enum with a default.
+    let b: Broker = serde_json::from_value(broker(3)).unwrap();
+    assert_eq!(b.spec.default_queue_type, warren_crds::v1alpha1::DefaultQueueType::Quorum);
+    let mut classic = broker(3);
+    classic["spec"]["defaultQueueType"] = "classic".into();
+    validate_object(&classic, None).unwrap();
+    classic["spec"]["defaultQueueType"] = "stream".into();
+    let e = errors_of(&classic, None);
+    assert!(e.contains("spec.defaultQueueType: unsupported value"), "{e}");
 }
 
 #[test]

@@ -168,15 +168,20 @@ fn should_budget_one_voluntary_disruption() {
 }
 
 #[test]
-fn should_refuse_names_too_long_for_statefulset_labels_and_replication() {
+fn should_refuse_names_too_long_for_statefulset_labels_and_sizes_out_of_range() {
     let mut b = broker(json!({}));
     b.metadata.name = Some("x".repeat(53));
     let e = build::validate(&b, "img").unwrap_err().to_string();
     assert!(e.contains("at most 52"), "{e}");
-    let mut b = broker(json!({}));
-    b.spec.replicas = 3;
-    let e = build::validate(&b, "img").unwrap_err().to_string();
-    assert!(e.contains("replication is not implemented"), "{e}");
+    for replicas in [0, 8] {
+        let mut b = broker(json!({}));
+        b.spec.replicas = replicas;
+        let e = build::validate(&b, "img").unwrap_err().to_string();
+        assert!(e.contains(&format!("spec.replicas is {replicas}; a Broker runs 1 to 7 pods")), "{e}");
+    }
+    for replicas in 1..=7 {
+        assert!(build::validate(&broker(json!({"replicas": replicas})), "img").is_ok());
+    }
     let v = build::validate(&broker(json!({"image": "mine:2"})), "img").unwrap();
     assert_eq!(v.image, "mine:2", "spec.image wins over the operator default");
 }
@@ -224,7 +229,7 @@ fn should_report_ready_progressing_and_degraded() {
     assert_eq!(condition(&stuck, "Progressing").0, "False");
 }
 
-fn env_of(v: &ValidatedBroker) -> Vec<(String, String)> {
+fn broker_env(v: &ValidatedBroker) -> Vec<(String, String)> {
     let sts = build::stateful_set(v);
     let c = &sts.spec.template.spec.as_ref().unwrap().containers[0];
     c.env.as_ref().unwrap().iter().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect()
@@ -237,7 +242,7 @@ fn has(env: &[(String, String)], name: &str, value: &str) -> bool {
 #[test]
 fn should_turn_authentication_on_by_default_with_a_generated_admin_secret() {
     let v = validated(json!({}));
-    let env = env_of(&v);
+    let env = broker_env(&v);
     assert!(has(&env, "WARREN_ADMIN_PASSWORD_FILE", "/etc/warren-admin/password"), "{env:?}");
     assert!(has(&env, "WARREN_KUBERNETES_AUTH", "token-review"), "{env:?}");
     assert!(has(&env, "WARREN_KUBERNETES_AUDIENCE", "warren"), "{env:?}");
@@ -261,12 +266,12 @@ fn should_turn_authentication_on_by_default_with_a_generated_admin_secret() {
 
     // Turned off on purpose: the broker is told to run open.
     let open = validated(json!({"auth": {"enabled": false}}));
-    let env = env_of(&open);
+    let env = broker_env(&open);
     assert!(has(&env, "WARREN_INSECURE", "true"), "{env:?}");
     assert!(!env.iter().any(|(n, _)| n == "WARREN_ADMIN_PASSWORD_FILE"));
     assert_eq!(build::stateful_set(&open).spec.template.spec.unwrap().automount_service_account_token, Some(false));
     let jwks = validated(json!({"auth": {"serviceAccountTokens": "Jwks", "maxConnectionsPerUser": 50, "maxStreamsPerUser": 500}}));
-    let env = env_of(&jwks);
+    let env = broker_env(&jwks);
     assert!(has(&env, "WARREN_KUBERNETES_AUTH", "jwks") && has(&env, "WARREN_MAX_CONNECTIONS_PER_USER", "50"), "{env:?}");
     assert!(has(&env, "WARREN_MAX_STREAMS_PER_USER", "500"), "{env:?}");
 }
@@ -274,7 +279,7 @@ fn should_turn_authentication_on_by_default_with_a_generated_admin_secret() {
 #[test]
 fn should_mount_tls_from_a_secret_or_a_cert_manager_certificate() {
     let v = validated(json!({"tls": {"secretName": "broker-tls", "clientAuth": "Required"}}));
-    let env = env_of(&v);
+    let env = broker_env(&v);
     assert!(has(&env, "WARREN_TLS_CERT", "/etc/warren-tls/tls.crt") && has(&env, "WARREN_TLS_KEY", "/etc/warren-tls/tls.key"), "{env:?}");
     assert!(has(&env, "WARREN_TLS_CLIENT_CA", "/etc/warren-tls/ca.crt") && has(&env, "WARREN_TLS_CLIENT_AUTH", "required"), "{env:?}");
     let sts = build::stateful_set(&v);
@@ -295,7 +300,7 @@ fn should_mount_tls_from_a_secret_or_a_cert_manager_certificate() {
     let names = cert["spec"]["dnsNames"].as_array().unwrap();
     assert!(names.contains(&json!("warren.messaging.svc")) && names.contains(&json!("*.warren-headless.messaging.svc")), "{names:?}");
     assert_eq!(cert["metadata"]["ownerReferences"][0]["uid"], "uid-1");
-    let env = env_of(&v);
+    let env = broker_env(&v);
     assert!(has(&env, "WARREN_TLS_CERT", "/etc/warren-tls/tls.crt"));
     assert!(!env.iter().any(|(n, _)| n == "WARREN_TLS_CLIENT_CA"), "no client certificates unless asked");
 }
@@ -325,4 +330,146 @@ fn should_admit_only_client_and_peer_traffic() {
         (subject.kind.as_str(), subject.name.as_str(), subject.namespace.as_deref()),
         ("ServiceAccount", "warren", Some("messaging"))
     );
+}
+
+/// Every child of a single broker (one replica), serialized, as committed in
+/// `tests/fixtures/single-broker.json`: clusters must not change what a
+/// single broker runs (no peers, no cluster port, no update strategy, no
+/// pod restart on upgrade). `WARREN_UPDATE_FIXTURES=1` rewrites the file
+/// after a deliberate change.
+#[test]
+fn should_build_a_single_broker_exactly_as_before() {
+    let v = validated(json!({
+        "replicas": 1, "storage": {"size": "20Gi"}, "listenAddress": "0.0.0.0",
+        "config": {"maxMessageSize": 1048576, "memoryHighWatermark": "0.4"},
+        "service": {"type": "LoadBalancer"}, "nodeSelector": {"disk": "ssd"}
+    }));
+    let c = build::build(&v);
+    let got = serde_json::to_string_pretty(&json!({
+        "serviceAccount": c.service_account, "configMap": c.config_map, "headlessService": c.headless_service,
+        "clientService": c.client_service, "statefulSet": c.stateful_set, "podDisruptionBudget": c.pod_disruption_budget,
+    }))
+    .unwrap();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/single-broker.json");
+    if std::env::var_os("WARREN_UPDATE_FIXTURES").is_some() {
+        std::fs::write(&path, format!("{got}\n")).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(got, want.trim_end(), "a single broker's objects changed; if deliberately, run with WARREN_UPDATE_FIXTURES=1");
+    let sts = serde_json::to_string(&c.stateful_set).unwrap();
+    for absent in ["WARREN_PEERS", "WARREN_NODE_ID", "5681", "updateStrategy", "ordinals", "pod-template-hash"] {
+        assert!(!sts.contains(absent), "a single broker's StatefulSet has {absent}");
+    }
+}
+
+fn env_of(sts: &StatefulSet) -> Vec<(String, String)> {
+    let c = &sts.spec.template.spec.as_ref().unwrap().containers[0];
+    c.env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let value = match (&e.value, &e.value_from) {
+                (Some(v), _) => v.clone(),
+                (None, Some(from)) => format!("from {}", from.field_ref.as_ref().unwrap().field_path),
+                (None, None) => String::new(),
+            };
+            (e.name.clone(), value)
+        })
+        .collect()
+}
+
+fn env_value(sts: &StatefulSet, name: &str) -> String {
+    env_of(sts).into_iter().find(|(n, _)| n == name).map(|(_, v)| v).unwrap_or_else(|| panic!("no {name}"))
+}
+
+#[test]
+fn should_run_a_cluster_with_node_ids_peers_and_a_cluster_port() {
+    let v = validated(json!({"replicas": 3}));
+    let sts = build::stateful_set(&v);
+    let spec = &sts.spec;
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"), "all pods start at once, so the first election has a quorum");
+    assert_eq!(spec.ordinals.as_ref().unwrap().start, Some(1), "pod warren-1 is node 1");
+    assert_eq!(spec.service_name.as_deref(), Some("warren-headless"));
+    let strategy = spec.update_strategy.as_ref().unwrap();
+    assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
+    assert_eq!(build::partition(&sts), 0, "a new cluster starts every pod");
+
+    assert_eq!(env_value(&sts, "WARREN_NODE_ID"), "from metadata.labels['apps.kubernetes.io/pod-index']");
+    assert_eq!(env_value(&sts, "WARREN_CLUSTER_ADDR"), "[::]:5681");
+    assert_eq!(
+        env_value(&sts, "WARREN_PEERS"),
+        "1=warren-1.warren-headless.messaging.svc:5681,2=warren-2.warren-headless.messaging.svc:5681,\
+         3=warren-3.warren-headless.messaging.svc:5681"
+    );
+    assert_eq!(env_value(&sts, "WARREN_DEFAULT_QUEUE_TYPE"), "quorum");
+    assert_eq!(env_value(&sts, "WARREN_GRPC_ADDR"), "[::]:5680", "clients as before");
+
+    let c = &spec.template.spec.as_ref().unwrap().containers[0];
+    let ports: Vec<_> = c.ports.as_ref().unwrap().iter().map(|p| (p.name.clone().unwrap(), p.container_port)).collect();
+    assert_eq!(ports, [("grpc".to_string(), 5680), ("http".to_string(), 15680), ("cluster".to_string(), 5681)]);
+
+    let pod = spec.template.spec.as_ref().unwrap();
+    let spread = pod.topology_spread_constraints.as_ref().unwrap();
+    assert_eq!(spread[0].topology_key, "kubernetes.io/hostname");
+    assert_eq!(spread[0].when_unsatisfiable, "ScheduleAnyway");
+    assert_eq!(spread[0].max_skew, 1);
+    assert_eq!(spread[0].label_selector.as_ref().unwrap().match_labels.as_ref().unwrap()["app.kubernetes.io/instance"], "warren");
+
+    let headless = build::headless_service(&v);
+    let hspec = headless.spec.unwrap();
+    assert_eq!(hspec.publish_not_ready_addresses, Some(true), "pods find each other before they are ready");
+    assert_eq!(hspec.cluster_ip.as_deref(), Some("None"));
+    assert!(hspec.ports.unwrap().iter().any(|p| p.name.as_deref() == Some("cluster") && p.port == 5681));
+    let client = build::client_service(&v).spec.unwrap();
+    assert!(client.ports.unwrap().iter().all(|p| p.port != 5681), "clients never reach the cluster port");
+    let pdb = build::pod_disruption_budget(&v).spec.unwrap();
+    assert_eq!(pdb.max_unavailable, Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(1)));
+
+    assert_eq!(v.pod_name(0), "warren-1");
+    assert_eq!(ValidatedBroker::node_id(2), 3);
+}
+
+#[test]
+fn should_listen_for_peers_on_the_brokers_listen_address_and_pass_the_default_queue_type() {
+    let sts = build::stateful_set(&validated(json!({"replicas": 5, "listenAddress": "0.0.0.0", "defaultQueueType": "classic"})));
+    assert_eq!(env_value(&sts, "WARREN_CLUSTER_ADDR"), "0.0.0.0:5681");
+    assert_eq!(env_value(&sts, "WARREN_DEFAULT_QUEUE_TYPE"), "classic");
+    let peers = env_value(&sts, "WARREN_PEERS");
+    assert_eq!(peers.split(',').count(), 5);
+    assert!(peers.ends_with(",5=warren-5.warren-headless.messaging.svc:5681"), "{peers}");
+}
+
+#[test]
+fn should_record_a_template_hash_that_changes_with_the_members() {
+    let hash = |spec| build::template_hash(&build::stateful_set(&validated(spec))).unwrap().to_string();
+    assert_eq!(hash(json!({"replicas": 3})), hash(json!({"replicas": 3})), "stable across builds");
+    assert_ne!(hash(json!({"replicas": 3})), hash(json!({"replicas": 5})), "new peers roll the pods");
+    assert_ne!(hash(json!({"replicas": 3})), hash(json!({"replicas": 3, "config": {"maxMessageSize": 1024}})));
+    assert_ne!(hash(json!({"replicas": 3})), hash(json!({"replicas": 3, "image": "other:2"})));
+    assert!(build::template_hash(&build::stateful_set(&validated(json!({})))).is_none(), "not on a single broker");
+
+    let mut sts = build::stateful_set(&validated(json!({"replicas": 3})));
+    build::set_partition(&mut sts, 2);
+    assert_eq!(build::partition(&sts), 2);
+    let mut single = build::stateful_set(&validated(json!({})));
+    build::set_partition(&mut single, 2);
+    assert!(single.spec.update_strategy.is_none(), "a single broker has no partition to set");
+}
+
+#[test]
+fn should_show_a_rollout_waiting_for_the_broker_and_a_refused_scale_down() {
+    let v = validated(json!({"replicas": 3}));
+    let now = Timestamp::now();
+    let rolling = status::from_stateful_set(&v, &sts(3, 1, 1, 1), &BrokerStatus::default(), now);
+    let waiting = status::rollout_waiting(&rolling, Some(3), "QuorumCritical", "pod warren-2 (node 2) restarts next, but orders");
+    assert_eq!(condition(&waiting, "Progressing"), ("True", "QuorumCritical"));
+    assert_eq!(condition(&waiting, "Ready"), condition(&rolling, "Ready"), "only Progressing changes");
+
+    let refused = status::scale_down_refused(&rolling, Some(4), "scaling down from 5 to 3 pods removes nodes 4, 5");
+    assert_eq!(condition(&refused, "Degraded"), ("True", "ScaleDownRefused"));
+    assert_eq!(condition(&refused, "Progressing"), ("False", "ScaleDownRefused"));
+    assert_eq!(condition(&refused, "Ready"), condition(&rolling, "Ready"), "the running pods are as they were");
+    assert_eq!(refused.observed_generation, Some(4));
 }

@@ -691,3 +691,167 @@ async fn should_report_a_kubernetes_api_error_in_the_status() {
     assert_eq!(ready["reason"], "KubernetesApiError");
     assert!(ready["message"].as_str().unwrap().contains("forbidden"), "{ready}");
 }
+
+/// A cluster Broker (3 replicas) whose StatefulSet the API server holds,
+/// reconciled with the broker reached at the fake's address.
+struct ClusterEnv {
+    api: ApiServer,
+    broker: FakeBroker,
+    ctx: Arc<warren_operator::context::Context>,
+    obj: Value,
+}
+
+const STS: &str = "/apis/apps/v1/namespaces/ns/statefulsets/warren";
+
+async fn cluster_env(replicas: i32) -> ClusterEnv {
+    let (client, api) = ApiServer::start();
+    let (fake, addr) = FakeBroker::start().await;
+    let mut settings = warren_operator::context::Settings {
+        broker_image: "warren/broker:test".into(),
+        broker_timeout: std::time::Duration::from_secs(5),
+        ..Default::default()
+    };
+    settings.broker_endpoints.insert(format!("{NS}/warren"), addr);
+    let ctx = warren_operator::context::Context::new(client, Arc::new(warren_operator::metrics::Metrics::default()), settings, None);
+    let obj = json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Broker",
+        "metadata": {"name": "warren", "namespace": NS, "uid": "u1", "generation": 2},
+        "spec": {"replicas": replicas}
+    });
+    api.put(&path("brokers", NS, "warren"), obj.clone());
+    ClusterEnv { api, broker: fake, ctx, obj }
+}
+
+impl ClusterEnv {
+    /// The template hash the operator builds for this Broker.
+    fn hash(&self) -> String {
+        let b: Broker = serde_json::from_value(self.obj.clone()).unwrap();
+        let v = warren_operator::broker::build::validate(&b, "warren/broker:test").unwrap();
+        warren_operator::broker::build::template_hash(&warren_operator::broker::build::stateful_set(&v)).unwrap().to_string()
+    }
+
+    /// Stores a StatefulSet of `replicas` pods, all ready, `updated` of them
+    /// on the template hashing to `hash`, with `partition`.
+    fn store_sts(&self, replicas: i32, hash: &str, partition: i32, updated: i32) {
+        let owned = json!([{"apiVersion": "warren.dev/v1alpha1", "kind": "Broker", "name": "warren", "uid": "u1", "controller": true}]);
+        self.api.put(
+            STS,
+            json!({
+                "metadata": {"name": "warren", "generation": 7, "ownerReferences": owned,
+                             "annotations": {warren_operator::broker::build::TEMPLATE_HASH_ANNOTATION: hash}},
+                "spec": {"replicas": replicas, "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"partition": partition}}},
+                "status": {"replicas": replicas, "readyReplicas": replicas, "updatedReplicas": updated, "observedGeneration": 7}
+            }),
+        );
+    }
+
+    async fn reconcile(&self) -> kube::runtime::controller::Action {
+        let b: Broker = serde_json::from_value(self.obj.clone()).unwrap();
+        within(warren_operator::broker::reconcile(Arc::new(b), self.ctx.clone())).await.unwrap()
+    }
+
+    /// The StatefulSet the last reconcile applied, if any.
+    fn applied_sts(&self) -> Option<Value> {
+        self.api.recorded().iter().rev().find(|r| r.method == "PATCH" && r.path == STS).map(|r| r.body.clone())
+    }
+
+    fn progressing(&self) -> Value {
+        let status = self.api.last_status("warren");
+        status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Progressing").unwrap().clone()
+    }
+}
+
+/// A rollout restarts the next pod only once the broker says no queue
+/// needs it; meanwhile `Progressing` says which queues it waits for.
+#[tokio::test]
+async fn should_hold_a_cluster_rollout_while_a_queue_is_quorum_critical() {
+    let e = cluster_env(3).await;
+    // A new template (the hash differs): no pod restarts yet.
+    e.store_sts(3, "old", 0, 3);
+    let action = e.reconcile().await;
+    assert_eq!(e.applied_sts().unwrap()["spec"]["updateStrategy"]["rollingUpdate"]["partition"], 3);
+    assert_eq!(e.applied_sts().unwrap()["metadata"]["annotations"][warren_operator::broker::build::TEMPLATE_HASH_ANNOTATION], e.hash());
+    assert!(e.broker.critical_asked().is_empty(), "nothing to ask before the controller has seen the template");
+    assert_eq!(action, kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(300)));
+
+    // The controller has seen it; node 3 (pod warren-3) is next, but a queue needs it.
+    e.store_sts(3, &e.hash(), 3, 0);
+    e.broker.set_critical(3, &["orders", "payments"]);
+    e.api.clear();
+    let action = e.reconcile().await;
+    assert_eq!(e.broker.critical_asked(), [3]);
+    assert_eq!(e.applied_sts().unwrap()["spec"]["updateStrategy"]["rollingUpdate"]["partition"], 3, "held");
+    let p = e.progressing();
+    assert_eq!((p["status"].as_str(), p["reason"].as_str()), (Some("True"), Some("QuorumCritical")));
+    let message = p["message"].as_str().unwrap();
+    assert!(message.contains("pod warren-3 (node 3)") && message.contains("orders, payments"), "{message}");
+    assert_eq!(action, kube::runtime::controller::Action::requeue(warren_operator::broker::ROLLOUT_RECHECK));
+    assert_eq!(e.api.events().iter().map(|(_, r, _)| r.as_str()).collect::<Vec<_>>(), ["RolloutWaiting"]);
+
+    // The replicas caught up: warren-3 restarts.
+    e.broker.set_critical(3, &[]);
+    e.api.clear();
+    e.reconcile().await;
+    assert_eq!(e.applied_sts().unwrap()["spec"]["updateStrategy"]["rollingUpdate"]["partition"], 2);
+    assert_ne!(e.progressing()["reason"], "QuorumCritical");
+
+    // warren-3 is back on the new template: node 2 is asked about next.
+    e.store_sts(3, &e.hash(), 2, 1);
+    e.api.clear();
+    e.reconcile().await;
+    assert_eq!(e.broker.critical_asked(), [3, 3, 2]);
+    assert_eq!(e.applied_sts().unwrap()["spec"]["updateStrategy"]["rollingUpdate"]["partition"], 1);
+}
+
+/// A broker that cannot be asked holds the rollout (`QuorumUnknown`).
+#[tokio::test]
+async fn should_hold_a_cluster_rollout_while_the_broker_cannot_be_asked() {
+    let e = cluster_env(3).await;
+    let (client, api) = (e.ctx.client.clone(), e.api.clone());
+    let mut settings = e.ctx.settings.clone();
+    settings.broker_endpoints.insert(format!("{NS}/warren"), "127.0.0.1:1".into());
+    let ctx = warren_operator::context::Context::new(client, Arc::new(warren_operator::metrics::Metrics::default()), settings, None);
+    let e = ClusterEnv { api, broker: e.broker, ctx, obj: e.obj };
+    e.store_sts(3, &e.hash(), 3, 0);
+    e.reconcile().await;
+    assert_eq!(e.applied_sts().unwrap()["spec"]["updateStrategy"]["rollingUpdate"]["partition"], 3);
+    assert_eq!(e.progressing()["reason"], "QuorumUnknown");
+    assert!(e.progressing()["message"].as_str().unwrap().contains("QuorumCritical"), "{}", e.progressing());
+}
+
+/// Removing pods that hold a majority of a queue's replicas is refused
+/// before anything is applied; once the queue moved, the scale-down goes.
+#[tokio::test]
+async fn should_refuse_a_scale_down_that_would_leave_a_queue_without_a_majority() {
+    let e = cluster_env(3).await;
+    e.store_sts(5, "old", 0, 5);
+    let quorum = |members: &[u64]| QueueInfo {
+        name: "orders".into(),
+        durable: true,
+        queue_type: "quorum".into(),
+        members: members.to_vec(),
+        ..QueueInfo::default()
+    };
+    e.broker.add_queue(quorum(&[3, 4, 5]));
+    let action = e.reconcile().await;
+    assert!(e.api.lines().iter().all(|l| !l.starts_with("PATCH") || l.ends_with("/status")), "nothing applied: {:?}", e.api.lines());
+    let status = e.api.last_status("warren");
+    let degraded = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Degraded").unwrap().clone();
+    assert_eq!(degraded["reason"], "ScaleDownRefused");
+    let message = degraded["message"].as_str().unwrap();
+    assert!(message.contains("scaling down from 5 to 3 pods removes nodes 4, 5"), "{message}");
+    assert!(message.contains("orders (replicas on nodes 3, 4, 5; 1 would remain)"), "{message}");
+    assert!(message.contains("ShrinkQueues"), "{message}");
+    assert_eq!(e.api.events()[0].0, "Warning");
+    assert_eq!(e.api.events()[0].1, "ScaleDownRefused");
+    assert_eq!(action, kube::runtime::controller::Action::requeue(warren_operator::broker::SCALE_DOWN_RECHECK));
+
+    // Shrunk off nodes 4 and 5: the StatefulSet is applied with 3 pods, and
+    // the pods that stay restart one by one (new member list).
+    e.broker.add_queue(quorum(&[1, 2, 3]));
+    e.api.clear();
+    e.reconcile().await;
+    let sts = e.applied_sts().unwrap();
+    assert_eq!(sts["spec"]["replicas"], 3);
+    assert_eq!(sts["spec"]["updateStrategy"]["rollingUpdate"]["partition"], 3);
+}

@@ -96,7 +96,7 @@ fn should_set_only_variables_the_binaries_read() {
     assert!(read("docker/operator.Dockerfile").contains("EXPOSE 8080"));
     assert!(operator_help.contains(":8080"), "the operator's default HTTP port is 8080");
     assert!(deployment.contains("containerPort: 8080"));
-    assert!(read("docker/broker.Dockerfile").contains("EXPOSE 5680 15680"));
+    assert!(read("docker/broker.Dockerfile").contains("EXPOSE 5680 5681 15680"), "gRPC, the cluster port, HTTP");
 }
 
 #[test]

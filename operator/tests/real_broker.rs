@@ -316,3 +316,36 @@ async fn should_put_users_and_permissions_into_the_real_broker_and_revoke_them()
         }
     }
 }
+
+/// A cluster pod's settings start the real broker as that member: the node
+/// id its `pod-index` label gives pod `warren-2`, the member list and the
+/// default queue type exactly as the StatefulSet sets them (the listen
+/// addresses stay on loopback here; the other members are not running).
+#[tokio::test]
+async fn should_start_the_real_broker_as_a_cluster_member_with_the_generated_settings() {
+    let broker: warren_crds::v1alpha1::Broker = serde_json::from_value(json!({
+        "apiVersion": "warren.dev/v1alpha1", "kind": "Broker",
+        "metadata": {"name": "warren", "namespace": NS, "uid": "u"},
+        "spec": {"replicas": 3, "defaultQueueType": "classic"}
+    }))
+    .unwrap();
+    let v = warren_operator::broker::build::validate(&broker, "img").unwrap();
+    let sts = warren_operator::broker::build::stateful_set(&v);
+    let env = sts.spec.template.spec.as_ref().unwrap().containers[0].env.clone().unwrap();
+    let value = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone()).unwrap();
+    let peers = value("WARREN_PEERS");
+    let queue_type = value("WARREN_DEFAULT_QUEUE_TYPE");
+    let real = RealBroker::start_with(&[
+        "--node-id",
+        "2",
+        "--peers",
+        &peers,
+        "--default-queue-type",
+        &queue_type,
+        "--cluster-addr",
+        "127.0.0.1:0",
+    ]);
+    for expected in ["node_id = 2".to_string(), format!("peers = {peers}"), "default_queue_type = classic".into()] {
+        assert!(real.banner.contains(&expected), "the broker did not take `{expected}`:\n{}", real.banner);
+    }
+}

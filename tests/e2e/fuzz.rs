@@ -20,7 +20,7 @@
 //! WARREN_FUZZ_CASES=10000 cargo test -p warren-tests --test e2e fuzz -- --nocapture
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -92,7 +92,7 @@ fn list(values: Vec<Value>) -> Value {
     Value { kind: Some(Kind::List(proto::ValueList { values })) }
 }
 
-fn map(fields: HashMap<String, Value>) -> Value {
+fn map(fields: BTreeMap<String, Value>) -> Value {
     Value { kind: Some(Kind::Map(proto::ValueMap { fields })) }
 }
 
@@ -109,7 +109,7 @@ fn value() -> impl Strategy<Value = Value> {
     leaf.prop_recursive(3, 24, 4, |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(list),
-            prop::collection::hash_map("[a-z-]{0,8}", inner, 0..4).prop_map(map),
+            prop::collection::btree_map("[a-z-]{0,8}", inner, 0..4).prop_map(map),
         ]
     })
 }
@@ -135,7 +135,7 @@ fn plausible_arg() -> impl Strategy<Value = (&'static str, Value)> {
 
 /// Queue arguments: every known one, with plausible values (that take
 /// effect) and arbitrary ones (that must be refused or ignored cleanly).
-fn queue_args() -> impl Strategy<Value = HashMap<String, Value>> {
+fn queue_args() -> impl Strategy<Value = BTreeMap<String, Value>> {
     let known = prop::sample::select(vec![
         "x-message-ttl",
         "x-expires",
@@ -156,7 +156,7 @@ fn queue_args() -> impl Strategy<Value = HashMap<String, Value>> {
 }
 
 /// Exchange and binding arguments.
-fn other_args() -> impl Strategy<Value = HashMap<String, Value>> {
+fn other_args() -> impl Strategy<Value = BTreeMap<String, Value>> {
     let entry = prop_oneof![
         name().prop_map(|v| ("alternate-exchange".to_string(), string(&v))),
         prop::sample::select(vec!["all", "any", "all-with-x", "any-with-x", "some"]).prop_map(|v| ("x-match".to_string(), string(v))),
@@ -170,7 +170,7 @@ fn x_death() -> impl Strategy<Value = Value> {
     let count = prop_oneof![2 => prop::sample::select(vec![i64::MAX, i64::MIN, -1, 0]), 1 => edge_int()];
     let entry = (name(), prop::sample::select(vec!["rejected", "expired", "maxlen", "delivery_limit", "junk"]), count).prop_map(
         |(queue, reason, count)| {
-            map(HashMap::from([
+            map(BTreeMap::from([
                 ("queue".to_string(), string(&queue)),
                 ("reason".to_string(), string(reason)),
                 ("count".to_string(), int(count)),
@@ -180,7 +180,7 @@ fn x_death() -> impl Strategy<Value = Value> {
     prop_oneof![3 => prop::collection::vec(entry, 0..3).prop_map(list), 1 => value()]
 }
 
-fn headers() -> impl Strategy<Value = HashMap<String, Value>> {
+fn headers() -> impl Strategy<Value = BTreeMap<String, Value>> {
     let entry = prop_oneof![
         3 => ("[a-z-]{0,8}", value()),
         1 => x_death().prop_map(|v| ("x-death".to_string(), v)),
@@ -191,7 +191,7 @@ fn headers() -> impl Strategy<Value = HashMap<String, Value>> {
         8 => prop::collection::vec(entry, 0..4).prop_map(|v| v.into_iter().collect()),
         // Over the header count and header bytes limits the broker runs with.
         1 => (17usize..40).prop_map(|n| (0..n).map(|i| (format!("h{i}"), int(i as i64))).collect()),
-        1 => Just(HashMap::from([("big".to_string(), string(&"v".repeat(5000)))])),
+        1 => Just(BTreeMap::from([("big".to_string(), string(&"v".repeat(5000)))])),
     ]
 }
 
@@ -354,7 +354,7 @@ fn setup() -> impl Strategy<Value = Vec<Op>> {
                     destination: destination.to_string(),
                     destination_kind,
                     routing_key,
-                    arguments: HashMap::new(),
+                    arguments: BTreeMap::new(),
                 },
                 unbind: false,
             })

@@ -4,7 +4,7 @@
 //! never subscribes, message headers). Every wait here is bounded; a
 //! broker that hangs fails the test instead of hanging it.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -94,7 +94,7 @@ async fn should_dead_letter_a_message_whose_x_death_count_is_at_its_maximum() {
     // (queue, reason) this message is about to die for, beside odd entries.
     let entry = |count: Value| Value {
         kind: Some(Kind::Map(proto::ValueMap {
-            fields: HashMap::from([
+            fields: BTreeMap::from([
                 ("queue".to_string(), string("work")),
                 ("reason".to_string(), string("rejected")),
                 ("count".to_string(), count),

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod cluster;
 mod consuming;
 mod docs;
 mod durability;
@@ -12,6 +13,8 @@ mod fuzz;
 mod hostile;
 mod interop;
 mod operability;
+mod partition;
+mod quorum;
 mod routing;
 mod security;
 mod semantics;

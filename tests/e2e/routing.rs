@@ -2,7 +2,7 @@
 //! exchange-to-exchange bindings, mandatory returns, alternate exchanges,
 //! and publish-time rejections.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use warren_client::{ConfirmStatus, ExchangeKind, ExchangeOptions, Message, Value};
 use warren_tests::TestBroker;
@@ -69,8 +69,8 @@ async fn should_route_headers_with_all_and_any() {
     c.declare_exchange("h", ExchangeKind::Headers, Default::default()).await.unwrap();
     queue(&c, "all").await;
     queue(&c, "any").await;
-    let args = |mode: &str| -> HashMap<String, Value> {
-        HashMap::from([
+    let args = |mode: &str| -> BTreeMap<String, Value> {
+        BTreeMap::from([
             ("x-match".to_string(), Value::from(mode)),
             ("format".to_string(), Value::from("pdf")),
             ("type".to_string(), Value::from("report")),
@@ -84,7 +84,7 @@ async fn should_route_headers_with_all_and_any() {
     assert_eq!(drain(&c, "all").await, vec!["both"]);
     assert_eq!(drain(&c, "any").await, vec!["both", "one"]);
     // A bad x-match is refused at bind time.
-    let bad = HashMap::from([("x-match".to_string(), Value::from("some"))]);
+    let bad = BTreeMap::from([("x-match".to_string(), Value::from("some"))]);
     let (code, msg) = code(c.bind_queue_with("h", "all", "", bad).await);
     assert_eq!(code, tonic::Code::InvalidArgument);
     assert!(msg.contains("x-match"), "{msg}");
@@ -124,7 +124,7 @@ async fn should_follow_exchange_to_exchange_bindings() {
     assert_eq!(drain(&c, "q2").await, vec!["o1"]);
     let bindings = c.list_bindings().await.unwrap();
     assert!(bindings.iter().any(|b| b.source == "front" && b.destination == "back"));
-    c.unbind("front", "back", true, "orders.#", HashMap::new()).await.unwrap();
+    c.unbind("front", "back", true, "orders.#", BTreeMap::new()).await.unwrap();
     let confirm = c.publish(Message::new("front", "orders.eu", "o2")).await.unwrap();
     assert_eq!(confirm.status(), ConfirmStatus::Unroutable);
 }

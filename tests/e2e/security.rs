@@ -7,7 +7,7 @@
 //! loopback/insecure start-up rule, and that no credential ever reaches a
 //! log line.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -141,7 +141,7 @@ async fn add_user(admin: &Client, name: &str, password: &str, configure: &str, w
                 configure: configure.into(),
                 write: write.into(),
                 read: read.into(),
-                topics: HashMap::new(),
+                topics: BTreeMap::new(),
             }),
         })
         .await
@@ -641,7 +641,7 @@ async fn run_row(admin: &Client, user: &Client, name: &str) -> Result<(), (tonic
         })
     };
     let fanout = ExchangeOptions::default();
-    let dlx: HashMap<String, Value> = [("x-dead-letter-exchange".to_string(), Value { kind: Some(Kind::String("mdlx".into())) })].into();
+    let dlx: BTreeMap<String, Value> = [("x-dead-letter-exchange".to_string(), Value { kind: Some(Kind::String("mdlx".into())) })].into();
     match name {
         "declare exchange" => as_err(user.declare_exchange("mx", ExchangeKind::Fanout, fanout).await.map(drop)),
         "declare exchange with alternate-exchange" => as_err(
@@ -667,7 +667,7 @@ async fn run_row(admin: &Client, user: &Client, name: &str) -> Result<(), (tonic
                 as_err(user.bind_queue("mx", "mq", "").await)
             } else {
                 admin.bind_queue("mx", "mq", "").await.unwrap();
-                as_err(user.unbind("mx", "mq", false, "", HashMap::new()).await)
+                as_err(user.unbind("mx", "mq", false, "", BTreeMap::new()).await)
             }
         }
         "bind exchange" | "unbind exchange" => {
@@ -677,7 +677,7 @@ async fn run_row(admin: &Client, user: &Client, name: &str) -> Result<(), (tonic
                 as_err(user.bind_exchange("mx", "mx2", "").await)
             } else {
                 admin.bind_exchange("mx", "mx2", "").await.unwrap();
-                as_err(user.unbind("mx", "mx2", true, "", HashMap::new()).await)
+                as_err(user.unbind("mx", "mx2", true, "", BTreeMap::new()).await)
             }
         }
         "publish" => {
@@ -753,7 +753,7 @@ async fn should_deny_each_operation_without_each_permission_it_needs() {
                 configure: pattern_without("configure", needs, missing),
                 write: pattern_without("write", needs, missing),
                 read: pattern_without("read", needs, missing),
-                topics: HashMap::new(),
+                topics: BTreeMap::new(),
             };
             admin.users().set_permissions(proto::SetPermissionsRequest { user: "m".into(), permissions: Some(p) }).await.unwrap();
         }
@@ -784,7 +784,7 @@ async fn should_deny_each_operation_without_each_permission_it_needs() {
     clean(&admin).await;
     admin.declare_exchange("mx", ExchangeKind::Topic, ExchangeOptions::default()).await.unwrap();
     admin.declare_queue("mq", QueueOptions::default()).await.unwrap();
-    let topics: HashMap<String, proto::TopicPermission> =
+    let topics: BTreeMap<String, proto::TopicPermission> =
         [("mx".to_string(), proto::TopicPermission { write: "^orders\\.".into(), read: "^orders\\.eu\\.".into() })].into();
     admin
         .users()

@@ -90,6 +90,8 @@ pub struct TestBroker {
     pub addr: String,
     /// The HTTP address (`/metrics`, `/healthz`, `/readyz`) it listens on.
     pub http_addr: String,
+    /// The cluster listener's address, when it runs in a cluster.
+    pub cluster_addr: Option<String>,
     /// Lines the broker printed to stdout (its configuration, the ready line).
     pub stdout: Vec<String>,
 }
@@ -136,6 +138,7 @@ impl TestBroker {
             stderr_log,
             addr: String::new(),
             http_addr: String::new(),
+            cluster_addr: None,
             stdout: Vec::new(),
         };
         b.spawn().await?;
@@ -222,6 +225,7 @@ impl TestBroker {
                             .find_map(|w| w.strip_prefix("http="))
                             .ok_or_else(|| anyhow!("the ready line names no http= address: {line}"))?
                             .to_string();
+                        self.cluster_addr = line.split_whitespace().find_map(|w| w.strip_prefix("cluster=")).map(str::to_string);
                         self.stdout.push(line);
                         return Ok(());
                     }
@@ -251,6 +255,26 @@ impl TestBroker {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// SIGSTOP: the process stays, but answers nothing until
+    /// [`resume`](Self::resume) (a hung node, a long GC pause).
+    pub fn pause(&self) -> Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) -> Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, sig: &str) -> Result<()> {
+        let pid = self.pid().ok_or_else(|| anyhow!("the broker is not running"))?;
+        let status = Command::new("kill").args([sig, &pid.to_string()]).status().context("cannot run kill")?;
+        if !status.success() {
+            bail!("kill {sig} {pid} failed");
+        }
+        Ok(())
     }
 
     /// SIGTERM, then waits (bounded) for a clean exit; returns whether it
@@ -324,7 +348,133 @@ impl TestBroker {
 
 impl Drop for TestBroker {
     fn drop(&mut self) {
+        // A paused process would not die of SIGTERM; SIGKILL works anyway.
         self.kill();
+    }
+}
+
+/// Free TCP ports on 127.0.0.1 (bound, read, released: another process
+/// could take one meanwhile, which a test then reports as a failed start).
+pub fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>().context("cannot find a free port")?;
+    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
+/// N broker processes forming one cluster on 127.0.0.1: node ids 1..=N,
+/// each with its own data directory and a fixed cluster port (so that a
+/// restarted node keeps its address), gRPC and HTTP on free ports.
+pub struct TestCluster {
+    nodes: Vec<TestBroker>,
+    /// The `--peers` value every node got.
+    pub peers: String,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes.
+    pub async fn start(n: usize) -> Result<TestCluster> {
+        TestCluster::start_with(n, &[]).await
+    }
+
+    /// Starts `n` nodes, each with extra arguments.
+    pub async fn start_with(n: usize, args: &[&str]) -> Result<TestCluster> {
+        let ports = free_ports(n)?;
+        let peers = ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect::<Vec<_>>().join(",");
+        let starts = ports.iter().enumerate().map(|(i, port)| {
+            let mut all: Vec<String> = vec![
+                "--node-id".into(),
+                (i + 1).to_string(),
+                "--cluster-addr".into(),
+                format!("127.0.0.1:{port}"),
+                "--peers".into(),
+                peers.clone(),
+            ];
+            all.extend(args.iter().map(|s| s.to_string()));
+            async move {
+                let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+                TestBroker::start_with(&refs).await
+            }
+        });
+        // All at once, as a StatefulSet with parallel pod management does.
+        let started = futures::future::join_all(starts).await;
+        let nodes = started.into_iter().collect::<Result<Vec<_>>>()?;
+        Ok(TestCluster { nodes, peers })
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Node ids, 1..=N.
+    pub fn ids(&self) -> impl Iterator<Item = u64> + '_ {
+        1..=self.nodes.len() as u64
+    }
+
+    fn index(&self, id: u64) -> Result<usize> {
+        let i = usize::try_from(id).ok().and_then(|i| i.checked_sub(1)).filter(|i| *i < self.nodes.len());
+        i.ok_or_else(|| anyhow!("no node {id} in a cluster of {}", self.nodes.len()))
+    }
+
+    /// The node with id `id` (1-based).
+    pub fn node(&self, id: u64) -> &TestBroker {
+        &self.nodes[self.index(id).unwrap_or(0)]
+    }
+
+    pub fn node_mut(&mut self, id: u64) -> &mut TestBroker {
+        let i = self.index(id).unwrap_or(0);
+        &mut self.nodes[i]
+    }
+
+    /// SIGKILL of node `id`.
+    pub fn kill(&mut self, id: u64) -> Result<()> {
+        let i = self.index(id)?;
+        self.nodes[i].kill();
+        Ok(())
+    }
+
+    /// Starts node `id` again on its data and cluster port.
+    pub async fn restart(&mut self, id: u64) -> Result<()> {
+        let i = self.index(id)?;
+        self.nodes[i].restart().await
+    }
+
+    /// SIGSTOP of node `id`.
+    pub fn pause(&self, id: u64) -> Result<()> {
+        self.nodes[self.index(id)?].pause()
+    }
+
+    /// SIGCONT of node `id`.
+    pub fn resume(&self, id: u64) -> Result<()> {
+        self.nodes[self.index(id)?].resume()
+    }
+
+    /// Which members node `id` sees alive (from its `/metrics`).
+    pub async fn peers_up(&self, id: u64) -> Result<std::collections::BTreeMap<u64, bool>> {
+        let text = self.node(id).metrics().await?;
+        let mut up = std::collections::BTreeMap::new();
+        for line in text.lines().filter(|l| l.starts_with("warren_cluster_peer_up{")) {
+            let node = line.split("node=\"").nth(1).and_then(|r| r.split('"').next()).and_then(|n| n.parse().ok());
+            let value = line.rsplit(' ').next().map(str::trim);
+            if let Some(node) = node {
+                up.insert(node, value == Some("1"));
+            }
+        }
+        Ok(up)
+    }
+
+    /// Waits until node `id` sees exactly `alive` as the live members.
+    pub async fn wait_for_peers(&self, id: u64, alive: &[u64], timeout: Duration) -> Result<()> {
+        let want: std::collections::BTreeSet<u64> = alive.iter().copied().collect();
+        eventually(timeout, &format!("node {id} to see {want:?} alive"), || async {
+            let up = self.peers_up(id).await.ok()?;
+            let seen: std::collections::BTreeSet<u64> = up.iter().filter(|(_, a)| **a).map(|(n, _)| *n).collect();
+            (seen == want).then_some(())
+        })
+        .await
     }
 }
 
@@ -465,5 +615,158 @@ where
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A TCP proxy on 127.0.0.1 that can cut the link it stands for: while
+/// `partitioned`, bytes stop flowing both ways (connections stay open and
+/// silent, as across a real network partition, so peers see timeouts, not
+/// resets); healing closes the silent connections, so peers reconnect.
+pub struct FaultProxy {
+    /// The port clients connect to.
+    pub port: u16,
+    state: std::sync::Arc<ProxyState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct ProxyState {
+    partitioned: std::sync::atomic::AtomicBool,
+    /// Bumped on every change: connections of an older epoch end.
+    epoch: tokio::sync::watch::Sender<u64>,
+}
+
+impl FaultProxy {
+    /// Forwards `127.0.0.1:PORT` to `target`.
+    pub async fn start(target: String) -> Result<FaultProxy> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.context("proxy listener")?;
+        let port = listener.local_addr()?.port();
+        let state = std::sync::Arc::new(ProxyState {
+            partitioned: std::sync::atomic::AtomicBool::new(false),
+            epoch: tokio::sync::watch::channel(0).0,
+        });
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else { return };
+                let st = st.clone();
+                let target = target.clone();
+                tokio::spawn(async move { proxy_one(inbound, target, st).await });
+            }
+        });
+        Ok(FaultProxy { port, state, task })
+    }
+
+    /// Cuts (true) or heals (false) the link.
+    pub fn set_partitioned(&self, partitioned: bool) {
+        self.state.partitioned.store(partitioned, std::sync::atomic::Ordering::SeqCst);
+        self.state.epoch.send_modify(|e| *e += 1);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.state.epoch.send_modify(|e| *e += 1);
+    }
+}
+
+async fn proxy_one(mut inbound: tokio::net::TcpStream, target: String, st: std::sync::Arc<ProxyState>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut epoch = st.epoch.subscribe();
+    let start = *epoch.borrow_and_update();
+    if st.partitioned.load(std::sync::atomic::Ordering::SeqCst) {
+        // Accepted, then silent until healed (or the proxy goes).
+        let _ = epoch.changed().await;
+        return;
+    }
+    let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+    let (mut ri, mut wi) = inbound.split();
+    let (mut ro, mut wo) = outbound.split();
+    let mut a = [0u8; 16 << 10];
+    let mut b = [0u8; 16 << 10];
+    loop {
+        tokio::select! {
+            n = ri.read(&mut a) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => if wo.write_all(&a[..n]).await.is_err() { return },
+            },
+            n = ro.read(&mut b) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => if wi.write_all(&b[..n]).await.is_err() { return },
+            },
+            _ = epoch.changed() => {
+                if *epoch.borrow() == start { continue }
+                if st.partitioned.load(std::sync::atomic::Ordering::SeqCst) {
+                    // Partitioned: hold both sockets, pass nothing, until healed.
+                    let _ = epoch.changed().await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// A cluster whose every node-to-node link (i dials j) goes through its own
+/// [`FaultProxy`], so that a test can partition any set of nodes.
+pub struct PartitionedCluster {
+    pub nodes: Vec<TestBroker>,
+    /// `proxies[&(i, j)]`: the link node i uses to reach node j.
+    pub proxies: std::collections::BTreeMap<(u64, u64), FaultProxy>,
+}
+
+impl PartitionedCluster {
+    pub async fn start(n: usize) -> Result<PartitionedCluster> {
+        let ports = free_ports(n)?;
+        let mut proxies = std::collections::BTreeMap::new();
+        for i in 1..=n as u64 {
+            for j in 1..=n as u64 {
+                if i != j {
+                    proxies.insert((i, j), FaultProxy::start(format!("127.0.0.1:{}", ports[(j - 1) as usize])).await?);
+                }
+            }
+        }
+        let starts = (1..=n as u64).map(|i| {
+            let peers = (1..=n as u64)
+                .map(|j| {
+                    let port = if i == j { ports[(j - 1) as usize] } else { proxies[&(i, j)].port };
+                    format!("{j}=127.0.0.1:{port}")
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            let args: Vec<String> = vec![
+                "--node-id".into(),
+                i.to_string(),
+                "--cluster-addr".into(),
+                format!("127.0.0.1:{}", ports[(i - 1) as usize]),
+                "--peers".into(),
+                peers,
+            ];
+            async move {
+                let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+                TestBroker::start_with(&refs).await
+            }
+        });
+        let nodes = futures::future::join_all(starts).await.into_iter().collect::<Result<Vec<_>>>()?;
+        Ok(PartitionedCluster { nodes, proxies })
+    }
+
+    pub fn node(&self, id: u64) -> &TestBroker {
+        &self.nodes[(id - 1) as usize]
+    }
+
+    /// Cuts every link between `side` and the other nodes (both ways).
+    pub fn isolate(&self, side: &[u64]) {
+        for ((i, j), p) in &self.proxies {
+            if side.contains(i) != side.contains(j) {
+                p.set_partitioned(true);
+            }
+        }
+    }
+
+    /// Heals every link.
+    pub fn heal(&self) {
+        for p in self.proxies.values() {
+            p.set_partitioned(false);
+        }
     }
 }

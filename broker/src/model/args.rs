@@ -2,7 +2,7 @@
 //! values; an invalid value is rejected with `INVALID_ARGUMENT` naming the
 //! argument. Names and units follow RabbitMQ where RabbitMQ has the feature.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use warren_client::proto::Value;
 use warren_client::proto::value::Kind;
@@ -31,6 +31,9 @@ impl Overflow {
     }
 }
 
+/// Most replicas of a quorum queue.
+pub const MAX_GROUP_SIZE: u32 = 9;
+
 /// Typed queue arguments.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct QueueArgs {
@@ -56,11 +59,15 @@ pub struct QueueArgs {
     pub delivery_limit: Option<u32>,
     /// `x-deduplication-window`: milliseconds a message id is remembered.
     pub deduplication_window_ms: Option<u64>,
+    /// `x-queue-type: quorum`: replicated with Raft (in a cluster).
+    pub quorum: bool,
+    /// `x-quorum-initial-group-size`: replicas of a new quorum queue.
+    pub quorum_initial_group_size: Option<u32>,
 }
 
 /// Queue arguments Warren understands; others are stored and ignored, as
 /// RabbitMQ does.
-pub const KNOWN_QUEUE_ARGS: [&str; 12] = [
+pub const KNOWN_QUEUE_ARGS: [&str; 13] = [
     "x-message-ttl",
     "x-expires",
     "x-max-length",
@@ -73,6 +80,7 @@ pub const KNOWN_QUEUE_ARGS: [&str; 12] = [
     "x-delivery-limit",
     "x-deduplication-window",
     "x-queue-type",
+    "x-quorum-initial-group-size",
 ];
 
 fn describe(v: &Value) -> String {
@@ -111,7 +119,7 @@ fn bool_arg(name: &str, v: &Value) -> Result<bool> {
 }
 
 impl QueueArgs {
-    pub fn parse(args: &HashMap<String, Value>) -> Result<QueueArgs> {
+    pub fn parse(args: &BTreeMap<String, Value>) -> Result<QueueArgs> {
         let mut out = QueueArgs::default();
         const MS: &str = " (milliseconds)";
         for (name, v) in args {
@@ -147,15 +155,24 @@ impl QueueArgs {
                 "x-delivery-limit" => out.delivery_limit = Some(int_arg(name, v, 0, u32::MAX as i64, "")? as u32),
                 "x-deduplication-window" => out.deduplication_window_ms = Some(int_arg(name, v, 1, i64::MAX, MS)? as u64),
                 "x-queue-type" => {
-                    let t = string_arg(name, v)?;
-                    if t != "classic" {
-                        return Err(Error::InvalidArgument(format!(
-                            "argument 'x-queue-type' must be \"classic\" (the only queue type this broker runs), got {t:?}"
-                        )));
+                    out.quorum = match string_arg(name, v)?.as_str() {
+                        "classic" => false,
+                        "quorum" => true,
+                        other => {
+                            return Err(Error::InvalidArgument(format!(
+                                "argument 'x-queue-type' must be \"classic\" or \"quorum\", got {other:?}"
+                            )));
+                        }
                     }
+                }
+                "x-quorum-initial-group-size" => {
+                    out.quorum_initial_group_size = Some(int_arg(name, v, 1, MAX_GROUP_SIZE as i64, " (replicas)")? as u32)
                 }
                 _ => {}
             }
+        }
+        if out.quorum_initial_group_size.is_some() && !out.quorum {
+            return Err(Error::InvalidArgument("argument 'x-quorum-initial-group-size' needs 'x-queue-type' \"quorum\"".into()));
         }
         if out.dead_letter_routing_key.is_some() && out.dead_letter_exchange.is_none() {
             return Err(Error::InvalidArgument("argument 'x-dead-letter-routing-key' needs 'x-dead-letter-exchange'".into()));
@@ -172,7 +189,7 @@ pub struct ExchangeArgs {
 }
 
 impl ExchangeArgs {
-    pub fn parse(args: &HashMap<String, Value>) -> Result<ExchangeArgs> {
+    pub fn parse(args: &BTreeMap<String, Value>) -> Result<ExchangeArgs> {
         let mut out = ExchangeArgs::default();
         for (name, v) in args {
             if name == "alternate-exchange" {
@@ -186,7 +203,7 @@ impl ExchangeArgs {
 }
 
 /// Checks a headers-exchange binding's `x-match`.
-pub fn validate_binding_args(args: &HashMap<String, Value>) -> Result<()> {
+pub fn validate_binding_args(args: &BTreeMap<String, Value>) -> Result<()> {
     if let Some(v) = args.get("x-match") {
         let s = string_arg("x-match", v)?;
         if !crate::routing::X_MATCH_VALUES.contains(&s.as_str()) {
@@ -228,19 +245,19 @@ pub(crate) mod tests {
             prop_oneof![
                 prop::collection::vec(inner.clone(), 0..4)
                     .prop_map(|values| Value { kind: Some(Kind::List(warren_client::proto::ValueList { values })) }),
-                prop::collection::hash_map("[a-z-]{0,6}", inner, 0..4)
+                prop::collection::btree_map("[a-z-]{0,6}", inner, 0..4)
                     .prop_map(|fields| Value { kind: Some(Kind::Map(warren_client::proto::ValueMap { fields })) }),
             ]
         })
     }
 
     /// Argument tables: known names (and a few others) with any value.
-    pub(crate) fn arb_args() -> impl Strategy<Value = HashMap<String, Value>> {
+    pub(crate) fn arb_args() -> impl Strategy<Value = BTreeMap<String, Value>> {
         let name = prop_oneof![
             prop::sample::select(KNOWN_QUEUE_ARGS.to_vec()).prop_map(String::from),
             prop::sample::select(vec!["alternate-exchange", "x-match", "x-custom", ""]).prop_map(String::from),
         ];
-        prop::collection::hash_map(name, arb_value(), 0..6)
+        prop::collection::btree_map(name, arb_value(), 0..6)
     }
 
     proptest! {
@@ -276,7 +293,7 @@ pub(crate) mod tests {
     fn s(v: &str) -> Value {
         Value { kind: Some(Kind::String(v.into())) }
     }
-    fn args(pairs: &[(&str, Value)]) -> HashMap<String, Value> {
+    fn args(pairs: &[(&str, Value)]) -> BTreeMap<String, Value> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
     }
 
@@ -310,7 +327,7 @@ pub(crate) mod tests {
             ("x-expires", int(0), "between 1"),
             ("x-overflow", s("drop-tail"), "drop-head, reject-publish"),
             ("x-single-active-consumer", int(1), "must be a boolean"),
-            ("x-queue-type", s("quorum"), "classic"),
+            ("x-queue-type", s("stream"), "classic"),
         ] {
             let e = QueueArgs::parse(&args(&[(name, v)])).unwrap_err().to_string();
             assert!(e.contains(name) && e.contains(needle), "{name}: {e}");

@@ -10,7 +10,7 @@
 //! `x-first-death-{queue,reason,exchange}` are set once,
 //! `x-last-death-{queue,reason,exchange}` every time.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use warren_client::proto::value::Kind;
 use warren_client::proto::{Value, ValueList, ValueMap};
@@ -28,7 +28,7 @@ fn int(v: i64) -> Value {
     Value { kind: Some(Kind::Int(v)) }
 }
 
-fn field<'a>(entry: &'a HashMap<String, Value>, name: &str) -> Option<&'a str> {
+fn field<'a>(entry: &'a BTreeMap<String, Value>, name: &str) -> Option<&'a str> {
     match entry.get(name).and_then(|v| v.kind.as_ref()) {
         Some(Kind::String(s)) => Some(s),
         _ => None,
@@ -36,7 +36,7 @@ fn field<'a>(entry: &'a HashMap<String, Value>, name: &str) -> Option<&'a str> {
 }
 
 /// The `x-death` entries of a message, as tables.
-pub fn deaths(data: &MessageData) -> Vec<HashMap<String, Value>> {
+pub fn deaths(data: &MessageData) -> Vec<BTreeMap<String, Value>> {
     match data.properties.headers.get(X_DEATH).and_then(|v| v.kind.as_ref()) {
         Some(Kind::List(ValueList { values })) => values
             .iter()
@@ -72,7 +72,7 @@ pub fn dead_lettered(data: &MessageData, queue: &str, reason: DeathReason, now_m
             history.insert(0, entry);
         }
         None => {
-            let mut entry = HashMap::from([
+            let mut entry = BTreeMap::from([
                 ("queue".to_string(), string(queue)),
                 ("reason".to_string(), string(reason.as_str())),
                 ("count".to_string(), int(1)),
@@ -127,7 +127,7 @@ mod tests {
         }
     }
 
-    fn count(e: &HashMap<String, Value>) -> i64 {
+    fn count(e: &BTreeMap<String, Value>) -> i64 {
         match e.get("count").and_then(|v| v.kind.as_ref()) {
             Some(Kind::Int(n)) => *n,
             _ => -1,
@@ -167,7 +167,7 @@ mod tests {
 
     fn death(queue: &str, reason: &str, count: Value) -> Value {
         let fields =
-            HashMap::from([("queue".to_string(), string(queue)), ("reason".to_string(), string(reason)), ("count".to_string(), count)]);
+            BTreeMap::from([("queue".to_string(), string(queue)), ("reason".to_string(), string(reason)), ("count".to_string(), count)]);
         Value { kind: Some(Kind::Map(ValueMap { fields })) }
     }
 
@@ -200,7 +200,7 @@ mod tests {
             int(7),
             Value { kind: Some(Kind::Bytes(vec![0xff; 3].into())) },
             Value { kind: Some(Kind::List(ValueList { values: vec![int(1), string("x"), Value { kind: None }] })) },
-            Value { kind: Some(Kind::Map(ValueMap { fields: HashMap::from([("count".to_string(), int(i64::MAX))]) })) },
+            Value { kind: Some(Kind::Map(ValueMap { fields: BTreeMap::from([("count".to_string(), int(i64::MAX))]) })) },
             Value { kind: None },
         ];
         for odd in odd_values {
@@ -217,7 +217,7 @@ mod tests {
             kind: Some(Kind::List(ValueList {
                 values: vec![Value {
                     kind: Some(Kind::Map(ValueMap {
-                        fields: HashMap::from([("queue".to_string(), int(1)), ("count".to_string(), int(i64::MAX))]),
+                        fields: BTreeMap::from([("queue".to_string(), int(1)), ("count".to_string(), int(i64::MAX))]),
                     })),
                 }],
             })),
@@ -233,7 +233,7 @@ mod tests {
         /// reason) pairs plus what the client sent.
         #[test]
         fn should_dead_letter_whatever_headers_the_message_has(
-            headers in proptest::collection::hash_map(
+            headers in proptest::collection::btree_map(
                 proptest::prop_oneof![proptest::strategy::Just(X_DEATH.to_string()), "[a-z-]{0,8}"],
                 crate::model::args::tests::arb_value(),
                 0..4,

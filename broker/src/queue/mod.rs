@@ -123,6 +123,9 @@ pub enum QueueCmd {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    /// For a quorum queue's task: a command from another node or from
+    /// one of its helpers (classic queues ignore it).
+    Remote(Box<crate::replica::quorum::RemoteCmd>),
     /// Makes the task panic (tests of the recovery from a bug).
     #[cfg(test)]
     Crash,
@@ -139,6 +142,9 @@ pub struct QueueShared {
     delayed: AtomicU64,
     /// `QueueStats::oldest_ready_ms`, 0 for none.
     oldest_ready_ms: AtomicU64,
+    /// When the queue's timers are next due (ms since the epoch), 0 for
+    /// never: a replicated queue's leader proposes a tick then.
+    next_deadline_ms: AtomicU64,
 }
 
 impl QueueShared {
@@ -155,6 +161,14 @@ impl QueueShared {
             None if s.ready > 0 => {}
             None => self.oldest_ready_ms.store(0, Ordering::Relaxed),
         }
+    }
+
+    pub fn set_deadline(&self, at: Option<u64>) {
+        self.next_deadline_ms.store(at.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub fn deadline(&self) -> Option<u64> {
+        Some(self.next_deadline_ms.load(Ordering::Relaxed)).filter(|t| *t != 0)
     }
 
     pub fn stats(&self) -> QueueStats {

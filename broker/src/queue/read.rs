@@ -7,12 +7,12 @@ use super::state::{DueDelay, DueExpiry, Loc, RefillEntry, RefillRequest, TimerRe
 use crate::model::StoredMessage;
 use crate::store::counters::QueueCounters;
 use crate::store::keys::{self, QueueId, Record};
-use crate::store::{Cf, Engine, StoreError};
+use crate::store::{Cf, Reader, StoreError};
 
 /// Reads up to `req.max_messages` messages (and about `req.max_bytes` body
 /// bytes, at least one message) from `req.from` on. Returns them in key
 /// order, and whether the read reached the end of the queue's range.
-pub fn read_refill(engine: &dyn Engine, queue: QueueId, req: &RefillRequest) -> Result<(Vec<RefillEntry>, bool), StoreError> {
+pub fn read_refill(engine: &dyn Reader, queue: QueueId, req: &RefillRequest) -> Result<(Vec<RefillEntry>, bool), StoreError> {
     let (stored, stored_done) = read_cf(engine, Cf::Messages, queue, req)?;
     let (paged, paged_done) = read_cf(engine, Cf::Paged, queue, req)?;
     // A list that stopped early only vouches for keys up to its last one.
@@ -40,7 +40,7 @@ pub fn read_refill(engine: &dyn Engine, queue: QueueId, req: &RefillRequest) -> 
     Ok((merged, exhausted))
 }
 
-fn read_cf(engine: &dyn Engine, cf: Cf, queue: QueueId, req: &RefillRequest) -> Result<(Vec<RefillEntry>, bool), StoreError> {
+fn read_cf(engine: &dyn Reader, cf: Cf, queue: QueueId, req: &RefillRequest) -> Result<(Vec<RefillEntry>, bool), StoreError> {
     let from = keys::encode_msg(queue, req.from, Record::Message);
     let to = keys::queue_end(queue);
     // Each message has at most two records (itself and its delivery count).
@@ -84,7 +84,7 @@ fn read_cf(engine: &dyn Engine, cf: Cf, queue: QueueId, req: &RefillRequest) -> 
 /// Reads a queue's due timers: expiry index entries and delayed messages due
 /// at or before `req.now` (up to `req.limit` of each kind), the stored
 /// bodies of the due expiry entries, and the next due times.
-pub fn read_timers(engine: &dyn Engine, queue: QueueId, req: &TimerRequest) -> Result<TimerResult, StoreError> {
+pub fn read_timers(engine: &dyn Reader, queue: QueueId, req: &TimerRequest) -> Result<TimerResult, StoreError> {
     let start = keys::queue_start(queue);
     // A message expires once its expiry time has passed (`at < now`); a
     // delayed message is due at its time (`at <= now`).
@@ -141,7 +141,7 @@ pub fn read_timers(engine: &dyn Engine, queue: QueueId, req: &TimerRequest) -> R
 
 /// Dead-lettered messages waiting in queues' inboxes (left by a crash
 /// between the two halves of a move), by queue.
-pub fn read_inboxes(engine: &dyn Engine) -> Result<Vec<(QueueId, Vec<u8>, StoredMessage)>, StoreError> {
+pub fn read_inboxes(engine: &dyn Reader) -> Result<Vec<(QueueId, Vec<u8>, StoredMessage)>, StoreError> {
     let mut out = Vec::new();
     for (k, v) in engine.scan(Cf::Inbox, &[], &[0xff; 17], usize::MAX)? {
         let (queue, _) = keys::decode_inbox(&k)
@@ -162,7 +162,7 @@ pub struct QueueRecovery {
 }
 
 /// Reads one queue's counters, deduplication window and inbox.
-pub fn read_queue_recovery(engine: &dyn Engine, queue: QueueId, now_ms: u64) -> Result<QueueRecovery, StoreError> {
+pub fn read_queue_recovery(engine: &dyn Reader, queue: QueueId, now_ms: u64) -> Result<QueueRecovery, StoreError> {
     let counters = engine
         .get(Cf::QueueState, &keys::encode_queue_state(queue))?
         .map(|v| {

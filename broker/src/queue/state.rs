@@ -86,6 +86,11 @@ impl SeqAllocator {
     pub fn next(&self) -> u64 {
         self.0.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// The number the next call to [`SeqAllocator::next`] returns.
+    pub fn peek(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// How much a queue may hold in memory. Byte limits count
@@ -352,6 +357,23 @@ pub struct ConsumerSpec {
     pub exclusive: bool,
     pub priority: i32,
     pub peer: String,
+    /// The per-consumer bounds, when they travel with the consumer (a
+    /// replicated queue: every replica must apply the leader's, not its
+    /// own configuration). `None`: the queue's [`Limits`].
+    pub limits: Option<ConsumerLimits>,
+}
+
+/// The bounds on what one consumer holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsumerLimits {
+    pub max_unacked: u32,
+    pub max_unacked_bytes: u64,
+}
+
+impl Limits {
+    pub fn consumer(&self) -> ConsumerLimits {
+        ConsumerLimits { max_unacked: self.consumer_max_unacked, max_unacked_bytes: self.consumer_max_unacked_bytes }
+    }
 }
 
 #[derive(Debug)]
@@ -365,26 +387,35 @@ struct Consumer {
 }
 
 impl Consumer {
+    fn limits(&self, queue: &Limits) -> ConsumerLimits {
+        self.spec.limits.unwrap_or_else(|| queue.consumer())
+    }
+
     /// The most unacknowledged deliveries it may hold: its prefetch, capped
     /// at the broker's limit (which is also what prefetch 0 means).
     fn effective_prefetch(&self, limits: &Limits) -> u32 {
+        let max = self.limits(limits).max_unacked;
         match self.spec.prefetch {
-            0 => limits.consumer_max_unacked,
-            p => p.min(limits.consumer_max_unacked),
+            0 => max,
+            p => p.min(max),
         }
         .max(1)
     }
 
     /// How many more deliveries, and bytes, its prefetch and the memory
-    /// bound allow (auto-ack consumers hold nothing unacknowledged).
-    fn credit(&self, limits: &Limits, room: Room) -> Room {
-        if self.spec.auto_ack {
+    /// bound allow. A classic queue's auto-ack consumers hold nothing
+    /// unacknowledged; a replicated queue's hold their deliveries until
+    /// they are settled, bounded like unacknowledged ones.
+    fn credit(&self, limits: &Limits, room: Room, replicated: bool) -> Room {
+        if self.spec.auto_ack && !replicated {
             return room;
         }
-        let prefetch = (self.effective_prefetch(limits) as usize).saturating_sub(self.unacked.len());
+        let max = self.limits(limits);
+        let prefetch = if self.spec.auto_ack { max.max_unacked.max(1) } else { self.effective_prefetch(limits) };
+        let prefetch = (prefetch as usize).saturating_sub(self.unacked.len());
         Room {
             messages: prefetch.min(room.messages),
-            bytes: limits.consumer_max_unacked_bytes.saturating_sub(self.unacked_mem).min(room.bytes),
+            bytes: max.max_unacked_bytes.saturating_sub(self.unacked_mem).min(room.bytes),
             empty: room.empty && self.unacked.is_empty(),
         }
     }
@@ -449,6 +480,12 @@ pub struct QueueState {
     unacked_keys: HashMap<MsgKey, ConsumerId>,
     /// The owner task's write ticket for this round (see [`QMsg::ticket`]).
     ticket: u64,
+    /// A replicated queue's state machine: every logical change is also
+    /// written to the store (see `replicated.rs`), auto-ack deliveries are
+    /// held until settled, and reads are synchronous.
+    replicated: bool,
+    /// Consumers whose record must be rewritten (replicated queues).
+    dirty_consumers: std::collections::BTreeSet<ConsumerId>,
     had_consumer: bool,
     /// Delayed messages (in the delay index, not ready).
     delayed: u64,
@@ -477,7 +514,7 @@ pub fn delete_queue_ops(id: QueueId) -> Vec<Op> {
     let start = keys::queue_start(id).to_vec();
     let end = keys::queue_end(id);
     let mut ops: Vec<Op> =
-        [Cf::Messages, Cf::Paged, Cf::Delays, Cf::DelaysTransient, Cf::Expiry, Cf::ExpiryTransient, Cf::Dedup, Cf::Inbox]
+        [Cf::Messages, Cf::Paged, Cf::Delays, Cf::DelaysTransient, Cf::Expiry, Cf::ExpiryTransient, Cf::Dedup, Cf::Inbox, Cf::Replica]
             .into_iter()
             .map(|cf| Op::DeleteRange(cf, start.clone(), end.clone()))
             .collect();
@@ -523,6 +560,8 @@ impl QueueState {
             unacked: 0,
             unacked_keys: HashMap::new(),
             ticket: 0,
+            replicated: false,
+            dirty_consumers: std::collections::BTreeSet::new(),
             had_consumer: false,
             now: 0,
             delayed: 0,
@@ -588,7 +627,7 @@ impl QueueState {
         if self.active_consumer().is_some_and(|a| a != id) {
             return false;
         }
-        self.consumers.iter().find(|c| c.id == id).is_some_and(|c| c.credit(&self.limits, Room::UNLIMITED).messages > 0)
+        self.consumers.iter().find(|c| c.id == id).is_some_and(|c| c.credit(&self.limits, Room::UNLIMITED, self.replicated).messages > 0)
     }
 
     /// A durable queue after a restart: everything it stored is ready and
@@ -1245,6 +1284,9 @@ impl QueueState {
         let id = self.next_consumer;
         self.next_consumer += 1;
         self.consumers.push(Consumer { id, spec, next_tag: 1, unacked: BTreeMap::new(), unacked_mem: 0 });
+        if self.replicated {
+            self.dirty_consumers.insert(id);
+        }
         self.had_consumer = true;
         self.last_used = self.now;
         Ok(id)
@@ -1261,9 +1303,15 @@ impl QueueState {
             self.rr -= 1;
         }
         self.last_used = self.now;
+        if self.replicated {
+            self.forget_consumer(consumer.id, fx);
+        }
         for (_, msg) in consumer.unacked {
             self.unacked -= 1;
             self.unacked_keys.remove(&msg.key);
+            if self.replicated {
+                self.forget_checkout(msg.key, fx);
+            }
             self.requeue(msg, fx);
         }
         true
@@ -1272,6 +1320,9 @@ impl QueueState {
     pub fn set_prefetch(&mut self, id: ConsumerId, prefetch: u32) {
         if let Some(c) = self.consumers.iter_mut().find(|c| c.id == id) {
             c.spec.prefetch = prefetch;
+            if self.replicated {
+                self.dirty_consumers.insert(id);
+            }
         }
     }
 
@@ -1374,7 +1425,7 @@ impl QueueState {
         let mut credit: Vec<Room> = self
             .consumers
             .iter()
-            .map(|c| if active.is_some_and(|a| a != c.id) { Room::NONE } else { c.credit(&limits, room(c.id)) })
+            .map(|c| if active.is_some_and(|a| a != c.id) { Room::NONE } else { c.credit(&limits, room(c.id), self.replicated) })
             .collect();
         while let Some(next_mem) = self.window.first_key_value().map(|(_, m)| m.mem) {
             let fits = |r: &Room| r.messages > 0 && (r.bytes >= next_mem || r.empty);
@@ -1395,8 +1446,9 @@ impl QueueState {
                 self.window.insert(msg.key, msg);
                 continue;
             }
-            let auto_ack = self.consumers[idx].spec.auto_ack;
-            let redelivered = self.count_delivery(&mut msg, !auto_ack, fx);
+            // A replicated queue holds auto-ack deliveries until settled.
+            let settles_now = self.consumers[idx].spec.auto_ack && !self.replicated;
+            let redelivered = self.count_delivery(&mut msg, !settles_now, fx);
             let consumer_id = self.consumers[idx].id;
             let tag = {
                 let c = &mut self.consumers[idx];
@@ -1404,7 +1456,7 @@ impl QueueState {
                 c.next_tag = c.next_tag.saturating_add(1);
                 tag
             };
-            if auto_ack {
+            if settles_now {
                 self.consume(&msg, fx);
             } else {
                 let c = &mut self.consumers[idx];
@@ -1412,6 +1464,10 @@ impl QueueState {
                 c.unacked.insert(tag, msg.clone());
                 self.unacked_keys.insert(msg.key, consumer_id);
                 self.unacked += 1;
+                if self.replicated {
+                    self.record_checkout(msg.key, consumer_id, tag, fx);
+                    self.dirty_consumers.insert(consumer_id);
+                }
             }
             let r = &mut credit[idx];
             r.messages -= 1;
@@ -1423,7 +1479,7 @@ impl QueueState {
         self.maybe_refill(fx);
     }
 
-    fn take_unacked(&mut self, id: ConsumerId, tag: u64, multiple: bool) -> Result<Vec<QMsg>> {
+    fn take_unacked(&mut self, id: ConsumerId, tag: u64, multiple: bool, fx: &mut Effects) -> Result<Vec<QMsg>> {
         let name = self.name.clone();
         let c = self
             .consumers
@@ -1453,11 +1509,16 @@ impl QueueState {
             self.unacked_keys.remove(&m.key);
         }
         self.unacked -= taken.len() as u64;
+        if self.replicated {
+            for m in &taken {
+                self.forget_checkout(m.key, fx);
+            }
+        }
         Ok(taken)
     }
 
     pub fn ack(&mut self, id: ConsumerId, tag: u64, multiple: bool, fx: &mut Effects) -> Result<()> {
-        for msg in self.take_unacked(id, tag, multiple)? {
+        for msg in self.take_unacked(id, tag, multiple, fx)? {
             self.consume(&msg, fx);
         }
         Ok(())
@@ -1466,7 +1527,7 @@ impl QueueState {
     /// Negative acknowledgement (nack and reject): requeue, or discard
     /// (dead-letter with reason `rejected`).
     pub fn nack(&mut self, id: ConsumerId, tag: u64, multiple: bool, requeue: bool, fx: &mut Effects) -> Result<()> {
-        for msg in self.take_unacked(id, tag, multiple)? {
+        for msg in self.take_unacked(id, tag, multiple, fx)? {
             if requeue {
                 self.requeue(msg, fx);
             } else {
@@ -1551,6 +1612,7 @@ impl QueueState {
             self.consume(msg, fx);
         }
         self.window_tally = Tally::default();
+        let mut cut_from = None;
         if let Some(from) = self.frontier.take()
             && self.disk_only.count > 0
         {
@@ -1565,27 +1627,35 @@ impl QueueState {
                 delayed: 0,
             });
             fx.sync = true;
-            // The expiry index of the purged messages goes too.
-            let (start, end) = (keys::queue_start(self.id).to_vec(), keys::queue_end(self.id));
-            fx.ops.push(Op::DeleteRange(Cf::Expiry, start.clone(), end.clone()));
-            fx.ops.push(Op::DeleteRange(Cf::ExpiryTransient, start, end));
-            // Unacknowledged messages above the frontier were caught by the
-            // range deletes: write them (and their index entries) back.
-            let unacked: Vec<QMsg> = self.consumers.iter().flat_map(|c| c.unacked.values()).cloned().collect();
-            for m in unacked {
-                if m.key >= from && m.loc != Loc::Memory {
-                    let cf = if m.loc == Loc::Stored { Cf::Messages } else { Cf::Paged };
-                    fx.ops.push(Op::Put(cf, self.msg_key(Record::Message, m.key), m.stored_form().encode_to_vec()));
-                    if m.loc == Loc::Stored && m.delivery_count > 0 {
-                        fx.ops.push(Op::Put(
-                            Cf::Messages,
-                            self.msg_key(Record::Deliveries, m.key),
-                            m.delivery_count.to_le_bytes().to_vec(),
-                        ));
-                    }
+            cut_from = Some(from);
+        }
+        // The expiry index of the purged messages goes too, whole (so that
+        // the index after a purge is the same whatever was in memory), and
+        // the entries of unacknowledged messages are written back; so are
+        // unacknowledged messages above the frontier, which the range
+        // deletes caught.
+        let (start, end) = (keys::queue_start(self.id).to_vec(), keys::queue_end(self.id));
+        fx.ops.push(Op::DeleteRange(Cf::Expiry, start.clone(), end.clone()));
+        fx.ops.push(Op::DeleteRange(Cf::ExpiryTransient, start, end));
+        let unacked: Vec<QMsg> = self.consumers.iter().flat_map(|c| c.unacked.values()).cloned().collect();
+        for m in unacked {
+            if let Some(from) = cut_from
+                && m.key >= from
+                && m.loc != Loc::Memory
+            {
+                let cf = if m.loc == Loc::Stored { Cf::Messages } else { Cf::Paged };
+                let mut record = m.stored_form();
+                if m.loc == Loc::Stored {
+                    // As first written: a stored message's count is in its
+                    // own `Deliveries` record.
+                    record.delivery_count = 0;
                 }
-                self.index_expiry(&m, fx);
+                fx.ops.push(Op::Put(cf, self.msg_key(Record::Message, m.key), record.encode_to_vec()));
+                if m.loc == Loc::Stored && m.delivery_count > 0 {
+                    fx.ops.push(Op::Put(Cf::Messages, self.msg_key(Record::Deliveries, m.key), m.delivery_count.to_le_bytes().to_vec()));
+                }
             }
+            self.index_expiry(&m, fx);
         }
         self.disk_only = Tally::default();
         self.disk_only_stored = Tally::default();
@@ -1601,6 +1671,27 @@ impl QueueState {
     /// removal to the same batch.
     pub fn delete_ops(&self) -> Vec<Op> {
         delete_queue_ops(self.id)
+    }
+
+    /// The delivery tags consumer `id` holds unacknowledged, in order.
+    pub fn held_tags(&self, id: ConsumerId) -> Vec<u64> {
+        self.consumers.iter().find(|c| c.id == id).map(|c| c.unacked.keys().copied().collect()).unwrap_or_default()
+    }
+
+    /// The ids of the consumers, in subscription order.
+    pub fn consumer_ids(&self) -> Vec<ConsumerId> {
+        self.consumers.iter().map(|c| c.id).collect()
+    }
+
+    /// Takes stored messages that are not ready (checked out) out of a
+    /// recovered backlog that counted them as ready and on disk.
+    fn remove_from_backlog(&mut self, held: Tally) {
+        self.ready.count = self.ready.count.saturating_sub(held.count);
+        self.ready.bytes = self.ready.bytes.saturating_sub(held.bytes);
+        self.disk_only.count = self.disk_only.count.saturating_sub(held.count);
+        self.disk_only.bytes = self.disk_only.bytes.saturating_sub(held.bytes);
+        self.disk_only_stored.count = self.disk_only_stored.count.saturating_sub(held.count);
+        self.disk_only_stored.bytes = self.disk_only_stored.bytes.saturating_sub(held.bytes);
     }
 
     /// Everything held: ready and unacknowledged.
@@ -1625,6 +1716,9 @@ impl QueueState {
         assert_eq!(unacked, self.unacked);
     }
 }
+
+mod replicated;
+pub use replicated::{CheckoutRecord, ConsumerRecord, StateRecord};
 
 #[cfg(test)]
 mod tests;

@@ -535,6 +535,7 @@ impl QueueTask {
                 let _ = reply.send(());
                 self.stopped = true;
             }
+            QueueCmd::Remote(_) => {}
             #[cfg(test)]
             QueueCmd::Crash => panic!("injected crash"),
         }
@@ -585,6 +586,7 @@ impl QueueTask {
             | QueueCmd::Unsubscribe { .. }
             | QueueCmd::Refilled { .. }
             | QueueCmd::Writable { .. }
+            | QueueCmd::Remote(_)
             | QueueCmd::Tick => {}
             #[cfg(test)]
             QueueCmd::Crash => {}

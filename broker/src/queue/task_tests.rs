@@ -17,7 +17,7 @@ use crate::broker::{Broker, BrokerConfig, Session};
 use crate::error::Error;
 use crate::queue::QueueCmd;
 use crate::store::memory::MemoryEngine;
-use crate::store::{Cf, Engine, KeyValue, Op, Store, StoreError};
+use crate::store::{Cf, Engine, KeyValue, Op, Reader, Store, StoreError};
 
 /// An engine whose writes can be held at a gate and that can fail on demand.
 struct TestEngine {
@@ -53,6 +53,16 @@ impl TestEngine {
     }
 }
 
+impl Reader for TestEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(cf, key)
+    }
+
+    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        self.inner.scan(cf, from, to, limit)
+    }
+}
+
 impl Engine for TestEngine {
     fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError> {
         let mut g = self.gate.lock();
@@ -64,17 +74,17 @@ impl Engine for TestEngine {
         drop(g);
         self.inner.write(ops, sync)
     }
-    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(cf, key)
-    }
-    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
-        self.inner.scan(cf, from, to, limit)
-    }
     fn disk_usage(&self) -> u64 {
         0
     }
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+    fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        self.inner.last_in(cf, from, to)
+    }
+    fn with_view(&self, read: &mut dyn FnMut(&dyn Reader) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        self.inner.with_view(read)
     }
 }
 

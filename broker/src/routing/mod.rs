@@ -7,7 +7,7 @@
 
 pub mod topic;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use warren_client::proto::Value;
@@ -27,7 +27,7 @@ pub enum Dest {
 #[derive(Clone, Debug)]
 pub struct RouteBinding {
     pub routing_key: String,
-    pub arguments: HashMap<String, Value>,
+    pub arguments: BTreeMap<String, Value>,
     pub dest: Dest,
 }
 
@@ -72,7 +72,7 @@ impl ExchangeRoute {
         ExchangeRoute { name, kind, internal, alternate, matcher }
     }
 
-    fn for_each_dest<'a>(&'a self, routing_key: &str, headers: &HashMap<String, Value>, f: &mut impl FnMut(&'a Dest)) {
+    fn for_each_dest<'a>(&'a self, routing_key: &str, headers: &BTreeMap<String, Value>, f: &mut impl FnMut(&'a Dest)) {
         match &self.matcher {
             Matcher::Direct(map) => {
                 if let Some(dests) = map.get(routing_key) {
@@ -100,7 +100,7 @@ pub struct HeadersMatch {
 }
 
 impl HeadersMatch {
-    pub fn new(args: &HashMap<String, Value>) -> Self {
+    pub fn new(args: &BTreeMap<String, Value>) -> Self {
         let mode = match args.get("x-match").and_then(|v| v.kind.as_ref()) {
             Some(Kind::String(s)) => s.as_str(),
             _ => "all",
@@ -116,7 +116,7 @@ impl HeadersMatch {
         HeadersMatch { any, fields }
     }
 
-    pub fn matches(&self, headers: &HashMap<String, Value>) -> bool {
+    pub fn matches(&self, headers: &BTreeMap<String, Value>) -> bool {
         let eq = |(k, v): &(String, Value)| headers.get(k) == Some(v);
         if self.any { self.fields.iter().any(eq) } else { self.fields.iter().all(eq) }
     }
@@ -148,7 +148,7 @@ impl RoutingTable {
     /// Routes through `exchange`, following exchange-to-exchange bindings and
     /// alternate exchanges. The default exchange (`""`) is handled by the
     /// caller (it routes to the queue named by the routing key).
-    pub fn route(&self, exchange: &str, routing_key: &str, headers: &HashMap<String, Value>) -> Routed {
+    pub fn route(&self, exchange: &str, routing_key: &str, headers: &BTreeMap<String, Value>) -> Routed {
         let mut out = Routed::default();
         let mut seen_queues: HashSet<Arc<str>> = HashSet::new();
         let mut tried: HashSet<&str> = HashSet::new();
@@ -177,7 +177,7 @@ impl RoutingTable {
         &'a self,
         start: &'a ExchangeRoute,
         routing_key: &str,
-        headers: &HashMap<String, Value>,
+        headers: &BTreeMap<String, Value>,
         seen_queues: &mut HashSet<Arc<str>>,
         queues: &mut Vec<Arc<str>>,
     ) {
@@ -218,11 +218,11 @@ mod tests {
     }
 
     fn q(name: &str, key: &str) -> RouteBinding {
-        RouteBinding { routing_key: key.into(), arguments: HashMap::new(), dest: Dest::Queue(name.into()) }
+        RouteBinding { routing_key: key.into(), arguments: BTreeMap::new(), dest: Dest::Queue(name.into()) }
     }
 
     fn x(name: &str, key: &str) -> RouteBinding {
-        RouteBinding { routing_key: key.into(), arguments: HashMap::new(), dest: Dest::Exchange(name.into()) }
+        RouteBinding { routing_key: key.into(), arguments: BTreeMap::new(), dest: Dest::Exchange(name.into()) }
     }
 
     fn table(exs: Vec<(&str, ExchangeKind, Option<&str>, Vec<RouteBinding>)>) -> RoutingTable {
@@ -242,14 +242,14 @@ mod tests {
     #[test]
     fn should_route_direct_by_exact_key() {
         let t = table(vec![("d", ExchangeKind::Direct, None, vec![q("a", "k1"), q("b", "k2"), q("c", "k1")])]);
-        assert_eq!(names(&t.route("d", "k1", &HashMap::new())), vec!["a", "c"]);
-        assert!(t.route("d", "k3", &HashMap::new()).queues.is_empty());
+        assert_eq!(names(&t.route("d", "k1", &BTreeMap::new())), vec!["a", "c"]);
+        assert!(t.route("d", "k3", &BTreeMap::new()).queues.is_empty());
     }
 
     #[test]
     fn should_route_fanout_to_all_once() {
         let t = table(vec![("f", ExchangeKind::Fanout, None, vec![q("a", "x"), q("b", "y"), q("a", "z")])]);
-        assert_eq!(names(&t.route("f", "anything", &HashMap::new())), vec!["a", "b"]);
+        assert_eq!(names(&t.route("f", "anything", &BTreeMap::new())), vec!["a", "b"]);
     }
 
     #[test]
@@ -258,8 +258,8 @@ mod tests {
             ("t", ExchangeKind::Topic, None, vec![x("f", "orders.#"), q("audit", "#")]),
             ("f", ExchangeKind::Fanout, None, vec![q("a", ""), q("b", ""), x("t", "")]),
         ]);
-        assert_eq!(names(&t.route("t", "orders.eu", &HashMap::new())), vec!["a", "audit", "b"]);
-        assert_eq!(names(&t.route("t", "users", &HashMap::new())), vec!["audit"]);
+        assert_eq!(names(&t.route("t", "orders.eu", &BTreeMap::new())), vec!["a", "audit", "b"]);
+        assert_eq!(names(&t.route("t", "users", &BTreeMap::new())), vec!["audit"]);
     }
 
     #[test]
@@ -268,10 +268,10 @@ mod tests {
             ("d", ExchangeKind::Direct, Some("ae"), vec![q("a", "k")]),
             ("ae", ExchangeKind::Fanout, None, vec![q("unrouted", "")]),
         ]);
-        let r = t.route("d", "k", &HashMap::new());
+        let r = t.route("d", "k", &BTreeMap::new());
         assert_eq!(names(&r), vec!["a"]);
         assert!(!r.via_alternate);
-        let r = t.route("d", "other", &HashMap::new());
+        let r = t.route("d", "other", &BTreeMap::new());
         assert_eq!(names(&r), vec!["unrouted"]);
         assert!(r.via_alternate);
     }
@@ -279,14 +279,14 @@ mod tests {
     #[test]
     fn should_stop_on_alternate_exchange_cycles() {
         let t = table(vec![("a", ExchangeKind::Direct, Some("b"), vec![]), ("b", ExchangeKind::Direct, Some("a"), vec![])]);
-        let r = t.route("a", "k", &HashMap::new());
+        let r = t.route("a", "k", &BTreeMap::new());
         assert!(r.queues.is_empty());
         assert!(!r.via_alternate);
     }
 
     #[test]
     fn should_match_headers_all_and_any() {
-        let mut all = HashMap::new();
+        let mut all = BTreeMap::new();
         all.insert("x-match".to_string(), s("all"));
         all.insert("format".to_string(), s("pdf"));
         all.insert("type".to_string(), s("report"));
@@ -294,7 +294,7 @@ mod tests {
         any.insert("x-match".to_string(), s("any"));
         let m_all = HeadersMatch::new(&all);
         let m_any = HeadersMatch::new(&any);
-        let mut h = HashMap::new();
+        let mut h = BTreeMap::new();
         h.insert("format".to_string(), s("pdf"));
         assert!(!m_all.matches(&h));
         assert!(m_any.matches(&h));
@@ -303,18 +303,18 @@ mod tests {
         h.insert("type".to_string(), i(1));
         assert!(!m_all.matches(&h));
         // No fields: `all` matches everything, `any` nothing.
-        assert!(HeadersMatch::new(&HashMap::new()).matches(&h));
-        let mut only_any = HashMap::new();
+        assert!(HeadersMatch::new(&BTreeMap::new()).matches(&h));
+        let mut only_any = BTreeMap::new();
         only_any.insert("x-match".to_string(), s("any"));
         assert!(!HeadersMatch::new(&only_any).matches(&h));
     }
 
     #[test]
     fn should_ignore_x_headers_unless_with_x() {
-        let mut args = HashMap::new();
+        let mut args = BTreeMap::new();
         args.insert("x-match".to_string(), s("all"));
         args.insert("x-tenant".to_string(), s("t1"));
-        let mut h = HashMap::new();
+        let mut h = BTreeMap::new();
         h.insert("x-tenant".to_string(), s("t2"));
         assert!(HeadersMatch::new(&args).matches(&h));
         args.insert("x-match".to_string(), s("all-with-x"));

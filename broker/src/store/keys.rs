@@ -163,6 +163,77 @@ pub fn decode_inbox(bytes: &[u8]) -> Option<(QueueId, u64)> {
     Some((u64::from_be_bytes(bytes[..8].try_into().ok()?), u64::from_be_bytes(bytes[8..].try_into().ok()?)))
 }
 
+/// Keys of a replicated queue's state records (column family `replica`):
+/// the queue id, a one-byte kind, then the record's identity. A queue's
+/// records are one contiguous range (`queue_start..queue_end`).
+pub mod replica {
+    use super::{MsgKey, QueueId};
+
+    /// The state record: sequence counter, consumer ids, round-robin
+    /// position, last use, clock.
+    pub const STATE: u8 = b's';
+    /// A consumer: queue, kind, consumer id.
+    pub const CONSUMER: u8 = b'c';
+    /// A checked-out (unacknowledged) message: queue, kind, message key ->
+    /// consumer id and delivery tag.
+    pub const CHECKOUT: u8 = b'u';
+    /// A dead-lettered message waiting to reach its target queues: queue,
+    /// kind, sequence.
+    pub const DEAD_LETTER: u8 = b'd';
+
+    pub fn state(queue: QueueId) -> Vec<u8> {
+        let mut out = queue.to_be_bytes().to_vec();
+        out.push(STATE);
+        out
+    }
+
+    pub fn consumer(queue: QueueId, id: u64) -> Vec<u8> {
+        let mut out = queue.to_be_bytes().to_vec();
+        out.push(CONSUMER);
+        out.extend_from_slice(&id.to_be_bytes());
+        out
+    }
+
+    pub fn checkout(queue: QueueId, key: MsgKey) -> Vec<u8> {
+        let mut out = queue.to_be_bytes().to_vec();
+        out.push(CHECKOUT);
+        out.push(key.prio_inv);
+        out.extend_from_slice(&key.seq.to_be_bytes());
+        out
+    }
+
+    pub fn dead_letter(queue: QueueId, seq: u64) -> Vec<u8> {
+        let mut out = queue.to_be_bytes().to_vec();
+        out.push(DEAD_LETTER);
+        out.extend_from_slice(&seq.to_be_bytes());
+        out
+    }
+
+    /// The range `[from, to)` of one kind of record of a queue.
+    pub fn kind_range(queue: QueueId, kind: u8) -> (Vec<u8>, Vec<u8>) {
+        let mut from = queue.to_be_bytes().to_vec();
+        from.push(kind);
+        let mut to = queue.to_be_bytes().to_vec();
+        to.push(kind + 1);
+        (from, to)
+    }
+
+    /// The trailing u64 of a consumer or dead-letter key.
+    pub fn decode_id(key: &[u8]) -> Option<u64> {
+        if key.len() != 17 {
+            return None;
+        }
+        Some(u64::from_be_bytes(key[9..17].try_into().ok()?))
+    }
+
+    pub fn decode_checkout(key: &[u8]) -> Option<MsgKey> {
+        if key.len() != 18 || key[8] != CHECKOUT {
+            return None;
+        }
+        Some(MsgKey { prio_inv: key[9], seq: u64::from_be_bytes(key[10..18].try_into().ok()?) })
+    }
+}
+
 /// Metadata keys: a one-byte kind tag, then the object's identity.
 pub mod meta {
     pub const EXCHANGE: u8 = b'x';

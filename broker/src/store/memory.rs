@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use parking_lot::{Mutex, RwLock};
 
-use super::{Cf, Engine, Op, StoreError};
+use super::{Cf, Engine, Op, Reader, StoreError};
 
 type Data = Vec<BTreeMap<Vec<u8>, Vec<u8>>>;
 
@@ -78,6 +78,21 @@ impl MemoryEngine {
     }
 }
 
+impl Reader for MemoryEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read_fault()?;
+        Ok(self.cfs.read()[cf.index()].get(key).cloned())
+    }
+
+    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<super::KeyValue>, StoreError> {
+        self.read_fault()?;
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        Ok(self.cfs.read()[cf.index()].range(from.to_vec()..to.to_vec()).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+}
+
 impl Engine for MemoryEngine {
     fn write(&self, ops: &[Op], _sync: bool) -> Result<(), StoreError> {
         {
@@ -121,24 +136,23 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
-    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.read_fault()?;
-        Ok(self.cfs.read()[cf.index()].get(key).cloned())
-    }
-
-    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<super::KeyValue>, StoreError> {
-        self.read_fault()?;
-        if from >= to {
-            return Ok(Vec::new());
-        }
-        Ok(self.cfs.read()[cf.index()].range(from.to_vec()..to.to_vec()).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect())
-    }
-
     fn disk_usage(&self) -> u64 {
         0
     }
 
     fn flush(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+
+    fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<super::KeyValue>, StoreError> {
+        self.read_fault()?;
+        if from >= to {
+            return Ok(None);
+        }
+        Ok(self.cfs.read()[cf.index()].range(from.to_vec()..to.to_vec()).next_back().map(|(k, v)| (k.clone(), v.clone())))
+    }
+
+    fn with_view(&self, read: &mut dyn FnMut(&dyn Reader) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        read(&self.snapshot())
     }
 }

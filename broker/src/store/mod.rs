@@ -29,6 +29,7 @@
 pub mod counters;
 pub mod keys;
 pub mod memory;
+pub mod overlay;
 pub mod rocks;
 
 use std::sync::Arc;
@@ -69,10 +70,20 @@ pub enum Cf {
     /// written atomically with their removal from the source queue, moved
     /// into the target queue atomically by its owner.
     Inbox,
+    /// What a replicated queue's state machine keeps besides its messages:
+    /// its state record, consumers, checked-out messages and dead-letter
+    /// outbox (see `keys::replica`).
+    Replica,
+    /// Raft log entries of every group on the node: group id, index ->
+    /// entry (see `raft::keys`).
+    RaftLog,
+    /// Raft metadata per group: group id, kind -> vote, last purged log id,
+    /// last applied log id and membership (see `raft::keys`).
+    RaftState,
 }
 
 impl Cf {
-    pub const ALL: [Cf; 10] = [
+    pub const ALL: [Cf; 13] = [
         Cf::Meta,
         Cf::Messages,
         Cf::Paged,
@@ -83,6 +94,9 @@ impl Cf {
         Cf::ExpiryTransient,
         Cf::Dedup,
         Cf::Inbox,
+        Cf::Replica,
+        Cf::RaftLog,
+        Cf::RaftState,
     ];
 
     /// Emptied at open: their content never outlives the process.
@@ -100,6 +114,9 @@ impl Cf {
             Cf::ExpiryTransient => "expiry_transient",
             Cf::Dedup => "dedup",
             Cf::Inbox => "inbox",
+            Cf::Replica => "replica",
+            Cf::RaftLog => "raft_log",
+            Cf::RaftState => "raft_state",
         }
     }
 
@@ -115,6 +132,9 @@ impl Cf {
             Cf::ExpiryTransient => 7,
             Cf::Dedup => 8,
             Cf::Inbox => 9,
+            Cf::Replica => 10,
+            Cf::RaftLog => 11,
+            Cf::RaftState => 12,
         }
     }
 }
@@ -156,17 +176,29 @@ pub enum StoreError {
 /// A key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
-/// An ordered key-value store with column families.
-pub trait Engine: Send + Sync + 'static {
-    /// Applies `ops` atomically; durable on return when `sync`.
-    fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError>;
+/// Reading an ordered key-value store with column families: a store, or a
+/// store with pending writes on top ([`overlay::Overlay`]).
+pub trait Reader {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Up to `limit` entries with `from <= key < to`, in key order.
     fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError>;
+}
+
+/// An ordered key-value store with column families.
+pub trait Engine: Reader + Send + Sync + 'static {
+    /// Applies `ops` atomically; durable on return when `sync`.
+    fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError>;
     /// Bytes used on disk (0 for memory).
     fn disk_usage(&self) -> u64;
     /// Persists memory tables so that the next start need not replay the WAL.
     fn flush(&self) -> Result<(), StoreError>;
+    /// The entry with the greatest key in `[from, to)`, if any.
+    fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<KeyValue>, StoreError>;
+    /// Runs `read` against one consistent view of the whole store: writes
+    /// made while it runs are not visible to it (RocksDB: a snapshot;
+    /// memory: a copy). For reading a large state without holding it in
+    /// memory (Raft snapshots are streamed from one).
+    fn with_view(&self, read: &mut dyn FnMut(&dyn Reader) -> Result<(), StoreError>) -> Result<(), StoreError>;
 }
 
 /// A write: its ops, whether it must be synced, and what to run once it is
@@ -614,6 +646,16 @@ mod tests {
         }
     }
 
+    impl Reader for Gate {
+        fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get(cf, key)
+        }
+
+        fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+            self.inner.scan(cf, from, to, limit)
+        }
+    }
+
     impl Engine for Gate {
         fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError> {
             let mut st = self.state.lock();
@@ -625,17 +667,17 @@ mod tests {
             drop(st);
             self.inner.write(ops, sync)
         }
-        fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            self.inner.get(cf, key)
-        }
-        fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<KeyValue>, StoreError> {
-            self.inner.scan(cf, from, to, limit)
-        }
         fn disk_usage(&self) -> u64 {
             0
         }
         fn flush(&self) -> Result<(), StoreError> {
             Ok(())
+        }
+        fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+            self.inner.last_in(cf, from, to)
+        }
+        fn with_view(&self, read: &mut dyn FnMut(&dyn Reader) -> Result<(), StoreError>) -> Result<(), StoreError> {
+            self.inner.with_view(read)
         }
     }
 

@@ -8,7 +8,7 @@ use rocksdb::{
     WriteBatch, WriteOptions,
 };
 
-use super::{Cf, Engine, Op, StoreError};
+use super::{Cf, Engine, Op, Reader, StoreError};
 
 /// Memory RocksDB may use, split between memtables and the block cache.
 #[derive(Clone, Copy, Debug)]
@@ -90,6 +90,15 @@ fn cf_options(cf: Cf, cache: &Cache, tuning: RocksTuning) -> Options {
                 },
             );
         }
+        Cf::RaftLog => {
+            // Appended by every group, read back mostly from the tail while
+            // replicating, deleted in ranges after snapshots: large
+            // memtables so that most entries are purged before they reach
+            // a table file.
+            opts.set_write_buffer_size(tuning.write_buffer_bytes.max(16 << 20));
+            opts.set_max_write_buffer_number(3);
+            opts.set_compression_type(DBCompressionType::Lz4);
+        }
         _ => {
             opts.set_write_buffer_size(4 << 20);
             opts.set_max_write_buffer_number(2);
@@ -97,6 +106,55 @@ fn cf_options(cf: Cf, cache: &Cache, tuning: RocksTuning) -> Options {
         }
     }
     opts
+}
+
+impl Reader for RocksEngine {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get_cf(self.cf(cf)?, key).map_err(io)
+    }
+
+    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<super::KeyValue>, StoreError> {
+        self.scan_opt(cf, from, to, limit, ReadOptions::default())
+    }
+}
+
+impl RocksEngine {
+    fn scan_opt(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize, mut ro: ReadOptions) -> Result<Vec<super::KeyValue>, StoreError> {
+        let mut out = Vec::new();
+        if from >= to || limit == 0 {
+            return Ok(out);
+        }
+        ro.set_iterate_upper_bound(to.to_vec());
+        // Scans of a queue's backlog read each block once: keep them from
+        // evicting the hot blocks.
+        ro.fill_cache(false);
+        for item in self.db.iterator_cf_opt(self.cf(cf)?, ro, IteratorMode::From(from, Direction::Forward)) {
+            let (k, v) = item.map_err(io)?;
+            out.push((k.into_vec(), v.into_vec()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A consistent view of the database: reads through one RocksDB snapshot.
+struct RocksView<'a> {
+    engine: &'a RocksEngine,
+    snapshot: rocksdb::Snapshot<'a>,
+}
+
+impl Reader for RocksView<'_> {
+    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.snapshot.get_cf(self.engine.cf(cf)?, key).map_err(io)
+    }
+
+    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<super::KeyValue>, StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_snapshot(&self.snapshot);
+        self.engine.scan_opt(cf, from, to, limit, ro)
+    }
 }
 
 impl Engine for RocksEngine {
@@ -115,30 +173,6 @@ impl Engine for RocksEngine {
         self.db.write_opt(batch, &wo).map_err(io)
     }
 
-    fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.db.get_cf(self.cf(cf)?, key).map_err(io)
-    }
-
-    fn scan(&self, cf: Cf, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<super::KeyValue>, StoreError> {
-        let mut out = Vec::new();
-        if from >= to || limit == 0 {
-            return Ok(out);
-        }
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(to.to_vec());
-        // Scans of a queue's backlog read each block once: keep them from
-        // evicting the hot blocks.
-        ro.fill_cache(false);
-        for item in self.db.iterator_cf_opt(self.cf(cf)?, ro, IteratorMode::From(from, Direction::Forward)) {
-            let (k, v) = item.map_err(io)?;
-            out.push((k.into_vec(), v.into_vec()));
-            if out.len() >= limit {
-                break;
-            }
-        }
-        Ok(out)
-    }
-
     fn disk_usage(&self) -> u64 {
         dir_size(&self.path)
     }
@@ -147,6 +181,28 @@ impl Engine for RocksEngine {
         self.db.flush_wal(true).map_err(io)?;
         let handles: Vec<&ColumnFamily> = Cf::ALL.iter().filter_map(|cf| self.db.cf_handle(cf.name())).collect();
         self.db.flush_cfs_opt(&handles, &rocksdb::FlushOptions::default()).map_err(io)
+    }
+
+    fn last_in(&self, cf: Cf, from: &[u8], to: &[u8]) -> Result<Option<super::KeyValue>, StoreError> {
+        if from >= to {
+            return Ok(None);
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_lower_bound(from.to_vec());
+        ro.set_iterate_upper_bound(to.to_vec());
+        let mut it = self.db.iterator_cf_opt(self.cf(cf)?, ro, IteratorMode::End);
+        match it.next() {
+            Some(item) => {
+                let (k, v) = item.map_err(io)?;
+                Ok(Some((k.into_vec(), v.into_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn with_view(&self, read: &mut dyn FnMut(&dyn Reader) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let view = RocksView { engine: self, snapshot: self.db.snapshot() };
+        read(&view)
     }
 }
 

@@ -4,7 +4,7 @@
 //! 0 success, 1 the broker refused the request (or a publish was returned or
 //! rejected), 2 bad usage, 3 cannot connect.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -72,6 +72,22 @@ enum Command {
     User(UserCmd),
     /// Who the broker takes you for, and what you may do.
     Whoami,
+    /// The cluster: members, quorum queues and their replicas.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Members (up or not, leaders and replicas each holds) and every
+    /// quorum queue's leader, replicas, term and lag.
+    Status,
+    /// The quorum queues that would lose their majority if NODE stopped
+    /// (exits 4 when there are any: stop NODE only when it exits 0).
+    QuorumCritical {
+        /// The node id.
+        node: u64,
+    },
 }
 
 /// TLS and credentials (also as WARREN_* environment variables).
@@ -461,6 +477,64 @@ async fn run(cli: Cli, out: &Printer) -> Result<(), Failure> {
             out.table(&["user", "mechanism", "tags", "configure", "write", "read", "authentication"], &[row]);
             Ok(())
         }
+        Command::Cluster(ClusterCmd::Status) => {
+            let s = client.raw().cluster_status(proto::ClusterStatusRequest {}).await.map_err(warren_client::Error::from)?.into_inner();
+            let members: Vec<Json> = s
+                .members
+                .iter()
+                .map(|m| json!({ "id": m.id, "address": m.address, "up": m.alive, "leaders": m.leaders, "replicas": m.replicas }))
+                .collect();
+            let queues: Vec<Json> = s
+                .queues
+                .iter()
+                .map(|q| {
+                    json!({
+                        "queue": q.name,
+                        "leader": q.leader,
+                        "members": q.members.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+                        "online": q.online.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+                        "term": q.term,
+                        "commit_index": q.commit_index,
+                        "lag": q.lag.iter().map(|l| format!("{}:{}", l.node, l.entries)).collect::<Vec<_>>().join(","),
+                    })
+                })
+                .collect();
+            if matches!(out.mode, Output::Json) {
+                println!(
+                    "{}",
+                    json!({
+                        "node_id": s.node_id,
+                        "metadata_leader": s.metadata_leader,
+                        "queues_without_quorum": s.queues_without_quorum,
+                        "members": members,
+                        "queues": queues,
+                    })
+                );
+            } else {
+                println!(
+                    "node {} (metadata leader: {}; quorum queues without a majority up: {})",
+                    s.node_id, s.metadata_leader, s.queues_without_quorum
+                );
+                out.table(&["id", "address", "up", "leaders", "replicas"], &members);
+                println!();
+                out.table(&["queue", "leader", "members", "online", "term", "commit_index", "lag"], &queues);
+            }
+            Ok(())
+        }
+        Command::Cluster(ClusterCmd::QuorumCritical { node }) => {
+            let r =
+                client.raw().quorum_critical(proto::QuorumCriticalRequest { node }).await.map_err(warren_client::Error::from)?.into_inner();
+            let rows: Vec<Json> = r.queues.iter().map(|q| json!({ "queue": q })).collect();
+            out.table(&["queue"], &rows);
+            if r.queues.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure {
+                    code: 4,
+                    message: format!("{} quorum queue(s) would lose their majority if node {node} stopped", r.queues.len()),
+                })
+            }
+        }
     }
 }
 
@@ -528,7 +602,7 @@ async fn user(client: &Client, cmd: UserCmd, out: &Printer) -> Result<(), Failur
             out.table(&["name", "tags", "password", "configure", "write", "read", "connections", "streams", "source"], &rows);
         }
         UserCmd::SetPermissions { name, configure, write, read, topic_write, topic_read } => {
-            let mut topics: HashMap<String, proto::TopicPermission> = HashMap::new();
+            let mut topics: std::collections::BTreeMap<String, proto::TopicPermission> = std::collections::BTreeMap::new();
             for (x, p) in topic_write {
                 topics.entry(x).or_default().write = p;
             }
@@ -604,7 +678,7 @@ async fn queue(client: &Client, cmd: QueueCmd, out: &Printer) -> Result<(), Fail
         QueueCmd::Info { name } => {
             let info = client.queue_info(&name).await?;
             out.table(
-                &["name", "ready", "unacked", "delayed", "consumers", "durable", "exclusive", "auto_delete", "arguments"],
+                &["name", "type", "ready", "unacked", "delayed", "consumers", "durable", "leader", "members", "online", "arguments"],
                 &[queue_json(&info)],
             );
         }
@@ -613,7 +687,7 @@ async fn queue(client: &Client, cmd: QueueCmd, out: &Printer) -> Result<(), Fail
 }
 
 fn properties(headers: Vec<(String, Value)>, props: Vec<(String, String)>, persistent: bool) -> Result<proto::Properties, Failure> {
-    let mut p = proto::Properties { persistent, headers: headers.into_iter().collect::<HashMap<_, _>>(), ..Default::default() };
+    let mut p = proto::Properties { persistent, headers: headers.into_iter().collect::<BTreeMap<_, _>>(), ..Default::default() };
     let int = |name: &str, v: &str| -> Result<i64, Failure> {
         v.parse::<i64>().map_err(|_| usage(format!("property {name} must be an integer, got {v:?}")))
     };
@@ -723,7 +797,7 @@ async fn consume(client: &Client, a: ConsumeArgs, out: &Printer) -> Result<(), F
 
 // ------------------------------------------------------------------ output
 
-fn args_json(args: &HashMap<String, Value>) -> Json {
+fn args_json(args: &BTreeMap<String, Value>) -> Json {
     let mut keys: Vec<&String> = args.keys().collect();
     keys.sort();
     Json::Object(keys.into_iter().map(|k| (k.clone(), args[k].to_json())).collect())
@@ -753,6 +827,10 @@ fn queue_json(q: &proto::QueueInfo) -> Json {
         "exclusive": q.exclusive,
         "auto_delete": q.auto_delete,
         "arguments": args_json(&q.arguments),
+        "type": q.queue_type,
+        "leader": q.leader,
+        "members": q.members.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+        "online": q.online.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
     })
 }
 

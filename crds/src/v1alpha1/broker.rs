@@ -33,12 +33,30 @@ use crate::schema::{immutable_fields, push_rules, rule};
 #[serde(rename_all = "camelCase")]
 #[schemars(transform = broker_spec_rules)]
 pub struct BrokerSpec {
-    /// Number of broker pods. Queue replication across pods is not
-    /// implemented yet, so this must be 1 (the API server refuses anything
-    /// else); the field exists so that manifests stay valid when it is.
+    /// Number of broker pods, 1 to 7. One pod is a single broker: nothing
+    /// is replicated and the broker is down while its pod restarts. More
+    /// than one is a cluster: every pod holds the metadata (exchanges,
+    /// queues, bindings), replicated through Raft among all pods, and each
+    /// quorum queue is replicated on 3 of them (2 in a cluster of 2; the
+    /// queue argument `x-quorum-initial-group-size` changes it). Each needs
+    /// a majority of its members up, so a cluster of 3 keeps working with
+    /// one pod down. Use an odd size (3, 5 or 7): an even size
+    /// survives no more pods down than the odd size below it (4, like 3,
+    /// survives one) and needs more pods for a majority. Changing between 1
+    /// and more than 1 is refused (a single broker cannot become a cluster
+    /// in place: create a new Broker). Scaling a cluster down is refused
+    /// while a queue would keep fewer than a majority of its replicas:
+    /// shrink queues off the pods that go first.
     #[serde(default = "default_replicas")]
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = 1, max = 7))]
     pub replicas: i32,
+    /// In a cluster (`replicas` > 1), the type of a durable queue declared
+    /// without `x-queue-type`: `quorum` (default: replicated, survives a
+    /// pod down) or `classic` (held by one pod, unavailable while that pod
+    /// is down). Exclusive and auto-delete queues are always classic, and so
+    /// is every queue of a single broker (`replicas: 1`).
+    #[serde(default)]
+    pub default_queue_type: DefaultQueueType,
     /// Broker container image. Defaults to the image the operator was
     /// configured with (the one matching its own version).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -230,6 +248,32 @@ pub enum ServiceAccountTokens {
     Disabled,
 }
 
+/// In a cluster (`replicas` > 1), the type of a durable queue declared
+/// without `x-queue-type`: `quorum` (default: replicated, survives a pod
+/// down) or `classic` (held by one pod, unavailable while that pod is
+/// down). Exclusive and auto-delete queues are always classic, and so is
+/// every queue of a single broker (`replicas: 1`).
+// (This doc is the field's `kubectl explain` text.)
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultQueueType {
+    /// Replicated through Raft on a majority of its members.
+    #[default]
+    Quorum,
+    /// Held by one pod, not replicated.
+    Classic,
+}
+
+impl DefaultQueueType {
+    /// The broker's spelling (`--default-queue-type`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DefaultQueueType::Quorum => "quorum",
+            DefaultQueueType::Classic => "classic",
+        }
+    }
+}
+
 /// The address the broker listens on inside its pod: `::` (default: every
 /// IPv6 and IPv4 address, for IPv4, IPv6 and dual-stack clusters) or
 /// `0.0.0.0` (IPv4 only, for nodes whose kernel has IPv6 turned off).
@@ -268,10 +312,14 @@ fn broker_spec_rules(schema: &mut Schema) {
         &["storage"],
         "a StatefulSet's volume claim templates cannot change; create a new Broker (or delete and re-create this one)",
     );
-    rules.push(rule(
-        "self.replicas == 1",
-        "replicas must be 1: queue replication across pods is not implemented yet, so a Broker runs exactly one pod",
-    ));
+    rules.push(serde_json::json!({
+        "rule": "(self.replicas == 1) == (oldSelf.replicas == 1)",
+        "message": "replicas cannot change between 1 and more than 1: a single broker keeps its queues unreplicated on one volume and \
+                    cannot become a cluster in place (nor a cluster a single broker); create a new Broker of the size you need and \
+                    move the messages to it",
+        "fieldPath": ".replicas",
+        "reason": "FieldValueForbidden",
+    }));
     push_rules(schema, rules);
 }
 

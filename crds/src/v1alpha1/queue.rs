@@ -51,8 +51,13 @@ pub struct QueueSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(NAME_PATTERN), length(min = 1, max = 255))]
     pub name: Option<String>,
-    /// The queue type (argument `x-queue-type`). Only `classic` exists today.
-    /// Immutable.
+    /// The queue type (argument `x-queue-type`): `classic` (default: held
+    /// by one broker pod, not replicated) or `quorum` (replicated through
+    /// Raft on a Broker of more than one replica, and available while a
+    /// majority of its replicas is up; it must be durable, without
+    /// `expiresMs` or `autoDelete`). A Queue object always declares its
+    /// type: the Broker's `defaultQueueType` applies to queues that clients
+    /// declare without one. Immutable.
     #[serde(default, rename = "type")]
     pub type_: QueueType,
     /// Survives a broker restart, and so do its persistent messages.
@@ -156,9 +161,11 @@ pub struct QueueSpec {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
-    /// A single-node queue stored in the broker's RocksDB.
+    /// Held by one broker pod, stored in its RocksDB.
     #[default]
     Classic,
+    /// Replicated through Raft on several pods of a cluster Broker.
+    Quorum,
 }
 
 impl QueueType {
@@ -166,6 +173,7 @@ impl QueueType {
     pub fn as_str(self) -> &'static str {
         match self {
             QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
         }
     }
 }
@@ -253,6 +261,15 @@ fn queue_spec_rules(schema: &mut Schema) {
     rules
         .push(rule("!has(self.overflow) || has(self.maxLength) || has(self.maxLengthBytes)", "overflow needs maxLength or maxLengthBytes"));
     rules.push(rule("!has(self.deadLetterRoutingKey) || has(self.deadLetterExchange)", "deadLetterRoutingKey needs deadLetterExchange"));
+    // The broker's rules for quorum queues (RabbitMQ's): durable, shared
+    // and long-lived.
+    let quorum = "!has(self.type) || self.type != 'quorum' || ";
+    rules.push(rule(format!("{quorum}!has(self.durable) || self.durable"), "a quorum queue is durable: type quorum needs durable true"));
+    rules.push(rule(format!("{quorum}!has(self.autoDelete) || !self.autoDelete"), "a quorum queue cannot be autoDelete"));
+    rules.push(rule(
+        format!("{quorum}!has(self.expiresMs)"),
+        "a quorum queue cannot have expiresMs (the broker refuses x-expires on quorum queues: delete unused ones explicitly)",
+    ));
     push_rules(schema, rules);
 }
 

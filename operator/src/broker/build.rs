@@ -1,9 +1,20 @@
 //! Pure builders: a validated Broker in, Kubernetes objects out. No API
 //! calls here, so every object is unit-tested as plain data.
+//!
+//! A Broker of one replica is a single broker, built exactly as before
+//! clusters existed (no peers, no cluster port, no update strategy). A
+//! Broker of more replicas is a cluster: its pods are numbered from 1
+//! (`spec.ordinals.start`), so that a pod's ordinal, its
+//! `apps.kubernetes.io/pod-index` label and its broker node id are the same
+//! number (`warren-2` is node 2; the broker's API uses node 0 for "none"),
+//! and every pod gets the full member list through the headless Service.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    RollingUpdateStatefulSetStrategy, StatefulSet, StatefulSetOrdinals, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+    StatefulSetUpdateStrategy,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
     Lifecycle, LifecycleHandler, LocalObjectReference, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
@@ -26,9 +37,19 @@ use crate::error::{Error, Result};
 pub const GRPC_PORT: i32 = 5680;
 /// HTTP port of the broker: `/metrics`, `/healthz`, `/readyz`.
 pub const HTTP_PORT: i32 = 15680;
-/// Port of the node-to-node (replication) listener: only other broker pods
-/// of the same Broker may reach it.
+/// Port of the node-to-node listener of a cluster (Raft, forwarding):
+/// only other broker pods of the same Broker may reach it.
 pub const CLUSTER_PORT: i32 = 5681;
+/// Most pods of a Broker (the CRD refuses more).
+pub const MAX_REPLICAS: i32 = 7;
+/// The first pod ordinal of a cluster: pod `<name>-1` is node 1.
+pub const FIRST_ORDINAL: i32 = 1;
+/// The pod label holding a StatefulSet pod's ordinal, set by the
+/// StatefulSet controller.
+pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
+/// Annotation on a cluster's StatefulSet carrying a hash of the pod
+/// template the operator built, so that it knows when it starts a rollout.
+pub const TEMPLATE_HASH_ANNOTATION: &str = "warren.dev/pod-template-hash";
 /// Where the administrator's password (the `<name>-admin` Secret) is mounted.
 pub const ADMIN_DIR: &str = "/etc/warren-admin";
 /// Where the TLS Secret is mounted.
@@ -211,17 +232,41 @@ pub fn validate(broker: &Broker, default_image: &str) -> Result<ValidatedBroker>
     if image.trim().is_empty() {
         return Err(Error::InvalidSpec("spec.image is empty and the operator has no default broker image (--broker-image)".into()));
     }
-    if broker.spec.replicas != 1 {
-        return Err(Error::InvalidSpec(format!(
-            "spec.replicas is {}; queue replication is not implemented yet, so a Broker runs exactly 1 pod",
-            broker.spec.replicas
-        )));
+    if !(1..=MAX_REPLICAS).contains(&broker.spec.replicas) {
+        return Err(Error::InvalidSpec(format!("spec.replicas is {}; a Broker runs 1 to {MAX_REPLICAS} pods", broker.spec.replicas)));
     }
     let settings = settings(&broker.spec.config)?;
     Ok(ValidatedBroker { name, namespace, owner, generation: broker.metadata.generation, image, spec: broker.spec.clone(), settings })
 }
 
 impl ValidatedBroker {
+    /// Whether this Broker runs as a cluster (more than one pod).
+    pub fn is_cluster(&self) -> bool {
+        self.spec.replicas > 1
+    }
+
+    /// The broker node id of the pod at `index` (0 for the first pod) of a
+    /// cluster: its ordinal.
+    pub fn node_id(index: i32) -> u64 {
+        u64::try_from(index + FIRST_ORDINAL).unwrap_or(0)
+    }
+
+    /// The name of the pod at `index` of a cluster.
+    pub fn pod_name(&self, index: i32) -> String {
+        format!("{}-{}", self.name, index + FIRST_ORDINAL)
+    }
+
+    /// The cluster's members as the broker reads them (`--peers`): every
+    /// pod's node id and its stable DNS name under the headless Service.
+    pub fn peers(&self) -> String {
+        (0..self.spec.replicas)
+            .map(|i| {
+                format!("{}={}.{}.{}.svc:{CLUSTER_PORT}", Self::node_id(i), self.pod_name(i), self.headless_service_name(), self.namespace)
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// Name of the headless Service that gives each pod a DNS name.
     pub fn headless_service_name(&self) -> String {
         format!("{}-headless", self.name)
@@ -339,8 +384,9 @@ pub fn service_account(v: &ValidatedBroker) -> ServiceAccount {
     ServiceAccount { metadata: v.meta(v.name.clone()), automount_service_account_token: Some(false), ..ServiceAccount::default() }
 }
 
-fn ports() -> Vec<ServicePort> {
-    vec![
+/// gRPC and HTTP, and with `cluster` the cluster port.
+fn ports(cluster: bool) -> Vec<ServicePort> {
+    let mut ports = vec![
         ServicePort {
             name: Some("grpc".into()),
             port: GRPC_PORT,
@@ -356,11 +402,24 @@ fn ports() -> Vec<ServicePort> {
             protocol: Some("TCP".into()),
             ..ServicePort::default()
         },
-    ]
+    ];
+    if cluster {
+        ports.push(ServicePort {
+            name: Some("cluster".into()),
+            port: CLUSTER_PORT,
+            target_port: Some(IntOrString::String("cluster".into())),
+            app_protocol: Some("kubernetes.io/h2c".into()),
+            protocol: Some("TCP".into()),
+            ..ServicePort::default()
+        });
+    }
+    ports
 }
 
 /// The headless Service: stable DNS names for the pods (peers find each
-/// other through it), including pods that are not ready yet.
+/// other through it), including pods that are not ready yet: a cluster's
+/// pods must reach each other to elect leaders before any is ready. A
+/// cluster's headless Service also names the cluster port.
 pub fn headless_service(v: &ValidatedBroker) -> Service {
     Service {
         metadata: v.meta(v.headless_service_name()),
@@ -368,14 +427,15 @@ pub fn headless_service(v: &ValidatedBroker) -> Service {
             cluster_ip: Some("None".into()),
             publish_not_ready_addresses: Some(true),
             selector: Some(v.selector_labels()),
-            ports: Some(ports()),
+            ports: Some(ports(v.is_cluster())),
             ..ServiceSpec::default()
         }),
         ..Service::default()
     }
 }
 
-/// The client Service: gRPC (and the metrics port) of the ready pods.
+/// The client Service: gRPC (and the metrics port) of the ready pods. In a
+/// cluster any pod serves any client: it forwards to queue leaders.
 pub fn client_service(v: &ValidatedBroker) -> Service {
     let mut meta = v.meta(v.name.clone());
     if !v.spec.service.annotations.is_empty() {
@@ -386,7 +446,7 @@ pub fn client_service(v: &ValidatedBroker) -> Service {
         spec: Some(ServiceSpec {
             type_: Some(v.spec.service.type_.as_str().into()),
             selector: Some(v.selector_labels()),
-            ports: Some(ports()),
+            ports: Some(ports(false)),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -409,6 +469,18 @@ pub fn pod_disruption_budget(v: &ValidatedBroker) -> PodDisruptionBudget {
 
 fn env(name: &str, value: &str) -> EnvVar {
     EnvVar { name: name.into(), value: Some(value.into()), ..EnvVar::default() }
+}
+
+/// An environment variable from a field of the pod (the downward API).
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector { field_path: field_path.into(), ..ObjectFieldSelector::default() }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
 }
 
 fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
@@ -434,43 +506,38 @@ pub fn stateful_set(v: &ValidatedBroker) -> StatefulSet {
     let mut pod_labels = v.labels();
     pod_labels.extend(v.selector_labels());
 
+    let mut vars = vec![
+        field_env("WARREN_NODE_NAME", "metadata.name"),
+        env("WARREN_DATA_DIR", DATA_DIR),
+        env("WARREN_GRPC_ADDR", &spec.listen_address.with_port(GRPC_PORT)),
+        env("WARREN_HTTP_ADDR", &spec.listen_address.with_port(HTTP_PORT)),
+        env("WARREN_CONFIG", &format!("{CONFIG_DIR}/{CONFIG_FILE}")),
+    ];
+    let mut ports = vec![
+        ContainerPort { name: Some("grpc".into()), container_port: GRPC_PORT, protocol: Some("TCP".into()), ..ContainerPort::default() },
+        ContainerPort { name: Some("http".into()), container_port: HTTP_PORT, protocol: Some("TCP".into()), ..ContainerPort::default() },
+    ];
+    if v.is_cluster() {
+        // The node id is the pod's ordinal, read from the label the
+        // StatefulSet controller sets (no shell in the image to compute it).
+        vars.push(field_env("WARREN_NODE_ID", &format!("metadata.labels['{POD_INDEX_LABEL}']")));
+        vars.push(env("WARREN_CLUSTER_ADDR", &spec.listen_address.with_port(CLUSTER_PORT)));
+        vars.push(env("WARREN_PEERS", &v.peers()));
+        vars.push(env("WARREN_DEFAULT_QUEUE_TYPE", spec.default_queue_type.as_str()));
+        ports.push(ContainerPort {
+            name: Some("cluster".into()),
+            container_port: CLUSTER_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        });
+    }
+
     let container = Container {
         name: "broker".into(),
         image: Some(v.image.clone()),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
-        env: Some(
-            vec![
-                EnvVar {
-                    name: "WARREN_NODE_NAME".into(),
-                    value_from: Some(EnvVarSource {
-                        field_ref: Some(ObjectFieldSelector { field_path: "metadata.name".into(), ..ObjectFieldSelector::default() }),
-                        ..EnvVarSource::default()
-                    }),
-                    ..EnvVar::default()
-                },
-                env("WARREN_DATA_DIR", DATA_DIR),
-                env("WARREN_GRPC_ADDR", &spec.listen_address.with_port(GRPC_PORT)),
-                env("WARREN_HTTP_ADDR", &spec.listen_address.with_port(HTTP_PORT)),
-                env("WARREN_CONFIG", &format!("{CONFIG_DIR}/{CONFIG_FILE}")),
-            ]
-            .into_iter()
-            .chain(security_env(v))
-            .collect(),
-        ),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("grpc".into()),
-                container_port: GRPC_PORT,
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            },
-            ContainerPort {
-                name: Some("http".into()),
-                container_port: HTTP_PORT,
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            },
-        ]),
+        env: Some(vars.into_iter().chain(security_env(v)).collect()),
+        ports: Some(ports),
         // Opening a large RocksDB can take a while: up to 5 minutes before
         // liveness applies.
         startup_probe: Some(http_probe("/healthz", 5, 60)),
@@ -568,17 +635,36 @@ pub fn stateful_set(v: &ValidatedBroker) -> StatefulSet {
         ..PersistentVolumeClaim::default()
     };
 
+    let template = PodTemplateSpec {
+        metadata: Some(ObjectMeta { labels: Some(pod_labels), annotations: Some(pod_annotations), ..ObjectMeta::default() }),
+        spec: Some(pod),
+    };
+    let mut metadata = v.meta(v.name.clone());
+    let (ordinals, update_strategy) = if v.is_cluster() {
+        let hash = stable_hash(&serde_json::to_string(&template).unwrap_or_default());
+        metadata.annotations = Some(BTreeMap::from([(TEMPLATE_HASH_ANNOTATION.to_string(), hash)]));
+        // Restarts go one pod at a time and only as far down as the
+        // partition, which the operator lowers pod by pod once the broker
+        // says no queue would lose its majority (see `rollout`).
+        let strategy = StatefulSetUpdateStrategy {
+            type_: Some("RollingUpdate".into()),
+            rolling_update: Some(RollingUpdateStatefulSetStrategy { partition: Some(0), ..RollingUpdateStatefulSetStrategy::default() }),
+        };
+        (Some(StatefulSetOrdinals { start: Some(FIRST_ORDINAL) }), Some(strategy))
+    } else {
+        (None, None)
+    };
+
     StatefulSet {
-        metadata: v.meta(v.name.clone()),
+        metadata,
         spec: StatefulSetSpec {
             replicas: Some(spec.replicas),
+            ordinals,
+            update_strategy,
             service_name: Some(v.headless_service_name()),
             pod_management_policy: Some("Parallel".into()),
             selector: LabelSelector { match_labels: Some(v.selector_labels()), ..LabelSelector::default() },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(pod_labels), annotations: Some(pod_annotations), ..ObjectMeta::default() }),
-                spec: Some(pod),
-            },
+            template,
             volume_claim_templates: Some(vec![claim]),
             // Messages outlive the Broker object: deleting or scaling the
             // Broker never deletes a volume.
@@ -776,6 +862,25 @@ pub const TOKEN_REVIEW_NAMESPACE_LABEL: &str = "warren.dev/broker-namespace";
 /// The name of a Broker's TokenReview ClusterRoleBinding.
 pub fn token_review_binding_name(namespace: &str, name: &str) -> String {
     format!("warren-tokenreview-{namespace}-{name}")
+}
+
+/// The rolling update partition of a StatefulSet: pods at this index and
+/// above run the newest template; 0 when it sets none.
+pub fn partition(sts: &StatefulSet) -> i32 {
+    sts.spec.update_strategy.as_ref().and_then(|u| u.rolling_update.as_ref()).and_then(|r| r.partition).unwrap_or(0)
+}
+
+/// Sets the rolling update partition of a cluster's StatefulSet (a
+/// single broker's has no update strategy and is left alone).
+pub fn set_partition(sts: &mut StatefulSet, partition: i32) {
+    if let Some(r) = sts.spec.update_strategy.as_mut().and_then(|u| u.rolling_update.as_mut()) {
+        r.partition = Some(partition);
+    }
+}
+
+/// The pod template hash the operator recorded on a StatefulSet.
+pub fn template_hash(sts: &StatefulSet) -> Option<&str> {
+    sts.metadata.annotations.as_ref()?.get(TEMPLATE_HASH_ANNOTATION).map(String::as_str)
 }
 
 /// Every object a Broker owns, in the order they are applied.

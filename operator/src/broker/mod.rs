@@ -12,12 +12,26 @@
 //! A forced apply would take it over, and the garbage collector would
 //! delete it with the Broker.
 //!
+//! A Broker of more than one replica is a cluster: its StatefulSet is
+//! rolled one pod at a time and scaled down only when the broker says no
+//! queue would lose its majority ([`rollout`]). That needs the broker's
+//! answer before the StatefulSet is applied, so a cluster's reconcile
+//! reads the stored StatefulSet and calls the broker first.
+//!
+//! Security objects ([`access`]): the administrator Secret is created
+//! before anything else, a `spec.tls.secretName` Secret is checked before
+//! anything is applied, and the NetworkPolicy, the Certificate and the
+//! TokenReview binding are applied before the pods.
+//!
 //! Events: `InvalidSpec`, `NameConflict`, `TLSSecretMissing`,
-//! `TLSSecretInvalid`, `CertManagerMissing`, `ApplyFailed` (Warning) and
-//! `Ready` / `NotReady` when the `Ready` condition changes (Normal).
+//! `TLSSecretInvalid`, `CertManagerMissing`, `ApplyFailed`,
+//! `ScaleDownRefused` (Warning), `RolloutWaiting` when a restart waits for
+//! the broker, and `Ready` / `NotReady` when the `Ready` condition changes
+//! (Normal).
 
 pub mod access;
 pub mod build;
+pub mod rollout;
 pub mod status;
 
 use std::sync::Arc;
@@ -33,15 +47,21 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use warren_client::proto::{ListQueuesRequest, QuorumCriticalRequest};
 use warren_crds::v1alpha1::{Broker, BrokerStatus};
 
-use crate::conditions::{self, READY};
+use crate::conditions::{self, PROGRESSING, READY};
 use crate::context::{Context, FIELD_MANAGER};
 use crate::error::{Error, Result};
 use crate::topology::publish;
 
 /// Controller name in metrics and logs.
 pub const CONTROLLER: &str = "broker";
+/// How soon a rollout waiting for the broker is checked again.
+pub const ROLLOUT_RECHECK: Duration = Duration::from_secs(10);
+/// How soon a refused scale-down is checked again (the queues may have
+/// been shrunk meanwhile, which Kubernetes does not see).
+pub const SCALE_DOWN_RECHECK: Duration = Duration::from_secs(30);
 
 /// Reconciles one Broker.
 pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action> {
@@ -65,7 +85,7 @@ pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action>
         Err(e) => return Err(e),
     };
 
-    let children = build::build(&validated);
+    let mut children = build::build(&validated);
     let conflict = match foreign_child(&ctx, &namespace, &validated, &children).await? {
         Some(c) => Some(c),
         // Creating the administrator Secret is the first write: a refusal
@@ -88,6 +108,20 @@ pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action>
     if let Some((reason, message)) = access::check_tls_secret(&ctx, &validated).await? {
         return blocked(&ctx, &brokers, &broker, reason, message).await;
     }
+    let mut waiting = None;
+    if validated.is_cluster() {
+        match plan_cluster(&ctx, &namespace, &validated, &broker, &mut children.stateful_set).await? {
+            Plan::Proceed(w) => waiting = w,
+            Plan::RefuseScaleDown(message) => {
+                let status = status::scale_down_refused(&previous, generation, &message);
+                if broker.status.as_ref() != Some(&status) {
+                    publish(&ctx, broker.as_ref(), EventType::Warning, "ScaleDownRefused", "Scale", message).await;
+                    patch_status(&brokers, &name, &status).await?;
+                }
+                return Ok(Action::requeue(SCALE_DOWN_RECHECK));
+            }
+        }
+    }
     // The NetworkPolicy, the Certificate and the TokenReview binding
     // first: pods never run unprotected or without their certificate.
     let applied = match access::apply_security(&ctx, &validated).await {
@@ -102,17 +136,118 @@ pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action>
         Err(e) => return apply_failed(&ctx, &brokers, &broker, e).await,
     };
 
-    let status = status::from_stateful_set(&validated, &sts, &previous, k8s_openapi::jiff::Timestamp::now());
+    let mut status = status::from_stateful_set(&validated, &sts, &previous, k8s_openapi::jiff::Timestamp::now());
+    if let Some(w) = &waiting {
+        status = status::rollout_waiting(&status, generation, w.reason, &w.message);
+    }
     if broker.status.as_ref() != Some(&status) {
         let was = conditions::find(&previous.conditions, READY).map(|c| c.status == "True");
         if let Some(now) = conditions::find(&status.conditions, READY).filter(|c| was != Some(c.status == "True")) {
             let (type_, reason) = if now.status == "True" { (EventType::Normal, "Ready") } else { (EventType::Normal, "NotReady") };
             publish(&ctx, broker.as_ref(), type_, reason, "Reconcile", now.message.clone()).await;
         }
+        let was_reason = conditions::find(&previous.conditions, PROGRESSING).map(|c| c.reason.clone());
+        if let Some(w) = &waiting
+            && was_reason.as_deref() != Some(w.reason)
+        {
+            publish(&ctx, broker.as_ref(), EventType::Normal, "RolloutWaiting", "Rollout", w.message.clone()).await;
+        }
         patch_status(&brokers, &name, &status).await?;
     }
-    // Children changes wake us through `.owns()`; the requeue is a safety net.
-    Ok(Action::requeue(Duration::from_secs(300)))
+    // Children changes wake us through `.owns()`; the requeue is a safety
+    // net, or the next look at a rollout waiting for the broker.
+    Ok(Action::requeue(if waiting.is_some() { ROLLOUT_RECHECK } else { Duration::from_secs(300) }))
+}
+
+/// What a cluster's reconcile does with its StatefulSet.
+enum Plan {
+    /// Apply it (its partition set), possibly with a rollout waiting.
+    Proceed(Option<Waiting>),
+    /// Apply nothing: the scale-down is unsafe or cannot be checked.
+    RefuseScaleDown(String),
+}
+
+/// A rollout step held back, for the `Progressing` condition.
+struct Waiting {
+    reason: &'static str,
+    message: String,
+}
+
+/// Decides a cluster's scale-down and its rollout partition (set on
+/// `sts`), asking the broker where [`rollout`] says to.
+async fn plan_cluster(ctx: &Context, namespace: &str, v: &build::ValidatedBroker, broker: &Broker, sts: &mut StatefulSet) -> Result<Plan> {
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), namespace);
+    let observed = api.get_opt(&v.name).await?.as_ref().map(rollout::Observed::from_stateful_set);
+    let desired = v.spec.replicas;
+    if let Some(o) = observed.as_ref().filter(|o| o.replicas > desired) {
+        let removed: Vec<String> = (desired..o.replicas).map(|i| build::ValidatedBroker::node_id(i).to_string()).collect();
+        let what = format!("scaling down from {} to {desired} pods removes nodes {}", o.replicas, removed.join(", "));
+        let queues = match broker_client(ctx, v, broker).await?.list_queues(ListQueuesRequest {}).await {
+            Ok(r) => r.into_inner().queues,
+            Err(e) => {
+                return Ok(Plan::RefuseScaleDown(format!(
+                    "{what}; the broker must list its queues to show that none would lose its majority, and it could not: {}; \
+                     checked again every {} s",
+                    Error::broker("ListQueues", e),
+                    SCALE_DOWN_RECHECK.as_secs()
+                )));
+            }
+        };
+        let blockers = rollout::scale_down_blockers(&queues, desired);
+        if !blockers.is_empty() {
+            return Ok(Plan::RefuseScaleDown(format!(
+                "{what}, which would leave {} queue(s) without a majority of replicas or without their only copy: {}. \
+                 Shrink the quorum queues off those nodes first (the broker's ShrinkQueues call, once per node) and move or delete \
+                 the classic ones, or set replicas back to {}; checked again every {} s",
+                blockers.len(),
+                rollout::some_of(&blockers, 5),
+                o.replicas,
+                SCALE_DOWN_RECHECK.as_secs()
+            )));
+        }
+    }
+    let hash = build::template_hash(sts).unwrap_or_default().to_string();
+    let (partition, waiting) = match rollout::next(desired, &hash, observed.as_ref()) {
+        rollout::Next::Apply(p) => (p, None),
+        rollout::Next::Ask { hold, index, node } => {
+            let pod = v.pod_name(index);
+            match broker_client(ctx, v, broker).await?.quorum_critical(QuorumCriticalRequest { node }).await {
+                Ok(r) if r.get_ref().queues.is_empty() => (index, None),
+                Ok(r) => {
+                    let queues = r.into_inner().queues;
+                    let message = format!(
+                        "pod {pod} (node {node}) restarts next, but stopping it now would leave {} quorum queue(s) without a majority \
+                         of replicas up: {}; waiting for their replicas to catch up (checked every {} s)",
+                        queues.len(),
+                        rollout::some_of(&queues, 5),
+                        ROLLOUT_RECHECK.as_secs()
+                    );
+                    (hold, Some(Waiting { reason: "QuorumCritical", message }))
+                }
+                // A node the broker does not know holds no replica.
+                Err(e) if e.code() == tonic::Code::InvalidArgument => (index, None),
+                Err(e) => {
+                    let message = format!(
+                        "pod {pod} (node {node}) restarts next, but the broker could not say whether a queue needs it: {}; \
+                         checked again every {} s",
+                        Error::broker("QuorumCritical", e),
+                        ROLLOUT_RECHECK.as_secs()
+                    );
+                    (hold, Some(Waiting { reason: "QuorumUnknown", message }))
+                }
+            }
+        }
+    };
+    build::set_partition(sts, partition);
+    Ok(Plan::Proceed(waiting))
+}
+
+/// A gRPC client of the Broker (its Service, or the configured override),
+/// with the Broker's TLS and the administrator credential.
+async fn broker_client(ctx: &Context, v: &build::ValidatedBroker, broker: &Broker) -> Result<warren_client::RawClient> {
+    let endpoint = ctx.broker_endpoint(&v.namespace, &v.name, Some(&v.endpoint())).unwrap_or_else(|| v.endpoint());
+    let access = access::broker_access(ctx, broker).await?;
+    Ok(ctx.broker(&endpoint, &access)?.0)
 }
 
 /// Never silent: an object the API server refuses (an immutable

@@ -75,6 +75,33 @@ pub fn blocked(previous: &BrokerStatus, generation: Option<i64>, reason: &str, m
     BrokerStatus { observed_generation: generation, conditions: conditions::merge(&previous.conditions, changed), ..previous.clone() }
 }
 
+/// Status of a cluster whose scale-down was refused: nothing was applied,
+/// the pods keep running as they are (`Ready` keeps what they last
+/// showed); `Degraded` says why and what to do.
+pub fn scale_down_refused(previous: &BrokerStatus, generation: Option<i64>, message: &str) -> BrokerStatus {
+    BrokerStatus {
+        observed_generation: generation,
+        conditions: conditions::merge(
+            &previous.conditions,
+            vec![
+                conditions::new(PROGRESSING, false, "ScaleDownRefused", message, generation),
+                conditions::new(DEGRADED, true, "ScaleDownRefused", message, generation),
+            ],
+        ),
+        ..previous.clone()
+    }
+}
+
+/// `status` with the rollout shown as waiting for the broker: `Progressing`
+/// stays `True`, with `reason` (`QuorumCritical`, `QuorumUnknown`) and
+/// `message` naming the pod that restarts next and why it waits.
+pub fn rollout_waiting(status: &BrokerStatus, generation: Option<i64>, reason: &str, message: &str) -> BrokerStatus {
+    BrokerStatus {
+        conditions: conditions::merge(&status.conditions, vec![conditions::new(PROGRESSING, true, reason, message, generation)]),
+        ..status.clone()
+    }
+}
+
 /// Status from the StatefulSet the API server returned.
 pub fn from_stateful_set(v: &ValidatedBroker, sts: &StatefulSet, previous: &BrokerStatus, now: Timestamp) -> BrokerStatus {
     let want = v.spec.replicas;

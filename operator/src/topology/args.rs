@@ -1,7 +1,7 @@
 //! Spec → gRPC request conversion: the typed CRD fields become the broker's
 //! RabbitMQ-named arguments. Pure functions, unit-tested.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use warren_client::proto::{
     self, BindRequest, DeclareExchangeRequest, DeclareQueueRequest, DestinationKind, ExchangeType, UnbindRequest, value::Kind,
@@ -50,8 +50,8 @@ pub fn to_value(v: &serde_json::Value, path: &str) -> Result<proto::Value> {
     Ok(proto::Value { kind: Some(kind) })
 }
 
-fn free_form(args: &BTreeMap<String, serde_json::Value>, known: &[KnownArgument]) -> Result<HashMap<String, proto::Value>> {
-    let mut out = HashMap::new();
+fn free_form(args: &BTreeMap<String, serde_json::Value>, known: &[KnownArgument]) -> Result<BTreeMap<String, proto::Value>> {
+    let mut out = BTreeMap::new();
     for (key, value) in args {
         // The schema refuses these too; this covers objects stored before it did.
         if let Some(k) = known.iter().find(|k| k.name == key) {
@@ -77,7 +77,7 @@ fn check_name(name: &str, field: &str) -> Result<()> {
 
 /// The arguments map of a Queue: typed fields first, then the free-form
 /// ones.
-pub fn queue_arguments(spec: &v1::QueueSpec) -> Result<HashMap<String, proto::Value>> {
+pub fn queue_arguments(spec: &v1::QueueSpec) -> Result<BTreeMap<String, proto::Value>> {
     let mut args = free_form(&spec.arguments, v1::KNOWN_QUEUE_ARGUMENTS)?;
     args.insert("x-queue-type".into(), string(spec.type_.as_str()));
     let ints = [
@@ -161,7 +161,7 @@ pub fn bind_request(b: &BoundBinding) -> Result<BindRequest> {
     if b.source.len() > MAX_NAME_BYTES || b.destination.len() > MAX_NAME_BYTES {
         return Err(Error::InvalidSpec(format!("spec.source and spec.destination may have at most {MAX_NAME_BYTES} bytes")));
     }
-    let mut arguments = HashMap::new();
+    let mut arguments = BTreeMap::new();
     for (key, value) in &b.arguments {
         arguments.insert(key.clone(), to_value(value, &format!("spec.arguments.{key}"))?);
     }
@@ -245,6 +245,16 @@ mod tests {
         let req = declare_queue(&queue(json!({"brokerRef": {"name": "w"}, "name": "jobs"}))).unwrap();
         assert_eq!(req.name, "jobs");
         assert_eq!(req.arguments.keys().collect::<Vec<_>>(), ["x-queue-type"]);
+    }
+
+    #[test]
+    fn should_declare_a_quorum_queue_with_its_type() {
+        let q = queue(json!({"brokerRef": {"name": "w"}, "type": "quorum", "deliveryLimit": 5,
+                             "arguments": {"x-quorum-initial-group-size": 5}}));
+        let req = declare_queue(&q).unwrap();
+        assert!(req.durable && !req.auto_delete);
+        assert_eq!(req.arguments["x-queue-type"], string("quorum"));
+        assert_eq!(req.arguments["x-quorum-initial-group-size"], int(5));
     }
 
     #[test]

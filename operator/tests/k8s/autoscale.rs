@@ -2,7 +2,7 @@
 //! Ready pods on the simulated node, down to zero; and never frozen
 //! silently when the queue cannot be declared as specified.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -82,7 +82,7 @@ async fn should_keep_scaling_when_the_broker_refuses_the_declared_properties() {
     let ns = namespace("autoscale-mismatch");
     let n = &ns.0;
     let (real, _op) = ready_broker(n, &[]).await;
-    let arguments = HashMap::from([("x-max-length".to_string(), warren_client::proto::Value { kind: Some(Kind::Int(1000)) })]);
+    let arguments = BTreeMap::from([("x-max-length".to_string(), warren_client::proto::Value { kind: Some(Kind::Int(1000)) })]);
     grpc(&real.addr)
         .await
         .declare_queue(DeclareQueueRequest { name: "jobs".into(), durable: true, arguments, ..DeclareQueueRequest::default() })

@@ -48,7 +48,10 @@ async fn should_refuse_bad_manifests_with_the_rules_message() {
         (queue("  name: amq.direct\n"), "must not start with 'amq.'"),
         (queue("  maxPriority: 300\n"), "spec.maxPriority"),
         (queue("  autoscaling: {target: {name: w}, minReplicas: 5, maxReplicas: 2}\n"), "maxReplicas must be at least minReplicas"),
-        (broker("b", "  replicas: 3\n"), "replicas must be 1"),
+        (queue("  type: quorum\n  expiresMs: 60000\n"), "a quorum queue cannot have expiresMs"),
+        (broker("b", "  replicas: 8\n"), "spec.replicas in body should be less than or equal to 7"),
+        (broker("b", "  replicas: 0\n"), "spec.replicas in body should be greater than or equal to 1"),
+        (broker("b", "  defaultQueueType: stream\n"), "spec.defaultQueueType: Unsupported value"),
         (broker("b", "  config: {memoryHighWatermark: 16Mi}\n"), "memoryHighWatermark as a quantity must be at least 32Mi"),
         (broker("b", "  config: {diskFreeLimit: -1}\n"), "spec.config.diskFreeLimit in body should be greater than or equal to 0"),
         (broker("b", "  config: {alarmCheckInterval: 2m}\n"), "alarmCheckInterval must be between 10ms and 60s"),
@@ -69,6 +72,15 @@ async fn should_refuse_bad_manifests_with_the_rules_message() {
     apply(n, &broker("b", "  storage: {size: 1Gi}\n"));
     let e = refused(n, &broker("b", "  storage: {size: 2Gi}\n"));
     assert!(e.contains("storage is immutable"), "{e}");
+
+    // A single broker never becomes a cluster in place, nor the reverse;
+    // a cluster resizes.
+    let e = refused(n, &broker("b", "  storage: {size: 1Gi}\n  replicas: 3\n"));
+    assert!(e.contains("spec.replicas: Forbidden: replicas cannot change between 1 and more than 1"), "{e}");
+    apply(n, &broker("c", "  replicas: 3\n"));
+    apply(n, &broker("c", "  replicas: 5\n"));
+    let e = refused(n, &broker("c", "  replicas: 1\n"));
+    assert!(e.contains("create a new Broker of the size you need"), "{e}");
 }
 
 /// What the reviewer found: values the API server accepts but the

@@ -412,12 +412,24 @@ pub async fn wait_condition(namespace: &str, object: &str, type_: &str, want: &s
 /// A PersistentVolume pre-bound to the first pod's claim of Broker
 /// `namespace/name` (nothing provisions volumes here).
 pub fn volume_for(namespace: &str, broker: &str) {
+    volume_named(namespace, &format!("pv-{namespace}-{broker}"), &format!("data-{broker}-0"));
+}
+
+/// PersistentVolumes pre-bound to the claims of the pods of cluster Broker
+/// `namespace/name` with these ordinals.
+pub fn cluster_volumes_for(namespace: &str, broker: &str, ordinals: std::ops::RangeInclusive<i32>) {
+    for i in ordinals {
+        volume_named(namespace, &format!("pv-{namespace}-{broker}-{i}"), &format!("data-{broker}-{i}"));
+    }
+}
+
+fn volume_named(namespace: &str, pv: &str, claim: &str) {
     let yaml = format!(
-        "apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: pv-{namespace}-{broker}\nspec:\n  capacity: {{storage: 10Gi}}\n  \
+        "apiVersion: v1\nkind: PersistentVolume\nmetadata:\n  name: {pv}\nspec:\n  capacity: {{storage: 10Gi}}\n  \
          accessModes: [ReadWriteOnce]\n  persistentVolumeReclaimPolicy: Retain\n  storageClassName: \"\"\n  \
-         hostPath: {{path: /var/lib/warren-test}}\n  claimRef: {{namespace: {namespace}, name: data-{broker}-0}}\n"
+         hostPath: {{path: /var/lib/warren-test}}\n  claimRef: {{namespace: {namespace}, name: {claim}}}\n"
     );
-    let _ = try_kubectl(&["delete", "pv", &format!("pv-{namespace}-{broker}"), "--wait=false"]);
+    let _ = try_kubectl(&["delete", "pv", pv, "--wait=false"]);
     apply("default", &yaml);
 }
 

@@ -12,6 +12,9 @@
 //! `k8s-figure:` lines.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../support/fake_broker.rs"]
+#[allow(dead_code)]
+mod fake_broker;
 mod harness;
 #[path = "../support/real_broker.rs"]
 #[allow(dead_code)]
@@ -20,6 +23,7 @@ mod real_broker;
 mod autoscale;
 mod broker;
 mod chart;
+mod cluster;
 mod control_plane;
 mod crds;
 mod leader;

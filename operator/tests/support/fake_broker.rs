@@ -3,6 +3,8 @@
 //! declares answer NOT_FOUND, a re-declare with other properties answers
 //! FAILED_PRECONDITION naming the field, `if_empty` refuses a queue with
 //! messages, binding a missing exchange or queue answers NOT_FOUND.
+//! `QuorumCritical` answers what the test set with [`FakeBroker::set_critical`]
+//! (nothing by default), and counts the calls per node.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +22,10 @@ pub struct State {
     pub exchanges: HashMap<String, DeclareExchangeRequest>,
     pub queues: HashMap<String, QueueInfo>,
     pub bindings: Vec<BindRequest>,
+    /// Node → the queues `QuorumCritical` names for it.
+    pub critical: HashMap<u64, Vec<String>>,
+    /// `QuorumCritical` calls, by node, in order.
+    pub critical_asked: Vec<u64>,
 }
 
 #[derive(Clone, Default)]
@@ -70,6 +76,16 @@ impl FakeBroker {
 
     pub fn bindings(&self) -> Vec<BindRequest> {
         self.state.lock().unwrap().bindings.clone()
+    }
+
+    /// Makes `QuorumCritical(node)` name `queues` (empty: safe).
+    pub fn set_critical(&self, node: u64, queues: &[&str]) {
+        self.state.lock().unwrap().critical.insert(node, queues.iter().map(|q| q.to_string()).collect());
+    }
+
+    /// The nodes `QuorumCritical` was asked about, in order.
+    pub fn critical_asked(&self) -> Vec<u64> {
+        self.state.lock().unwrap().critical_asked.clone()
     }
 }
 
@@ -248,6 +264,29 @@ impl Warren for FakeBroker {
     }
 
     async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn cluster_status(&self, _: Request<ClusterStatusRequest>) -> Result<Response<ClusterStatusResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn quorum_critical(&self, r: Request<QuorumCriticalRequest>) -> Result<Response<QuorumCriticalResponse>, Status> {
+        let node = r.into_inner().node;
+        let mut s = self.state.lock().unwrap();
+        s.critical_asked.push(node);
+        Ok(Response::new(QuorumCriticalResponse { queues: s.critical.get(&node).cloned().unwrap_or_default() }))
+    }
+
+    async fn grow_queues(&self, _: Request<GrowQueuesRequest>) -> Result<Response<MembershipChangeResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn shrink_queues(&self, _: Request<ShrinkQueuesRequest>) -> Result<Response<MembershipChangeResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn rebalance_queues(&self, _: Request<RebalanceQueuesRequest>) -> Result<Response<RebalanceQueuesResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
 }

@@ -6,7 +6,7 @@
 pub mod fake_broker;
 pub mod real_broker;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -43,7 +43,7 @@ impl Recorded {
 /// POST of an Event echoes it.
 #[derive(Clone, Default)]
 pub struct ApiServer {
-    objects: Arc<Mutex<HashMap<String, Value>>>,
+    objects: Arc<Mutex<BTreeMap<String, Value>>>,
     pub requests: Arc<Mutex<Vec<Recorded>>>,
     /// `METHOD path` → (code, message) answered instead of the default.
     failures: Arc<Mutex<HashMap<String, (u16, String)>>>,

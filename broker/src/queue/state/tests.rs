@@ -9,7 +9,7 @@ use warren_client::proto::Properties;
 use super::*;
 use crate::queue::read::{read_refill, read_timers};
 use crate::store::memory::MemoryEngine;
-use crate::store::{Engine, keys};
+use crate::store::{Engine, Reader, keys};
 
 fn data(id: u64, persistent: bool, priority: Option<u32>) -> Arc<MessageData> {
     Arc::new(MessageData {
@@ -25,7 +25,7 @@ fn id_of(m: &QMsg) -> u64 {
 }
 
 fn spec(tag: &str, prefetch: u32) -> ConsumerSpec {
-    ConsumerSpec { tag: tag.into(), prefetch, auto_ack: false, exclusive: false, priority: 0, peer: "test".into() }
+    ConsumerSpec { tag: tag.into(), prefetch, auto_ack: false, exclusive: false, priority: 0, peer: "test".into(), limits: None }
 }
 
 /// A queue plus an in-memory store that the effects are applied to, as the

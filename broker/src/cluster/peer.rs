@@ -1,0 +1,214 @@
+//! One peer: one lazily connected HTTP/2 channel that every call and stream
+//! to that peer shares, a bound on what is in flight, and a backoff after
+//! failures to reach it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use parking_lot::Mutex;
+use tokio::sync::{Semaphore, mpsc};
+use tonic::transport::{Channel, Endpoint};
+
+use super::proto::cluster_client::ClusterClient;
+use super::proto::{CallRequest, HeartbeatRequest, StreamFrame};
+use super::{CallError, ClusterConfig, Duplex, NodeId, STREAM_BUFFER};
+
+/// First and longest wait before trying an unreachable peer again.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Backoff {
+    failures: u32,
+    until: Option<Instant>,
+    last_error: String,
+}
+
+pub(super) struct Peer {
+    pub(super) id: NodeId,
+    addr: String,
+    client: Option<ClusterClient<Channel>>,
+    calls: Arc<Semaphore>,
+    streams: Arc<Semaphore>,
+    backoff: Mutex<Backoff>,
+}
+
+impl Peer {
+    pub(super) fn new(id: NodeId, addr: String, config: &ClusterConfig) -> Peer {
+        let client = match Endpoint::from_shared(format!("http://{addr}")) {
+            Ok(endpoint) => {
+                let channel = endpoint
+                    .connect_timeout(Duration::from_secs(1))
+                    .tcp_nodelay(true)
+                    // A peer that stops answering (paused, or gone without a
+                    // FIN) is noticed by the heartbeat; keep-alive closes the
+                    // dead connection so that the next call dials again.
+                    .http2_keep_alive_interval(Duration::from_secs(5))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .keep_alive_while_idle(true)
+                    .initial_stream_window_size(Some(4 << 20))
+                    .initial_connection_window_size(Some(32 << 20))
+                    .connect_lazy();
+                Some(
+                    ClusterClient::new(channel)
+                        .max_decoding_message_size(config.max_message_bytes)
+                        .max_encoding_message_size(config.max_message_bytes),
+                )
+            }
+            Err(e) => {
+                tracing::error!(peer = id, %addr, error = %e, "invalid peer address; calls to it will fail");
+                None
+            }
+        };
+        Peer {
+            id,
+            addr,
+            client,
+            calls: Arc::new(Semaphore::new(config.max_inflight_calls.max(1))),
+            streams: Arc::new(Semaphore::new(config.max_streams.max(1))),
+            backoff: Mutex::default(),
+        }
+    }
+
+    fn client(&self) -> Result<ClusterClient<Channel>, CallError> {
+        self.client.clone().ok_or_else(|| CallError::Unreachable { node: self.id, detail: format!("invalid address {}", self.addr) })
+    }
+
+    /// Fails fast while the peer is backed off.
+    fn check_backoff(&self) -> Result<(), CallError> {
+        let b = self.backoff.lock();
+        match b.until {
+            Some(until) if Instant::now() < until => {
+                Err(CallError::Unreachable { node: self.id, detail: format!("{} (retrying shortly)", b.last_error) })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn succeeded(&self) {
+        let mut b = self.backoff.lock();
+        if b.failures > 0 {
+            *b = Backoff::default();
+        }
+    }
+
+    fn failed(&self, detail: &str) {
+        let mut b = self.backoff.lock();
+        b.failures = b.failures.saturating_add(1);
+        let wait = BACKOFF_MIN.saturating_mul(1u32 << b.failures.min(8).saturating_sub(1)).min(BACKOFF_MAX);
+        b.until = Some(Instant::now() + wait);
+        b.last_error = detail.to_string();
+    }
+
+    /// Maps a gRPC status; a transport failure backs the peer off.
+    fn status_error(&self, status: tonic::Status, kind: &str) -> CallError {
+        match status.code() {
+            tonic::Code::Unimplemented => CallError::NoHandler { node: self.id, kind: kind.to_string() },
+            tonic::Code::Aborted => CallError::Remote(status.message().to_string()),
+            tonic::Code::ResourceExhausted => CallError::Busy(self.id),
+            tonic::Code::DeadlineExceeded => CallError::Timeout { node: self.id, timeout: Duration::ZERO },
+            tonic::Code::Cancelled => CallError::Closed,
+            _ => {
+                let detail = format!("{}: {}", self.addr, status.message());
+                self.failed(&detail);
+                CallError::Unreachable { node: self.id, detail }
+            }
+        }
+    }
+
+    async fn permit(&self, pool: &Arc<Semaphore>, deadline: Instant) -> Result<tokio::sync::OwnedSemaphorePermit, CallError> {
+        match tokio::time::timeout_at(deadline.into(), pool.clone().acquire_owned()).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(CallError::Closed),
+            Err(_) => Err(CallError::Busy(self.id)),
+        }
+    }
+
+    pub(super) async fn heartbeat(&self, from: NodeId, incarnation: u64, timeout: Duration) -> Result<u64, CallError> {
+        self.check_backoff()?;
+        let mut client = self.client()?;
+        let mut req = tonic::Request::new(HeartbeatRequest { from, to: self.id, incarnation });
+        req.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.heartbeat(req)).await {
+            Ok(Ok(reply)) => {
+                let reply = reply.into_inner();
+                if reply.node != self.id {
+                    let detail = format!("{} is node {}, not {}", self.addr, reply.node, self.id);
+                    self.failed(&detail);
+                    return Err(CallError::Unreachable { node: self.id, detail });
+                }
+                self.succeeded();
+                Ok(reply.incarnation)
+            }
+            Ok(Err(status)) => Err(self.status_error(status, "heartbeat")),
+            Err(_) => Err(CallError::Timeout { node: self.id, timeout }),
+        }
+    }
+
+    pub(super) async fn call(&self, from: NodeId, kind: &str, body: Bytes, timeout: Duration) -> Result<Bytes, CallError> {
+        self.check_backoff()?;
+        let deadline = Instant::now() + timeout;
+        let _permit = self.permit(&self.calls, deadline).await?;
+        let mut client = self.client()?;
+        let mut req = tonic::Request::new(CallRequest { from, to: self.id, kind: kind.to_string(), body });
+        req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        match tokio::time::timeout_at(deadline.into(), client.call(req)).await {
+            Ok(Ok(reply)) => {
+                self.succeeded();
+                Ok(reply.into_inner().body)
+            }
+            Ok(Err(status)) => Err(match self.status_error(status, kind) {
+                CallError::Timeout { node, .. } => CallError::Timeout { node, timeout },
+                e => e,
+            }),
+            Err(_) => Err(CallError::Timeout { node: self.id, timeout }),
+        }
+    }
+
+    /// Opens a stream; `timeout` bounds waiting for the peer to accept it.
+    pub(super) async fn open_stream(&self, from: NodeId, kind: &str, timeout: Duration) -> Result<Duplex, CallError> {
+        self.check_backoff()?;
+        let deadline = Instant::now() + timeout;
+        let permit = self.permit(&self.streams, deadline).await?;
+        let mut client = self.client()?;
+        let (tx, out_rx) = mpsc::channel::<Bytes>(STREAM_BUFFER);
+        let first = StreamFrame { from, to: self.id, kind: kind.to_string(), data: Bytes::new() };
+        let outgoing = futures::stream::once(async move { first })
+            .chain(tokio_stream::wrappers::ReceiverStream::new(out_rx).map(|data| StreamFrame { data, ..StreamFrame::default() }));
+        let response = tokio::time::timeout_at(deadline.into(), client.stream(tonic::Request::new(outgoing))).await;
+        let mut incoming = match response {
+            Ok(Ok(r)) => {
+                self.succeeded();
+                r.into_inner()
+            }
+            Ok(Err(status)) => return Err(self.status_error(status, kind)),
+            Err(_) => return Err(CallError::Timeout { node: self.id, timeout }),
+        };
+        let (in_tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let node = self.id;
+        tokio::spawn(async move {
+            let _permit = permit;
+            loop {
+                let item = tokio::select! {
+                    item = incoming.next() => item,
+                    _ = in_tx.closed() => return,
+                };
+                let msg = match item {
+                    None => return,
+                    Some(Ok(frame)) => Ok(frame.data),
+                    Some(Err(status)) => Err(match status.code() {
+                        tonic::Code::Aborted => CallError::Remote(status.message().to_string()),
+                        _ => CallError::Unreachable { node, detail: status.message().to_string() },
+                    }),
+                };
+                let stop = msg.is_err();
+                if in_tx.send(msg).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Duplex { tx, rx })
+    }
+}

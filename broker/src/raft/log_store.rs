@@ -1,0 +1,229 @@
+//! The Raft log and vote of one group, on the node's store.
+//!
+//! Invariants:
+//! * **One group commit for all groups.** `append` submits the entries as
+//!   one synced write to the store's writer and returns; the writer merges
+//!   it with whatever else waits (other groups' appends, queue writes) into
+//!   one batch and one WAL sync, then completes openraft's `IOFlushed`.
+//! * **Readable when `append` returns.** Until the writer has applied them,
+//!   appended entries are served from a per-group map of pending entries;
+//!   a read takes the pending entries first and the store second, so an
+//!   entry moving from one to the other is never missed.
+//! * **Ordered.** Every write of a group (vote, appends, truncation, purge)
+//!   goes through the same first-in-first-out writer, so none overtakes an
+//!   earlier one. `save_vote` returns once its write is synced; truncation
+//!   and purge return once applied, and never leave a hole: truncation
+//!   deletes a suffix, purge a prefix, each as one atomic batch.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use openraft::entry::RaftEntry as _;
+use openraft::storage::{IOFlushed, RaftLogStorage};
+use openraft::{LogState, OptionalSend, RaftLogReader};
+use parking_lot::Mutex;
+
+use super::keys::{self, StateKind};
+use super::machine::GroupId;
+use super::types::{Entry, LogId, TypeConfig, Vote, decode, encode, io_error};
+use crate::store::{Cf, Op, Store, WriteRequest};
+
+/// Entries appended but not yet applied by the store writer, by index,
+/// each with the sequence number of the append that wrote it.
+type Pending = BTreeMap<u64, (u64, Entry)>;
+
+/// Counters shared by every group of a node (for tests and metrics).
+#[derive(Debug, Default)]
+pub struct LogStats {
+    /// `append` calls (each one synced write request).
+    pub appends: AtomicU64,
+    /// Entries appended.
+    pub entries: AtomicU64,
+}
+
+/// The log and vote of one group. Cloning shares it (openraft's log
+/// readers are clones).
+#[derive(Clone)]
+pub struct LogStore {
+    group: GroupId,
+    store: Store,
+    pending: Arc<Mutex<Pending>>,
+    seq: Arc<AtomicU64>,
+    stats: Arc<LogStats>,
+}
+
+impl LogStore {
+    pub fn new(group: GroupId, store: Store, stats: Arc<LogStats>) -> LogStore {
+        LogStore { group, store, pending: Arc::default(), seq: Arc::default(), stats }
+    }
+
+    fn read_state<T: for<'de> serde::Deserialize<'de>>(&self, kind: StateKind) -> io::Result<Option<T>> {
+        match self.store.engine().get(Cf::RaftState, &keys::state_key(self.group, kind)).map_err(io_error)? {
+            Some(v) => decode(&v).map(Some).map_err(io_error),
+            None => Ok(None),
+        }
+    }
+
+    fn last_purged(&self) -> io::Result<Option<LogId>> {
+        self.read_state(StateKind::Purged)
+    }
+
+    /// Entries with indexes in `[from, to)`, pending ones included.
+    fn read_range(&self, from: u64, to: Option<u64>) -> io::Result<Vec<Entry>> {
+        // Pending first: an entry that leaves the map after this is in the
+        // store by the time the store is read.
+        let pending: Vec<(u64, Entry)> = {
+            let p = self.pending.lock();
+            let upper = to.map_or(Bound::Unbounded, Bound::Excluded);
+            p.range((Bound::Included(from), upper)).map(|(i, (_, e))| (*i, e.clone())).collect()
+        };
+        let (a, b) = keys::log_range(self.group, from, to);
+        let mut out: BTreeMap<u64, Entry> = BTreeMap::new();
+        let mut cursor = a;
+        loop {
+            let chunk = self.store.engine().scan(Cf::RaftLog, &cursor, &b, 1024).map_err(io_error)?;
+            let n = chunk.len();
+            for (k, v) in chunk {
+                let (_, index) = keys::decode_log_key(&k).ok_or_else(|| io_error(format!("malformed raft log key {k:02x?}")))?;
+                out.insert(index, decode(&v).map_err(io_error)?);
+                cursor = keys::log_key(self.group, index.saturating_add(1));
+            }
+            if n < 1024 {
+                break;
+            }
+        }
+        out.extend(pending);
+        // Only a contiguous run is an answer (a gap would mean entries
+        // purged or truncated meanwhile): it starts at the first entry
+        // present, which is later than `from` when the log was purged.
+        let mut expected: Option<u64> = None;
+        let mut entries = Vec::with_capacity(out.len());
+        for (i, e) in out {
+            if expected.is_some_and(|x| x != i) {
+                break;
+            }
+            entries.push(e);
+            expected = Some(i + 1);
+        }
+        Ok(entries)
+    }
+
+    fn last_entry_log_id(&self) -> io::Result<Option<LogId>> {
+        if let Some((_, (_, e))) = self.pending.lock().last_key_value() {
+            return Ok(Some(e.log_id()));
+        }
+        let (a, b) = keys::log_range(self.group, 0, None);
+        match self.store.engine().last_in(Cf::RaftLog, &a, &b).map_err(io_error)? {
+            Some((_, v)) => Ok(Some(decode::<Entry>(&v).map_err(io_error)?.log_id())),
+            None => Ok(None),
+        }
+    }
+}
+
+fn bounds(range: &impl RangeBounds<u64>) -> (u64, Option<u64>) {
+    let from = match range.start_bound() {
+        Bound::Included(i) => *i,
+        Bound::Excluded(i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let to = match range.end_bound() {
+        Bound::Included(i) => Some(i.saturating_add(1)),
+        Bound::Excluded(i) => Some(*i),
+        Bound::Unbounded => None,
+    };
+    (from, to)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(&mut self, range: RB) -> io::Result<Vec<Entry>> {
+        let (from, to) = bounds(&range);
+        if to.is_some_and(|t| t <= from) {
+            return Ok(Vec::new());
+        }
+        self.read_range(from, to)
+    }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        self.read_state(StateKind::Vote)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
+        let last_purged_log_id = self.last_purged()?;
+        let last_log_id = self.last_entry_log_id()?.or(last_purged_log_id);
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
+        let op = Op::Put(Cf::RaftState, keys::state_key(self.group, StateKind::Vote), encode(vote));
+        self.store.write(vec![op], true).await.map_err(io_error)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let mut ops = Vec::new();
+        let mut indexes = Vec::new();
+        {
+            let mut pending = self.pending.lock();
+            for e in entries {
+                let index = e.index();
+                ops.push(Op::Put(Cf::RaftLog, keys::log_key(self.group, index), encode(&e)));
+                pending.insert(index, (seq, e));
+                indexes.push(index);
+            }
+        }
+        self.stats.appends.fetch_add(1, Ordering::Relaxed);
+        self.stats.entries.fetch_add(indexes.len() as u64, Ordering::Relaxed);
+        let pending = self.pending.clone();
+        let req = WriteRequest::new(ops, true).on_done(move |result| {
+            {
+                let mut p = pending.lock();
+                for i in indexes {
+                    // A later append may have replaced the entry (after a
+                    // truncation): leave that one.
+                    if p.get(&i).is_some_and(|(s, _)| *s == seq) {
+                        p.remove(&i);
+                    }
+                }
+            }
+            callback.io_completed(result.map_err(io_error));
+        });
+        self.store.submit_with_room(req).await;
+        Ok(())
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
+        let from = last_log_id.as_ref().map_or(0, |l| l.index() + 1);
+        self.pending.lock().retain(|i, _| *i < from);
+        let (a, b) = keys::log_range(self.group, from, None);
+        self.store.write(vec![Op::DeleteRange(Cf::RaftLog, a, b)], false).await.map_err(io_error)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
+        let upto = log_id.index();
+        self.pending.lock().retain(|i, _| *i > upto);
+        let (a, b) = keys::log_range(self.group, 0, Some(upto.saturating_add(1)));
+        // The purge marker and the deletion are one batch: no state in
+        // which entries are gone but the marker says otherwise.
+        let ops = vec![
+            Op::Put(Cf::RaftState, keys::state_key(self.group, StateKind::Purged), encode(&log_id)),
+            Op::DeleteRange(Cf::RaftLog, a, b),
+        ];
+        self.store.write(ops, false).await.map_err(io_error)
+    }
+}

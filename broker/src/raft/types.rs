@@ -1,0 +1,92 @@
+//! openraft's type configuration for Warren: what an entry carries, what a
+//! local proposer gets back.
+
+use std::fmt;
+use std::io::Cursor;
+
+use serde::{Deserialize, Serialize};
+
+use super::machine::LocalReply;
+
+/// The application data of a normal entry: the leader's clock when it
+/// proposed it, and the command, opaque to this layer.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub now_ms: u64,
+    pub data: Vec<u8>,
+}
+
+impl fmt::Debug for Proposal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Proposal(now_ms={}, {} bytes)", self.now_ms, self.data.len())
+    }
+}
+
+impl fmt::Display for Proposal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// What applying an entry returned, carried to a proposer on the same
+/// node only: it is never serialized (it serializes as nothing and
+/// deserializes as `None`).
+#[derive(Default)]
+pub struct Reply(pub LocalReply);
+
+impl fmt::Debug for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "Reply(Some)" } else { "Reply(None)" })
+    }
+}
+
+impl Serialize for Reply {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_unit()
+    }
+}
+
+impl<'de> Deserialize<'de> for Reply {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <()>::deserialize(d)?;
+        Ok(Reply(None))
+    }
+}
+
+openraft::declare_raft_types!(
+    /// Warren's Raft types: u64 node ids, no per-node payload in the
+    /// membership (addresses come from the cluster configuration).
+    pub TypeConfig:
+        D = Proposal,
+        R = Reply,
+        NodeId = u64,
+        Node = (),
+);
+
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;
+pub type Raft = openraft::Raft<TypeConfig, super::state_machine::StateMachine>;
+
+/// Encodes a value for the store or the wire.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these types into a vector cannot fail (no maps with
+    // non-string keys issue in bincode, no I/O).
+    bincode::serialize(value).unwrap_or_default()
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
+    bincode::deserialize(bytes).map_err(|e| e.to_string())
+}
+
+/// Reads one length-prefixed value written by [`encode`] from a reader.
+pub fn decode_from<T: for<'de> Deserialize<'de>>(r: &mut Cursor<&[u8]>) -> Result<T, String> {
+    bincode::deserialize_from(r).map_err(|e| e.to_string())
+}
+
+/// An I/O error for openraft from anything printable.
+pub fn io_error(e: impl fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}

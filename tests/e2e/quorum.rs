@@ -1,0 +1,410 @@
+//! Quorum queues on clusters of real broker processes: replicated with
+//! Raft, served from every node, and no confirmed message lost when nodes
+//! are killed (`kill -9`) or paused (SIGSTOP).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use warren_client::{Client, ConfirmStatus, ExchangeKind, ExchangeOptions, Message, QueueOptions, Subscription};
+use warren_tests::{TestCluster, eventually};
+
+/// Elections take 1-2 s; allow for slow, shared machines.
+const FAILOVER: Duration = Duration::from_secs(60);
+
+fn quorum() -> QueueOptions {
+    QueueOptions::durable().arg("x-queue-type", "quorum")
+}
+
+async fn client(c: &TestCluster, id: u64) -> Client {
+    c.node(id).client().await.unwrap_or_else(|e| panic!("client of node {id}: {e}"))
+}
+
+/// The queue's leader as node `id` reports it, once it has one.
+async fn leader_of(c: &TestCluster, via: u64, queue: &str) -> u64 {
+    eventually(FAILOVER, &format!("a leader of {queue} seen from node {via}"), || async {
+        let client = c.node(via).client().await.ok()?;
+        let info = client.queue_info(queue).await.ok()?;
+        (info.leader != 0).then_some(info.leader)
+    })
+    .await
+    .unwrap()
+}
+
+/// Publishes `body` until a confirm says the queue has it (a publish that
+/// fails while leadership moves is retried: at least once).
+async fn publish_confirmed(client: &Client, exchange: &str, key: &str, body: String) -> bool {
+    for _ in 0..100 {
+        match client.publish(Message::new(exchange, key, body.clone()).persistent()).await {
+            Ok(c) if c.status == ConfirmStatus::Routed as i32 => return true,
+            Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    false
+}
+
+/// Reads everything in `queue` through `client`, acknowledging; stops after
+/// `idle` without a delivery. A subscription that fails or is cancelled
+/// (the queue's leader moved) is made again, as an application does.
+async fn drain(client: &Client, queue: &str, idle: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    'subscribe: while Instant::now() < deadline {
+        let mut consumer = match client.consume(Subscription::new(queue).prefetch(500)).await {
+            Ok(c) => c,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        loop {
+            match tokio::time::timeout(idle, consumer.next()).await {
+                Ok(Ok(Some(d))) => {
+                    let body = String::from_utf8_lossy(&d.body).into_owned();
+                    if consumer.ack(d.delivery_tag).await.is_err() {
+                        // Not acknowledged: it comes back, and is read again.
+                        continue 'subscribe;
+                    }
+                    out.push(body);
+                }
+                // Cancelled or broken: subscribe again.
+                Ok(Ok(None)) | Ok(Err(_)) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'subscribe;
+                }
+                // Idle: the queue is drained.
+                Err(_) => break 'subscribe,
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_serve_a_quorum_queue_and_its_topology_from_every_node() {
+    let c = TestCluster::start(3).await.unwrap();
+    let (c1, c2, c3) = (client(&c, 1).await, client(&c, 2).await, client(&c, 3).await);
+
+    // Declared on one node, known on all, with its replicas.
+    c1.declare_queue("orders", quorum()).await.unwrap();
+    for (id, cl) in [(1, &c1), (2, &c2), (3, &c3)] {
+        let info = cl.queue_info("orders").await.unwrap_or_else(|e| panic!("node {id}: {e}"));
+        assert_eq!(info.queue_type, "quorum", "node {id}");
+        assert_eq!(info.members, vec![1, 2, 3], "node {id}");
+    }
+    let leader = leader_of(&c, 2, "orders").await;
+    assert!((1..=3).contains(&leader));
+    // Re-declaring is idempotent from any node; other properties conflict.
+    c3.declare_queue("orders", quorum()).await.unwrap();
+    // A queue that became a quorum queue by the cluster's default type is
+    // re-declared as it was declared (no x-queue-type); classic conflicts.
+    c1.declare_queue("by-default", QueueOptions::durable()).await.unwrap();
+    assert_eq!(c2.queue_info("by-default").await.unwrap().queue_type, "quorum");
+    c3.declare_queue("by-default", QueueOptions::durable()).await.unwrap();
+    let err = c2.declare_queue("by-default", QueueOptions::durable().arg("x-queue-type", "classic")).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    let err = c2.declare_queue("orders", quorum().arg("x-max-length", 5i64)).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::FailedPrecondition), "{err}");
+    // Quorum queues must be durable and shared.
+    let err = c1.declare_queue("bad", QueueOptions::default().arg("x-queue-type", "quorum")).await.unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::InvalidArgument), "{err}");
+
+    // Exchanges and bindings, declared anywhere, route everywhere.
+    c2.declare_exchange("shop", ExchangeKind::Topic, ExchangeOptions::durable()).await.unwrap();
+    c3.bind_queue("shop", "orders", "order.*").await.unwrap();
+    for id in 1..=3u64 {
+        let cl = client(&c, id).await;
+        let bindings = cl.list_bindings().await.unwrap();
+        assert!(bindings.iter().any(|b| b.source == "shop" && b.destination == "orders"), "node {id}: {bindings:?}");
+    }
+    // Publish through each node (the default exchange and the topic one).
+    for (i, cl) in [&c1, &c2, &c3].into_iter().enumerate() {
+        let confirm = cl.publish(Message::new("", "orders", format!("direct-{i}")).persistent()).await.unwrap();
+        assert_eq!(confirm.status, ConfirmStatus::Routed as i32, "{confirm:?}");
+        let confirm = cl.publish(Message::new("shop", "order.new", format!("topic-{i}")).persistent()).await.unwrap();
+        assert_eq!(confirm.status, ConfirmStatus::Routed as i32, "{confirm:?}");
+    }
+    eventually(FAILOVER, "6 ready on every node", || async {
+        let mut all = true;
+        for cl in [&c1, &c2, &c3] {
+            all &= cl.queue_info("orders").await.ok()?.ready == 6;
+        }
+        all.then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Get from a follower, consume through another node; acks settle.
+    let follower = (1..=3u64).find(|n| *n != leader).unwrap_or(1);
+    let got = client(&c, follower).await.get("orders", 1, true).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(String::from_utf8_lossy(&got[0].body), "direct-0", "FIFO across nodes");
+    let other = (1..=3u64).find(|n| *n != leader && *n != follower).unwrap_or(1);
+    let rest = drain(&client(&c, other).await, "orders", Duration::from_secs(2)).await;
+    assert_eq!(rest, vec!["topic-0", "direct-1", "topic-1", "direct-2", "topic-2"]);
+    eventually(FAILOVER, "the queue empty everywhere", || async {
+        let mut all = true;
+        for cl in [&c1, &c2, &c3] {
+            let q = cl.queue_info("orders").await.ok()?;
+            all &= q.ready == 0 && q.unacked == 0;
+        }
+        all.then_some(())
+    })
+    .await
+    .unwrap();
+
+    // Purge and delete from any node.
+    c2.publish(Message::new("", "orders", "x").persistent()).await.unwrap();
+    assert_eq!(c3.purge_queue("orders").await.unwrap(), 1);
+    c1.delete_queue("orders", false, false).await.unwrap();
+    for (id, cl) in [(1, &c1), (2, &c2), (3, &c3)] {
+        let err = cl.queue_info("orders").await.unwrap_err();
+        assert_eq!(err.code(), Some(tonic::Code::NotFound), "node {id}: {err}");
+    }
+}
+
+/// The unacknowledged messages of a consumer on the leader come back to
+/// the queue when the leader dies, and the queue goes on on the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_lose_no_confirmed_message_when_leaders_are_killed() {
+    let rounds: usize = std::env::var("WARREN_KILL_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let mut c = TestCluster::start(3).await.unwrap();
+    client(&c, 1).await.declare_queue("jobs", quorum()).await.unwrap();
+    let mut confirmed: BTreeSet<String> = BTreeSet::new();
+    let mut failovers = Vec::new();
+    for round in 0..rounds {
+        let leader = leader_of(&c, 1 + (round as u64 % 3), "jobs").await;
+        let survivor = (1..=3u64).find(|n| *n != leader).unwrap_or(1);
+        let cl = client(&c, survivor).await;
+        // Publish while the leader is killed part-way.
+        let publisher = {
+            let cl = cl.clone();
+            tokio::spawn(async move {
+                let mut ok = Vec::new();
+                for i in 0..400 {
+                    let body = format!("r{round}-m{i}");
+                    if publish_confirmed(&cl, "", "jobs", body.clone()).await {
+                        ok.push(body);
+                    }
+                }
+                ok
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let killed_at = Instant::now();
+        c.kill(leader).unwrap();
+        let new_leader = eventually(FAILOVER, "a new leader", || async {
+            let info = cl.queue_info("jobs").await.ok()?;
+            (info.leader != 0 && info.leader != leader).then_some(info.leader)
+        })
+        .await
+        .unwrap();
+        failovers.push(killed_at.elapsed());
+        let ok = publisher.await.unwrap();
+        assert_eq!(ok.len(), 400, "round {round}: every publish is confirmed in the end (retried through the failover)");
+        confirmed.extend(ok);
+        c.restart(leader).await.unwrap();
+        eprintln!("round {round}: killed leader {leader}, new leader {new_leader} after {:?}", failovers.last());
+    }
+    // Everything confirmed is there, read through any node.
+    let got = drain(&client(&c, 1).await, "jobs", Duration::from_secs(3)).await;
+    let unique: BTreeSet<String> = got.iter().cloned().collect();
+    let missing: Vec<&String> = confirmed.difference(&unique).collect();
+    assert!(missing.is_empty(), "{} confirmed message(s) lost, e.g. {:?}", missing.len(), missing.iter().take(5).collect::<Vec<_>>());
+    let duplicates = got.len() - unique.len();
+    let mut sorted = failovers.clone();
+    sorted.sort();
+    eprintln!(
+        "quorum-figure: {rounds} leader kills, {} confirmed, 0 lost, {duplicates} duplicate(s) (republished after an unknown outcome), median failover {:?}",
+        confirmed.len(),
+        sorted[sorted.len() / 2]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_return_unacknowledged_messages_when_the_leader_dies_and_keep_going_with_a_paused_follower() {
+    let mut c = TestCluster::start(3).await.unwrap();
+    client(&c, 1).await.declare_queue("work", quorum()).await.unwrap();
+    let leader = leader_of(&c, 1, "work").await;
+    let others: Vec<u64> = (1..=3u64).filter(|n| *n != leader).collect();
+    let cl = client(&c, others[0]).await;
+    for i in 0..20 {
+        assert!(publish_confirmed(&cl, "", "work", format!("w{i}")).await);
+    }
+    // A consumer through the leader takes 5 and acknowledges none.
+    let on_leader = client(&c, leader).await;
+    let mut consumer = on_leader.consume(Subscription::new("work").prefetch(5)).await.unwrap();
+    let mut held = Vec::new();
+    while held.len() < 5 {
+        let d = consumer.next_timeout(Duration::from_secs(20)).await.unwrap().expect("a delivery");
+        held.push(String::from_utf8_lossy(&d.body).into_owned());
+    }
+    c.kill(leader).unwrap();
+    drop(consumer);
+    // A follower paused: the last node and the queue still make a majority
+    // only with it, so resume it once the failover is under way.
+    c.pause(others[1]).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    c.resume(others[1]).unwrap();
+    for _ in 0..10 {
+        let q = cl.queue_info("work").await;
+        eprintln!("DEBUG {:?}", q.map(|q| (q.leader, q.ready, q.unacked, q.consumers)));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let got = drain(&cl, "work", Duration::from_secs(3)).await;
+    let unique: BTreeSet<&String> = got.iter().collect();
+    assert_eq!(unique.len(), 20, "all 20 back, the 5 held ones included: {got:?}");
+    for h in &held {
+        assert!(got.contains(h), "{h} came back");
+    }
+    let counts: BTreeMap<&String, usize> = got.iter().fold(BTreeMap::new(), |mut m, g| {
+        *m.entry(g).or_default() += 1;
+        m
+    });
+    assert!(counts.values().all(|n| *n == 1), "each once: {counts:?}");
+    c.restart(leader).await.unwrap();
+}
+
+/// A client given every node's address keeps working when one dies: its
+/// calls go to the nodes that answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_let_a_client_of_several_nodes_carry_on_when_one_dies() {
+    let mut c = TestCluster::start(3).await.unwrap();
+    let all = (1..=3u64).map(|id| c.node(id).url()).collect::<Vec<_>>().join(",");
+    let client = Client::connect(&all).await.unwrap();
+    client.declare_queue("events", quorum()).await.unwrap();
+    assert!(publish_confirmed(&client, "", "events", "before".into()).await);
+    let leader = leader_of(&c, 1, "events").await;
+    c.kill(leader).unwrap();
+    // Once the failover is over, every call succeeds, none goes to the dead
+    // node.
+    let survivor = (1..=3u64).find(|n| *n != leader).unwrap_or(1);
+    let _ = eventually(FAILOVER, "a new leader", || async {
+        let info = client_of(&c, survivor).await?.queue_info("events").await.ok()?;
+        (info.leader != 0 && info.leader != leader).then_some(())
+    })
+    .await;
+    let mut failures = 0;
+    for i in 0..50 {
+        match client.publish(Message::new("", "events", format!("after-{i}")).persistent()).await {
+            Ok(confirm) if confirm.status == ConfirmStatus::Routed as i32 => {}
+            other => {
+                failures += 1;
+                eprintln!("call {i} failed: {other:?}");
+            }
+        }
+    }
+    assert!(failures <= 2, "{failures} of 50 calls failed after the failover");
+    let got = drain(&client, "events", Duration::from_secs(3)).await;
+    assert!(got.contains(&"before".to_string()));
+    assert!(got.len() >= 49, "{got:?}");
+}
+
+async fn client_of(c: &TestCluster, id: u64) -> Option<Client> {
+    c.node(id).client().await.ok()
+}
+
+/// The queue features of classic queues work on quorum queues too, through
+/// any node: TTL and dead-lettering into another quorum queue, length
+/// limits, priorities, delays, delivery limits, deduplication and single
+/// active consumer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_keep_every_queue_feature_on_quorum_queues() {
+    let c = TestCluster::start(3).await.unwrap();
+    let (c1, c2, c3) = (client(&c, 1).await, client(&c, 2).await, client(&c, 3).await);
+
+    // TTL + dead-lettering between two quorum queues (through an exchange).
+    c1.declare_exchange("dlx", ExchangeKind::Fanout, ExchangeOptions::durable()).await.unwrap();
+    c1.declare_queue("dead", quorum()).await.unwrap();
+    c2.bind_queue("dlx", "dead", "").await.unwrap();
+    c2.declare_queue("short", quorum().arg("x-message-ttl", 200i64).arg("x-dead-letter-exchange", "dlx")).await.unwrap();
+    for i in 0..5 {
+        assert!(publish_confirmed(&c3, "", "short", format!("ttl-{i}")).await);
+    }
+    let dead = eventually(FAILOVER, "5 expired messages dead-lettered", || async {
+        let q = c3.queue_info("dead").await.ok()?;
+        (q.ready == 5).then_some(q)
+    })
+    .await
+    .unwrap();
+    assert_eq!(dead.ready, 5);
+    let got = c1.get("dead", 5, true).await.unwrap();
+    let bodies: Vec<String> = got.iter().map(|d| String::from_utf8_lossy(&d.body).into_owned()).collect();
+    assert_eq!(bodies, vec!["ttl-0", "ttl-1", "ttl-2", "ttl-3", "ttl-4"], "in order");
+    let death = got[0].properties.as_ref().and_then(|p| p.headers.get("x-first-death-reason")).cloned();
+    assert_eq!(death, Some("expired".into()));
+    assert_eq!(c2.queue_info("short").await.unwrap().ready, 0);
+
+    // Max length with drop-head, and with reject-publish.
+    c1.declare_queue("capped", quorum().arg("x-max-length", 3i64)).await.unwrap();
+    for i in 0..5 {
+        assert!(publish_confirmed(&c2, "", "capped", format!("cap-{i}")).await);
+    }
+    let bodies: Vec<String> =
+        c3.get("capped", 10, true).await.unwrap().iter().map(|d| String::from_utf8_lossy(&d.body).into_owned()).collect();
+    assert_eq!(bodies, vec!["cap-2", "cap-3", "cap-4"], "the oldest dropped");
+    c1.declare_queue("full", quorum().arg("x-max-length", 1i64).arg("x-overflow", "reject-publish")).await.unwrap();
+    let first = c3.publish(Message::new("", "full", "first").persistent()).await.unwrap();
+    assert_eq!(first.status, ConfirmStatus::Routed as i32, "{first:?}");
+    let refused = c2.publish(Message::new("", "full", "second").persistent()).await.unwrap();
+    assert_eq!(refused.status, ConfirmStatus::Rejected as i32, "{refused:?}");
+
+    // Priorities.
+    c1.declare_queue("prio", quorum().arg("x-max-priority", 5i64)).await.unwrap();
+    for (body, p) in [("low", 1u32), ("high", 5), ("mid", 3)] {
+        let m = Message::new("", "prio", body).persistent().priority(p);
+        assert_eq!(c2.publish(m).await.unwrap().status, ConfirmStatus::Routed as i32);
+    }
+    let bodies: Vec<String> =
+        c3.get("prio", 3, true).await.unwrap().iter().map(|d| String::from_utf8_lossy(&d.body).into_owned()).collect();
+    assert_eq!(bodies, vec!["high", "mid", "low"]);
+
+    // Delays: held back, then ready.
+    c1.declare_queue("later", quorum()).await.unwrap();
+    let m = Message::new("", "later", "delayed").persistent().delay(Duration::from_millis(800));
+    assert_eq!(c3.publish(m).await.unwrap().status, ConfirmStatus::Routed as i32);
+    assert!(c1.get("later", 1, true).await.unwrap().is_empty(), "not ready yet");
+    let got = eventually(FAILOVER, "the delayed message", || async {
+        let got = c2.get("later", 1, true).await.ok()?;
+        (!got.is_empty()).then_some(got)
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got[0].body), "delayed");
+
+    // Deduplication by message id.
+    c1.declare_queue("once", quorum().arg("x-deduplication-window", 60_000i64)).await.unwrap();
+    let first = c2.publish(Message::new("", "once", "a").persistent().message_id("id-1")).await.unwrap();
+    let again = c3.publish(Message::new("", "once", "a").persistent().message_id("id-1")).await.unwrap();
+    assert_eq!(first.status, ConfirmStatus::Routed as i32);
+    assert_eq!(again.status, ConfirmStatus::Duplicate as i32, "a retry through another node is recognised");
+    assert_eq!(c1.queue_info("once").await.unwrap().ready, 1);
+
+    // Delivery limit: a message rejected with requeue too often is dropped.
+    c1.declare_queue("poison", quorum().arg("x-delivery-limit", 2i64)).await.unwrap();
+    assert!(publish_confirmed(&c2, "", "poison", "bad".into()).await);
+    let mut consumer = c3.consume(Subscription::new("poison").prefetch(1)).await.unwrap();
+    let mut deliveries = 0;
+    while let Ok(Some(d)) = consumer.next_timeout(Duration::from_secs(3)).await {
+        deliveries += 1;
+        consumer.nack(d.delivery_tag, false, true).await.unwrap();
+        assert!(deliveries < 10, "the delivery limit stops redeliveries");
+    }
+    assert!((2..=3).contains(&deliveries), "{deliveries} deliveries with x-delivery-limit 2");
+    drop(consumer);
+
+    // Single active consumer: the second waits until the first leaves.
+    c1.declare_queue("single", quorum().arg("x-single-active-consumer", true)).await.unwrap();
+    for i in 0..4 {
+        assert!(publish_confirmed(&c1, "", "single", format!("s{i}")).await);
+    }
+    let mut first = c2.consume(Subscription::new("single").prefetch(1).consumer_tag("first")).await.unwrap();
+    let mut second = c3.consume(Subscription::new("single").prefetch(1).consumer_tag("second")).await.unwrap();
+    let d = first.next_timeout(Duration::from_secs(10)).await.unwrap().expect("the active consumer gets a delivery");
+    assert!(second.next_timeout(Duration::from_millis(500)).await.unwrap().is_none(), "the other one waits");
+    first.ack(d.delivery_tag).await.unwrap();
+    // The ack is applied (s1 went to the active consumer) before it leaves.
+    eventually(FAILOVER, "the ack applied", || async { (c1.queue_info("single").await.ok()?.ready == 2).then_some(()) }).await.unwrap();
+    drop(first);
+    let d = second.next_timeout(Duration::from_secs(10)).await.unwrap().expect("the waiting consumer takes over");
+    assert_eq!(String::from_utf8_lossy(&d.body), "s1");
+}

@@ -859,6 +859,21 @@ async fn should_filter_lists_and_keep_node_and_user_operations_for_tags() {
         .unwrap();
     let mon = as_user(&b, "mon", "mon-secret").await;
     mon.status().await.unwrap();
+    // Cluster operations: reading needs a tag, changing needs administrator.
+    fn denied<T>(r: Result<tonic::Response<T>, tonic::Status>) -> Option<tonic::Code> {
+        r.err().map(|s| s.code())
+    }
+    assert_eq!(denied(a.raw().cluster_status(proto::ClusterStatusRequest {}).await), Some(tonic::Code::PermissionDenied));
+    assert_eq!(denied(a.raw().quorum_critical(proto::QuorumCriticalRequest { node: 1 }).await), Some(tonic::Code::PermissionDenied));
+    mon.raw().cluster_status(proto::ClusterStatusRequest {}).await.unwrap();
+    mon.raw().quorum_critical(proto::QuorumCriticalRequest { node: 1 }).await.unwrap();
+    let grow = || proto::GrowQueuesRequest { node: 2, queue_pattern: String::new(), below: 0 };
+    assert_eq!(denied(mon.raw().grow_queues(grow()).await), Some(tonic::Code::PermissionDenied));
+    assert_eq!(
+        denied(admin.raw().grow_queues(grow()).await),
+        Some(tonic::Code::FailedPrecondition),
+        "allowed; a single node has no replicas"
+    );
     assert_eq!(mon.list_queues().await.unwrap().len(), 2);
     assert_eq!(code(mon.purge_queue("team-a.jobs").await).0, tonic::Code::PermissionDenied);
     // The configuration's administrator cannot be changed through the API.

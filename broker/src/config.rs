@@ -526,6 +526,9 @@ impl Config {
         }
         self.security.validate()?;
         self.security.check_posture(self.grpc_addr)?;
+        if self.peers.is_some() {
+            self.security.check_cluster_posture(self.cluster_addr)?;
+        }
         self.validate_client_limits()
     }
 
@@ -721,6 +724,29 @@ mod tests {
     }
 
     #[test]
+    fn should_refuse_an_unauthenticated_node_to_node_listener_beyond_loopback() {
+        let cluster = |addr: &'static str, extra: &[&'static str]| {
+            let mut args = vec!["--node-id", "1", "--peers", "1=n1:5681,2=n2:5681,3=n3:5681", "--cluster-addr", addr, "--auth"];
+            args.extend_from_slice(extra);
+            loaded(&args).validate()
+        };
+        assert!(cluster("127.0.0.1:5681", &[]).is_ok(), "loopback stays open");
+        let err = cluster("0.0.0.0:5681", &[]).unwrap_err();
+        assert!(err.contains("node-to-node") && err.contains("--cluster-secret-file") && err.contains("--insecure"), "{err}");
+        assert!(cluster("0.0.0.0:5681", &["--cluster-secret-file", "/run/secrets/cluster"]).is_ok());
+        assert!(cluster("0.0.0.0:5681", &["--insecure"]).is_ok());
+        let tls = ["--cluster-tls-cert", "/tls/tls.crt", "--cluster-tls-key", "/tls/tls.key", "--cluster-tls-ca", "/tls/ca.crt"];
+        assert!(cluster("0.0.0.0:5681", &tls).is_ok());
+        // Mutual TLS needs all three files.
+        let Err(LoadError::Args(e)) = load(&["--cluster-tls-cert", "/tls/tls.crt", "--cluster-tls-key", "/tls/tls.key"]) else {
+            panic!("a cluster certificate without a CA should not parse")
+        };
+        assert!(e.to_string().contains("cluster-tls-ca"), "{e}");
+        // A single node has no node-to-node listener to protect.
+        assert!(loaded(&["--cluster-addr", "0.0.0.0:5681"]).validate().is_ok());
+    }
+
+    #[test]
     fn should_refuse_to_serve_beyond_loopback_without_authentication() {
         for addr in ["127.0.0.1:5680", "[::1]:5680"] {
             assert!(loaded(&["--grpc-addr", addr]).validate().is_ok(), "{addr}: loopback stays open");
@@ -797,6 +823,8 @@ mod tests {
             "0.0.0.0",
             "--peers",
             "1=warren-0.warren:5681, 2=warren-1.warren,3=10.0.0.3:7000",
+            "--cluster-secret-file",
+            "/run/secrets/cluster",
         ]);
         c.validate().unwrap();
         assert_eq!(c.cluster_addr.to_string(), "0.0.0.0:5681", "a bare IP gets the default port");
@@ -830,7 +858,7 @@ mod tests {
     fn should_take_cluster_settings_from_the_file_and_environment() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let path = dir.path().join("warren.toml");
-        std::fs::write(&path, "node_id = 1\ncluster_addr = \"0.0.0.0:7001\"\npeers = \"1=n1:7001,2=n2:7001,3=n3:7001\"\n")
+        std::fs::write(&path, "node_id = 1\ncluster_addr = \"0.0.0.0:7001\"\npeers = \"1=n1:7001,2=n2:7001,3=n3:7001\"\ncluster_secret_file = \"/run/secrets/cluster\"\n")
             .unwrap_or_else(|e| panic!("{e}"));
         let c = loaded(&["--config", path.to_str().unwrap_or_default()]);
         c.validate().unwrap_or_else(|e| panic!("{e}"));

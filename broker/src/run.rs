@@ -64,8 +64,12 @@ fn memory_limit(watermark: MemoryWatermark) -> (u64, String) {
 pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnOnce(Ready)) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     // The default posture, before anything listens: gRPC beyond loopback
-    // needs authentication (or --insecure).
+    // needs authentication (or --insecure), and so does the node-to-node
+    // listener of a cluster.
     config.security.check_posture(config.grpc_addr).map_err(anyhow::Error::msg)?;
+    if config.peers.is_some() {
+        config.security.check_cluster_posture(config.cluster_addr).map_err(anyhow::Error::msg)?;
+    }
     let grpc_tls = match config.security.grpc_tls() {
         Some(files) => Some(ServerTls::load("grpc", files, &[b"h2"]).context("loading the gRPC listener's TLS certificate")?),
         None => None,
@@ -142,14 +146,30 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
         Some((node_id, listen, peers)) => {
             let mut cc = ClusterConfig::new(node_id, listen, peers);
             cc.max_message_bytes = limit;
+            if let Some(files) = config.security.cluster_tls() {
+                let tls = ServerTls::load("cluster", files, &[b"h2"]).context("loading the node-to-node TLS files")?;
+                tls.watch(config.security.tls_reload_interval, tls_stop.clone());
+                cc.tls = Some(tls);
+            }
+            if let Some(path) = &config.security.cluster_secret_file {
+                cc.secret = Some(crate::cluster::ClusterSecret::read(path).map_err(anyhow::Error::msg)?);
+            }
+            let (mutual_tls, secret) = (cc.tls.is_some(), cc.secret.is_some());
             let (cluster, cluster_addr) = Cluster::start(cc).await.with_context(|| format!("cannot listen on {listen} (cluster_addr)"))?;
             collector.set_cluster(cluster.liveness());
             let host = RaftHost::new(cluster.clone(), raft_store, config.data_dir.join("raft"), RaftOptions::default())
                 .map_err(|e| anyhow::anyhow!("Raft settings: {e}"))?;
-            tracing::info!(node_id, %cluster_addr, "cluster listener ready");
+            tracing::info!(node_id, %cluster_addr, mutual_tls, secret, "cluster listener ready");
             if !cluster_addr.ip().is_loopback() {
-                // TLS and authentication cover the gRPC listener only.
-                tracing::warn!(%cluster_addr, "the node-to-node listener has no TLS and no authentication: let only the cluster's nodes reach it (on Kubernetes the Broker's NetworkPolicy does)");
+                match (mutual_tls, secret) {
+                    (false, false) => {
+                        tracing::warn!(%cluster_addr, "the node-to-node listener has no authentication (--insecure): anyone who can reach it can read and change every replicated queue")
+                    }
+                    (false, true) => {
+                        tracing::warn!(%cluster_addr, "node-to-node traffic, the cluster secret included, crosses the network in clear text (set --cluster-tls-cert, --cluster-tls-key and --cluster-tls-ca)")
+                    }
+                    _ => {}
+                }
             }
             // Quorum queues and the metadata group; the broker applies the
             // metadata's changes from now on.

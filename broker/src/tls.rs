@@ -323,6 +323,17 @@ impl Stream {
     }
 }
 
+impl tonic::transport::server::Connected for Stream {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            Stream::Plain(s) => s.connect_info(),
+            Stream::Tls(s) => s.get_ref().0.connect_info(),
+        }
+    }
+}
+
 impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {

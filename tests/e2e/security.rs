@@ -66,6 +66,22 @@ impl Pki {
     }
 }
 
+impl Pki {
+    /// A cluster node's certificate: for 127.0.0.1, usable as server and as
+    /// client (mutual TLS between nodes). (cert, key).
+    fn issue_node(&self, file: &str, cn: &str) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &Issuer::from_params(&self.params, &self.key)).unwrap();
+        let (c, k) = (self.dir.path().join(format!("{file}.crt")), self.dir.path().join(format!("{file}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -1041,4 +1057,94 @@ async fn should_never_write_a_password_or_token_to_a_log_line() {
             assert!(!log.contains(&basic), "basic credentials of {user} appear in the log");
         }
     }
+}
+
+// ------------------------------------------------- node-to-node listener
+
+/// The value of an unlabelled or labelled counter line in a scrape.
+fn counter(metrics: &str, line_start: &str) -> u64 {
+    metrics.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+}
+
+/// A quorum queue made through node 1 takes a confirmed publish and is
+/// read back through node 2: the two nodes that trust each other replicate.
+async fn replicates(c: &warren_tests::TestCluster, queue: &str) {
+    let one = c.node(1).client().await.unwrap();
+    one.declare_queue(queue, QueueOptions::durable().arg("x-queue-type", "quorum")).await.unwrap();
+    let confirmed = eventually(SETTLE, "a confirmed publish to the quorum queue", || {
+        let one = one.clone();
+        async move {
+            let c = one.publish(Message::new("", queue, "replicated").persistent()).await.ok()?;
+            (c.status == proto::ConfirmStatus::Routed as i32).then_some(())
+        }
+    })
+    .await;
+    assert!(confirmed.is_ok(), "{confirmed:?}");
+    let two = c.node(2).client().await.unwrap();
+    let got = eventually(SETTLE, "the message read through node 2", || {
+        let two = two.clone();
+        async move { two.get(queue, 1, true).await.ok().filter(|m| !m.is_empty()) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(&got[0].body[..], b"replicated");
+}
+
+#[tokio::test]
+async fn should_admit_only_nodes_that_share_the_cluster_secret() {
+    const LIVENESS: Duration = Duration::from_secs(30);
+    let dir = tempfile::tempdir().unwrap();
+    let (good, bad) = (dir.path().join("secret"), dir.path().join("other-secret"));
+    std::fs::write(&good, "correct-horse-battery-staple-0123\n").unwrap();
+    std::fs::write(&bad, "a-different-cluster-secret-4567").unwrap();
+    // Node 3 has another cluster's secret.
+    let c = warren_tests::TestCluster::start_each(3, |id| {
+        vec!["--cluster-secret-file".to_string(), s(if id == 3 { &bad } else { &good }).to_string()]
+    })
+    .await
+    .unwrap();
+    // Node 3's heartbeats reach node 1 and are refused, counted and logged.
+    let refused = eventually(SETTLE, "node 1 refusing node 3", || async {
+        let m = c.node(1).metrics().await.ok()?;
+        (counter(&m, "warren_cluster_auth_failures_total") > 0).then_some(())
+    })
+    .await;
+    assert!(refused.is_ok(), "{refused:?}");
+    c.wait_for_peers(1, &[1, 2], LIVENESS).await.unwrap();
+    c.wait_for_peers(3, &[3], LIVENESS).await.unwrap();
+    for l in c.node(1).stdout.iter().chain(c.node(3).stdout.iter()) {
+        assert!(!l.contains("correct-horse") && !l.contains("a-different-cluster"), "a secret in a log line: {l}");
+    }
+    replicates(&c, "secret.q").await;
+    let up = c.peers_up(1).await.unwrap();
+    assert_eq!(up.get(&3), Some(&false), "node 3 never got in: {up:?}");
+}
+
+#[tokio::test]
+async fn should_speak_mutual_tls_between_nodes_and_refuse_a_certificate_from_another_ca() {
+    const LIVENESS: Duration = Duration::from_secs(30);
+    let (ours, theirs) = (Pki::new("cluster"), Pki::new("intruder"));
+    let files: Vec<(PathBuf, PathBuf, PathBuf)> = (1..=3u64)
+        .map(|id| {
+            let pki = if id == 3 { &theirs } else { &ours };
+            let (cert, key) = pki.issue_node(&format!("node-{id}"), &format!("node-{id}"));
+            (cert, key, pki.ca.clone())
+        })
+        .collect();
+    let c = warren_tests::TestCluster::start_each(3, |id| {
+        let (cert, key, ca) = &files[id as usize - 1];
+        ["--cluster-tls-cert", s(cert), "--cluster-tls-key", s(key), "--cluster-tls-ca", s(ca)].iter().map(|a| a.to_string()).collect()
+    })
+    .await
+    .unwrap();
+    let refused = eventually(SETTLE, "node 1 refusing node 3's certificate", || async {
+        let m = c.node(1).metrics().await.ok()?;
+        (counter(&m, "warren_tls_handshake_failures_total{listener=\"cluster\"}") > 0).then_some(())
+    })
+    .await;
+    assert!(refused.is_ok(), "{refused:?}");
+    c.wait_for_peers(1, &[1, 2], LIVENESS).await.unwrap();
+    c.wait_for_peers(2, &[1, 2], LIVENESS).await.unwrap();
+    c.wait_for_peers(3, &[3], LIVENESS).await.unwrap();
+    replicates(&c, "mtls.q").await;
 }

@@ -378,6 +378,12 @@ impl TestCluster {
 
     /// Starts `n` nodes, each with extra arguments.
     pub async fn start_with(n: usize, args: &[&str]) -> Result<TestCluster> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        TestCluster::start_each(n, |_| args.clone()).await
+    }
+
+    /// Starts `n` nodes, node `id` with the extra arguments `args(id)`.
+    pub async fn start_each(n: usize, args: impl Fn(u64) -> Vec<String>) -> Result<TestCluster> {
         let ports = free_ports(n)?;
         let peers = ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect::<Vec<_>>().join(",");
         let starts = ports.iter().enumerate().map(|(i, port)| {
@@ -389,7 +395,7 @@ impl TestCluster {
                 "--peers".into(),
                 peers.clone(),
             ];
-            all.extend(args.iter().map(|s| s.to_string()));
+            all.extend(args(i as u64 + 1));
             async move {
                 let refs: Vec<&str> = all.iter().map(String::as_str).collect();
                 TestBroker::start_with(&refs).await

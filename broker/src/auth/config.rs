@@ -67,6 +67,31 @@ pub struct SecurityConfig {
     #[arg(long, env = "WARREN_HTTP_TLS_KEY", value_name = "FILE", requires = "http_tls_cert")]
     pub http_tls_key: Option<PathBuf>,
 
+    /// Certificate chain (PEM) this node presents on the node-to-node
+    /// listener and when it dials its peers (mutual TLS between the nodes
+    /// of a cluster; with --cluster-tls-key and --cluster-tls-ca). It must
+    /// name the address peers dial (`--peers`) and allow both server and
+    /// client authentication. Re-read when it changes.
+    #[arg(long, env = "WARREN_CLUSTER_TLS_CERT", value_name = "FILE", requires_all = ["cluster_tls_key", "cluster_tls_ca"])]
+    pub cluster_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --cluster-tls-cert.
+    #[arg(long, env = "WARREN_CLUSTER_TLS_KEY", value_name = "FILE", requires = "cluster_tls_cert")]
+    pub cluster_tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign the nodes' certificates: a peer is
+    /// admitted only with a certificate it signed, and a node trusts only
+    /// peers whose server certificate it signed.
+    #[arg(long, env = "WARREN_CLUSTER_TLS_CA", value_name = "FILE", requires = "cluster_tls_cert")]
+    pub cluster_tls_ca: Option<PathBuf>,
+
+    /// File holding the secret every node of the cluster shares (like
+    /// RabbitMQ's Erlang cookie): node-to-node calls carry it and calls
+    /// without it are refused. 16 to 1024 printable ASCII characters;
+    /// surrounding whitespace is ignored.
+    #[arg(long, env = "WARREN_CLUSTER_SECRET_FILE", value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+
     /// How often certificate and key files are checked for changes.
     #[arg(long, env = "WARREN_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
     pub tls_reload_interval: Duration,
@@ -167,6 +192,37 @@ impl SecurityConfig {
         })
     }
 
+    /// Mutual TLS of the node-to-node listener and connections.
+    pub fn cluster_tls(&self) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: self.cluster_tls_cert.clone()?,
+            key: self.cluster_tls_key.clone()?,
+            client_ca: Some(self.cluster_tls_ca.clone()?),
+            client_auth: ClientAuth::Required,
+        })
+    }
+
+    /// Whether the nodes of a cluster authenticate each other (mutual TLS
+    /// or the shared secret).
+    pub fn cluster_authenticated(&self) -> bool {
+        self.cluster_tls().is_some() || self.cluster_secret_file.is_some()
+    }
+
+    /// The default posture of the node-to-node listener: beyond loopback
+    /// it needs mutual TLS or the shared secret, unless `--insecure`. Whoever
+    /// reaches it unauthenticated could read and change every replicated
+    /// queue without any permission check.
+    pub fn check_cluster_posture(&self, cluster_addr: SocketAddr) -> Result<(), String> {
+        if self.cluster_authenticated() || cluster_addr.ip().is_loopback() || self.insecure() {
+            return Ok(());
+        }
+        Err(format!(
+            "refusing to serve the node-to-node listener on {cluster_addr} without authentication: anyone who can reach it \
+             could read and change every replicated queue. Configure --cluster-secret-file (a secret all nodes share) or \
+             mutual TLS (--cluster-tls-cert, --cluster-tls-key, --cluster-tls-ca), listen on loopback, or pass --insecure"
+        ))
+    }
+
     /// Whether clients must authenticate: any credential source configured,
     /// or `--auth`.
     pub fn auth_enabled(&self) -> bool {
@@ -225,6 +281,10 @@ impl SecurityConfig {
             ("tls_client_auth", self.tls_client_auth.as_str().to_string()),
             ("http_tls_cert", path(&self.http_tls_cert)),
             ("http_tls_key", path(&self.http_tls_key)),
+            ("cluster_tls_cert", path(&self.cluster_tls_cert)),
+            ("cluster_tls_key", path(&self.cluster_tls_key)),
+            ("cluster_tls_ca", path(&self.cluster_tls_ca)),
+            ("cluster_secret_file", path(&self.cluster_secret_file)),
             ("tls_reload_interval", show_duration(self.tls_reload_interval)),
             ("auth", self.auth_enabled().to_string()),
             ("auth_file", path(&self.auth_file)),

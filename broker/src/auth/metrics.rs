@@ -34,6 +34,7 @@ pub struct SecurityMetrics {
     denied: Vec<AtomicU64>,
     limit_connections: AtomicU64,
     limit_streams: AtomicU64,
+    cluster_refused: AtomicU64,
     listeners: Mutex<BTreeMap<&'static str, ListenerStats>>,
 }
 
@@ -42,6 +43,7 @@ static GLOBAL: LazyLock<SecurityMetrics> = LazyLock::new(|| SecurityMetrics {
     denied: OPERATIONS.iter().map(|_| AtomicU64::new(0)).collect(),
     limit_connections: AtomicU64::new(0),
     limit_streams: AtomicU64::new(0),
+    cluster_refused: AtomicU64::new(0),
     listeners: Mutex::default(),
 });
 
@@ -69,6 +71,16 @@ impl SecurityMetrics {
 
     pub fn limit_reached(&self, streams: bool) {
         if streams { &self.limit_streams } else { &self.limit_connections }.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A node-to-node call refused for want of the cluster secret.
+    pub fn cluster_refused(&self) {
+        self.cluster_refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Refused node-to-node calls so far (for tests).
+    pub fn cluster_refused_count(&self) -> u64 {
+        self.cluster_refused.load(Ordering::Relaxed)
     }
 
     pub fn tls_loaded(&self, listener: &'static str, not_after: i64) {
@@ -123,6 +135,11 @@ impl Collector for SecurityCollector {
             let mut e = enc.encode_descriptor("user_limit_rejections", help, None, ctr)?;
             labelled_counter(&mut e, &[("limit", "connections")], m.limit_connections.load(Ordering::Relaxed))?;
             labelled_counter(&mut e, &[("limit", "streams")], m.limit_streams.load(Ordering::Relaxed))?;
+        }
+        {
+            let help = "Node-to-node calls refused because they carried no or a wrong cluster secret.";
+            let mut e = enc.encode_descriptor("cluster_auth_failures", help, None, ctr)?;
+            e.encode_counter::<NoLabelSet, u64, u64>(&m.cluster_refused.load(Ordering::Relaxed), None::<&Exemplar<NoLabelSet, u64>>)?;
         }
         let listeners = m.listeners.lock();
         if !listeners.is_empty() {

@@ -26,6 +26,12 @@
 //!   network.
 //! * Nothing here knows Raft: `raft/` registers its handlers like any other
 //!   layer.
+//! * When configured, peers authenticate each other before any handler
+//!   runs: mutual TLS with certificates the cluster CA signed
+//!   ([`ClusterConfig::tls`]) and/or the shared [`ClusterSecret`] that every
+//!   call carries. The node-to-node service bypasses the client API's
+//!   permission checks (a forwarded operation was checked on the node the
+//!   client called), so it must never answer an unauthenticated caller.
 
 mod peer;
 mod service;
@@ -77,6 +83,66 @@ pub struct ClusterConfig {
     pub max_inflight_calls: usize,
     /// Most streams open to one peer.
     pub max_streams: usize,
+    /// Mutual TLS: the listener requires a certificate the CA signed, and
+    /// this node dials its peers with its certificate.
+    pub tls: Option<crate::tls::ServerTls>,
+    /// The secret every node-to-node call carries and every node checks.
+    pub secret: Option<ClusterSecret>,
+}
+
+/// The gRPC metadata key that carries the [`ClusterSecret`].
+pub const SECRET_HEADER: &str = "x-warren-cluster-secret";
+
+/// The secret all nodes of a cluster share (RabbitMQ's Erlang cookie): a
+/// node-to-node call without it is refused with UNAUTHENTICATED. It never
+/// appears in logs (`Debug` prints a placeholder).
+#[derive(Clone)]
+pub struct ClusterSecret(Arc<str>);
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSecret(<redacted>)")
+    }
+}
+
+impl ClusterSecret {
+    /// Shortest and longest secret accepted.
+    pub const MIN_LEN: usize = 16;
+    pub const MAX_LEN: usize = 1024;
+
+    /// A secret from its text (surrounding whitespace ignored); the error
+    /// says what is wrong without showing it.
+    pub fn new(text: &str) -> Result<ClusterSecret, String> {
+        let t = text.trim();
+        if t.len() < Self::MIN_LEN || t.len() > Self::MAX_LEN {
+            return Err(format!("the cluster secret has {} characters; it must have {} to {}", t.len(), Self::MIN_LEN, Self::MAX_LEN));
+        }
+        if !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the cluster secret must be printable ASCII without spaces".into());
+        }
+        Ok(ClusterSecret(t.into()))
+    }
+
+    /// Reads a secret from a file (a mounted Secret).
+    pub fn read(path: &std::path::Path) -> Result<ClusterSecret, String> {
+        let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let text = std::str::from_utf8(&bytes).map_err(|_| format!("{}: the cluster secret must be printable ASCII", path.display()))?;
+        ClusterSecret::new(text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `presented` is the secret, in time independent of where
+    /// they differ.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let mine = self.0.as_bytes();
+        if mine.len() != presented.len() {
+            return false;
+        }
+        mine.iter().zip(presented).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
 }
 
 impl ClusterConfig {
@@ -90,6 +156,8 @@ impl ClusterConfig {
             dead_after: Duration::from_millis(1000),
             max_inflight_calls: 1024,
             max_streams: 256,
+            tls: None,
+            secret: None,
         }
     }
 }
@@ -395,5 +463,153 @@ async fn heartbeat_loop(cluster: Cluster, peer: Arc<Peer>) {
         }
         let alive = last_ok.is_some_and(|t| t.elapsed() < dead_after);
         cluster.set_status(peer.id, PeerStatus { alive, incarnation });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Peers authenticating each other: the shared secret and mutual TLS,
+    //! two nodes in one process on loopback.
+
+    use super::*;
+    use crate::tls::{ClientAuth, ServerTls, TlsFiles};
+
+    fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
+        r.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Two nodes, each with its own settings; returns them once both listen.
+    async fn pair(setup: impl Fn(NodeId, &mut ClusterConfig)) -> (Cluster, Cluster) {
+        let listeners = [ok(TcpListener::bind("127.0.0.1:0").await), ok(TcpListener::bind("127.0.0.1:0").await)];
+        let peers: BTreeMap<NodeId, String> =
+            listeners.iter().enumerate().map(|(i, l)| (i as NodeId + 1, ok(l.local_addr()).to_string())).collect();
+        let mut nodes = Vec::new();
+        for (i, listener) in listeners.into_iter().enumerate() {
+            let id = i as NodeId + 1;
+            let mut config = ClusterConfig::new(id, ok(listener.local_addr()), peers.clone());
+            setup(id, &mut config);
+            let c = Cluster::with_listener(config, listener);
+            c.register_call("echo", Arc::new(|_from, body| Box::pin(async move { Ok(body) })));
+            nodes.push(c);
+        }
+        let b = nodes.pop().unwrap_or_else(|| panic!("two nodes"));
+        let a = nodes.pop().unwrap_or_else(|| panic!("two nodes"));
+        (a, b)
+    }
+
+    async fn echo(from: &Cluster, to: NodeId) -> Result<Bytes, CallError> {
+        from.call_with_timeout(to, "echo", Bytes::from_static(b"hello"), Duration::from_secs(2)).await
+    }
+
+    /// Calls until one succeeds (the first connection may still be dialing),
+    /// at most 5 s.
+    async fn echo_eventually(from: &Cluster, to: NodeId) -> Result<Bytes, CallError> {
+        let mut last = Err(CallError::Closed);
+        for _ in 0..50 {
+            last = echo(from, to).await;
+            if last.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        last
+    }
+
+    #[test]
+    fn should_accept_only_a_reasonable_secret_and_compare_it_whole() {
+        assert!(ClusterSecret::new("short").is_err());
+        assert!(ClusterSecret::new(&"x".repeat(ClusterSecret::MAX_LEN + 1)).is_err());
+        assert!(ClusterSecret::new("has a space inside it").is_err());
+        let s = ok(ClusterSecret::new("  0123456789abcdef\n"));
+        assert!(s.matches(b"0123456789abcdef"));
+        assert!(!s.matches(b"0123456789abcdeF"));
+        assert!(!s.matches(b"0123456789abcdef0"));
+        assert!(!s.matches(b""));
+        assert!(!format!("{s:?}").contains("0123"), "Debug must not show the secret");
+        let e = ClusterSecret::new("tiny-secret").err().unwrap_or_default();
+        assert!(!e.contains("tiny"), "errors must not show the secret: {e}");
+    }
+
+    #[tokio::test]
+    async fn should_refuse_calls_without_the_cluster_secret() {
+        let good = ok(ClusterSecret::new("the-cluster-secret-0123"));
+        let other = ok(ClusterSecret::new("another-secret-456789"));
+        // Node 2 knows the secret, node 1 has a different one.
+        let (a, b) = pair(|id, c| c.secret = Some(if id == 2 { good.clone() } else { other.clone() })).await;
+        let before = crate::auth::metrics::global().cluster_refused_count();
+        let err = echo(&a, 2).await.err().unwrap_or_else(|| panic!("a wrong secret must be refused"));
+        assert!(err.to_string().contains("secret"), "{err}");
+        assert!(crate::auth::metrics::global().cluster_refused_count() > before, "refusals are counted");
+        a.stop();
+        b.stop();
+        // The same secret on both: calls pass.
+        let (a, b) = pair(|_, c| c.secret = Some(good.clone())).await;
+        assert_eq!(ok(echo_eventually(&a, 2).await), Bytes::from_static(b"hello"));
+        assert_eq!(ok(echo_eventually(&b, 1).await), Bytes::from_static(b"hello"));
+        a.stop();
+        b.stop();
+        // A node without a secret is refused by one that has it.
+        let (a, b) = pair(|id, c| c.secret = (id == 2).then(|| good.clone())).await;
+        assert!(echo(&a, 2).await.is_err());
+        a.stop();
+        b.stop();
+    }
+
+    /// A CA and, per node, a certificate for 127.0.0.1 usable as server and
+    /// client; written to `dir`.
+    fn pki(dir: &std::path::Path, name: &str, nodes: &[NodeId]) -> Vec<TlsFiles> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+        let mut ca_params = ok(CertificateParams::new(Vec::<String>::new()));
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, name);
+        let ca_key = ok(KeyPair::generate());
+        let ca = ok(ca_params.self_signed(&ca_key));
+        let ca_path = dir.join(format!("{name}-ca.crt"));
+        ok(std::fs::write(&ca_path, ca.pem()));
+        let issuer = Issuer::from_params(&ca_params, &ca_key);
+        nodes
+            .iter()
+            .map(|id| {
+                let mut p = ok(CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]));
+                p.distinguished_name.push(DnType::CommonName, format!("node-{id}"));
+                p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+                let key = ok(KeyPair::generate());
+                let cert = ok(p.signed_by(&key, &issuer));
+                let files = TlsFiles {
+                    cert: dir.join(format!("{name}-{id}.crt")),
+                    key: dir.join(format!("{name}-{id}.key")),
+                    client_ca: Some(ca_path.clone()),
+                    client_auth: ClientAuth::Required,
+                };
+                ok(std::fs::write(&files.cert, cert.pem()));
+                ok(std::fs::write(&files.key, key.serialize_pem()));
+                files
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn should_speak_mutual_tls_between_nodes_and_refuse_a_foreign_certificate() {
+        let dir = ok(tempfile::tempdir());
+        let ours = pki(dir.path(), "cluster", &[1, 2]);
+        let theirs = pki(dir.path(), "intruder", &[1]);
+        let load = |f: &TlsFiles| ok(ServerTls::load("cluster", f.clone(), &[b"h2"]));
+        let (a, b) = pair(|id, c| c.tls = Some(load(&ours[id as usize - 1]))).await;
+        assert_eq!(ok(echo_eventually(&a, 2).await), Bytes::from_static(b"hello"));
+        assert_eq!(ok(echo_eventually(&b, 1).await), Bytes::from_static(b"hello"));
+        a.stop();
+        b.stop();
+        // Node 1's certificate comes from another CA: neither side accepts
+        // the other.
+        let (a, b) = pair(|id, c| c.tls = Some(load(if id == 1 { &theirs[0] } else { &ours[1] }))).await;
+        assert!(echo(&a, 2).await.is_err(), "a certificate from another CA must not get in");
+        assert!(echo(&b, 1).await.is_err(), "a peer with a certificate from another CA must not be trusted");
+        a.stop();
+        b.stop();
+        // A node speaking plain text to a TLS node gets nowhere.
+        let (a, b) = pair(|id, c| c.tls = (id == 2).then(|| load(&ours[1]))).await;
+        assert!(echo(&a, 2).await.is_err());
+        a.stop();
+        b.stop();
     }
 }

@@ -13,7 +13,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::proto::cluster_client::ClusterClient;
 use super::proto::{CallRequest, HeartbeatRequest, StreamFrame};
-use super::{CallError, ClusterConfig, Duplex, NodeId, STREAM_BUFFER};
+use super::{CallError, ClusterConfig, Duplex, NodeId, SECRET_HEADER, STREAM_BUFFER};
 
 /// First and longest wait before trying an unreachable peer again.
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -33,13 +33,15 @@ pub(super) struct Peer {
     calls: Arc<Semaphore>,
     streams: Arc<Semaphore>,
     backoff: Mutex<Backoff>,
+    /// The cluster secret every request carries.
+    secret: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Peer {
     pub(super) fn new(id: NodeId, addr: String, config: &ClusterConfig) -> Peer {
         let client = match Endpoint::from_shared(format!("http://{addr}")) {
             Ok(endpoint) => {
-                let channel = endpoint
+                let endpoint = endpoint
                     .connect_timeout(Duration::from_secs(1))
                     .tcp_nodelay(true)
                     // A peer that stops answering (paused, or gone without a
@@ -49,8 +51,11 @@ impl Peer {
                     .keep_alive_timeout(Duration::from_secs(5))
                     .keep_alive_while_idle(true)
                     .initial_stream_window_size(Some(4 << 20))
-                    .initial_connection_window_size(Some(32 << 20))
-                    .connect_lazy();
+                    .initial_connection_window_size(Some(32 << 20));
+                let channel = match &config.tls {
+                    None => endpoint.connect_lazy(),
+                    Some(tls) => endpoint.connect_with_connector_lazy(tls_connector(tls.clone(), addr.clone())),
+                };
                 Some(
                     ClusterClient::new(channel)
                         .max_decoding_message_size(config.max_message_bytes)
@@ -62,6 +67,7 @@ impl Peer {
                 None
             }
         };
+        let secret = config.secret.as_ref().and_then(|s| s.as_str().parse().ok());
         Peer {
             id,
             addr,
@@ -69,7 +75,17 @@ impl Peer {
             calls: Arc::new(Semaphore::new(config.max_inflight_calls.max(1))),
             streams: Arc::new(Semaphore::new(config.max_streams.max(1))),
             backoff: Mutex::default(),
+            secret,
         }
+    }
+
+    /// A request carrying the cluster secret, when there is one.
+    fn request<T>(&self, body: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(body);
+        if let Some(secret) = &self.secret {
+            req.metadata_mut().insert(SECRET_HEADER, secret.clone());
+        }
+        req
     }
 
     fn client(&self) -> Result<ClusterClient<Channel>, CallError> {
@@ -129,7 +145,7 @@ impl Peer {
     pub(super) async fn heartbeat(&self, from: NodeId, incarnation: u64, timeout: Duration) -> Result<u64, CallError> {
         self.check_backoff()?;
         let mut client = self.client()?;
-        let mut req = tonic::Request::new(HeartbeatRequest { from, to: self.id, incarnation });
+        let mut req = self.request(HeartbeatRequest { from, to: self.id, incarnation });
         req.set_timeout(timeout);
         match tokio::time::timeout(timeout, client.heartbeat(req)).await {
             Ok(Ok(reply)) => {
@@ -152,7 +168,7 @@ impl Peer {
         let deadline = Instant::now() + timeout;
         let _permit = self.permit(&self.calls, deadline).await?;
         let mut client = self.client()?;
-        let mut req = tonic::Request::new(CallRequest { from, to: self.id, kind: kind.to_string(), body });
+        let mut req = self.request(CallRequest { from, to: self.id, kind: kind.to_string(), body });
         req.set_timeout(deadline.saturating_duration_since(Instant::now()));
         match tokio::time::timeout_at(deadline.into(), client.call(req)).await {
             Ok(Ok(reply)) => {
@@ -177,7 +193,7 @@ impl Peer {
         let first = StreamFrame { from, to: self.id, kind: kind.to_string(), data: Bytes::new() };
         let outgoing = futures::stream::once(async move { first })
             .chain(tokio_stream::wrappers::ReceiverStream::new(out_rx).map(|data| StreamFrame { data, ..StreamFrame::default() }));
-        let response = tokio::time::timeout_at(deadline.into(), client.stream(tonic::Request::new(outgoing))).await;
+        let response = tokio::time::timeout_at(deadline.into(), client.stream(self.request(outgoing))).await;
         let mut incoming = match response {
             Ok(Ok(r)) => {
                 self.succeeded();
@@ -210,5 +226,63 @@ impl Peer {
             }
         });
         Ok(Duplex { tx, rx })
+    }
+}
+
+/// Dials `addr` (`host:port`) and performs the client side of mutual TLS:
+/// this node's certificate, and the cluster CA to verify the peer's server
+/// certificate against `host`. The files are read on every connection, so
+/// a rotated certificate is used from the next reconnection on.
+fn tls_connector(
+    tls: crate::tls::ServerTls,
+    addr: String,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Error = std::io::Error,
+    Future = futures::future::BoxFuture<
+        'static,
+        std::io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>,
+    >,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |_uri: http::Uri| {
+        let (tls, addr) = (tls.clone(), addr.clone());
+        let fut: futures::future::BoxFuture<'static, std::io::Result<_>> = Box::pin(async move {
+            let io_err = |e: String| std::io::Error::other(e);
+            let host = server_name(&addr).ok_or_else(|| io_err(format!("{addr} has no host name")))?;
+            let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| io_err(format!("{host}: {e}")))?;
+            let config = tls.client_config().map_err(|e| io_err(e.to_string()))?;
+            let tcp = tokio::net::TcpStream::connect(&addr).await?;
+            let _ = tcp.set_nodelay(true);
+            let stream =
+                tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp))
+                    .await
+                    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        });
+        fut
+    })
+}
+
+/// The host of `host:port` (an IPv6 address without its brackets).
+fn server_name(addr: &str) -> Option<&str> {
+    let (host, _port) = addr.rsplit_once(':')?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    (!host.is_empty()).then_some(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_name;
+
+    #[test]
+    fn should_take_the_host_of_a_peer_address() {
+        assert_eq!(server_name("warren-0.warren-headless.shop.svc:5681"), Some("warren-0.warren-headless.shop.svc"));
+        assert_eq!(server_name("127.0.0.1:5681"), Some("127.0.0.1"));
+        assert_eq!(server_name("[::1]:5681"), Some("::1"));
+        assert_eq!(server_name(":5681"), None);
+        assert_eq!(server_name("nohost"), None);
     }
 }

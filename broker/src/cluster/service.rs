@@ -2,6 +2,7 @@
 //! and streams to the handlers the layers above registered.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
@@ -12,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::proto::cluster_server::{Cluster as ClusterRpc, ClusterServer};
 use super::proto::{CallReply, CallRequest, HeartbeatReply, HeartbeatRequest, StreamFrame};
-use super::{CallError, Cluster, Duplex, NodeId, STREAM_BUFFER};
+use super::{CallError, Cluster, ClusterSecret, Duplex, NodeId, SECRET_HEADER, STREAM_BUFFER};
 
 struct Service {
     cluster: Cluster,
@@ -96,23 +97,41 @@ impl ClusterRpc for Service {
     }
 }
 
-/// Serves the cluster service on `listener` until `stop`.
+/// When a refused call was last logged (seconds since the Unix epoch): a
+/// misconfigured node retries several times a second, one line per ten
+/// seconds is enough.
+static LAST_REFUSAL_LOG: AtomicU64 = AtomicU64::new(0);
+
+/// Refuses a call that does not carry the cluster secret.
+fn check_secret(secret: &Option<ClusterSecret>, req: Request<()>) -> Result<Request<()>, Status> {
+    let Some(secret) = secret else { return Ok(req) };
+    let presented = req.metadata().get(SECRET_HEADER);
+    if presented.is_some_and(|v| secret.matches(v.as_bytes())) {
+        return Ok(req);
+    }
+    crate::auth::metrics::global().cluster_refused();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let last = LAST_REFUSAL_LOG.load(Ordering::Relaxed);
+    if now >= last.saturating_add(10) && LAST_REFUSAL_LOG.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        let from = req.remote_addr().map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let what = if presented.is_some() { "a wrong cluster secret" } else { "no cluster secret" };
+        tracing::warn!(target: "warren::audit", %from, "node-to-node call refused: it carries {what} (check that every node has the same cluster secret)");
+    }
+    Err(Status::unauthenticated("node-to-node calls must carry this cluster's secret"))
+}
+
+/// Serves the cluster service on `listener` until `stop`: through a TLS
+/// handshake that requires a certificate the cluster CA signed when mutual
+/// TLS is configured, then the secret check on every call when a secret is.
 pub(super) async fn serve(cluster: Cluster, listener: TcpListener, stop: CancellationToken) {
     let max = cluster.config().max_message_bytes;
     let max_calls = cluster.config().max_inflight_calls + cluster.config().max_streams;
+    let tls = cluster.config().tls.clone();
+    let secret = cluster.config().secret.clone();
     let service = ClusterServer::new(Service { cluster }).max_decoding_message_size(max).max_encoding_message_size(max);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).filter_map(|conn| async move {
-        match conn {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                Some(Ok::<_, std::io::Error>(s))
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "cluster accept failed");
-                None
-            }
-        }
-    });
+    let service = tonic::service::interceptor::InterceptedService::new(service, move |req| check_secret(&secret, req));
+    let accepted = crate::tls::accept_loop("cluster", listener, tls);
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(accepted).map(|a| Ok::<_, std::io::Error>(a.stream));
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .concurrency_limit_per_connection(max_calls)

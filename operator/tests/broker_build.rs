@@ -432,6 +432,44 @@ fn should_run_a_cluster_with_node_ids_peers_and_a_cluster_port() {
 }
 
 #[test]
+fn should_authenticate_the_nodes_of_a_cluster_with_a_generated_secret_and_mutual_tls_when_the_ca_is_known() {
+    let env_names = |sts: &StatefulSet| env_of(sts).into_iter().map(|(n, _)| n).collect::<Vec<_>>();
+    let v = validated(json!({"replicas": 3}));
+    let sts = build::stateful_set(&v);
+    assert_eq!(env_value(&sts, "WARREN_CLUSTER_SECRET_FILE"), "/etc/warren-cluster/secret");
+    let pod = sts.spec.template.spec.as_ref().unwrap();
+    let volume = pod.volumes.as_ref().unwrap().iter().find(|v| v.name == "cluster-secret").expect("the cluster secret volume");
+    assert_eq!(volume.secret.as_ref().unwrap().secret_name.as_deref(), Some("warren-cluster-secret"));
+    let mount = pod.containers[0].volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "cluster-secret").unwrap();
+    assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/etc/warren-cluster", Some(true)));
+    assert!(!env_names(&sts).contains(&"WARREN_CLUSTER_TLS_CERT".to_string()), "no TLS without a certificate");
+
+    let secret = build::cluster_secret(&v, "s3cr3t-s3cr3t-s3cr3t");
+    assert_eq!(secret.metadata.name.as_deref(), Some("warren-cluster-secret"));
+    assert_eq!(secret.metadata.owner_references.as_ref().unwrap()[0].controller, Some(true), "deleted with its Broker");
+    assert_eq!(secret.string_data.unwrap()["secret"], "s3cr3t-s3cr3t-s3cr3t");
+
+    // cert-manager issues a certificate for client and server use, with
+    // its CA: the nodes speak mutual TLS with it.
+    let tls = build::stateful_set(&validated(json!({"replicas": 3, "tls": {"issuerRef": {"name": "ca", "kind": "ClusterIssuer"}}})));
+    assert_eq!(env_value(&tls, "WARREN_CLUSTER_TLS_CERT"), "/etc/warren-tls/tls.crt");
+    assert_eq!(env_value(&tls, "WARREN_CLUSTER_TLS_KEY"), "/etc/warren-tls/tls.key");
+    assert_eq!(env_value(&tls, "WARREN_CLUSTER_TLS_CA"), "/etc/warren-tls/ca.crt");
+    assert_eq!(env_value(&tls, "WARREN_CLUSTER_SECRET_FILE"), "/etc/warren-cluster/secret", "the secret as well");
+    // A Secret given by name may lack ca.crt unless client certificates
+    // are asked for.
+    let given = build::stateful_set(&validated(json!({"replicas": 3, "tls": {"secretName": "mine"}})));
+    assert!(!env_names(&given).contains(&"WARREN_CLUSTER_TLS_CA".to_string()));
+    let given_ca = build::stateful_set(&validated(json!({"replicas": 3, "tls": {"secretName": "mine", "clientAuth": "Optional"}})));
+    assert_eq!(env_value(&given_ca, "WARREN_CLUSTER_TLS_CA"), "/etc/warren-tls/ca.crt");
+
+    // A single broker has no node-to-node listener.
+    let single = build::stateful_set(&validated(json!({"tls": {"issuerRef": {"name": "ca", "kind": "ClusterIssuer"}}})));
+    let names = env_names(&single);
+    assert!(!names.iter().any(|n| n.starts_with("WARREN_CLUSTER_")), "{names:?}");
+}
+
+#[test]
 fn should_listen_for_peers_on_the_brokers_listen_address_and_pass_the_default_queue_type() {
     let sts = build::stateful_set(&validated(json!({"replicas": 5, "listenAddress": "0.0.0.0", "defaultQueueType": "classic"})));
     assert_eq!(env_value(&sts, "WARREN_CLUSTER_ADDR"), "0.0.0.0:5681");

@@ -335,6 +335,13 @@ async fn should_start_the_real_broker_as_a_cluster_member_with_the_generated_set
     let value = |name: &str| env.iter().find(|e| e.name == name).and_then(|e| e.value.clone()).unwrap();
     let peers = value("WARREN_PEERS");
     let queue_type = value("WARREN_DEFAULT_QUEUE_TYPE");
+    // The node-to-node secret as the operator generates it, where the pod
+    // mounts it from.
+    assert_eq!(value("WARREN_CLUSTER_SECRET_FILE"), "/etc/warren-cluster/secret");
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    let secret = warren_operator::broker::build::cluster_secret(&v, &warren_operator::broker::build::generate_password());
+    std::fs::write(&secret_file, &secret.string_data.unwrap()["secret"]).unwrap();
     let real = RealBroker::start_with(&[
         "--node-id",
         "2",
@@ -344,8 +351,11 @@ async fn should_start_the_real_broker_as_a_cluster_member_with_the_generated_set
         &queue_type,
         "--cluster-addr",
         "127.0.0.1:0",
+        "--cluster-secret-file",
+        secret_file.to_str().unwrap(),
     ]);
-    for expected in ["node_id = 2".to_string(), format!("peers = {peers}"), "default_queue_type = classic".into()] {
+    let secret_line = format!("cluster_secret_file = {}", secret_file.display());
+    for expected in ["node_id = 2".to_string(), format!("peers = {peers}"), "default_queue_type = classic".into(), secret_line] {
         assert!(real.banner.contains(&expected), "the broker did not take `{expected}`:\n{}", real.banner);
     }
 }

@@ -33,14 +33,27 @@ use crate::error::{Error, Result};
 /// How long what the operator read from a Broker's Secrets is reused.
 const ACCESS_TTL: Duration = Duration::from_secs(30);
 
-/// Creates the administrator Secret when it does not exist. A Secret of
-/// that name not controlled by this Broker is a conflict (never adopted).
-pub async fn ensure_admin_secret(ctx: &Context, v: &ValidatedBroker) -> Result<Option<String>> {
-    if !v.spec.auth.enabled {
-        return Ok(None);
+/// Creates the Secrets the operator generates when they do not exist: the
+/// administrator credential (with authentication on) and the secret a
+/// cluster's nodes share. A Secret of that name not controlled by this
+/// Broker is a conflict (never adopted); its message is returned.
+pub async fn ensure_generated_secrets(ctx: &Context, v: &ValidatedBroker) -> Result<Option<String>> {
+    if v.spec.auth.enabled {
+        let secret = build::admin_secret(v, &build::generate_password());
+        if let Some(conflict) = ensure_secret(ctx, v, secret, "the administrator credential").await? {
+            return Ok(Some(conflict));
+        }
     }
+    if v.is_cluster() {
+        let secret = build::cluster_secret(v, &build::generate_password());
+        return ensure_secret(ctx, v, secret, "the cluster's node-to-node secret").await;
+    }
+    Ok(None)
+}
+
+async fn ensure_secret(ctx: &Context, v: &ValidatedBroker, secret: Secret, what: &str) -> Result<Option<String>> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &v.namespace);
-    let name = v.admin_secret_name();
+    let name = secret.metadata.name.clone().unwrap_or_default();
     if let Some(existing) = api.get_metadata_opt(&name).await? {
         let ours = existing.metadata.owner_references.iter().flatten().any(|o| o.controller == Some(true) && o.uid == v.owner.uid);
         return Ok((!ours).then(|| {
@@ -51,10 +64,9 @@ pub async fn ensure_admin_secret(ctx: &Context, v: &ValidatedBroker) -> Result<O
             )
         }));
     }
-    let secret = build::admin_secret(v, &build::generate_password());
     match api.create(&PostParams { field_manager: Some(FIELD_MANAGER.into()), ..PostParams::default() }, &secret).await {
         Ok(_) => {
-            tracing::info!(broker = %v.name, namespace = %v.namespace, secret = %name, "generated the administrator credential");
+            tracing::info!(broker = %v.name, namespace = %v.namespace, secret = %name, "generated {what}");
             Ok(None)
         }
         // Another reconcile created it first.

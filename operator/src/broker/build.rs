@@ -54,6 +54,9 @@ pub const TEMPLATE_HASH_ANNOTATION: &str = "warren.dev/pod-template-hash";
 pub const ADMIN_DIR: &str = "/etc/warren-admin";
 /// Where the TLS Secret is mounted.
 pub const TLS_DIR: &str = "/etc/warren-tls";
+/// Where a cluster's shared node-to-node secret (the `<name>-cluster-secret`
+/// Secret) is mounted.
+pub const CLUSTER_SECRET_DIR: &str = "/etc/warren-cluster";
 /// The administrator the operator generates and uses.
 pub const ADMIN_USER: &str = "admin";
 /// Where the data volume is mounted.
@@ -275,6 +278,21 @@ impl ValidatedBroker {
     /// Name of the ConfigMap holding the broker configuration.
     pub fn config_map_name(&self) -> String {
         format!("{}-config", self.name)
+    }
+
+    /// Name of the Secret with the secret a cluster's nodes share (key
+    /// `secret`), which the operator generates for a cluster.
+    pub fn cluster_secret_name(&self) -> String {
+        format!("{}-cluster-secret", self.name)
+    }
+
+    /// Whether the nodes of a cluster speak mutual TLS to each other: with
+    /// the Broker's TLS certificate when it certainly comes with the CA
+    /// that signed it (`ca.crt`), that is when cert-manager issues it (the
+    /// Certificate asks for client and server use) or when the Broker asks
+    /// for client certificates anyway.
+    pub fn cluster_tls(&self) -> bool {
+        self.is_cluster() && self.spec.tls.as_ref().is_some_and(|t| t.issuer_ref.is_some() || t.client_auth != ClientAuth::None)
     }
 
     /// Name of the Secret with the administrator credential the operator
@@ -524,6 +542,14 @@ pub fn stateful_set(v: &ValidatedBroker) -> StatefulSet {
         vars.push(env("WARREN_CLUSTER_ADDR", &spec.listen_address.with_port(CLUSTER_PORT)));
         vars.push(env("WARREN_PEERS", &v.peers()));
         vars.push(env("WARREN_DEFAULT_QUEUE_TYPE", spec.default_queue_type.as_str()));
+        // The nodes authenticate each other: the shared secret always, and
+        // mutual TLS with the Broker's certificate when it has its CA.
+        vars.push(env("WARREN_CLUSTER_SECRET_FILE", &format!("{CLUSTER_SECRET_DIR}/secret")));
+        if v.cluster_tls() {
+            vars.push(env("WARREN_CLUSTER_TLS_CERT", &format!("{TLS_DIR}/tls.crt")));
+            vars.push(env("WARREN_CLUSTER_TLS_KEY", &format!("{TLS_DIR}/tls.key")));
+            vars.push(env("WARREN_CLUSTER_TLS_CA", &format!("{TLS_DIR}/ca.crt")));
+        }
         ports.push(ContainerPort {
             name: Some("cluster".into()),
             container_port: CLUSTER_PORT,
@@ -726,6 +752,14 @@ fn security_mounts(v: &ValidatedBroker) -> Vec<VolumeMount> {
     if v.spec.tls.is_some() {
         out.push(VolumeMount { name: "tls".into(), mount_path: TLS_DIR.into(), read_only: Some(true), ..VolumeMount::default() });
     }
+    if v.is_cluster() {
+        out.push(VolumeMount {
+            name: "cluster-secret".into(),
+            mount_path: CLUSTER_SECRET_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
     out
 }
 
@@ -752,7 +786,31 @@ fn security_volumes(v: &ValidatedBroker) -> Vec<Volume> {
             ..Volume::default()
         });
     }
+    if v.is_cluster() {
+        out.push(Volume {
+            name: "cluster-secret".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(v.cluster_secret_name()),
+                items: Some(vec![KeyToPath { key: "secret".into(), path: "secret".into(), ..KeyToPath::default() }]),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     out
+}
+
+/// The secret a cluster's nodes share, generated once like the
+/// administrator credential (changing it under running nodes would split
+/// them).
+pub fn cluster_secret(v: &ValidatedBroker, secret: &str) -> Secret {
+    Secret {
+        metadata: v.meta(v.cluster_secret_name()),
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([("secret".to_string(), secret.to_string())])),
+        ..Secret::default()
+    }
 }
 
 /// The administrator credential, generated once (the reconciler creates it

@@ -88,9 +88,9 @@ pub async fn reconcile(broker: Arc<Broker>, ctx: Arc<Context>) -> Result<Action>
     let mut children = build::build(&validated);
     let conflict = match foreign_child(&ctx, &namespace, &validated, &children).await? {
         Some(c) => Some(c),
-        // Creating the administrator Secret is the first write: a refusal
+        // Creating the generated Secrets is the first write: a refusal
         // (RBAC, a quota) is reported like any child's.
-        None => match access::ensure_admin_secret(&ctx, &validated).await {
+        None => match access::ensure_generated_secrets(&ctx, &validated).await {
             Ok(c) => c,
             Err(e) => return apply_failed(&ctx, &brokers, &broker, e).await,
         },

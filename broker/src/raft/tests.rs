@@ -280,8 +280,23 @@ impl TestCluster {
         n.store.read_after_writes(move |e| e.scan(Cf::Messages, &a, &b, usize::MAX)).await.unwrap()
     }
 
-    /// Asserts that every running member holds identical records.
+    /// Asserts that every running member holds identical records. A
+    /// replica that applied an entry may not have written all of its
+    /// records yet when asked: compare again until they agree, for a bounded
+    /// time, and fail with the last difference.
     async fn assert_identical(&self, group: GroupId, members: &[NodeId]) -> usize {
+        let deadline = Instant::now() + SETTLE * 4;
+        loop {
+            match self.compare(group, members).await {
+                Ok(n) => return n,
+                Err(difference) if Instant::now() >= deadline => panic!("{difference}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// The number of records every running member holds, or how two differ.
+    async fn compare(&self, group: GroupId, members: &[NodeId]) -> Result<usize, String> {
         let mut reference: Option<(NodeId, Records)> = None;
         for id in members {
             if !self.nodes.contains_key(id) {
@@ -291,12 +306,16 @@ impl TestCluster {
             match &reference {
                 None => reference = Some((*id, records)),
                 Some((rid, r)) => {
-                    assert_eq!(r.len(), records.len(), "nodes {rid} and {id} hold different numbers of records");
-                    assert!(*r == records, "nodes {rid} and {id} hold different records");
+                    if r.len() != records.len() {
+                        return Err(format!("nodes {rid} and {id} hold different numbers of records: {} and {}", r.len(), records.len()));
+                    }
+                    if *r != records {
+                        return Err(format!("nodes {rid} and {id} hold different records"));
+                    }
                 }
             }
         }
-        reference.map_or(0, |(_, r)| r.len())
+        Ok(reference.map_or(0, |(_, r)| r.len()))
     }
 
     async fn shutdown(mut self) {

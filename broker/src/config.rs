@@ -525,11 +525,18 @@ impl Config {
             return Err(format!("http_addr and grpc_addr are both {}; they must differ", self.http_addr));
         }
         self.security.validate()?;
+        self.check_posture()?;
+        self.validate_client_limits()
+    }
+
+    /// The default posture: gRPC beyond loopback needs authentication (or
+    /// `--insecure`), and so does a cluster's node-to-node listener.
+    pub fn check_posture(&self) -> Result<(), String> {
         self.security.check_posture(self.grpc_addr)?;
         if self.peers.is_some() {
             self.security.check_cluster_posture(self.cluster_addr)?;
         }
-        self.validate_client_limits()
+        Ok(())
     }
 
     /// Checks the client limits; the error names the setting.

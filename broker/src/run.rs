@@ -66,10 +66,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
     // The default posture, before anything listens: gRPC beyond loopback
     // needs authentication (or --insecure), and so does the node-to-node
     // listener of a cluster.
-    config.security.check_posture(config.grpc_addr).map_err(anyhow::Error::msg)?;
-    if config.peers.is_some() {
-        config.security.check_cluster_posture(config.cluster_addr).map_err(anyhow::Error::msg)?;
-    }
+    config.check_posture().map_err(anyhow::Error::msg)?;
     let grpc_tls = match config.security.grpc_tls() {
         Some(files) => Some(ServerTls::load("grpc", files, &[b"h2"]).context("loading the gRPC listener's TLS certificate")?),
         None => None,

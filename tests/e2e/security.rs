@@ -48,10 +48,23 @@ impl Pki {
     /// A leaf certificate and key signed by this CA, written to files:
     /// (cert, key).
     fn issue(&self, file: &str, cn: &str, server: bool, expired: bool) -> (PathBuf, PathBuf) {
+        let usage = if server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth };
+        self.issue_for(file, cn, server, vec![usage], expired)
+    }
+
+    /// A cluster node's certificate: for 127.0.0.1, usable as server and as
+    /// client (mutual TLS between nodes). (cert, key).
+    fn issue_node(&self, file: &str, cn: &str) -> (PathBuf, PathBuf) {
+        self.issue_for(file, cn, true, vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth], false)
+    }
+
+    /// A leaf certificate with subject CN `cn`, for localhost and 127.0.0.1
+    /// when `server`, with `usages`, expired in 2020 when `expired`.
+    fn issue_for(&self, file: &str, cn: &str, server: bool, usages: Vec<ExtendedKeyUsagePurpose>, expired: bool) -> (PathBuf, PathBuf) {
         let sans = if server { vec!["localhost".to_string(), "127.0.0.1".to_string()] } else { vec![] };
         let mut params = CertificateParams::new(sans).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![if server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth }];
+        params.extended_key_usages = usages;
         if expired {
             params.not_before = rcgen::date_time_ymd(2020, 1, 1);
             params.not_after = rcgen::date_time_ymd(2020, 6, 1);
@@ -59,22 +72,6 @@ impl Pki {
         let key = KeyPair::generate().unwrap();
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer).unwrap();
-        let (c, k) = (self.dir.path().join(format!("{file}.crt")), self.dir.path().join(format!("{file}.key")));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-}
-
-impl Pki {
-    /// A cluster node's certificate: for 127.0.0.1, usable as server and as
-    /// client (mutual TLS between nodes). (cert, key).
-    fn issue_node(&self, file: &str, cn: &str) -> (PathBuf, PathBuf) {
-        let mut params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &Issuer::from_params(&self.params, &self.key)).unwrap();
         let (c, k) = (self.dir.path().join(format!("{file}.crt")), self.dir.path().join(format!("{file}.key")));
         std::fs::write(&c, cert.pem()).unwrap();
         std::fs::write(&k, key.serialize_pem()).unwrap();
@@ -1066,6 +1063,17 @@ fn counter(metrics: &str, line_start: &str) -> u64 {
     metrics.lines().find(|l| l.starts_with(line_start)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
+/// Waits until node 1's scrape shows the counter on the line starting with
+/// `line_start` above zero: it refused node 3.
+async fn refused_by_node_1(c: &warren_tests::TestCluster, line_start: &str) {
+    let refused = eventually(SETTLE, &format!("node 1 refusing node 3 ({line_start})"), || async {
+        let m = c.node(1).metrics().await.ok()?;
+        (counter(&m, line_start) > 0).then_some(())
+    })
+    .await;
+    assert!(refused.is_ok(), "{refused:?}");
+}
+
 /// A quorum queue made through node 1 takes a confirmed publish and is
 /// read back through node 2: the two nodes that trust each other replicate.
 async fn replicates(c: &warren_tests::TestCluster, queue: &str) {
@@ -1104,12 +1112,7 @@ async fn should_admit_only_nodes_that_share_the_cluster_secret() {
     .await
     .unwrap();
     // Node 3's heartbeats reach node 1 and are refused, counted and logged.
-    let refused = eventually(SETTLE, "node 1 refusing node 3", || async {
-        let m = c.node(1).metrics().await.ok()?;
-        (counter(&m, "warren_cluster_auth_failures_total") > 0).then_some(())
-    })
-    .await;
-    assert!(refused.is_ok(), "{refused:?}");
+    refused_by_node_1(&c, "warren_cluster_auth_failures_total").await;
     c.wait_for_peers(1, &[1, 2], LIVENESS).await.unwrap();
     c.wait_for_peers(3, &[3], LIVENESS).await.unwrap();
     for l in c.node(1).stdout.iter().chain(c.node(3).stdout.iter()) {
@@ -1137,12 +1140,7 @@ async fn should_speak_mutual_tls_between_nodes_and_refuse_a_certificate_from_ano
     })
     .await
     .unwrap();
-    let refused = eventually(SETTLE, "node 1 refusing node 3's certificate", || async {
-        let m = c.node(1).metrics().await.ok()?;
-        (counter(&m, "warren_tls_handshake_failures_total{listener=\"cluster\"}") > 0).then_some(())
-    })
-    .await;
-    assert!(refused.is_ok(), "{refused:?}");
+    refused_by_node_1(&c, "warren_tls_handshake_failures_total{listener=\"cluster\"}").await;
     c.wait_for_peers(1, &[1, 2], LIVENESS).await.unwrap();
     c.wait_for_peers(2, &[1, 2], LIVENESS).await.unwrap();
     c.wait_for_peers(3, &[3], LIVENESS).await.unwrap();

@@ -236,20 +236,10 @@ impl Peer {
 fn tls_connector(
     tls: crate::tls::ServerTls,
     addr: String,
-) -> impl tower::Service<
-    http::Uri,
-    Response = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
-    Error = std::io::Error,
-    Future = futures::future::BoxFuture<
-        'static,
-        std::io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>,
-    >,
-> + Clone
-+ Send
-+ 'static {
+) -> impl tower::Service<http::Uri, Response = TlsIo, Error = std::io::Error, Future: Send + 'static> + Clone + Send + 'static {
     tower::service_fn(move |_uri: http::Uri| {
         let (tls, addr) = (tls.clone(), addr.clone());
-        let fut: futures::future::BoxFuture<'static, std::io::Result<_>> = Box::pin(async move {
+        async move {
             let io_err = |e: String| std::io::Error::other(e);
             let host = server_name(&addr).ok_or_else(|| io_err(format!("{addr} has no host name")))?;
             let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| io_err(format!("{host}: {e}")))?;
@@ -260,11 +250,13 @@ fn tls_connector(
                 tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp))
                     .await
                     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-            Ok(hyper_util::rt::TokioIo::new(stream))
-        });
-        fut
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
     })
 }
+
+/// A TLS connection to a peer, as the HTTP/2 client reads and writes it.
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 /// The host of `host:port` (an IPv6 address without its brackets).
 fn server_name(addr: &str) -> Option<&str> {

@@ -766,16 +766,7 @@ fn security_mounts(v: &ValidatedBroker) -> Vec<VolumeMount> {
 fn security_volumes(v: &ValidatedBroker) -> Vec<Volume> {
     let mut out = Vec::new();
     if v.spec.auth.enabled {
-        out.push(Volume {
-            name: "admin".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(v.admin_secret_name()),
-                items: Some(vec![KeyToPath { key: "password".into(), path: "password".into(), ..KeyToPath::default() }]),
-                default_mode: Some(0o440),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
+        out.push(secret_key_volume("admin", v.admin_secret_name(), "password"));
     }
     if let Some(secret) = v.tls_secret_name() {
         // Mounted whole (not subPath): the kubelet updates it in place when
@@ -787,18 +778,24 @@ fn security_volumes(v: &ValidatedBroker) -> Vec<Volume> {
         });
     }
     if v.is_cluster() {
-        out.push(Volume {
-            name: "cluster-secret".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(v.cluster_secret_name()),
-                items: Some(vec![KeyToPath { key: "secret".into(), path: "secret".into(), ..KeyToPath::default() }]),
-                default_mode: Some(0o440),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
+        out.push(secret_key_volume("cluster-secret", v.cluster_secret_name(), "secret"));
     }
     out
+}
+
+/// A volume `name` holding one key of the Secret `secret` as a file of the
+/// same name, readable by the pod's group only.
+fn secret_key_volume(name: &str, secret: String, key: &str) -> Volume {
+    Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret),
+            items: Some(vec![KeyToPath { key: key.into(), path: key.into(), ..KeyToPath::default() }]),
+            default_mode: Some(0o440),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
 }
 
 /// The secret a cluster's nodes share, generated once like the

@@ -35,6 +35,9 @@ export PATH="$PATH:/usr/sbin"
 if ! rabbitmqctl -q status >/dev/null 2>&1; then
   log "starting RabbitMQ"
   as_root rabbitmq-server -detached
+  # `-detached` returns before the node has registered with epmd, and
+  # `await_startup` fails at once on a node it cannot find: wait for it.
+  for _ in $(seq 60); do rabbitmqctl -q ping >/dev/null 2>&1 && break; sleep 1; done
 fi
 timeout 300 rabbitmqctl -q await_startup --timeout 240
 

@@ -174,8 +174,11 @@ impl TestBroker {
         let mut cmd = Command::new(&bin);
         cmd.arg("--data-dir")
             .arg(self.data.path().join("data"))
-            .args(["--grpc-addr", "127.0.0.1:0"])
-            .args(["--http-addr", "127.0.0.1:0"])
+            // A restarted broker listens where it did before, as a pod
+            // behind its stable DNS name does: clients given several
+            // nodes' addresses find it again.
+            .args(["--grpc-addr", if self.addr.is_empty() { "127.0.0.1:0" } else { self.addr.as_str() }])
+            .args(["--http-addr", if self.http_addr.is_empty() { "127.0.0.1:0" } else { self.http_addr.as_str() }])
             .args(&self.extra)
             .env_remove("WARREN_CONFIG")
             .env("RUST_LOG", std::env::var("WARREN_TEST_LOG").unwrap_or_else(|_| "warn".into()))
@@ -300,7 +303,7 @@ impl TestBroker {
     }
 
     /// Starts the broker again on the same data directory (after
-    /// [`kill`](Self::kill) or [`stop`](Self::stop)); the address may change.
+    /// [`kill`](Self::kill) or [`stop`](Self::stop)), on the same addresses.
     pub async fn restart(&mut self) -> Result<()> {
         self.kill();
         self.spawn().await

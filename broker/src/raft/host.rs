@@ -71,6 +71,12 @@ impl RaftOptions {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_after),
             max_in_snapshot_log_to_keep: self.logs_to_keep,
             install_snapshot_timeout: 10_000,
+            // A node whose disk was lost comes back with an empty log; the
+            // leader must then start its replication from scratch rather
+            // than treat the follower's shorter log as a bug (by default
+            // openraft asserts in debug builds and stalls replication to
+            // it). What it lost was committed on a majority elsewhere.
+            allow_log_reversion: Some(true),
             ..Default::default()
         };
         config.validate().map_err(|e| e.to_string())

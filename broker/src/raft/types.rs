@@ -56,11 +56,22 @@ impl<'de> Deserialize<'de> for Reply {
 openraft::declare_raft_types!(
     /// Warren's Raft types: u64 node ids, no per-node payload in the
     /// membership (addresses come from the cluster configuration).
+    ///
+    /// Standard Raft leader ids (one leader per term), not openraft's
+    /// default "advanced" ones, which order leaders of one term by node id:
+    /// with those, a node that starts late (or with an empty disk) and
+    /// stands for election in the current term outranks the leader elected
+    /// in it, and the leader steps down as soon as the newcomer answers its
+    /// first append. A healthy leader then loses its queue for an election
+    /// for nothing (consumers cancelled, publishes waiting). With standard
+    /// ids, a vote granted by a quorum outranks any ungranted vote of the
+    /// same term, and pre-vote keeps the newcomer from raising the term.
     pub TypeConfig:
         D = Proposal,
         R = Reply,
         NodeId = u64,
         Node = (),
+        LeaderId = openraft::impls::leader_id_std::LeaderId<u64, u64>,
 );
 
 pub type Entry = openraft::alias::EntryOf<TypeConfig>;

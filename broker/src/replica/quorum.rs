@@ -568,20 +568,26 @@ impl Task {
     }
 
     fn settle_cmd(&mut self, consumer: ConsumerId, op: QueueOp, frame: ToLeader) {
-        if let Some(r) = self.remote.get(&consumer) {
-            // Bounded: a consumer's acknowledgements never outnumber its
-            // deliveries, which its prefetch bounds.
-            let tx = r.tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(enc(&frame)).await;
-            });
-        } else if self.consumers.contains_key(&consumer) && self.is_leader() {
+        // A consumer this node's state knows is settled here while it
+        // leads, even if it also came in through a stream: a consumer
+        // attached while this node was being elected goes through a stream
+        // to this node itself, and sending its acknowledgements down that
+        // stream would only bring them back here, round and round, never
+        // settled (the consumer would stall at its prefetch).
+        if self.consumers.contains_key(&consumer) && self.is_leader() {
             if let QueueOp::Ack(a) = &op
                 && let Some(c) = self.consumers.get_mut(&consumer)
             {
                 c.unacked = c.unacked.saturating_sub(if a.multiple { c.unacked } else { 1 });
             }
             self.pending.push_back((op, Waiter::None));
+        } else if let Some(r) = self.remote.get(&consumer) {
+            // Bounded: a consumer's acknowledgements never outnumber its
+            // deliveries, which its prefetch bounds.
+            let tx = r.tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(enc(&frame)).await;
+            });
         }
         // Otherwise the consumer is gone (its leader moved): its messages
         // return to the queue; the acknowledgement has nothing to settle.

@@ -26,7 +26,8 @@
 //! Events: `InvalidSpec`, `NameConflict`, `TLSSecretMissing`,
 //! `TLSSecretInvalid`, `CertManagerMissing`, `ApplyFailed`,
 //! `ScaleDownRefused` (Warning), `RolloutWaiting` when a restart waits for
-//! the broker, and `Ready` / `NotReady` when the `Ready` condition changes
+//! the broker, `ReplicasMoved` when a scale-down moved quorum queue
+//! replicas, and `Ready` / `NotReady` when the `Ready` condition changes
 //! (Normal).
 
 pub mod access;
@@ -47,7 +48,7 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use warren_client::proto::{ListQueuesRequest, QuorumCriticalRequest};
+use warren_client::proto::{GrowQueuesRequest, ListQueuesRequest, QueueInfo, QuorumCriticalRequest, ShrinkQueuesRequest};
 use warren_crds::v1alpha1::{Broker, BrokerStatus};
 
 use crate::conditions::{self, PROGRESSING, READY};
@@ -193,12 +194,57 @@ async fn plan_cluster(ctx: &Context, namespace: &str, v: &build::ValidatedBroker
                 )));
             }
         };
+        // What moving replicas cannot fix (a classic queue's only copy)
+        // refuses the scale-down before anything moves.
+        let classic: Vec<QueueInfo> = queues.iter().filter(|q| q.queue_type != "quorum").cloned().collect();
+        let blockers = rollout::scale_down_blockers(&classic, desired);
+        if !blockers.is_empty() {
+            return Ok(Plan::RefuseScaleDown(format!(
+                "{what}, which would remove the only copy of {} classic queue(s): {}. Move or delete them, or set replicas \
+                 back to {}; checked again every {} s",
+                blockers.len(),
+                rollout::some_of(&blockers, 5),
+                o.replicas,
+                SCALE_DOWN_RECHECK.as_secs()
+            )));
+        }
+        // Quorum queues move their replicas off the nodes that go.
+        let moves = rollout::replica_moves(&queues, desired);
+        let queues = if moves.is_empty() {
+            queues
+        } else {
+            if let Err(failure) = move_replicas(ctx, v, broker, &moves).await? {
+                return Ok(Plan::RefuseScaleDown(format!(
+                    "{what}; their quorum queue replicas must move to the nodes that stay first, and {failure}; \
+                     checked again every {} s",
+                    SCALE_DOWN_RECHECK.as_secs()
+                )));
+            }
+            let queues: Vec<String> = moves.iter().map(|m| m.queue.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            let note = format!(
+                "{what}: moved {} replica(s) of {} quorum queue(s) to the nodes that stay: {}",
+                moves.len(),
+                queues.len(),
+                rollout::some_of(&queues, 5)
+            );
+            publish(ctx, broker, EventType::Normal, "ReplicasMoved", "Scale", note).await;
+            match broker_client(ctx, v, broker).await?.list_queues(ListQueuesRequest {}).await {
+                Ok(r) => r.into_inner().queues,
+                Err(e) => {
+                    return Ok(Plan::RefuseScaleDown(format!(
+                        "{what}; the broker must list its queues again after moving replicas, and it could not: {}; \
+                         checked again every {} s",
+                        Error::broker("ListQueues", e),
+                        SCALE_DOWN_RECHECK.as_secs()
+                    )));
+                }
+            }
+        };
         let blockers = rollout::scale_down_blockers(&queues, desired);
         if !blockers.is_empty() {
             return Ok(Plan::RefuseScaleDown(format!(
                 "{what}, which would leave {} queue(s) without a majority of replicas or without their only copy: {}. \
-                 Shrink the quorum queues off those nodes first (the broker's ShrinkQueues call, once per node) and move or delete \
-                 the classic ones, or set replicas back to {}; checked again every {} s",
+                 Move or delete the classic queues on those nodes, or set replicas back to {}; checked again every {} s",
                 blockers.len(),
                 rollout::some_of(&blockers, 5),
                 o.replicas,
@@ -248,6 +294,41 @@ async fn broker_client(ctx: &Context, v: &build::ValidatedBroker, broker: &Broke
     let endpoint = ctx.broker_endpoint(&v.namespace, &v.name, Some(&v.endpoint())).unwrap_or_else(|| v.endpoint());
     let access = access::broker_access(ctx, broker).await?;
     Ok(ctx.broker(&endpoint, &access)?.0)
+}
+
+/// Makes the replica moves of a scale-down through the broker, each an
+/// add (`GrowQueues` on the node that stays, for that queue only) then a
+/// remove (`ShrinkQueues` on the node that goes), so that a queue never has
+/// fewer replicas than it had. `Ok(Err(why))`: a move failed (the broker
+/// refused or could not be asked); the moves already made stand, and the
+/// next reconcile plans from where they left the queues.
+async fn move_replicas(ctx: &Context, v: &build::ValidatedBroker, broker: &Broker, moves: &[rollout::Move]) -> Result<Result<(), String>> {
+    let mut client = broker_client(ctx, v, broker).await?;
+    for m in moves {
+        let pattern = rollout::exact_pattern(&m.queue);
+        if let Some(node) = m.add {
+            let request = GrowQueuesRequest { node, queue_pattern: pattern.clone(), ..GrowQueuesRequest::default() };
+            let changes = match client.grow_queues(request).await {
+                Ok(r) => r.into_inner().changes,
+                Err(e) => return Ok(Err(format!("adding a replica of queue {} on node {node} failed: {}", m.queue, Error::broker("GrowQueues", e)))),
+            };
+            if let Some(c) = changes.iter().find(|c| c.queue == m.queue && !c.ok) {
+                return Ok(Err(format!("the broker did not add a replica of queue {} on node {node}: {}", m.queue, c.error)));
+            }
+        }
+        let request = ShrinkQueuesRequest { node: m.remove, queue_pattern: pattern, ..ShrinkQueuesRequest::default() };
+        let changes = match client.shrink_queues(request).await {
+            Ok(r) => r.into_inner().changes,
+            Err(e) => {
+                return Ok(Err(format!("removing the replica of queue {} on node {} failed: {}", m.queue, m.remove, Error::broker("ShrinkQueues", e))));
+            }
+        };
+        if let Some(c) = changes.iter().find(|c| c.queue == m.queue && !c.ok) {
+            return Ok(Err(format!("the broker did not remove the replica of queue {} on node {}: {}", m.queue, m.remove, c.error)));
+        }
+        tracing::info!(queue = %m.queue, added = ?m.add, removed = m.remove, "moved a quorum queue replica for a scale-down");
+    }
+    Ok(Ok(()))
 }
 
 /// Never silent: an object the API server refuses (an immutable

@@ -24,10 +24,14 @@
 //! template can always be fixed with a new one.
 //!
 //! A scale-down removes the pods at the top at once (the StatefulSet's
-//! `Parallel` policy). It is refused, before anything is applied, while a
-//! quorum queue would keep fewer than a majority of its replicas, or a
-//! durable classic queue lives on a pod that goes, or the broker cannot say
-//! (condition `Degraded`, reason `ScaleDownRefused`).
+//! `Parallel` policy). Before anything is applied, the operator moves every
+//! quorum queue replica off the pods that go ([`replica_moves`]: a replica
+//! added on a node that stays, then the one on the node that goes removed,
+//! through the broker's `GrowQueues` / `ShrinkQueues`). The scale-down is
+//! refused while a durable classic queue lives on a pod that goes, or a
+//! move fails, or a quorum queue would still keep fewer than a majority of
+//! its replicas, or the broker cannot say (condition `Degraded`, reason
+//! `ScaleDownRefused`).
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use warren_client::proto::QueueInfo;
@@ -138,6 +142,64 @@ pub fn scale_down_blockers(queues: &[QueueInfo], keep: i32) -> Vec<String> {
     out
 }
 
+/// One replica to move before a scale-down: add the queue's replica on
+/// `add` (a node that stays; `None` when every node that stays holds one
+/// already), then remove the one on `remove` (a node that goes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Move {
+    pub queue: String,
+    pub add: Option<u64>,
+    pub remove: u64,
+}
+
+/// The replica moves that take every quorum queue off the nodes a
+/// scale-down to `keep` pods removes, keeping each queue's replica count
+/// where the nodes that stay allow it. Each replacement goes to the node
+/// that stays and holds the fewest replicas (then the lowest id), so the
+/// replicas stay spread. Queues in name order, so the plan is the same on
+/// every reconcile.
+pub fn replica_moves(queues: &[QueueInfo], keep: i32) -> Vec<Move> {
+    let kept: Vec<u64> = (0..keep.max(0)).map(ValidatedBroker::node_id).collect();
+    let mut load: std::collections::BTreeMap<u64, usize> = kept.iter().map(|n| (*n, 0)).collect();
+    for q in queues.iter().filter(|q| q.queue_type == "quorum") {
+        for m in &q.members {
+            if let Some(l) = load.get_mut(m) {
+                *l += 1;
+            }
+        }
+    }
+    let mut sorted: Vec<&QueueInfo> = queues.iter().filter(|q| q.queue_type == "quorum").collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut out = Vec::new();
+    for q in sorted {
+        let mut members = q.members.clone();
+        for gone in q.members.iter().filter(|m| !kept.contains(m)) {
+            let add = load.iter().filter(|(n, _)| !members.contains(n)).min_by_key(|(n, l)| (**l, **n)).map(|(n, _)| *n);
+            if let Some(n) = add {
+                members.push(n);
+                *load.entry(n).or_default() += 1;
+            }
+            out.push(Move { queue: q.name.clone(), add, remove: *gone });
+        }
+    }
+    out
+}
+
+/// A regular expression that matches exactly `name` (the broker's
+/// `queue_pattern`).
+pub fn exact_pattern(name: &str) -> String {
+    let mut p = String::with_capacity(name.len() + 2);
+    p.push('^');
+    for c in name.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p.push('$');
+    p
+}
+
 fn list(nodes: &[u64]) -> String {
     nodes.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
 }
@@ -157,6 +219,36 @@ mod tests {
 
     fn observed(replicas: i32, partition: i32, hash: &str, updated: i32, ready: i32) -> Observed {
         Observed { replicas, partition, template_hash: Some(hash.into()), settled: true, updated, ready }
+    }
+
+    fn quorum(name: &str, members: &[u64]) -> QueueInfo {
+        QueueInfo { name: name.into(), queue_type: "quorum".into(), durable: true, members: members.to_vec(), ..QueueInfo::default() }
+    }
+
+    fn mv(queue: &str, add: Option<u64>, remove: u64) -> Move {
+        Move { queue: queue.into(), add, remove }
+    }
+
+    #[test]
+    fn should_move_replicas_off_the_nodes_that_go_to_the_least_loaded_that_stay() {
+        let queues = [quorum("b", &[3, 4, 5]), quorum("a", &[1, 2, 3]), quorum("c", &[4, 5, 1]), quorum("classic", &[])];
+        // Nodes 1..=3 stay; a holds 1, 2, 3 already; loads before: 1:2, 2:1, 3:2.
+        assert_eq!(
+            replica_moves(&queues, 3),
+            vec![mv("b", Some(2), 4), mv("b", Some(1), 5), mv("c", Some(2), 4), mv("c", Some(3), 5)]
+        );
+        // Nothing goes: nothing moves.
+        assert_eq!(replica_moves(&queues, 5), vec![]);
+        // Fewer nodes stay than a queue has replicas: the extra ones go
+        // without a replacement.
+        assert_eq!(replica_moves(&[quorum("d", &[1, 2, 3])], 2), vec![mv("d", None, 3)]);
+    }
+
+    #[test]
+    fn should_make_an_exact_pattern_of_any_queue_name() {
+        assert_eq!(exact_pattern("orders.eu"), "^orders\\.eu$");
+        assert_eq!(exact_pattern("a+b(c)"), "^a\\+b\\(c\\)$");
+        assert_eq!(exact_pattern("plain_name"), "^plain_name$");
     }
 
     #[test]

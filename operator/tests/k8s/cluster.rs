@@ -2,9 +2,10 @@
 //! controller: the cluster's StatefulSet (pods numbered from 1, member list,
 //! node id from the pod-index label, cluster port), its headless Service
 //! and PodDisruptionBudget; a resize that rolls the pods one at a time
-//! while the broker says no queue needs the next one; a scale-down the
-//! broker's queues forbid. The pods run on kwok (no containers), so the
-//! broker's answers come from the fake broker on loopback.
+//! while the broker says no queue needs the next one; a scale-down that a
+//! classic queue forbids, then one that moves quorum queue replicas first.
+//! The pods run on kwok (no containers), so the broker's answers come from
+//! the fake broker on loopback.
 
 use std::time::Duration;
 
@@ -140,23 +141,33 @@ async fn should_run_a_three_node_cluster_and_resize_it_one_safe_pod_at_a_time() 
     assert_eq!(sts(n, "{.spec.updateStrategy.rollingUpdate.partition}"), "0");
     wait_condition(n, "broker/warren", "Progressing", "False/RolloutComplete").await;
 
-    // Shrinking to 3 would leave a queue on nodes 3, 4, 5 with one replica:
-    // refused, nothing changes.
+    // Scaling down to 3 while a durable classic queue lives on node 4 (its
+    // only copy): refused, nothing changes, no replica moves.
     fake.add_queue(quorum("payments", &[3, 4, 5]));
+    fake.add_queue(QueueInfo { name: "sessions".into(), durable: true, queue_type: "classic".into(), leader: 4, ..QueueInfo::default() });
     kubectl(&["patch", "broker/warren", "-n", n, "--type=merge", "-p", r#"{"spec":{"replicas":3}}"#]);
     wait_condition(n, "broker/warren", "Degraded", "True/ScaleDownRefused").await;
     let message = jsonpath(n, "broker/warren", "{.status.conditions[?(@.type==\"Degraded\")].message}");
-    assert!(
-        message.contains("removes nodes 4, 5") && message.contains("payments (replicas on nodes 3, 4, 5; 1 would remain)"),
-        "{message}"
-    );
+    assert!(message.contains("removes nodes 4, 5") && message.contains("sessions (classic, on node 4)"), "{message}");
     assert_eq!(sts(n, "{.spec.replicas}"), "5");
+    assert_eq!(fake.membership_calls(), Vec::<String>::new(), "nothing moved while the scale-down is refused");
     assert_eq!(jsonpath(n, "broker/warren", "{.status.conditions[?(@.type==\"Ready\")].status}"), "True", "the cluster runs on");
 
-    // Shrunk off nodes 4 and 5: the scale-down goes through (checked again
-    // within 30 s), and the 3 pods that stay get the 3-member list.
-    fake.add_queue(quorum("payments", &[1, 2, 3]));
+    // The classic queue gone, the operator moves the quorum queue's replicas
+    // off nodes 4 and 5 itself (each an add on a node that stays, then a
+    // remove: the queue never has fewer than 3), then scales down (checked
+    // again within 30 s); the 3 pods that stay get the 3-member list.
+    fake.remove_queue("sessions");
     eventually("the scale-down applied", Duration::from_secs(60), || async { sts(n, "{.spec.replicas}") == "3" }).await;
+    let mut members = fake.queue("payments").unwrap().members;
+    members.sort();
+    assert_eq!(members, [1, 2, 3], "payments moved to the nodes that stay");
+    let calls = fake.membership_calls();
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    for (i, gone) in [4, 5].into_iter().enumerate() {
+        assert!(calls[2 * i].starts_with("grow ") && calls[2 * i].ends_with(" ^payments$"), "{calls:?}");
+        assert_eq!(calls[2 * i + 1], format!("shrink {gone} ^payments$"), "{calls:?}");
+    }
     eventually("the scale-down rolled out", Duration::from_secs(120), || async { rolled_out(n, 3) }).await;
     let peers = (1..=3).map(|i| format!("{i}=warren-{i}.warren-headless.{n}.svc:5681")).collect::<Vec<_>>().join(",");
     assert_eq!(env(n, "WARREN_PEERS"), peers);

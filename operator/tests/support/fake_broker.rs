@@ -26,6 +26,8 @@ pub struct State {
     pub critical: HashMap<u64, Vec<String>>,
     /// `QuorumCritical` calls, by node, in order.
     pub critical_asked: Vec<u64>,
+    /// `GrowQueues` / `ShrinkQueues` calls, in order.
+    pub membership_calls: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -72,6 +74,35 @@ impl FakeBroker {
     pub fn add_exchange(&self, name: &str) {
         let req = DeclareExchangeRequest { name: name.into(), r#type: ExchangeType::Direct as i32, durable: true, ..Default::default() };
         self.state.lock().unwrap().exchanges.insert(name.into(), req);
+    }
+
+    /// `GrowQueues` / `ShrinkQueues` calls, in order ("grow NODE PATTERN").
+    pub fn membership_calls(&self) -> Vec<String> {
+        self.state.lock().unwrap().membership_calls.clone()
+    }
+
+    /// Applies a replica change to the quorum queues `pattern` names. The
+    /// fake knows only the exact patterns the operator sends (`^name$`,
+    /// with `\` escapes) and the empty one (every queue).
+    fn change_members(&self, pattern: &str, change: impl Fn(&mut Vec<u64>) -> Result<(), String>) -> Result<Vec<MembershipChange>, Status> {
+        let exact = match pattern.strip_prefix('^').and_then(|p| p.strip_suffix('$')) {
+            Some(p) => Some(p.replace('\\', "")),
+            None if pattern.is_empty() => None,
+            None => return Err(Status::invalid_argument(format!("queue_pattern: the fake knows only ^name$, not {pattern}"))),
+        };
+        let mut s = self.state.lock().unwrap();
+        let mut changes = Vec::new();
+        for q in s.queues.values_mut().filter(|q| q.queue_type == "quorum" && exact.as_ref().is_none_or(|n| *n == q.name)) {
+            let result = change(&mut q.members);
+            changes.push(MembershipChange {
+                queue: q.name.clone(),
+                ok: result.is_ok(),
+                error: result.err().unwrap_or_default(),
+                members: q.members.clone(),
+                ..MembershipChange::default()
+            });
+        }
+        Ok(changes)
     }
 
     pub fn bindings(&self) -> Vec<BindRequest> {
@@ -278,12 +309,29 @@ impl Warren for FakeBroker {
         Ok(Response::new(QuorumCriticalResponse { queues: s.critical.get(&node).cloned().unwrap_or_default() }))
     }
 
-    async fn grow_queues(&self, _: Request<GrowQueuesRequest>) -> Result<Response<MembershipChangeResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+    async fn grow_queues(&self, r: Request<GrowQueuesRequest>) -> Result<Response<MembershipChangeResponse>, Status> {
+        let r = r.into_inner();
+        let changes = self.change_members(&r.queue_pattern, |members| {
+            if !members.contains(&r.node) {
+                members.push(r.node);
+            }
+            Ok(())
+        })?;
+        self.state.lock().unwrap().membership_calls.push(format!("grow {} {}", r.node, r.queue_pattern));
+        Ok(Response::new(MembershipChangeResponse { changes }))
     }
 
-    async fn shrink_queues(&self, _: Request<ShrinkQueuesRequest>) -> Result<Response<MembershipChangeResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+    async fn shrink_queues(&self, r: Request<ShrinkQueuesRequest>) -> Result<Response<MembershipChangeResponse>, Status> {
+        let r = r.into_inner();
+        let changes = self.change_members(&r.queue_pattern, |members| {
+            if members == &[r.node] {
+                return Err("would remove its last replica".to_string());
+            }
+            members.retain(|m| *m != r.node);
+            Ok(())
+        })?;
+        self.state.lock().unwrap().membership_calls.push(format!("shrink {} {}", r.node, r.queue_pattern));
+        Ok(Response::new(MembershipChangeResponse { changes }))
     }
 
     async fn rebalance_queues(&self, _: Request<RebalanceQueuesRequest>) -> Result<Response<RebalanceQueuesResponse>, Status> {

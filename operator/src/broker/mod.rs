@@ -316,7 +316,7 @@ async fn move_replicas(ctx: &Context, v: &build::ValidatedBroker, broker: &Broke
                 return Ok(Err(format!("the broker did not add a replica of queue {} on node {node}: {}", m.queue, c.error)));
             }
         }
-        let request = ShrinkQueuesRequest { node: m.remove, queue_pattern: pattern, ..ShrinkQueuesRequest::default() };
+        let request = ShrinkQueuesRequest { node: m.remove, queue_pattern: pattern };
         let changes = match client.shrink_queues(request).await {
             Ok(r) => r.into_inner().changes,
             Err(e) => {

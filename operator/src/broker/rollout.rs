@@ -221,10 +221,6 @@ mod tests {
         Observed { replicas, partition, template_hash: Some(hash.into()), settled: true, updated, ready }
     }
 
-    fn quorum(name: &str, members: &[u64]) -> QueueInfo {
-        QueueInfo { name: name.into(), queue_type: "quorum".into(), durable: true, members: members.to_vec(), ..QueueInfo::default() }
-    }
-
     fn mv(queue: &str, add: Option<u64>, remove: u64) -> Move {
         Move { queue: queue.into(), add, remove }
     }

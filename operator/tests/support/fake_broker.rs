@@ -99,7 +99,6 @@ impl FakeBroker {
                 ok: result.is_ok(),
                 error: result.err().unwrap_or_default(),
                 members: q.members.clone(),
-                ..MembershipChange::default()
             });
         }
         Ok(changes)

@@ -270,6 +270,7 @@ pub struct BrokerCollector {
     broker: OnceLock<Broker>,
     started: OnceLock<Instant>,
     cluster: OnceLock<crate::cluster::Liveness>,
+    raft_quiet: OnceLock<Arc<AtomicU64>>,
 }
 
 impl std::fmt::Debug for BrokerCollector {
@@ -293,6 +294,11 @@ impl BrokerCollector {
     /// Starts showing which cluster members answer heartbeats.
     pub fn set_cluster(&self, liveness: crate::cluster::Liveness) {
         let _ = self.cluster.set(liveness);
+    }
+
+    /// Starts showing how many Raft groups are quiet on this node.
+    pub fn set_raft_quiet(&self, quiet: Arc<AtomicU64>) {
+        let _ = self.raft_quiet.set(quiet);
     }
 }
 
@@ -521,6 +527,10 @@ impl Collector for BrokerCollector {
             for (node, status) in liveness.current() {
                 e.encode_family(&[("node", node.to_string().as_str())])?.encode_gauge(&u64::from(status.alive))?;
             }
+        }
+        if let Some(quiet) = self.raft_quiet.get() {
+            let help = "Raft groups quiet on this node: idle, without ticks, heartbeats or election timers.";
+            enc.encode_descriptor("raft_groups_quiet", help, None, gauge)?.encode_gauge(&quiet.load(Ordering::Relaxed))?;
         }
 
         let Some(broker) = self.broker.get() else {

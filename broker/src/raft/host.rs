@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -16,7 +17,8 @@ use tokio::sync::watch;
 use super::keys::{self, StateKind};
 use super::log_store::{LogStats, LogStore};
 use super::machine::{GroupId, GroupMachine, LocalReply, NodeId};
-use super::network::{NetworkFactory, RAFT_CALL, RAFT_SNAPSHOT, Rpc, RpcReply, SnapshotHeader};
+use super::network::{NetStats, NetworkFactory, RAFT_CALL, RAFT_SNAPSHOT, Rpc, RpcReply, SnapshotHeader};
+use super::quiet::QuietState;
 use super::snapshot::SnapshotFile;
 use super::state_machine::{Snapshots, StateMachine};
 use super::types::{Proposal, Raft, TypeConfig, decode, encode};
@@ -44,6 +46,11 @@ pub struct RaftOptions {
     pub logs_to_keep: u64,
     /// Largest append message to one follower (bigger ones are cut).
     pub max_append_bytes: usize,
+    /// A group whose log has not changed for this long goes quiet: no
+    /// ticks, no heartbeats, no election timer, the node-pair liveness
+    /// heartbeat standing in for them (see `quiet.rs`). `None`: groups
+    /// never go quiet.
+    pub quiet_after: Option<Duration>,
 }
 
 impl Default for RaftOptions {
@@ -56,6 +63,7 @@ impl Default for RaftOptions {
             snapshot_after: 10_000,
             logs_to_keep: 1_000,
             max_append_bytes: 8 << 20,
+            quiet_after: Some(Duration::from_secs(3)),
         }
     }
 }
@@ -173,32 +181,39 @@ pub struct GroupStatus {
     pub lag: BTreeMap<NodeId, u64>,
 }
 
-struct Group {
-    raft: Raft,
+pub(super) struct Group {
+    pub(super) raft: Raft,
     snapshots: Arc<Snapshots>,
-    leader: watch::Receiver<LeaderInfo>,
+    pub(super) leader: watch::Receiver<LeaderInfo>,
     watcher: tokio::task::JoinHandle<()>,
     /// Membership changes of this group from this node, one at a time.
     changing: tokio::sync::Mutex<()>,
+    /// Whether the group is quiet on this node, and since when its log
+    /// has not changed.
+    pub(super) quiet: QuietState,
 }
 
-struct Inner {
-    cluster: Cluster,
+pub(super) struct Inner {
+    pub(super) cluster: Cluster,
     store: Store,
     dir: PathBuf,
-    options: RaftOptions,
+    pub(super) options: RaftOptions,
     config: Arc<openraft::Config>,
     groups: RwLock<HashMap<GroupId, Arc<Group>>>,
     /// Groups being started (so that two starts of one group race safely).
     starting: Mutex<BTreeSet<GroupId>>,
     stats: Arc<LogStats>,
+    /// Raft messages this node sent, by kind.
+    net: Arc<NetStats>,
+    /// Groups quiet on this node (the `warren_raft_groups_quiet` gauge).
+    pub(super) quiet_groups: Arc<AtomicU64>,
 }
 
 /// The Raft groups of one node, over its store and its cluster
 /// connections. Cheap to clone.
 #[derive(Clone)]
 pub struct RaftHost {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 fn now_ms() -> u64 {
@@ -220,6 +235,8 @@ impl RaftHost {
                 groups: RwLock::default(),
                 starting: Mutex::default(),
                 stats: Arc::default(),
+                net: Arc::default(),
+                quiet_groups: Arc::default(),
             }),
         };
         let weak = Arc::downgrade(&host.inner);
@@ -246,6 +263,9 @@ impl RaftHost {
                 })
             }),
         );
+        if host.inner.options.quiet_after.is_some() {
+            tokio::spawn(super::quiet::run(Arc::downgrade(&host.inner)));
+        }
         Ok(host)
     }
 
@@ -270,7 +290,22 @@ impl RaftHost {
         &self.inner.stats
     }
 
-    fn group(&self, group: GroupId) -> Option<Arc<Group>> {
+    /// Counters of Raft messages this node sent (appends, heartbeats, votes).
+    pub fn net_stats(&self) -> &Arc<NetStats> {
+        &self.inner.net
+    }
+
+    /// How many groups are quiet on this node (shared with `/metrics`).
+    pub fn quiet_groups(&self) -> Arc<AtomicU64> {
+        self.inner.quiet_groups.clone()
+    }
+
+    /// Whether `group` is quiet on this node.
+    pub fn is_quiet(&self, group: GroupId) -> bool {
+        self.group(group).is_some_and(|g| g.quiet.is_quiet())
+    }
+
+    pub(super) fn group(&self, group: GroupId) -> Option<Arc<Group>> {
         self.inner.groups.read().get(&group).cloned()
     }
 
@@ -279,6 +314,11 @@ impl RaftHost {
         let mut v: Vec<GroupId> = self.inner.groups.read().keys().copied().collect();
         v.sort_unstable();
         v
+    }
+
+    /// Every running group with its state (for the quiescence scan).
+    pub(super) fn all_groups(&self) -> Vec<(GroupId, Arc<Group>)> {
+        self.inner.groups.read().iter().map(|(id, g)| (*id, g.clone())).collect()
     }
 
     /// Starts `group` on this node with `machine` as its state. A group
@@ -298,7 +338,12 @@ impl RaftHost {
         let snapshots = Arc::new(Snapshots::open(self.snapshot_dir(group)).map_err(|e| failed("snapshot directory", &e))?);
         let log = LogStore::new(group, self.inner.store.clone(), self.inner.stats.clone());
         let sm = StateMachine::open(group, self.inner.store.clone(), machine, snapshots.clone()).await.map_err(|e| failed("state", &e))?;
-        let network = NetworkFactory { cluster: self.inner.cluster.clone(), group, max_append_bytes: self.inner.options.max_append_bytes };
+        let network = NetworkFactory {
+            cluster: self.inner.cluster.clone(),
+            group,
+            max_append_bytes: self.inner.options.max_append_bytes,
+            stats: self.inner.net.clone(),
+        };
         let raft = Raft::new(self.node_id(), self.inner.config.clone(), network, log, sm).await.map_err(|e| failed("raft", &e))?;
         if let Bootstrap::Members(members) = bootstrap {
             let initialized = raft.is_initialized().await.map_err(|e| failed("raft", &e))?;
@@ -312,7 +357,8 @@ impl RaftHost {
         }
         let (tx, rx) = watch::channel(LeaderInfo::default());
         let watcher = tokio::spawn(watch_leader(group, self.node_id(), raft.clone(), tx));
-        let g = Arc::new(Group { raft, snapshots, leader: rx, watcher, changing: tokio::sync::Mutex::new(()) });
+        let g =
+            Arc::new(Group { raft, snapshots, leader: rx, watcher, changing: tokio::sync::Mutex::new(()), quiet: QuietState::default() });
         self.inner.groups.write().insert(group, g);
         Ok(())
     }
@@ -325,6 +371,9 @@ impl RaftHost {
     pub async fn stop_group(&self, group: GroupId) -> Result<(), GroupError> {
         let g = self.inner.groups.write().remove(&group).ok_or(GroupError::NoGroup(group))?;
         g.watcher.abort();
+        if g.quiet.forget() {
+            self.inner.quiet_groups.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Err(e) = g.raft.shutdown().await {
             tracing::warn!(group, error = %e, "group did not stop cleanly");
         }
@@ -365,6 +414,10 @@ impl RaftHost {
     /// applying it returned. Only the leader accepts proposals.
     pub async fn propose(&self, group: GroupId, data: Vec<u8>) -> Result<(u64, LocalReply), ProposeError> {
         let g = self.group(group).ok_or(ProposeError::NoGroup(group))?;
+        // A quiet leader wakes its group, and renews its lease first if it
+        // expired (a leader whose lease expired refuses writes).
+        self.wake(group, &g, "proposal");
+        self.renew_lease_if_stale(group, &g, self.inner.options.election_max).await;
         match g.raft.client_write(Proposal { now_ms: now_ms(), data }).await {
             Ok(resp) => Ok((resp.log_id.index, resp.data.0)),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(ProposeError::ForwardToLeader { leader: f.leader_id }),
@@ -434,6 +487,8 @@ impl RaftHost {
     pub async fn add_learner(&self, group: GroupId, node: NodeId) -> Result<(), GroupError> {
         let g = self.group(group).ok_or(GroupError::NoGroup(group))?;
         let _one = g.changing.lock().await;
+        self.wake(group, &g, "membership change");
+        self.renew_lease_if_stale(group, &g, self.inner.options.election_max).await;
         g.raft.add_learner(node, (), true).await.map(|_| ()).map_err(Self::membership_error)
     }
 
@@ -458,6 +513,8 @@ impl RaftHost {
     async fn change(&self, group: GroupId, change: ChangeMembers<NodeId, ()>) -> Result<(), GroupError> {
         let g = self.group(group).ok_or(GroupError::NoGroup(group))?;
         let _one = g.changing.lock().await;
+        self.wake(group, &g, "membership change");
+        self.renew_lease_if_stale(group, &g, self.inner.options.election_max).await;
         g.raft.change_membership(change, false).await.map(|_| ()).map_err(Self::membership_error)
     }
 
@@ -466,6 +523,7 @@ impl RaftHost {
     /// watch [`Self::watch_leader`].
     pub async fn transfer_leader(&self, group: GroupId, to: NodeId) -> Result<(), GroupError> {
         let g = self.group(group).ok_or(GroupError::NoGroup(group))?;
+        self.wake(group, &g, "leadership transfer");
         g.raft.trigger().transfer_leader(to).await.map_err(|e| GroupError::Failed(e.to_string()))
     }
 
@@ -480,6 +538,7 @@ impl RaftHost {
     /// is gone need not wait for its election timeout).
     pub async fn elect(&self, group: GroupId) -> Result<(), GroupError> {
         let g = self.group(group).ok_or(GroupError::NoGroup(group))?;
+        self.wake(group, &g, "election requested");
         g.raft.trigger().elect(self.inner.options.pre_vote).await.map_err(|e| GroupError::Failed(e.to_string()))
     }
 
@@ -488,10 +547,36 @@ impl RaftHost {
         let g = self.group(group).ok_or_else(|| format!("group {group} is not running on node {}", self.node_id()))?;
         let raft = &g.raft;
         match rpc {
-            Rpc::Append(r) => raft.append_entries(r).await.map(RpcReply::Append).map_err(|e| e.to_string()),
-            Rpc::Vote(r) => raft.vote(r).await.map(RpcReply::Vote).map_err(|e| e.to_string()),
-            Rpc::PreVote(r) => raft.pre_vote(r).await.map(RpcReply::Vote).map_err(|e| e.to_string()),
-            Rpc::TransferLeader(r) => raft.handle_transfer_leader(r).await.map(RpcReply::TransferLeader).map_err(|e| e.to_string()),
+            Rpc::Append(r) => {
+                // Entries wake a quiet follower (a heartbeat alone does not:
+                // a follower goes quiet before its leader stops sending
+                // them). It wakes once the append has renewed its lease.
+                let entries = !r.entries.is_empty();
+                let reply = raft.append_entries(r).await.map(RpcReply::Append).map_err(|e| e.to_string());
+                if entries {
+                    self.wake(group, &g, "entries received");
+                }
+                reply
+            }
+            Rpc::Vote(r) => {
+                let candidate = r.vote.leader_id().node_id;
+                self.before_vote(group, &g, candidate).await;
+                raft.vote(r).await.map(RpcReply::Vote).map_err(|e| e.to_string())
+            }
+            Rpc::PreVote(r) => {
+                let candidate = r.vote.leader_id().node_id;
+                self.before_vote(group, &g, candidate).await;
+                raft.pre_vote(r).await.map(RpcReply::Vote).map_err(|e| e.to_string())
+            }
+            Rpc::TransferLeader(r) => {
+                self.wake(group, &g, "leadership transfer");
+                raft.handle_transfer_leader(r).await.map(RpcReply::TransferLeader).map_err(|e| e.to_string())
+            }
+            Rpc::Wake => {
+                self.wake(group, &g, "asked by a follower");
+                self.renew_lease_if_stale(group, &g, self.inner.options.heartbeat * 2).await;
+                Ok(RpcReply::Woken)
+            }
         }
     }
 

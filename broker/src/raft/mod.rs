@@ -16,6 +16,7 @@ pub mod keys;
 pub mod log_store;
 pub mod machine;
 pub mod network;
+mod quiet;
 pub mod snapshot;
 pub mod state_machine;
 pub mod types;

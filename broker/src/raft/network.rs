@@ -13,6 +13,8 @@
 //!   is sent and openraft hears `PartialSuccess`, then sends the rest.
 
 use std::io::Read as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,6 +47,9 @@ pub enum Rpc {
     Vote(VoteRequest<TypeConfig>),
     PreVote(VoteRequest<TypeConfig>),
     TransferLeader(TransferLeaderRequest<TypeConfig>),
+    /// Not openraft's: a quiet follower asked to vote asks its leader to
+    /// wake the group and renew its lease first (see `quiet.rs`).
+    Wake,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -52,6 +57,25 @@ pub enum RpcReply {
     Append(AppendEntriesResponse<TypeConfig>),
     Vote(VoteResponse<TypeConfig>),
     TransferLeader(TransferLeaderResponse<TypeConfig>),
+    Woken,
+}
+
+/// Raft messages a node sent, by kind (every group together).
+#[derive(Debug, Default)]
+pub struct NetStats {
+    /// Appends that carried entries.
+    pub appends: AtomicU64,
+    /// Appends without entries: heartbeats (and commit-index updates).
+    pub heartbeats: AtomicU64,
+    /// Votes and pre-votes.
+    pub votes: AtomicU64,
+}
+
+impl NetStats {
+    /// Every Raft message sent so far.
+    pub fn total(&self) -> u64 {
+        self.appends.load(Ordering::Relaxed) + self.heartbeats.load(Ordering::Relaxed) + self.votes.load(Ordering::Relaxed)
+    }
 }
 
 /// The first frame of a snapshot stream.
@@ -68,13 +92,20 @@ pub struct NetworkFactory {
     pub(super) cluster: Cluster,
     pub(super) group: GroupId,
     pub(super) max_append_bytes: usize,
+    pub(super) stats: Arc<NetStats>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = Network;
 
     async fn new_client(&mut self, target: NodeId, _node: &()) -> Network {
-        Network { cluster: self.cluster.clone(), group: self.group, target, max_append_bytes: self.max_append_bytes }
+        Network {
+            cluster: self.cluster.clone(),
+            group: self.group,
+            target,
+            max_append_bytes: self.max_append_bytes,
+            stats: self.stats.clone(),
+        }
     }
 }
 
@@ -84,6 +115,7 @@ pub struct Network {
     group: GroupId,
     target: NodeId,
     max_append_bytes: usize,
+    stats: Arc<NetStats>,
 }
 
 fn rpc_error(e: CallError) -> RPCError<TypeConfig> {
@@ -97,6 +129,13 @@ fn rpc_error(e: CallError) -> RPCError<TypeConfig> {
 
 impl Network {
     async fn send(&self, rpc: Rpc, option: &RPCOption) -> Result<RpcReply, RPCError<TypeConfig>> {
+        let counter = match &rpc {
+            Rpc::Append(r) if r.entries.is_empty() => &self.stats.heartbeats,
+            Rpc::Append(_) => &self.stats.appends,
+            Rpc::Vote(_) | Rpc::PreVote(_) => &self.stats.votes,
+            Rpc::TransferLeader(_) | Rpc::Wake => &self.stats.votes,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         let body = Bytes::from(encode(&(self.group, rpc)));
         let timeout = option.hard_ttl().max(Duration::from_millis(100));
         let reply = self.cluster.call_with_timeout(self.target, RAFT_CALL, body, timeout).await.map_err(rpc_error)?;

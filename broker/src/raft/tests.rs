@@ -609,6 +609,141 @@ async fn should_forward_calls_and_streams_between_nodes() {
     c.shutdown().await;
 }
 
+/// Groups go quiet after half a second without a new entry.
+fn quiet_options() -> RaftOptions {
+    RaftOptions { quiet_after: Some(Duration::from_millis(500)), ..fast_options() }
+}
+
+impl TestCluster {
+    /// Waits until `group` is quiet on every running member.
+    async fn wait_quiet(&self, group: GroupId, members: &[NodeId]) {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let loud: Vec<NodeId> =
+                members.iter().copied().filter(|id| self.nodes.get(id).is_some_and(|n| !n.host.is_quiet(group))).collect();
+            if loud.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "group {group} never went quiet on {loud:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Raft messages every running node sent so far.
+    fn sent(&self) -> u64 {
+        self.nodes.values().map(|n| n.host.net_stats().total()).sum()
+    }
+
+    fn term(&self, group: GroupId, id: NodeId) -> u64 {
+        self.node(id).host.status(group).map_or(0, |s| s.term)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_send_nothing_for_a_quiet_group_and_wake_it_for_a_proposal() {
+    // Without quiescence an idle group sends heartbeats (the counter counts).
+    let c = TestCluster::start(3, RaftOptions { quiet_after: None, ..fast_options() }).await;
+    c.start_group(20, &[1, 2, 3]).await;
+    c.leader(20, &[1, 2, 3]).await;
+    let before = c.sent();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let awake = c.sent() - before;
+    assert!(awake >= 4, "an idle group that never goes quiet heartbeats: {awake} messages in 1 s");
+    c.shutdown().await;
+
+    let c = TestCluster::start(3, quiet_options()).await;
+    c.start_group(21, &[1, 2, 3]).await;
+    let leader = c.leader(21, &[1, 2, 3]).await;
+    for i in 0..5 {
+        c.propose(21, put(&format!("k{i}"), "v")).await;
+    }
+    c.wait_quiet(21, &[1, 2, 3]).await;
+    for id in [1, 2, 3] {
+        assert_eq!(c.node(id).host.quiet_groups().load(std::sync::atomic::Ordering::Relaxed), 1, "node {id}'s gauge");
+    }
+    let term = c.term(21, leader);
+    let before = c.sent();
+    // Longer than an election timeout and a lease: a follower whose timer
+    // still ran would stand for election.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(c.sent() - before, 0, "a quiet group sends no Raft message (awake: {awake} per second)");
+    assert_eq!(c.leader(21, &[1, 2, 3]).await, leader, "the leader stays");
+    assert_eq!(c.term(21, leader), term, "no election while quiet");
+    for id in [1, 2, 3] {
+        assert!(c.node(id).host.is_quiet(21), "node {id} stayed quiet");
+    }
+
+    // A proposal wakes it (the leader renews its expired lease first),
+    // commits and is applied everywhere.
+    let started = Instant::now();
+    let (index, _) = c.propose(21, put("woken", "yes")).await;
+    println!("first proposal on a quiet group committed after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(2), "a quiet leader wakes at once: {:?}", started.elapsed());
+    c.applied(21, &[1, 2, 3], index).await;
+    assert_eq!(c.assert_identical(21, &[1, 2, 3]).await, 8, "6 keys and the machine's 2 records");
+    assert_eq!(c.term(21, leader), term, "waking needs no election");
+    // And it goes quiet again.
+    c.wait_quiet(21, &[1, 2, 3]).await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_elect_a_new_leader_soon_after_a_quiet_leaders_node_stops() {
+    let mut c = TestCluster::start(3, quiet_options()).await;
+    c.start_group(22, &[1, 2, 3]).await;
+    let old = c.leader(22, &[1, 2, 3]).await;
+    c.propose(22, put("before", "1")).await;
+    c.wait_quiet(22, &[1, 2, 3]).await;
+    // Quiet for longer than a lease, so that nothing is left of the
+    // leader's last heartbeats.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let stopped = Instant::now();
+    c.stop(old).await;
+    let rest: Vec<NodeId> = [1, 2, 3].into_iter().filter(|i| *i != old).collect();
+    let new = c.leader(22, &rest).await;
+    let elected = stopped.elapsed();
+    assert_ne!(new, old);
+    println!("quiet group failover: new leader {new} after {elected:?}");
+    assert!(elected < Duration::from_secs(5), "a quiet group's new leader took {elected:?}");
+    let (index, _) = c.propose(22, put("after", "2")).await;
+    c.applied(22, &rest, index).await;
+    c.assert_identical(22, &rest).await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_keep_the_leader_of_a_quiet_group_when_a_follower_restarts_and_catch_it_up() {
+    let mut c = TestCluster::start(3, quiet_options()).await;
+    c.start_group(23, &[1, 2, 3]).await;
+    let leader = c.leader(23, &[1, 2, 3]).await;
+    c.propose(23, put("a", "1")).await;
+    c.wait_quiet(23, &[1, 2, 3]).await;
+    let follower = [1, 2, 3].into_iter().find(|i| *i != leader).unwrap();
+
+    // A follower restarts while the group is quiet: it hears its leader
+    // (or finds the lease held) and does not take over.
+    c.stop(follower).await;
+    assert!(c.node(leader).cluster.liveness().wait_for(SETTLE, |v| !v[&follower].alive).await);
+    c.restart(follower).await;
+    c.start_group(23, &[follower]).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(c.leader(23, &[1, 2, 3]).await, leader, "a restarted follower does not depose a quiet group's leader");
+
+    // It goes down again and misses entries: it catches up when back.
+    c.wait_quiet(23, &[1, 2, 3]).await;
+    c.stop(follower).await;
+    let mut last = 0;
+    for i in 0..20 {
+        last = c.propose(23, put(&format!("b{i}"), "2")).await.0;
+    }
+    c.restart(follower).await;
+    c.start_group(23, &[follower]).await;
+    c.applied(23, &[1, 2, 3], last).await;
+    assert_eq!(c.assert_identical(23, &[1, 2, 3]).await, 23, "21 keys and the machine's 2 records");
+    c.wait_quiet(23, &[1, 2, 3]).await;
+    c.shutdown().await;
+}
+
 /// openraft's own storage test suite against the log store and the state
 /// machine adapter (on the in-memory engine).
 mod suite {

@@ -559,12 +559,12 @@ impl RaftHost {
                 reply
             }
             Rpc::Vote(r) => {
-                let candidate = r.vote.leader_id().node_id;
+                let candidate = r.vote.leader_id().voted_for;
                 self.before_vote(group, &g, candidate).await;
                 raft.vote(r).await.map(RpcReply::Vote).map_err(|e| e.to_string())
             }
             Rpc::PreVote(r) => {
-                let candidate = r.vote.leader_id().node_id;
+                let candidate = r.vote.leader_id().voted_for;
                 self.before_vote(group, &g, candidate).await;
                 raft.pre_vote(r).await.map(RpcReply::Vote).map_err(|e| e.to_string())
             }

@@ -1479,7 +1479,9 @@ impl Broker {
                     change.ok = true;
                     change.changed = true;
                 }
-                Err(e) => change.error = format!("removed from the queue's group, but not yet from the cluster's metadata: {e}; run shrink again"),
+                Err(e) => {
+                    change.error = format!("removed from the queue's group, but not yet from the cluster's metadata: {e}; run shrink again")
+                }
             }
             changes.push(change);
         }

@@ -74,10 +74,18 @@ pub enum MetaCmd {
     Barrier,
     /// `node` holds a replica of quorum queue `name` (id `id`) from now on:
     /// it starts one that waits to be added by the group's leader.
-    AddQueueMember { name: String, id: QueueId, node: NodeId },
+    AddQueueMember {
+        name: String,
+        id: QueueId,
+        node: NodeId,
+    },
     /// `node` no longer holds a replica of the queue: it stops its replica
     /// and deletes its data. The last replica is never removed.
-    RemoveQueueMember { name: String, id: QueueId, node: NodeId },
+    RemoveQueueMember {
+        name: String,
+        id: QueueId,
+        node: NodeId,
+    },
 }
 
 /// A quorum queue's definition.

@@ -156,7 +156,10 @@ pub enum RemoteCmd {
 pub enum ReplicaChange {
     Keep,
     /// This node now holds a replica: its events and leadership.
-    Joined { events: mpsc::UnboundedReceiver<ReplicaEvent>, leader: watch::Receiver<LeaderInfo> },
+    Joined {
+        events: mpsc::UnboundedReceiver<ReplicaEvent>,
+        leader: watch::Receiver<LeaderInfo>,
+    },
     /// This node no longer holds one.
     Left,
 }
@@ -1456,7 +1459,10 @@ pub struct GroupView {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum MembersReply {
     /// Done (`changed`: false when it was so already); the group now.
-    Done { changed: bool, view: GroupView },
+    Done {
+        changed: bool,
+        view: GroupView,
+    },
     /// This node does not lead the group; the leader it knows of.
     NotLeader(Option<NodeId>),
     Failed(String),
@@ -1517,7 +1523,8 @@ pub async fn leader_members_op(host: &RaftHost, queue: QueueId, op: MembersOp) -
             if node == me {
                 // Hand leadership to the follower furthest ahead first; the
                 // caller asks the new leader to remove this node.
-                let Some(to) = status.voters.iter().copied().filter(|v| *v != me).min_by_key(|v| status.lag.get(v).copied().unwrap_or(u64::MAX))
+                let Some(to) =
+                    status.voters.iter().copied().filter(|v| *v != me).min_by_key(|v| status.lag.get(v).copied().unwrap_or(u64::MAX))
                 else {
                     return MembersReply::Failed(format!("node {node} holds the queue's only voting replica"));
                 };

@@ -74,12 +74,12 @@ async fn drain(client: &Client, queue: &str, idle: Duration) -> Vec<String> {
 }
 
 /// The queue's voting replicas as node `via` reports them, once they are
-/// `want`.
+/// `want` (and, on a node that holds a replica, once it knows the leader).
 async fn wait_members(c: &TestCluster, via: u64, queue: &str, want: &[u64]) {
     let want: Vec<u64> = want.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
     eventually(SETTLE, &format!("{queue}'s members {want:?} seen from node {via}"), || async {
         let info = c.node(via).client().await.ok()?.queue_info(queue).await.ok()?;
-        (info.members == want && info.leader != 0).then_some(())
+        (info.members == want && (info.leader != 0 || !want.contains(&via))).then_some(())
     })
     .await
     .unwrap();

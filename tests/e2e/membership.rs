@@ -150,6 +150,11 @@ async fn should_grow_onto_a_node_and_shrink_a_dead_one_away_without_losing_a_mes
     let got: BTreeSet<String> = got.into_iter().collect();
     let missing: Vec<&String> = confirmed.difference(&got).collect();
     assert!(missing.is_empty(), "{} confirmed message(s) lost: {:?}", missing.len(), &missing[..missing.len().min(10)]);
+
+    // The node shrunk away while dead comes back: it learns it holds no
+    // replica any more (and drops its copy), and reports the new set.
+    c.restart(dead).await.unwrap();
+    wait_members(&c, dead, "orders", &three).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -227,9 +227,10 @@ pub fn bootstrap_for(node: NodeId, initial: &[NodeId], as_formed: bool) -> Boots
 }
 
 /// Starts a node's part of a quorum queue: its replica when this node is
-/// among `members`, and the task behind the returned handle. A node that
-/// is not a member but still holds state of the group (it was removed
-/// while it was down) deletes it.
+/// among `members`, and the task behind the returned handle. (A node
+/// removed while it was down starts its replica from its older metadata
+/// and deletes it when it applies the removal: never on the word of
+/// metadata that may be older than its replica's state.)
 pub async fn spawn(
     ctx: &Arc<ReplicaCtx>,
     id: QueueId,
@@ -241,12 +242,6 @@ pub async fn spawn(
     let shared = Arc::new(QueueShared::default());
     let member = members.contains(&ctx.node());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    if !member && !ctx.host.groups().contains(&id) && ctx.host.has_state(id) {
-        tracing::info!(queue = %name, "this node no longer holds a replica of the queue: deleting its copy");
-        if let Err(e) = ctx.host.delete_group(id, machine::queue_ranges(id)).await {
-            tracing::warn!(queue = %name, error = %e, "could not delete a removed replica's copy");
-        }
-    }
     if member && !ctx.host.groups().contains(&id) {
         let fresh = !ctx.host.has_state(id);
         let forms = matches!(bootstrap, Bootstrap::Members(_));

@@ -22,7 +22,8 @@ use crate::queue::task::{self, QueueEvent, TaskEnv};
 use crate::queue::{ConsumerStream, Outbox, QueueCmd, QueueRef};
 use crate::raft::NodeId;
 use crate::replica::meta::{Definitions, Meta, MetaCmd, MetaEvent, QuorumDef, is_quorum_id};
-use crate::replica::quorum::{DeadLetterFn, ReplicaCtx};
+use crate::replica::quorum::{CAUGHT_UP_ENTRIES, DeadLetterFn, MembersOp, MembersReply, ReplicaCtx, call_members_op};
+use crate::replica::rebalance::Leadership;
 use crate::routing::Dest;
 use crate::store::counters::QueueCounters;
 use crate::store::keys::{self, QueueId, meta};
@@ -125,6 +126,8 @@ struct Inner {
     totals: Totals,
     /// In a cluster: the metadata group and the quorum queues' context.
     cluster: std::sync::OnceLock<ClusterParts>,
+    /// Replica-set changes and rebalances through this node, one at a time.
+    membership: Mutex<()>,
 }
 
 /// A node's cluster parts the broker uses.
@@ -189,6 +192,7 @@ impl Broker {
                 started: Instant::now(),
                 totals: Totals::default(),
                 cluster: std::sync::OnceLock::new(),
+                membership: Mutex::new(()),
             }),
         };
         tokio::spawn(broker.clone().event_loop(queue_rx, session_rx));
@@ -677,6 +681,11 @@ impl Broker {
                     self.unbind_local(session, req).await.map(|_| Vec::new())
                 }
                 MetaCmd::Barrier => Ok(Vec::new()),
+                MetaCmd::AddQueueMember { name, .. } | MetaCmd::RemoveQueueMember { name, .. } => {
+                    let def = queue.ok_or_else(|| Error::not_found("queue", name))?;
+                    self.create_quorum_queue(def.clone()).await?;
+                    Ok(crate::raft::encode(&def.members))
+                }
             }
         }
         .await;
@@ -725,6 +734,10 @@ impl Broker {
         let mut topo = self.inner.topo.lock().await;
         if let Some(entry) = topo.queues.get(req.name.as_str()) {
             if entry.def.id == def.id {
+                // Known here: bring its replica set in line (a restart or
+                // a snapshot of the metadata may bring a changed one).
+                let bootstrap = crate::replica::quorum::bootstrap_for(c.replicas.node(), &def.initial, def.as_formed());
+                crate::replica::quorum::set_members(&c.replicas, &entry.handle, entry.def.args.clone(), &def.members, bootstrap).await?;
                 return Ok(queue_info(entry));
             }
             return Err(Error::PreconditionFailed(format!(
@@ -736,7 +749,8 @@ impl Broker {
         let args = QueueArgs::parse(&req.arguments)?;
         let name: Arc<str> = req.name.as_str().into();
         let members: BTreeSet<NodeId> = def.members.iter().copied().collect();
-        let handle = crate::replica::quorum::spawn(&c.replicas, def.id, name.clone(), args.clone(), members).await?;
+        let bootstrap = crate::replica::quorum::bootstrap_for(c.replicas.node(), &def.initial, def.as_formed());
+        let handle = crate::replica::quorum::spawn(&c.replicas, def.id, name.clone(), args.clone(), members, bootstrap).await?;
         let qdef = QueueDef {
             id: def.id,
             name: name.clone(),
@@ -1320,26 +1334,205 @@ impl Broker {
         Ok(out)
     }
 
+    /// The cluster, for a replica-set change: refused on a single node.
+    fn membership_cluster(&self, node: Option<u64>) -> Result<&ClusterParts> {
+        let Some(c) = self.cluster() else {
+            return Err(Error::PreconditionFailed(match node {
+                Some(n) => format!("node {n} is not a member: this broker runs as a single node (no --peers)"),
+                None => "this broker runs as a single node (no --peers): it has no quorum queues".into(),
+            }));
+        };
+        if let Some(n) = node
+            && !c.nodes.contains(&n)
+        {
+            return Err(Error::InvalidArgument(format!("node: {n} is not a member of the cluster (members: {:?})", c.nodes)));
+        }
+        Ok(c)
+    }
+
+    /// The quorum queues whose name matches `pattern` (empty: all), with
+    /// their id and replica set as the metadata has it, after catching up
+    /// with it.
+    async fn quorum_queues_matching(&self, c: &ClusterParts, pattern: &str) -> Result<Vec<(String, QueueId, Vec<NodeId>)>> {
+        let re = compile_queue_pattern(pattern)?;
+        c.meta.barrier().await;
+        let members = c.replicas.members.read().clone();
+        let mut out: Vec<(String, QueueId, Vec<NodeId>)> = self
+            .snapshot()
+            .queues
+            .values()
+            .filter(|e| is_quorum_id(e.def.id) && re.as_ref().is_none_or(|re| re.is_match(&e.def.name)))
+            .filter_map(|e| members.get(&e.def.id).map(|m| (e.def.name.to_string(), e.def.id, m.clone())))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Adds `req.node` as a replica of every matching quorum queue that
+    /// lacks it: recorded in the metadata first (the node starts a replica
+    /// that waits), then added to the queue's group by its leader as a
+    /// learner, made a voter once it has caught up. Running it again
+    /// finishes what an earlier run left undone.
     pub async fn grow_queues(&self, req: proto::GrowQueuesRequest) -> Result<proto::MembershipChangeResponse> {
-        if self.cluster().is_some() {
-            return Err(Error::PreconditionFailed(
-                "changing a quorum queue's replica set is not supported yet: replicas are chosen when the queue is declared".into(),
-            ));
+        let c = self.membership_cluster(Some(req.node))?;
+        if req.below as usize > c.nodes.len() {
+            return Err(Error::InvalidArgument(format!(
+                "below: {} is more than the cluster's {} nodes (0: every matching queue)",
+                req.below,
+                c.nodes.len()
+            )));
         }
-        Err(Error::PreconditionFailed(format!("node {} is not a member: this broker runs as a single node (no --peers)", req.node)))
+        let host = &c.replicas.host;
+        if req.node != host.node_id() && !host.cluster().liveness().is_alive(req.node) {
+            return Err(Error::Unavailable(format!("node {} is not up: a new replica must catch up from a live node", req.node)));
+        }
+        let _one = self.inner.membership.lock().await;
+        let mut changes = Vec::new();
+        for (name, id, members) in self.quorum_queues_matching(c, &req.queue_pattern).await? {
+            if req.below > 0 && members.len() >= req.below as usize && !members.contains(&req.node) {
+                continue;
+            }
+            let mut change = proto::MembershipChange { queue: name.clone(), ..Default::default() };
+            let mut all = members.clone();
+            if !members.contains(&req.node) {
+                match c.meta.change(MetaCmd::AddQueueMember { name: name.clone(), id, node: req.node }).await {
+                    Ok(_) => {
+                        change.changed = true;
+                        all.push(req.node);
+                    }
+                    Err(e) => {
+                        change.error = format!("recording the new replica in the cluster's metadata: {e}");
+                        change.members = members;
+                        changes.push(change);
+                        continue;
+                    }
+                }
+            }
+            let others: Vec<NodeId> = all.iter().copied().filter(|m| *m != req.node).collect();
+            match call_members_op(host, id, &others, MembersOp::Add(req.node)).await {
+                MembersReply::Done { changed, view } => {
+                    change.ok = true;
+                    change.changed |= changed;
+                    change.members = view.voters;
+                }
+                MembersReply::NotLeader(_) => {
+                    change.error = "the queue has no leader (no majority of its replicas up?); run grow again".into();
+                    change.members = all;
+                }
+                MembersReply::Failed(e) => {
+                    change.error = e;
+                    change.members = all;
+                }
+            }
+            changes.push(change);
+        }
+        Ok(proto::MembershipChangeResponse { changes })
     }
 
+    /// Removes `req.node` from every matching quorum queue's replicas: from
+    /// the queue's group first (by its leader, which hands leadership away
+    /// first if it is the one removed), then from the metadata (the node
+    /// stops its replica and deletes its copy, now or when it comes back).
+    /// Works while the node is down. Never removes a queue's last replica.
     pub async fn shrink_queues(&self, req: proto::ShrinkQueuesRequest) -> Result<proto::MembershipChangeResponse> {
-        if self.cluster().is_some() {
-            return Err(Error::PreconditionFailed(
-                "changing a quorum queue's replica set is not supported yet: replicas are chosen when the queue is declared".into(),
-            ));
+        let c = self.membership_cluster(Some(req.node))?;
+        let host = &c.replicas.host;
+        let _one = self.inner.membership.lock().await;
+        let mut changes = Vec::new();
+        for (name, id, members) in self.quorum_queues_matching(c, &req.queue_pattern).await? {
+            if !members.contains(&req.node) {
+                continue;
+            }
+            let mut change = proto::MembershipChange { queue: name.clone(), members: members.clone(), ..Default::default() };
+            if members.len() == 1 {
+                change.error = format!(
+                    "node {} holds the queue's only replica: removing it would lose the queue (grow it onto another node first, or delete the queue)",
+                    req.node
+                );
+                changes.push(change);
+                continue;
+            }
+            let others: Vec<NodeId> = members.iter().copied().filter(|m| *m != req.node).collect();
+            let mut targets = others.clone();
+            if host.node_id() != req.node && host.cluster().liveness().is_alive(req.node) {
+                // It may lead: it is asked too (and hands leadership away).
+                targets.push(req.node);
+            }
+            match call_members_op(host, id, &targets, MembersOp::Remove(req.node)).await {
+                MembersReply::Done { changed, view } => {
+                    change.changed = changed;
+                    change.members = view.voters;
+                }
+                MembersReply::NotLeader(_) => {
+                    change.error = "the queue has no leader (no majority of its replicas up?); run shrink again".into();
+                    changes.push(change);
+                    continue;
+                }
+                MembersReply::Failed(e) => {
+                    change.error = e;
+                    changes.push(change);
+                    continue;
+                }
+            }
+            match c.meta.change(MetaCmd::RemoveQueueMember { name: name.clone(), id, node: req.node }).await {
+                Ok(_) => {
+                    change.ok = true;
+                    change.changed = true;
+                }
+                Err(e) => {
+                    change.error = format!("removed from the queue's group, but not yet from the cluster's metadata: {e}; run shrink again")
+                }
+            }
+            changes.push(change);
         }
-        Err(Error::PreconditionFailed(format!("node {} is not a member: this broker runs as a single node (no --peers)", req.node)))
+        Ok(proto::MembershipChangeResponse { changes })
     }
 
-    pub async fn rebalance_queues(&self, _req: proto::RebalanceQueuesRequest) -> Result<proto::RebalanceQueuesResponse> {
-        Ok(proto::RebalanceQueuesResponse::default())
+    /// Moves quorum queue leaderships so that every live node leads about
+    /// as many (only to voters that are up and caught up).
+    pub async fn rebalance_queues(&self, req: proto::RebalanceQueuesRequest) -> Result<proto::RebalanceQueuesResponse> {
+        let c = self.membership_cluster(None)?;
+        let host = &c.replicas.host;
+        let _one = self.inner.membership.lock().await;
+        let me = host.node_id();
+        let alive = host.cluster().liveness();
+        let live: Vec<NodeId> = c.nodes.iter().copied().filter(|n| *n == me || alive.is_alive(*n)).collect();
+        let mut current = Vec::new();
+        let mut ids = BTreeMap::new();
+        for (name, id, members) in self.quorum_queues_matching(c, &req.queue_pattern).await? {
+            let MembersReply::Done { view, .. } = call_members_op(host, id, &members, MembersOp::Status).await else { continue };
+            if view.leader == 0 {
+                continue;
+            }
+            let lag: BTreeMap<NodeId, u64> = view.lag.iter().copied().collect();
+            let candidates = view
+                .voters
+                .iter()
+                .copied()
+                .filter(|v| live.contains(v) && (*v == view.leader || lag.get(v).is_some_and(|l| *l <= CAUGHT_UP_ENTRIES)))
+                .collect();
+            ids.insert(name.clone(), (id, view.voters.clone()));
+            current.push(Leadership { queue: name, leader: view.leader, candidates });
+        }
+        let moves = crate::replica::rebalance::plan(&current, &live);
+        let mut out = Vec::new();
+        for m in moves {
+            let (id, voters) = ids[&m.queue].clone();
+            let mut lm = proto::LeaderMove { queue: m.queue.clone(), from: m.from, to: m.to, ok: false, error: String::new() };
+            match call_members_op(host, id, &voters, MembersOp::Transfer(m.to)).await {
+                MembersReply::Done { .. } => {
+                    lm.ok = true;
+                    if let Some(q) = current.iter_mut().find(|q| q.queue == m.queue) {
+                        q.leader = m.to;
+                    }
+                }
+                MembersReply::NotLeader(_) => lm.error = "the queue has no leader right now".into(),
+                MembersReply::Failed(e) => lm.error = e,
+            }
+            out.push(lm);
+        }
+        let leaders = crate::replica::rebalance::leaders_per_node(&current, &live).into_iter().collect();
+        Ok(proto::RebalanceQueuesResponse { leaders, moved: out.iter().filter(|m| m.ok).count() as u32, moves: out })
     }
 
     // ----------------------------------------------------------- shutdown
@@ -1466,6 +1659,26 @@ fn check_quorum_declare(req: &proto::DeclareQueueRequest) -> Result<()> {
         return refuse("auto-delete");
     }
     Ok(())
+}
+
+/// Longest `queue_pattern` a replica-set change takes.
+const MAX_QUEUE_PATTERN: usize = 1024;
+
+/// A replica-set change's `queue_pattern` (empty: every queue), bounded in
+/// length and in the size of its compiled form.
+fn compile_queue_pattern(pattern: &str) -> Result<Option<regex::Regex>> {
+    if pattern.is_empty() {
+        return Ok(None);
+    }
+    if pattern.len() > MAX_QUEUE_PATTERN {
+        return Err(Error::InvalidArgument(format!("queue_pattern: longer than {MAX_QUEUE_PATTERN} bytes")));
+    }
+    regex::RegexBuilder::new(pattern)
+        .size_limit(1 << 20)
+        .dfa_size_limit(1 << 20)
+        .build()
+        .map(Some)
+        .map_err(|e| Error::InvalidArgument(format!("queue_pattern: not a valid regular expression: {e}")))
 }
 
 /// Replicas of a quorum queue when `x-quorum-initial-group-size` is not given

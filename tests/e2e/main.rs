@@ -12,6 +12,7 @@ mod flow;
 mod fuzz;
 mod hostile;
 mod interop;
+mod membership;
 mod operability;
 mod partition;
 mod quorum;

@@ -124,3 +124,15 @@ async fn should_send_quoted_argument_values_as_strings() {
     let out = b.warrenctl(&["publish", "--routing-key", "q", "--property", "priority=300", "x"]).unwrap();
     assert_eq!(out.code, 2, "priority is 0..=255: {out:?}");
 }
+
+/// Changing replica sets needs a cluster: a single node refuses, with the
+/// reason, and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn should_refuse_replica_changes_on_a_single_node() {
+    let b = TestBroker::start().await.unwrap();
+    for args in [&["queue", "grow", "1"][..], &["queue", "shrink", "1"], &["queue", "rebalance"]] {
+        let out = b.warrenctl(args).unwrap();
+        assert_eq!(out.code, 1, "{args:?}: {out:?}");
+        assert!(out.stderr.contains("FAILED_PRECONDITION") && out.stderr.contains("single node"), "{args:?}: {out:?}");
+    }
+}

@@ -72,15 +72,79 @@ pub enum MetaCmd {
     /// Changes nothing: a node that applied it has applied everything
     /// committed before it (a read barrier).
     Barrier,
+    /// `node` holds a replica of quorum queue `name` (id `id`) from now on:
+    /// it starts one that waits to be added by the group's leader.
+    AddQueueMember {
+        name: String,
+        id: QueueId,
+        node: NodeId,
+    },
+    /// `node` no longer holds a replica of the queue: it stops its replica
+    /// and deletes its data. The last replica is never removed.
+    RemoveQueueMember {
+        name: String,
+        id: QueueId,
+        node: NodeId,
+    },
 }
 
 /// A quorum queue's definition.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuorumDef {
     pub id: QueueId,
     /// The `DeclareQueueRequest`.
     pub request: Vec<u8>,
+    /// The replicas the queue's group was formed with (never changes).
+    pub initial: Vec<NodeId>,
+    /// The replicas now: `initial`, plus those grown, minus those shrunk.
     pub members: Vec<NodeId>,
+}
+
+/// How definitions were stored before replica sets could change: the
+/// formed set was the only one.
+#[derive(Deserialize)]
+struct QuorumDefV1 {
+    id: QueueId,
+    request: Vec<u8>,
+    members: Vec<NodeId>,
+}
+
+impl QuorumDef {
+    /// Reads a stored definition, in either format. (bincode is not
+    /// self-describing: an old definition lacks the last field and fails
+    /// to read as a new one, which is how the two are told apart.)
+    pub fn decode(bytes: &[u8]) -> std::result::Result<QuorumDef, String> {
+        crate::raft::decode::<QuorumDef>(bytes).or_else(|e| {
+            crate::raft::decode::<QuorumDefV1>(bytes)
+                .map(|v| QuorumDef { id: v.id, request: v.request, initial: v.members.clone(), members: v.members })
+                .map_err(|_| e)
+        })
+    }
+
+    /// Whether the replica set is still the one the group was formed with.
+    pub fn as_formed(&self) -> bool {
+        let a: BTreeSet<NodeId> = self.initial.iter().copied().collect();
+        let b: BTreeSet<NodeId> = self.members.iter().copied().collect();
+        a == b
+    }
+}
+
+/// A replica-set change applied to a definition: the new definition, or
+/// `None` when it changes nothing (already so, or the last replica).
+pub fn change_members(def: &QuorumDef, add: Option<NodeId>, remove: Option<NodeId>) -> Option<QuorumDef> {
+    let mut next = def.clone();
+    if let Some(n) = add
+        && !next.members.contains(&n)
+    {
+        next.members.push(n);
+    }
+    if let Some(n) = remove
+        && next.members.contains(&n)
+        && next.members.len() > 1
+    {
+        next.members.retain(|m| *m != n);
+    }
+    (next != *def).then_some(next)
 }
 
 /// What a node's broker is asked to do, in log order.
@@ -140,7 +204,7 @@ impl MetaMachine {
         }
         let (a, b) = kind_range(KIND_QUEUE);
         for (k, v) in store.scan(Cf::Replica, &a, &b, usize::MAX)? {
-            let def: QuorumDef = crate::raft::decode(&v).map_err(|e| StoreError::Corrupt { cf: "replica", detail: e })?;
+            let def = QuorumDef::decode(&v).map_err(|e| StoreError::Corrupt { cf: "replica", detail: e })?;
             defs.queues.insert(String::from_utf8_lossy(&k[a.len()..]).into_owned(), def);
         }
         let (a, b) = kind_range(KIND_BINDING);
@@ -171,12 +235,17 @@ impl MetaMachine {
                     let k = key(KIND_QUEUE, r.name.as_bytes());
                     match store.get(Cf::Replica, &k)? {
                         Some(existing) => {
-                            queue = crate::raft::decode::<QuorumDef>(&existing).ok();
+                            queue = QuorumDef::decode(&existing).ok();
                         }
                         None => {
                             let ck = key(KIND_COUNTER, b"");
                             let next = store.get(Cf::Replica, &ck)?.and_then(|v| v.try_into().ok()).map(u64::from_be_bytes).unwrap_or(1);
-                            let def = QuorumDef { id: QUORUM_ID_BIT | next, request: request.clone(), members: members.clone() };
+                            let def = QuorumDef {
+                                id: QUORUM_ID_BIT | next,
+                                request: request.clone(),
+                                initial: members.clone(),
+                                members: members.clone(),
+                            };
                             ops.push(Op::Put(Cf::Replica, ck, (next + 1).to_be_bytes().to_vec()));
                             ops.push(Op::Put(Cf::Replica, k, crate::raft::encode(&def)));
                             queue = Some(def);
@@ -186,11 +255,25 @@ impl MetaMachine {
             }
             MetaCmd::DeleteQueue { name, .. } => {
                 let k = key(KIND_QUEUE, name.as_bytes());
-                queue = store.get(Cf::Replica, &k)?.and_then(|v| crate::raft::decode::<QuorumDef>(&v).ok());
+                queue = store.get(Cf::Replica, &k)?.and_then(|v| QuorumDef::decode(&v).ok());
                 ops.push(Op::Delete(Cf::Replica, k));
                 ops.extend(self.bindings_touching(store, |b| b.destination_queue() == Some(name))?);
             }
             MetaCmd::Barrier => {}
+            MetaCmd::AddQueueMember { name, id, node } | MetaCmd::RemoveQueueMember { name, id, node } => {
+                let k = key(KIND_QUEUE, name.as_bytes());
+                if let Some(def) = store.get(Cf::Replica, &k)?.and_then(|v| QuorumDef::decode(&v).ok()).filter(|d| d.id == *id) {
+                    let (add, remove) =
+                        if matches!(cmd, MetaCmd::AddQueueMember { .. }) { (Some(*node), None) } else { (None, Some(*node)) };
+                    match change_members(&def, add, remove) {
+                        Some(next) => {
+                            ops.push(Op::Put(Cf::Replica, k, crate::raft::encode(&next)));
+                            queue = Some(next);
+                        }
+                        None => queue = Some(def),
+                    }
+                }
+            }
             MetaCmd::Bind(req) => ops.push(Op::Put(Cf::Replica, key(KIND_BINDING, req), Vec::new())),
             MetaCmd::Unbind(req) => {
                 // An unbind names the same fields as its bind.
@@ -377,5 +460,53 @@ impl Meta {
             tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt.min(10) + 1))).await;
         }
         Err(Error::Unavailable(format!("the cluster's metadata cannot take changes now (no quorum?): {last}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(members: &[NodeId]) -> QuorumDef {
+        QuorumDef { id: QUORUM_ID_BIT | 7, request: vec![1, 2, 3], initial: members.to_vec(), members: members.to_vec() }
+    }
+
+    #[test]
+    fn should_add_a_member_once() {
+        let d = def(&[1, 2, 3]);
+        let grown = change_members(&d, Some(4), None).unwrap();
+        assert_eq!(grown.members, vec![1, 2, 3, 4]);
+        assert_eq!(grown.initial, vec![1, 2, 3], "the formed set never changes");
+        assert!(!grown.as_formed());
+        assert_eq!(change_members(&grown, Some(4), None), None, "adding again changes nothing");
+    }
+
+    #[test]
+    fn should_remove_a_member_but_never_the_last() {
+        let d = def(&[1, 2]);
+        let shrunk = change_members(&d, None, Some(1)).unwrap();
+        assert_eq!(shrunk.members, vec![2]);
+        assert_eq!(change_members(&shrunk, None, Some(1)), None, "removing again changes nothing");
+        assert_eq!(change_members(&shrunk, None, Some(2)), None, "the last replica stays");
+        // Back to the formed set: as formed again.
+        let back = change_members(&change_members(&d, Some(3), None).unwrap(), None, Some(3)).unwrap();
+        assert!(back.as_formed());
+    }
+
+    #[test]
+    fn should_read_definitions_stored_before_replica_sets_could_change() {
+        #[derive(Serialize)]
+        struct Old {
+            id: QueueId,
+            request: Vec<u8>,
+            members: Vec<NodeId>,
+        }
+        let old = crate::raft::encode(&Old { id: QUORUM_ID_BIT | 9, request: vec![9; 40], members: vec![2, 3, 1] });
+        let d = QuorumDef::decode(&old).unwrap();
+        assert_eq!((d.id, d.request.len()), (QUORUM_ID_BIT | 9, 40));
+        assert_eq!((d.initial.clone(), d.members.clone()), (vec![2, 3, 1], vec![2, 3, 1]));
+        let new = def(&[1, 2, 3]);
+        let grown = change_members(&new, Some(5), None).unwrap();
+        assert_eq!(QuorumDef::decode(&crate::raft::encode(&grown)).unwrap(), grown);
     }
 }

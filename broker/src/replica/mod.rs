@@ -6,5 +6,6 @@ pub mod machine;
 pub mod meta;
 pub mod ops;
 pub mod quorum;
+pub mod rebalance;
 
 pub use machine::{QueueMachine, QueueReply, ReplicaEvent};

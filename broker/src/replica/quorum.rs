@@ -43,6 +43,9 @@ use crate::store::keys::QueueId;
 pub const QQ_OP: &str = "qq.op";
 /// The stream of a consumer attached through another node.
 pub const QQ_CONSUME: &str = "qq.consume";
+/// The call that changes a queue group's membership or leadership on its
+/// leader (or reads its state there).
+pub const QQ_MEMBERS: &str = "qq.members";
 
 /// Most commands in one entry.
 const MAX_BATCH_COMMANDS: usize = 4096;
@@ -63,6 +66,17 @@ const FORWARD_ATTEMPT: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_millis(500);
 /// How long a forwarded call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a new replica may take to catch up (from the log, or a
+/// snapshot) before it is made a voter; beyond it, it stays a learner
+/// and the change is reported as unfinished (running it again finishes it).
+pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a leadership transfer may take.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a membership call keeps looking for the leader.
+const MEMBERS_PATIENCE: Duration = Duration::from_secs(20);
+/// A follower this many entries behind the leader or fewer counts as
+/// caught up (for a leadership transfer).
+pub const CAUGHT_UP_ENTRIES: u64 = 64;
 
 /// Routes a dead-lettered message like a publish; true once every target
 /// queue has it.
@@ -89,6 +103,20 @@ impl ReplicaCtx {
             Arc::new(move |from, body| {
                 let weak = weak.clone();
                 Box::pin(async move { handle_op(weak, from, body).await })
+            }),
+        );
+        let weak = Arc::downgrade(&ctx);
+        ctx.host.cluster().register_call(
+            QQ_MEMBERS,
+            Arc::new(move |_from, body| {
+                let weak = weak.clone();
+                Box::pin(async move {
+                    let call: MembersCall = crate::raft::decode(&body)?;
+                    let ctx = weak.upgrade().ok_or("the node is stopping")?;
+                    let host = ctx.host.clone();
+                    drop(ctx);
+                    Ok(enc(&leader_members_op(&host, call.queue, call.op).await))
+                })
             }),
         );
         let weak = Arc::downgrade(&ctx);
@@ -120,6 +148,20 @@ pub enum RemoteCmd {
     DeadLettered(u64),
     /// A consumer attached through a stream from the leader.
     Consumer { consumer: ConsumerId, spec: ConsumerSpec, tx: mpsc::Sender<Bytes>, done: oneshot::Sender<()> },
+    /// The queue's replica set changed in the metadata.
+    Members { members: Vec<NodeId>, replica: ReplicaChange, done: oneshot::Sender<()> },
+}
+
+/// What a replica-set change means for this node's replica.
+pub enum ReplicaChange {
+    Keep,
+    /// This node now holds a replica: its events and leadership.
+    Joined {
+        events: mpsc::UnboundedReceiver<ReplicaEvent>,
+        leader: watch::Receiver<LeaderInfo>,
+    },
+    /// This node no longer holds one.
+    Left,
 }
 
 /// A command's reply as it crosses between nodes.
@@ -176,29 +218,42 @@ fn enc<T: Serialize>(v: &T) -> Bytes {
     Bytes::from(crate::raft::encode(v))
 }
 
+/// How a replica that has never run joins its group: a node of the set
+/// the group was formed with forms it (as every other node of that set
+/// does) while the set is unchanged; any other (added later, or its copy
+/// lost after the set changed) waits for the leader to add it.
+pub fn bootstrap_for(node: NodeId, initial: &[NodeId], as_formed: bool) -> Bootstrap {
+    if as_formed && initial.contains(&node) { Bootstrap::Members(initial.iter().copied().collect()) } else { Bootstrap::Join }
+}
+
 /// Starts a node's part of a quorum queue: its replica when this node is
-/// among `members`, and the task behind the returned handle.
+/// among `members`, and the task behind the returned handle. (A node
+/// removed while it was down starts its replica from its older metadata
+/// and deletes it when it applies the removal: never on the word of
+/// metadata that may be older than its replica's state.)
 pub async fn spawn(
     ctx: &Arc<ReplicaCtx>,
     id: QueueId,
     name: Arc<str>,
     args: QueueArgs,
     members: BTreeSet<NodeId>,
+    bootstrap: Bootstrap,
 ) -> Result<QueueRef, Error> {
     let shared = Arc::new(QueueShared::default());
     let member = members.contains(&ctx.node());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     if member && !ctx.host.groups().contains(&id) {
         let fresh = !ctx.host.has_state(id);
+        let forms = matches!(bootstrap, Bootstrap::Members(_));
         let m = machine::machine(id, name.clone(), args.clone(), ctx.limits, events_tx, shared.clone());
-        match ctx.host.start_group(id, Box::new(m), Bootstrap::Members(members.clone())).await {
+        match ctx.host.start_group(id, Box::new(m), bootstrap).await {
             Ok(()) | Err(crate::raft::GroupError::AlreadyRunning(_)) => {}
             Err(e) => return Err(Error::Unavailable(format!("cannot start the replica of queue '{name}': {e}"))),
         }
         // A new queue's first replica stands for election at once rather
         // than after an election timeout: the queue takes publishes sooner,
         // and leaders spread as the first replicas do.
-        if fresh && members.first() == Some(&ctx.node()) {
+        if fresh && forms && members.first() == Some(&ctx.node()) {
             let host = ctx.host.clone();
             tokio::spawn(async move {
                 let _ = host.elect(id).await;
@@ -549,6 +604,25 @@ impl Task {
             }
             RemoteCmd::DeadLettered(seq) => {
                 self.submit(QueueOp::DeadLettered(ops::DeadLettered { seqs: vec![seq] }), Waiter::None);
+            }
+            RemoteCmd::Members { members, replica, done } => {
+                self.members = members;
+                match replica {
+                    ReplicaChange::Keep => {}
+                    ReplicaChange::Joined { events, leader } => {
+                        self.events = Some(events);
+                        self.leader = Some(leader);
+                        self.on_leader_change();
+                    }
+                    ReplicaChange::Left => {
+                        self.events = None;
+                        self.leader = None;
+                        // No leader known here any more: consumers of this
+                        // node's leadership end, commands go to the others.
+                        self.on_leader_change();
+                    }
+                }
+                let _ = done.send(());
             }
         }
     }
@@ -1302,4 +1376,237 @@ async fn attach_remote(
         return Ok((consumer, tx));
     }
     Err(Error::Unavailable("the queue's leader could not be found".into()))
+}
+
+/// Brings this node's part of a quorum queue in line with its replica set
+/// as the metadata now has it: starts a replica here when this node was
+/// added (it waits for the leader to add it), stops and deletes the one
+/// here when this node was removed, and tells the queue's task where the
+/// replicas are.
+pub async fn set_members(
+    ctx: &Arc<ReplicaCtx>,
+    handle: &QueueRef,
+    args: QueueArgs,
+    members: &[NodeId],
+    bootstrap: Bootstrap,
+) -> Result<(), Error> {
+    let id = handle.id;
+    let me = ctx.node();
+    let member = members.contains(&me);
+    let running = ctx.host.groups().contains(&id);
+    ctx.members.write().insert(id, members.to_vec());
+    let replica = if member && !running {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let m = machine::machine(id, handle.name.clone(), args, ctx.limits, events_tx, handle.shared.clone());
+        match ctx.host.start_group(id, Box::new(m), bootstrap).await {
+            Ok(()) | Err(crate::raft::GroupError::AlreadyRunning(_)) => {}
+            Err(e) => return Err(Error::Unavailable(format!("cannot start the replica of queue '{}': {e}", handle.name))),
+        }
+        tracing::info!(queue = %handle.name, "this node now holds a replica of the queue");
+        match ctx.host.watch_leader(id) {
+            Some(leader) => ReplicaChange::Joined { events: events_rx, leader },
+            None => ReplicaChange::Keep,
+        }
+    } else if !member && running {
+        ReplicaChange::Left
+    } else {
+        ReplicaChange::Keep
+    };
+    let left = matches!(replica, ReplicaChange::Left);
+    let (done, rx) = oneshot::channel();
+    let cmd = QueueCmd::Remote(Box::new(RemoteCmd::Members { members: members.to_vec(), replica, done }));
+    if handle.tx.send(cmd).await.is_ok() {
+        let _ = rx.await;
+    }
+    if left {
+        tracing::info!(queue = %handle.name, "this node no longer holds a replica of the queue: deleting its copy");
+        ctx.host.delete_group(id, machine::queue_ranges(id)).await.map_err(|e| Error::Unavailable(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// A change of a queue group's membership or leadership, made on its
+/// leader.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub enum MembersOp {
+    /// Add the node as a learner, wait (bounded) until it has caught up,
+    /// make it a voter.
+    Add(NodeId),
+    /// Remove the node (handing leadership away first if it leads).
+    Remove(NodeId),
+    /// Hand leadership to this voter.
+    Transfer(NodeId),
+    /// Only report the group's state.
+    Status,
+}
+
+#[derive(Serialize, Deserialize)]
+struct MembersCall {
+    queue: QueueId,
+    op: MembersOp,
+}
+
+/// The group's state on its leader.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupView {
+    pub leader: NodeId,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// Entries each follower is behind the leader.
+    pub lag: Vec<(NodeId, u64)>,
+}
+
+/// What the leader answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum MembersReply {
+    /// Done (`changed`: false when it was so already); the group now.
+    Done {
+        changed: bool,
+        view: GroupView,
+    },
+    /// This node does not lead the group; the leader it knows of.
+    NotLeader(Option<NodeId>),
+    Failed(String),
+}
+
+fn view_of(host: &RaftHost, queue: QueueId) -> Option<GroupView> {
+    let s = host.status(queue)?;
+    Some(GroupView {
+        leader: s.leader.unwrap_or(0),
+        voters: s.voters.iter().copied().collect(),
+        learners: s.learners.iter().copied().collect(),
+        lag: s.lag.iter().map(|(n, l)| (*n, *l)).collect(),
+    })
+}
+
+/// Runs `op` on this node if it leads `queue`'s group.
+pub async fn leader_members_op(host: &RaftHost, queue: QueueId, op: MembersOp) -> MembersReply {
+    let me = host.node_id();
+    let Some(status) = host.status(queue) else { return MembersReply::NotLeader(None) };
+    if status.leader != Some(me) || status.role != crate::raft::Role::Leader {
+        return MembersReply::NotLeader(status.leader.filter(|l| *l != me));
+    }
+    let not_leader = |e: crate::raft::GroupError| match e {
+        crate::raft::GroupError::ForwardToLeader { leader } => MembersReply::NotLeader(leader),
+        e => MembersReply::Failed(e.to_string()),
+    };
+    let done = |changed: bool| MembersReply::Done { changed, view: view_of(host, queue).unwrap_or_default() };
+    match op {
+        MembersOp::Status => done(false),
+        MembersOp::Add(node) => {
+            if status.voters.contains(&node) {
+                return done(false);
+            }
+            // Blocking: returns once the learner has the log up to its own
+            // addition (a big backlog may come as a snapshot).
+            match tokio::time::timeout(CATCH_UP_TIMEOUT, host.add_learner(queue, node)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return not_leader(e),
+                Err(_) => {
+                    let lag = host.status(queue).and_then(|s| s.lag.get(&node).copied());
+                    return MembersReply::Failed(format!(
+                        "node {node} was added as a learner and had not caught up after {} s ({} entries behind); \
+                         it goes on catching up: run grow again to make it a voter",
+                        CATCH_UP_TIMEOUT.as_secs(),
+                        lag.map_or("an unknown number of".to_string(), |l| l.to_string())
+                    ));
+                }
+            }
+            match host.promote(queue, node).await {
+                Ok(()) => done(true),
+                Err(e) => not_leader(e),
+            }
+        }
+        MembersOp::Remove(node) => {
+            if !status.voters.contains(&node) && !status.learners.contains(&node) {
+                return done(false);
+            }
+            if node == me {
+                // Hand leadership to the follower furthest ahead first; the
+                // caller asks the new leader to remove this node.
+                let Some(to) =
+                    status.voters.iter().copied().filter(|v| *v != me).min_by_key(|v| status.lag.get(v).copied().unwrap_or(u64::MAX))
+                else {
+                    return MembersReply::Failed(format!("node {node} holds the queue's only voting replica"));
+                };
+                return match transfer(host, queue, to).await {
+                    Ok(()) => MembersReply::NotLeader(Some(to)),
+                    Err(e) => MembersReply::Failed(e),
+                };
+            }
+            match host.remove_member(queue, node).await {
+                Ok(()) => done(true),
+                Err(e) => not_leader(e),
+            }
+        }
+        MembersOp::Transfer(to) => {
+            if to == me {
+                return done(false);
+            }
+            if !status.voters.contains(&to) {
+                return MembersReply::Failed(format!("node {to} is not a voting replica of the queue"));
+            }
+            match transfer(host, queue, to).await {
+                Ok(()) => done(true),
+                Err(e) => MembersReply::Failed(e),
+            }
+        }
+    }
+}
+
+/// Hands leadership of `queue` to `to` and waits (bounded) until this node
+/// no longer leads.
+async fn transfer(host: &RaftHost, queue: QueueId, to: NodeId) -> Result<(), String> {
+    let me = host.node_id();
+    let mut watch = host.watch_leader(queue).ok_or("the queue's group stopped here")?;
+    host.transfer_leader(queue, to).await.map_err(|e| e.to_string())?;
+    let moved = tokio::time::timeout(TRANSFER_TIMEOUT, watch.wait_for(|l| l.leader.is_some_and(|l| l != me))).await;
+    match moved {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(format!("leadership did not move to node {to} within {} s", TRANSFER_TIMEOUT.as_secs())),
+    }
+}
+
+/// Runs `op` on `queue`'s leader, wherever it is: this node, the leader it
+/// knows of, or the live `members` in turn while the answers name none
+/// (an election), for a bounded time.
+pub async fn call_members_op(host: &RaftHost, queue: QueueId, members: &[NodeId], op: MembersOp) -> MembersReply {
+    let me = host.node_id();
+    let alive = host.cluster().liveness();
+    let candidates: Vec<NodeId> = members.iter().copied().filter(|m| *m == me || alive.is_alive(*m)).collect();
+    if candidates.is_empty() {
+        return MembersReply::Failed("none of the queue's replicas is up".into());
+    }
+    let deadline = tokio::time::Instant::now() + MEMBERS_PATIENCE;
+    let mut target = host.leader(queue).and_then(|l| l.leader).unwrap_or(candidates[0]);
+    let mut next = 0usize;
+    let mut last = String::from("the queue has no leader (an election is under way, or no majority of its replicas is up)");
+    let call_timeout = CATCH_UP_TIMEOUT + TRANSFER_TIMEOUT + Duration::from_secs(10);
+    for attempt in 0..100u32 {
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        let reply = if target == me {
+            leader_members_op(host, queue, op).await
+        } else {
+            let body = enc(&MembersCall { queue, op });
+            match host.cluster().call_with_timeout(target, QQ_MEMBERS, body, call_timeout).await {
+                Ok(r) => crate::raft::decode::<MembersReply>(&r).unwrap_or_else(MembersReply::Failed),
+                Err(e) => {
+                    last = format!("node {target} could not be reached: {e}");
+                    MembersReply::NotLeader(None)
+                }
+            }
+        };
+        match reply {
+            MembersReply::NotLeader(Some(l)) if l != target => target = l,
+            MembersReply::NotLeader(_) => {
+                target = candidates[next % candidates.len()];
+                next += 1;
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt.min(10) + 1))).await;
+            }
+            other => return other,
+        }
+    }
+    MembersReply::Failed(last)
 }

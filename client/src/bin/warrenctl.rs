@@ -265,6 +265,34 @@ enum QueueCmd {
     List,
     /// Show one queue's properties and counts.
     Info { name: String },
+    /// Add NODE as a replica of quorum queues that lack it (it catches up,
+    /// then votes). Run it again to finish what a failure left undone.
+    Grow {
+        /// The node id.
+        node: u64,
+        /// Only queues whose name matches this regular expression.
+        #[arg(long, default_value = "")]
+        pattern: String,
+        /// Only queues with fewer replicas than this (0: all).
+        #[arg(long, default_value_t = 0)]
+        below: u32,
+    },
+    /// Remove NODE's replica from every quorum queue that has one (works
+    /// while NODE is down; never removes a queue's last replica).
+    Shrink {
+        /// The node id.
+        node: u64,
+        /// Only queues whose name matches this regular expression.
+        #[arg(long, default_value = "")]
+        pattern: String,
+    },
+    /// Move quorum queue leaders so that every live node leads about as
+    /// many.
+    Rebalance {
+        /// Only queues whose name matches this regular expression.
+        #[arg(long, default_value = "")]
+        pattern: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -682,6 +710,79 @@ async fn queue(client: &Client, cmd: QueueCmd, out: &Printer) -> Result<(), Fail
                 &[queue_json(&info)],
             );
         }
+        QueueCmd::Grow { node, pattern, below } => {
+            let r = client
+                .raw()
+                .grow_queues(proto::GrowQueuesRequest { node, queue_pattern: pattern, below })
+                .await
+                .map_err(Error::from)?
+                .into_inner();
+            return membership_result(out, &format!("grow onto node {node}"), &r);
+        }
+        QueueCmd::Shrink { node, pattern } => {
+            let r = client
+                .raw()
+                .shrink_queues(proto::ShrinkQueuesRequest { node, queue_pattern: pattern })
+                .await
+                .map_err(Error::from)?
+                .into_inner();
+            return membership_result(out, &format!("shrink off node {node}"), &r);
+        }
+        QueueCmd::Rebalance { pattern } => {
+            let r = client
+                .raw()
+                .rebalance_queues(proto::RebalanceQueuesRequest { queue_pattern: pattern })
+                .await
+                .map_err(Error::from)?
+                .into_inner();
+            let moves: Vec<Json> = r
+                .moves
+                .iter()
+                .map(|m| json!({ "queue": m.queue, "from": m.from, "to": m.to, "result": if m.ok { "moved" } else { "failed" }, "error": m.error }))
+                .collect();
+            let leaders: Vec<Json> = r.leaders.iter().map(|(node, n)| json!({ "node": node, "leaders": n })).collect();
+            let failed = r.moves.iter().filter(|m| !m.ok).count();
+            if out.mode == Output::Json {
+                out.emit(&json!({ "moved": r.moved, "failed": failed, "moves": moves, "leaders": leaders }).to_string());
+            } else {
+                out.table(&["queue", "from", "to", "result", "error"], &moves);
+                println!();
+                out.table(&["node", "leaders"], &leaders);
+                println!("{} leadership(s) moved, {failed} failed", r.moved);
+            }
+            if failed > 0 {
+                return Err(Failure { code: 1, message: format!("{failed} leadership move(s) failed") });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints one line per queue of a grow or shrink and a summary; fails
+/// (exit 1) when any queue's change failed.
+fn membership_result(out: &Printer, what: &str, r: &proto::MembershipChangeResponse) -> Result<(), Failure> {
+    let rows: Vec<Json> = r
+        .changes
+        .iter()
+        .map(|c| {
+            json!({
+                "queue": c.queue,
+                "result": match (c.ok, c.changed) { (true, true) => "changed", (true, false) => "unchanged", (false, _) => "failed" },
+                "members": c.members.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
+                "error": c.error,
+            })
+        })
+        .collect();
+    let failed = r.changes.iter().filter(|c| !c.ok).count();
+    let changed = r.changes.iter().filter(|c| c.ok && c.changed).count();
+    if out.mode == Output::Json {
+        out.emit(&json!({ "changed": changed, "failed": failed, "queues": rows }).to_string());
+    } else {
+        out.table(&["queue", "result", "members", "error"], &rows);
+        println!("{what}: {} queue(s), {changed} changed, {failed} failed", r.changes.len());
+    }
+    if failed > 0 {
+        return Err(Failure { code: 1, message: format!("{what}: {failed} queue(s) failed (run it again to finish)") });
     }
     Ok(())
 }

@@ -1,0 +1,219 @@
+//! Changing quorum queues' replica sets in a running cluster of real
+//! broker processes: grow onto a node, shrink a dead node away, rebalance
+//! leaders, through `warrenctl` and the API; no confirmed message lost.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use warren_client::proto;
+use warren_client::{Client, ConfirmStatus, Message, QueueOptions, Subscription};
+use warren_tests::{CtlOutput, TestCluster, eventually, run_warrenctl};
+
+/// Elections take 1-2 s, catching up more; allow for slow, shared machines.
+const SETTLE: Duration = Duration::from_secs(60);
+
+fn quorum(size: i64) -> QueueOptions {
+    QueueOptions::durable().arg("x-queue-type", "quorum").arg("x-quorum-initial-group-size", size)
+}
+
+async fn client(c: &TestCluster, id: u64) -> Client {
+    c.node(id).client().await.unwrap_or_else(|e| panic!("client of node {id}: {e}"))
+}
+
+/// `warrenctl` against node `via`, off the test's runtime threads.
+async fn ctl(c: &TestCluster, via: u64, args: &[&str]) -> CtlOutput {
+    let url = c.node(via).url();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_warrenctl(&url, &refs, None)
+    })
+    .await
+    .unwrap()
+    .unwrap()
+}
+
+async fn publish_confirmed(client: &Client, queue: &str, body: String) -> bool {
+    for _ in 0..100 {
+        match client.publish(Message::new("", queue, body.clone()).persistent()).await {
+            Ok(c) if c.status == ConfirmStatus::Routed as i32 => return true,
+            Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    false
+}
+
+/// Reads everything in `queue`, acknowledging, until `idle` passes without
+/// a delivery; subscribes again when the subscription ends.
+async fn drain(client: &Client, queue: &str, idle: Duration) -> Vec<String> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    'subscribe: while Instant::now() < deadline {
+        let Ok(mut consumer) = client.consume(Subscription::new(queue).prefetch(500)).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        loop {
+            match tokio::time::timeout(idle, consumer.next()).await {
+                Ok(Ok(Some(d))) => {
+                    let body = String::from_utf8_lossy(&d.body).into_owned();
+                    if consumer.ack(d.delivery_tag).await.is_err() {
+                        continue 'subscribe;
+                    }
+                    out.push(body);
+                }
+                Ok(Ok(None)) | Ok(Err(_)) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'subscribe;
+                }
+                Err(_) => break 'subscribe,
+            }
+        }
+    }
+    out
+}
+
+/// The queue's voting replicas as node `via` reports them, once they are
+/// `want` (and, on a node that holds a replica, once it knows the leader).
+async fn wait_members(c: &TestCluster, via: u64, queue: &str, want: &[u64]) {
+    let want: Vec<u64> = want.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
+    eventually(SETTLE, &format!("{queue}'s members {want:?} seen from node {via}"), || async {
+        let info = c.node(via).client().await.ok()?.queue_info(queue).await.ok()?;
+        (info.members == want && (info.leader != 0 || !want.contains(&via))).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_grow_onto_a_node_and_shrink_a_dead_one_away_without_losing_a_message() {
+    let mut c = TestCluster::start(5).await.unwrap();
+    let c1 = client(&c, 1).await;
+    c1.declare_queue("orders", quorum(3)).await.unwrap();
+    let original = c1.queue_info("orders").await.unwrap().members;
+    assert_eq!(original.len(), 3, "{original:?}");
+    let outside: Vec<u64> = c.ids().filter(|n| !original.contains(n)).collect();
+    let (grown, via) = (outside[0], outside[1]);
+
+    let cv = client(&c, via).await;
+    let mut confirmed = BTreeSet::new();
+    for i in 0..300 {
+        let body = format!("m{i}");
+        assert!(publish_confirmed(&cv, "orders", body.clone()).await, "{body} never confirmed");
+        confirmed.insert(body);
+    }
+
+    // Refused before anything changes: a node outside the cluster, a bad
+    // pattern, an impossible `below`.
+    for (args, want) in [
+        (vec!["queue", "grow", "9"], "node: 9"),
+        (vec!["queue", "grow", "1", "--pattern", "("], "queue_pattern"),
+        (vec!["queue", "grow", "1", "--below", "6"], "below"),
+    ] {
+        let out = ctl(&c, via, &args).await;
+        assert!(!out.ok() && out.stderr.contains(want), "{args:?}: {out:?}");
+    }
+
+    // Grow through a node that holds no replica (the change is forwarded
+    // to the queue's leader): the new replica catches up and votes.
+    let out = ctl(&c, via, &["queue", "grow", &grown.to_string(), "--pattern", "^orders$"]).await;
+    assert!(out.ok(), "{out:?}");
+    assert!(out.stdout.contains("orders") && out.stdout.contains("changed"), "{out:?}");
+    let mut four = original.clone();
+    four.push(grown);
+    for n in [via, grown, original[0]] {
+        wait_members(&c, n, "orders", &four).await;
+    }
+    // Again: nothing to do, and it says so.
+    let out = ctl(&c, via, &["queue", "grow", &grown.to_string()]).await;
+    assert!(out.ok() && out.stdout.contains("unchanged"), "{out:?}");
+    let status = cv.raw().cluster_status(proto::ClusterStatusRequest {}).await.unwrap().into_inner();
+    let q = status.queues.iter().find(|q| q.name == "orders").unwrap();
+    assert_eq!(q.members.len(), 4, "{q:?}");
+
+    // Lose an original replica for good (kill -9), shrink it away.
+    let dead = original[0];
+    c.kill(dead).unwrap();
+    let out = ctl(&c, via, &["queue", "shrink", &dead.to_string()]).await;
+    assert!(out.ok(), "{out:?}");
+    let three: Vec<u64> = four.iter().copied().filter(|n| *n != dead).collect();
+    for n in [via, grown] {
+        wait_members(&c, n, "orders", &three).await;
+    }
+    let critical = cv.raw().quorum_critical(proto::QuorumCriticalRequest { node: grown }).await.unwrap().into_inner();
+    assert!(critical.queues.is_empty(), "with 3 of 3 replicas up none is critical: {critical:?}");
+
+    // Lose a second original replica: the grown one keeps the majority.
+    let second = original[1];
+    c.kill(second).unwrap();
+    let got = drain(&cv, "orders", Duration::from_secs(3)).await;
+    let got: BTreeSet<String> = got.into_iter().collect();
+    let missing: Vec<&String> = confirmed.difference(&got).collect();
+    assert!(missing.is_empty(), "{} confirmed message(s) lost: {:?}", missing.len(), &missing[..missing.len().min(10)]);
+
+    // The node shrunk away while dead comes back: it learns it holds no
+    // replica any more (and drops its copy), and reports the new set.
+    c.restart(dead).await.unwrap();
+    wait_members(&c, dead, "orders", &three).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_rebalance_leaders_and_refuse_to_shrink_a_last_replica() {
+    let mut c = TestCluster::start(3).await.unwrap();
+    let c1 = client(&c, 1).await;
+    let names: Vec<String> = (0..6).map(|i| format!("q{i}")).collect();
+    for n in &names {
+        c1.declare_queue(n, quorum(3)).await.unwrap();
+    }
+    c1.declare_queue("single", quorum(1)).await.unwrap();
+    let single_on = c1.queue_info("single").await.unwrap().members;
+    assert_eq!(single_on.len(), 1);
+
+    // Uneven: node 1 loses every leadership while it is down, and comes
+    // back a follower of all.
+    c.kill(1).unwrap();
+    let c2 = client(&c, 2).await;
+    for n in &names {
+        eventually(SETTLE, &format!("{n} led by 2 or 3"), || async {
+            let l = c2.queue_info(n).await.ok()?.leader;
+            (l == 2 || l == 3).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+    c.restart(1).await.unwrap();
+    c.wait_for_peers(2, &[1, 2, 3], SETTLE).await.unwrap();
+
+    let leaders = |c2: Client, names: Vec<String>| async move {
+        let mut per: BTreeMap<u64, u32> = BTreeMap::from([(1, 0), (2, 0), (3, 0)]);
+        for n in &names {
+            let l = c2.queue_info(n).await.ok()?.leader;
+            *per.get_mut(&l)? += 1;
+        }
+        Some(per)
+    };
+    // Rebalance (again while node 1 is still catching up, bounded) until
+    // every node leads two.
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let out = ctl(&c, 2, &["queue", "rebalance", "--pattern", "^q"]).await;
+        let per = leaders(c2.clone(), names.clone()).await;
+        if per.as_ref().is_some_and(|p| p.values().all(|n| *n == 2)) {
+            assert!(out.ok(), "{out:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "leaders still uneven: {per:?}; last rebalance: {out:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Even already: nothing moves.
+    let r = c2.raw().rebalance_queues(proto::RebalanceQueuesRequest { queue_pattern: "^q".into() }).await.unwrap().into_inner();
+    assert_eq!(r.moved, 0, "{r:?}");
+    assert!(r.leaders.values().all(|n| *n == 2), "{r:?}");
+
+    // The last replica of a queue is never removed.
+    let out = ctl(&c, 2, &["queue", "shrink", &single_on[0].to_string(), "--pattern", "^single$"]).await;
+    assert!(!out.ok() && out.stdout.contains("only replica"), "{out:?}");
+    assert_eq!(c2.queue_info("single").await.unwrap().members, single_on);
+    let err = c2.raw().shrink_queues(proto::ShrinkQueuesRequest { node: 0, queue_pattern: String::new() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+}

@@ -220,7 +220,8 @@ async fn plan_cluster(ctx: &Context, namespace: &str, v: &build::ValidatedBroker
                     SCALE_DOWN_RECHECK.as_secs()
                 )));
             }
-            let queues: Vec<String> = moves.iter().map(|m| m.queue.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+            let queues: Vec<String> =
+                moves.iter().map(|m| m.queue.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
             let note = format!(
                 "{what}: moved {} replica(s) of {} quorum queue(s) to the nodes that stay: {}",
                 moves.len(),
@@ -310,7 +311,13 @@ async fn move_replicas(ctx: &Context, v: &build::ValidatedBroker, broker: &Broke
             let request = GrowQueuesRequest { node, queue_pattern: pattern.clone(), ..GrowQueuesRequest::default() };
             let changes = match client.grow_queues(request).await {
                 Ok(r) => r.into_inner().changes,
-                Err(e) => return Ok(Err(format!("adding a replica of queue {} on node {node} failed: {}", m.queue, Error::broker("GrowQueues", e)))),
+                Err(e) => {
+                    return Ok(Err(format!(
+                        "adding a replica of queue {} on node {node} failed: {}",
+                        m.queue,
+                        Error::broker("GrowQueues", e)
+                    )));
+                }
             };
             if let Some(c) = changes.iter().find(|c| c.queue == m.queue && !c.ok) {
                 return Ok(Err(format!("the broker did not add a replica of queue {} on node {node}: {}", m.queue, c.error)));
@@ -320,7 +327,12 @@ async fn move_replicas(ctx: &Context, v: &build::ValidatedBroker, broker: &Broke
         let changes = match client.shrink_queues(request).await {
             Ok(r) => r.into_inner().changes,
             Err(e) => {
-                return Ok(Err(format!("removing the replica of queue {} on node {} failed: {}", m.queue, m.remove, Error::broker("ShrinkQueues", e))));
+                return Ok(Err(format!(
+                    "removing the replica of queue {} on node {} failed: {}",
+                    m.queue,
+                    m.remove,
+                    Error::broker("ShrinkQueues", e)
+                )));
             }
         };
         if let Some(c) = changes.iter().find(|c| c.queue == m.queue && !c.ok) {

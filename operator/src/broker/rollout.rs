@@ -229,10 +229,7 @@ mod tests {
     fn should_move_replicas_off_the_nodes_that_go_to_the_least_loaded_that_stay() {
         let queues = [quorum("b", &[3, 4, 5]), quorum("a", &[1, 2, 3]), quorum("c", &[4, 5, 1]), quorum("classic", &[])];
         // Nodes 1..=3 stay; a holds 1, 2, 3 already; loads before: 1:2, 2:1, 3:2.
-        assert_eq!(
-            replica_moves(&queues, 3),
-            vec![mv("b", Some(2), 4), mv("b", Some(1), 5), mv("c", Some(2), 4), mv("c", Some(3), 5)]
-        );
+        assert_eq!(replica_moves(&queues, 3), vec![mv("b", Some(2), 4), mv("b", Some(1), 5), mv("c", Some(2), 4), mv("c", Some(3), 5)]);
         // Nothing goes: nothing moves.
         assert_eq!(replica_moves(&queues, 5), vec![]);
         // Fewer nodes stay than a queue has replicas: the extra ones go

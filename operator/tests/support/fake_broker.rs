@@ -93,8 +93,10 @@ impl FakeBroker {
         let mut s = self.state.lock().unwrap();
         let mut changes = Vec::new();
         for q in s.queues.values_mut().filter(|q| q.queue_type == "quorum" && exact.as_ref().is_none_or(|n| *n == q.name)) {
+            let before = q.members.clone();
             let result = change(&mut q.members);
             changes.push(MembershipChange {
+                changed: q.members != before,
                 queue: q.name.clone(),
                 ok: result.is_ok(),
                 error: result.err().unwrap_or_default(),

@@ -822,7 +822,7 @@ async fn should_hold_a_cluster_rollout_while_the_broker_cannot_be_asked() {
 /// Removing pods that hold a majority of a queue's replicas is refused
 /// before anything is applied; once the queue moved, the scale-down goes.
 #[tokio::test]
-async fn should_refuse_a_scale_down_that_would_leave_a_queue_without_a_majority() {
+async fn should_move_quorum_replicas_off_the_pods_a_scale_down_removes_and_refuse_for_a_classic_queue() {
     let e = cluster_env(3).await;
     e.store_sts(5, "old", 0, 5);
     let quorum = |members: &[u64]| QueueInfo {
@@ -833,6 +833,15 @@ async fn should_refuse_a_scale_down_that_would_leave_a_queue_without_a_majority(
         ..QueueInfo::default()
     };
     e.broker.add_queue(quorum(&[3, 4, 5]));
+    // A durable classic queue on node 4 has its only copy there: refused
+    // before anything moves.
+    e.broker.add_queue(QueueInfo {
+        name: "sessions".into(),
+        durable: true,
+        queue_type: "classic".into(),
+        leader: 4,
+        ..QueueInfo::default()
+    });
     let action = e.reconcile().await;
     assert!(e.api.lines().iter().all(|l| !l.starts_with("PATCH") || l.ends_with("/status")), "nothing applied: {:?}", e.api.lines());
     let status = e.api.last_status("warren");
@@ -840,17 +849,26 @@ async fn should_refuse_a_scale_down_that_would_leave_a_queue_without_a_majority(
     assert_eq!(degraded["reason"], "ScaleDownRefused");
     let message = degraded["message"].as_str().unwrap();
     assert!(message.contains("scaling down from 5 to 3 pods removes nodes 4, 5"), "{message}");
-    assert!(message.contains("orders (replicas on nodes 3, 4, 5; 1 would remain)"), "{message}");
-    assert!(message.contains("ShrinkQueues"), "{message}");
+    assert!(message.contains("sessions (classic, on node 4)"), "{message}");
+    assert_eq!(e.broker.membership_calls(), Vec::<String>::new(), "no replica moved");
     assert_eq!(e.api.events()[0].0, "Warning");
     assert_eq!(e.api.events()[0].1, "ScaleDownRefused");
     assert_eq!(action, kube::runtime::controller::Action::requeue(warren_operator::broker::SCALE_DOWN_RECHECK));
 
-    // Shrunk off nodes 4 and 5: the StatefulSet is applied with 3 pods, and
-    // the pods that stay restart one by one (new member list).
-    e.broker.add_queue(quorum(&[1, 2, 3]));
+    // The classic queue gone: the quorum queue's replicas move to nodes that
+    // stay (an add, then a remove, per replica), then the StatefulSet is
+    // applied with 3 pods, and the pods that stay restart one by one.
+    e.broker.remove_queue("sessions");
     e.api.clear();
     e.reconcile().await;
+    let mut members = e.broker.queue("orders").unwrap().members;
+    members.sort();
+    assert_eq!(members, [1, 2, 3]);
+    let calls = e.broker.membership_calls();
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    assert!(calls[0].starts_with("grow ") && calls[1] == "shrink 4 ^orders$", "{calls:?}");
+    assert!(calls[2].starts_with("grow ") && calls[3] == "shrink 5 ^orders$", "{calls:?}");
+    assert!(e.api.events().iter().any(|ev| ev.1 == "ReplicasMoved"), "{:?}", e.api.events());
     let sts = e.applied_sts().unwrap();
     assert_eq!(sts["spec"]["replicas"], 3);
     assert_eq!(sts["spec"]["updateStrategy"]["rollingUpdate"]["partition"], 3);

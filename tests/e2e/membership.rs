@@ -6,8 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use warren_client::proto;
-use warren_client::{Client, ConfirmStatus, Message, QueueOptions, Subscription};
+use warren_client::{Client, QueueOptions};
 use warren_tests::{CtlOutput, TestCluster, eventually, run_warrenctl};
+
+use crate::quorum::{drain, publish_confirmed};
 
 /// Elections take 1-2 s, catching up more; allow for slow, shared machines.
 const SETTLE: Duration = Duration::from_secs(60);
@@ -31,46 +33,6 @@ async fn ctl(c: &TestCluster, via: u64, args: &[&str]) -> CtlOutput {
     .await
     .unwrap()
     .unwrap()
-}
-
-async fn publish_confirmed(client: &Client, queue: &str, body: String) -> bool {
-    for _ in 0..100 {
-        match client.publish(Message::new("", queue, body.clone()).persistent()).await {
-            Ok(c) if c.status == ConfirmStatus::Routed as i32 => return true,
-            Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
-    }
-    false
-}
-
-/// Reads everything in `queue`, acknowledging, until `idle` passes without
-/// a delivery; subscribes again when the subscription ends.
-async fn drain(client: &Client, queue: &str, idle: Duration) -> Vec<String> {
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    'subscribe: while Instant::now() < deadline {
-        let Ok(mut consumer) = client.consume(Subscription::new(queue).prefetch(500)).await else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        loop {
-            match tokio::time::timeout(idle, consumer.next()).await {
-                Ok(Ok(Some(d))) => {
-                    let body = String::from_utf8_lossy(&d.body).into_owned();
-                    if consumer.ack(d.delivery_tag).await.is_err() {
-                        continue 'subscribe;
-                    }
-                    out.push(body);
-                }
-                Ok(Ok(None)) | Ok(Err(_)) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue 'subscribe;
-                }
-                Err(_) => break 'subscribe,
-            }
-        }
-    }
-    out
 }
 
 /// The queue's voting replicas as node `via` reports them, once they are
@@ -99,7 +61,7 @@ async fn should_grow_onto_a_node_and_shrink_a_dead_one_away_without_losing_a_mes
     let mut confirmed = BTreeSet::new();
     for i in 0..300 {
         let body = format!("m{i}");
-        assert!(publish_confirmed(&cv, "orders", body.clone()).await, "{body} never confirmed");
+        assert!(publish_confirmed(&cv, "", "orders", body.clone()).await, "{body} never confirmed");
         confirmed.insert(body);
     }
 

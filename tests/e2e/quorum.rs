@@ -34,7 +34,7 @@ async fn leader_of(c: &TestCluster, via: u64, queue: &str) -> u64 {
 
 /// Publishes `body` until a confirm says the queue has it (a publish that
 /// fails while leadership moves is retried: at least once).
-async fn publish_confirmed(client: &Client, exchange: &str, key: &str, body: String) -> bool {
+pub(crate) async fn publish_confirmed(client: &Client, exchange: &str, key: &str, body: String) -> bool {
     for _ in 0..100 {
         match client.publish(Message::new(exchange, key, body.clone()).persistent()).await {
             Ok(c) if c.status == ConfirmStatus::Routed as i32 => return true,
@@ -47,7 +47,7 @@ async fn publish_confirmed(client: &Client, exchange: &str, key: &str, body: Str
 /// Reads everything in `queue` through `client`, acknowledging; stops after
 /// `idle` without a delivery. A subscription that fails or is cancelled
 /// (the queue's leader moved) is made again, as an application does.
-async fn drain(client: &Client, queue: &str, idle: Duration) -> Vec<String> {
+pub(crate) async fn drain(client: &Client, queue: &str, idle: Duration) -> Vec<String> {
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     'subscribe: while Instant::now() < deadline {

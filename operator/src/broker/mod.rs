@@ -48,7 +48,9 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use warren_client::proto::{GrowQueuesRequest, ListQueuesRequest, QueueInfo, QuorumCriticalRequest, ShrinkQueuesRequest};
+use warren_client::proto::{
+    GrowQueuesRequest, ListQueuesRequest, MembershipChangeResponse, QueueInfo, QuorumCriticalRequest, ShrinkQueuesRequest,
+};
 use warren_crds::v1alpha1::{Broker, BrokerStatus};
 
 use crate::conditions::{self, PROGRESSING, READY};
@@ -309,38 +311,38 @@ async fn move_replicas(ctx: &Context, v: &build::ValidatedBroker, broker: &Broke
         let pattern = rollout::exact_pattern(&m.queue);
         if let Some(node) = m.add {
             let request = GrowQueuesRequest { node, queue_pattern: pattern.clone(), ..GrowQueuesRequest::default() };
-            let changes = match client.grow_queues(request).await {
-                Ok(r) => r.into_inner().changes,
-                Err(e) => {
-                    return Ok(Err(format!(
-                        "adding a replica of queue {} on node {node} failed: {}",
-                        m.queue,
-                        Error::broker("GrowQueues", e)
-                    )));
-                }
-            };
-            if let Some(c) = changes.iter().find(|c| c.queue == m.queue && !c.ok) {
-                return Ok(Err(format!("the broker did not add a replica of queue {} on node {node}: {}", m.queue, c.error)));
+            let what = format!("adding a replica of queue {} on node {node}", m.queue);
+            if let Some(why) = move_failure(client.grow_queues(request).await, "GrowQueues", &m.queue, &what) {
+                return Ok(Err(why));
             }
         }
         let request = ShrinkQueuesRequest { node: m.remove, queue_pattern: pattern };
-        let changes = match client.shrink_queues(request).await {
-            Ok(r) => r.into_inner().changes,
-            Err(e) => {
-                return Ok(Err(format!(
-                    "removing the replica of queue {} on node {} failed: {}",
-                    m.queue,
-                    m.remove,
-                    Error::broker("ShrinkQueues", e)
-                )));
-            }
-        };
-        if let Some(c) = changes.iter().find(|c| c.queue == m.queue && !c.ok) {
-            return Ok(Err(format!("the broker did not remove the replica of queue {} on node {}: {}", m.queue, m.remove, c.error)));
+        let what = format!("removing the replica of queue {} on node {}", m.queue, m.remove);
+        if let Some(why) = move_failure(client.shrink_queues(request).await, "ShrinkQueues", &m.queue, &what) {
+            return Ok(Err(why));
         }
         tracing::info!(queue = %m.queue, added = ?m.add, removed = m.remove, "moved a quorum queue replica for a scale-down");
     }
     Ok(Ok(()))
+}
+
+/// Why a `GrowQueues` / `ShrinkQueues` call did not make `what` happen to
+/// `queue`: the call failed, or the broker refused it for that queue.
+fn move_failure(
+    result: std::result::Result<tonic::Response<MembershipChangeResponse>, tonic::Status>,
+    call: &'static str,
+    queue: &str,
+    what: &str,
+) -> Option<String> {
+    match result {
+        Err(e) => Some(format!("{what} failed: {}", Error::broker(call, e))),
+        Ok(r) => r
+            .into_inner()
+            .changes
+            .into_iter()
+            .find(|c| c.queue == queue && !c.ok)
+            .map(|c| format!("the broker refused {what}: {}", c.error)),
+    }
 }
 
 /// Never silent: an object the API server refuses (an immutable

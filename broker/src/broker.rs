@@ -1823,6 +1823,10 @@ fn load(engine: &dyn crate::store::Engine) -> Result<Recovered> {
     for (k, v) in engine.scan(Cf::Dedup, &[], &[0xff; 9], usize::MAX)? {
         let until = <[u8; 8]>::try_from(v.as_slice()).map(u64::from_be_bytes).unwrap_or(0);
         match keys::decode_dedup(&k) {
+            // A quorum queue's window is its replicated state's, restored
+            // and pruned by its state machine (and by every replica alike):
+            // not this node's to collect.
+            Some((queue, _)) if crate::replica::meta::is_quorum_id(queue) => {}
             Some((queue, id)) if known.contains(&queue) && until > now => dedup.entry(queue).or_default().push((id, until)),
             _ => garbage.push(Op::Delete(Cf::Dedup, k)),
         }

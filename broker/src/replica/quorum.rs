@@ -460,7 +460,7 @@ impl Task {
                 if prev.is_some() {
                     self.cancel_all("the queue's leader changed; subscribe again");
                 }
-                tracing::info!(queue = %self.name, term = info.term, "this node leads the queue");
+                tracing::info!(queue = %self.name, node = self.node, term = info.term, "this node leads the queue");
                 self.leading_term = Some(info.term);
                 // Consumers of the previous leader are gone with it: their
                 // messages return to the queue before anything else.
@@ -470,7 +470,7 @@ impl Task {
                 self.resend_dead_letters();
             }
             (Some(_), false) => {
-                tracing::info!(queue = %self.name, leader = ?info.leader, "this node no longer leads the queue");
+                tracing::info!(queue = %self.name, node = self.node, leader = ?info.leader, "this node no longer leads the queue");
                 self.leading_term = None;
                 self.cancel_all("the queue's leader moved to another node; subscribe again");
                 // Commands waiting to be proposed go to the new leader,
@@ -921,6 +921,7 @@ impl Task {
                 if self.consumers.contains_key(&d.consumer) {
                     self.deliver(d);
                 } else {
+                    tracing::trace!(queue = %self.name, node = self.node, consumer = d.consumer, seq = d.msg.key.seq, "delivery held for a consumer not attached yet");
                     // Its subscribe reply is on the way (applying ran ahead
                     // of it), or the consumer is gone and a later entry
                     // returns the message.
@@ -946,6 +947,18 @@ impl Task {
     }
 
     fn deliver(&mut self, d: OutDelivery) {
+        tracing::trace!(
+            queue = %self.name,
+            node = self.node,
+            term = ?self.leading_term,
+            consumer = d.consumer,
+            tag = d.tag,
+            seq = d.msg.key.seq,
+            count = d.msg.delivery_count,
+            message_id = %d.msg.data.properties.message_id,
+            attached = self.consumers.contains_key(&d.consumer),
+            "deliver"
+        );
         let Some(c) = self.consumers.get_mut(&d.consumer) else { return };
         let mem = d.msg.data.mem_size();
         let delivery = Box::new(to_proto(&d, &c.tag));

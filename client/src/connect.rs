@@ -211,4 +211,53 @@ impl Interceptor for Credentials {
 }
 
 /// A channel that adds credentials to every call.
-pub type AuthChannel = InterceptedService<Channel, Credentials>;
+pub type AuthChannel = InterceptedService<NodeChannel, Credentials>;
+
+/// The channel to the broker's node, or nodes: with several, a call that
+/// could not reach its node (refused, reset) has the client check at once
+/// which nodes answer, so that the next calls go to the live ones rather
+/// than after the next periodic check.
+#[derive(Clone, Debug)]
+pub struct NodeChannel {
+    inner: Channel,
+    unreachable: Option<Arc<tokio::sync::Notify>>,
+}
+
+impl NodeChannel {
+    pub(crate) fn watched(inner: Channel, unreachable: Arc<tokio::sync::Notify>) -> NodeChannel {
+        NodeChannel { inner, unreachable: Some(unreachable) }
+    }
+}
+
+impl From<Channel> for NodeChannel {
+    fn from(inner: Channel) -> NodeChannel {
+        NodeChannel { inner, unreachable: None }
+    }
+}
+
+type HttpRequest = tonic::codegen::http::Request<tonic::body::Body>;
+type HttpResponse = tonic::codegen::http::Response<tonic::body::Body>;
+
+impl tonic::codegen::Service<HttpRequest> for NodeChannel {
+    type Response = HttpResponse;
+    type Error = <Channel as tonic::codegen::Service<HttpRequest>>::Error;
+    type Future = futures::future::BoxFuture<'static, Result<HttpResponse, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        tonic::codegen::Service::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, req: HttpRequest) -> Self::Future {
+        let call = tonic::codegen::Service::call(&mut self.inner, req);
+        let unreachable = self.unreachable.clone();
+        Box::pin(async move {
+            let result = call.await;
+            if result.is_err()
+                && let Some(n) = unreachable
+            {
+                n.notify_one();
+            }
+            result
+        })
+    }
+}

@@ -53,7 +53,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-pub use connect::{AuthChannel, ConnectOptions, Credentials};
+pub use connect::{AuthChannel, ConnectOptions, Credentials, NodeChannel};
 pub use proto::{BindingInfo, Confirm, ConfirmStatus, ConsumerInfo, Delivery, ExchangeInfo, Properties, QueueInfo, StatusResponse, Value};
 pub use value::{ValueExt, parse_cli_value};
 
@@ -478,8 +478,9 @@ impl Client {
                 }
                 let (channel, changes) = Channel::balance_channel::<usize>(endpoints.len().max(16));
                 let alive = Arc::new(());
-                tokio::spawn(watch_nodes(endpoints, changes, Arc::downgrade(&alive)));
-                let mut client = Client::from_channel_with(channel, credentials);
+                let unreachable = Arc::new(tokio::sync::Notify::new());
+                tokio::spawn(watch_nodes(endpoints, changes, Arc::downgrade(&alive), unreachable.clone()));
+                let mut client = Client::from_service(AuthChannel::new(NodeChannel::watched(channel, unreachable), credentials));
                 client._nodes = Some(alive);
                 Ok(client)
             }
@@ -492,7 +493,10 @@ impl Client {
 
     /// A client on `channel` that sends `credentials` with every call.
     pub fn from_channel_with(channel: Channel, credentials: Credentials) -> Client {
-        let service = AuthChannel::new(channel, credentials);
+        Client::from_service(AuthChannel::new(channel.into(), credentials))
+    }
+
+    fn from_service(service: AuthChannel) -> Client {
         Client {
             raw: RawClient::new(service.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX),
             users: UsersClient::new(service),
@@ -996,6 +1000,8 @@ impl Consumer {
 
 /// How often a client of several nodes checks which of them answer.
 const NODE_PROBE_INTERVAL: Duration = Duration::from_millis(500);
+/// Least time between two such checks.
+const NODE_PROBE_MIN_GAP: Duration = Duration::from_millis(50);
 
 /// Keeps the nodes that accept connections in `changes`' balance set and
 /// the others out, until the client is dropped (`alive` gone).
@@ -1003,6 +1009,7 @@ async fn watch_nodes(
     endpoints: Vec<Endpoint>,
     changes: tokio::sync::mpsc::Sender<tonic::transport::channel::Change<usize, Endpoint>>,
     alive: std::sync::Weak<()>,
+    unreachable: Arc<tokio::sync::Notify>,
 ) {
     use tonic::transport::channel::Change;
     let mut up = vec![false; endpoints.len()];
@@ -1023,6 +1030,13 @@ async fn watch_nodes(
                 up[i] = ok;
             }
         }
-        tokio::time::sleep(NODE_PROBE_INTERVAL).await;
+        // Again after the interval, or soon when a call could not reach its
+        // node (a burst of failed calls is one check, and checks are spaced
+        // by at least `NODE_PROBE_MIN_GAP`, however fast calls fail).
+        let checked = tokio::time::Instant::now();
+        tokio::select! {
+            _ = tokio::time::sleep(NODE_PROBE_INTERVAL) => {}
+            _ = unreachable.notified() => tokio::time::sleep_until(checked + NODE_PROBE_MIN_GAP).await,
+        }
     }
 }

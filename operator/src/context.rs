@@ -215,7 +215,7 @@ impl Context {
                 channel
             }
         };
-        let service = AuthChannel::new(channel, credentials);
+        let service = AuthChannel::new(channel.into(), credentials);
         Ok((RawClient::new(service.clone()).max_decoding_message_size(MAX_BROKER_RESPONSE), UsersClient::new(service)))
     }
 

@@ -454,12 +454,37 @@ async fn heartbeat_loop(cluster: Cluster, peer: Arc<Peer>) {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match peer.heartbeat(cluster.node_id(), cluster.shared.incarnation, HEARTBEAT_INTERVAL.max(Duration::from_millis(100))).await {
+        let timeout = HEARTBEAT_INTERVAL.max(Duration::from_millis(100));
+        let mut refused = false;
+        match peer.heartbeat(cluster.node_id(), cluster.shared.incarnation, timeout).await {
             Ok(inc) => {
                 last_ok = Some(Instant::now());
                 incarnation = Some(inc);
             }
+            Err(e @ CallError::Unreachable { .. }) if last_ok.is_some() => {
+                // The connection failed rather than timed out: a peer whose
+                // process died (its sockets closed, the port refuses) is
+                // declared dead now rather than after `dead_after`, so that
+                // the groups it led elect at once. A second attempt on a
+                // fresh connection first, so that one broken connection to a
+                // live peer is not taken for its death.
+                tracing::debug!(peer = peer.id, error = %e, "heartbeat connection failed; trying once more");
+                match peer.probe(cluster.node_id(), cluster.shared.incarnation, timeout).await {
+                    Ok(inc) => {
+                        last_ok = Some(Instant::now());
+                        incarnation = Some(inc);
+                    }
+                    Err(e @ CallError::Unreachable { .. }) => {
+                        tracing::debug!(peer = peer.id, error = %e, "peer refuses connections");
+                        refused = true;
+                    }
+                    Err(e) => tracing::trace!(peer = peer.id, error = %e, "heartbeat failed"),
+                }
+            }
             Err(e) => tracing::trace!(peer = peer.id, error = %e, "heartbeat failed"),
+        }
+        if refused {
+            last_ok = None;
         }
         let alive = last_ok.is_some_and(|t| t.elapsed() < dead_after);
         cluster.set_status(peer.id, PeerStatus { alive, incarnation });

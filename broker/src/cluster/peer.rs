@@ -144,6 +144,12 @@ impl Peer {
 
     pub(super) async fn heartbeat(&self, from: NodeId, incarnation: u64, timeout: Duration) -> Result<u64, CallError> {
         self.check_backoff()?;
+        self.probe(from, incarnation, timeout).await
+    }
+
+    /// A heartbeat even while the peer is backed off: a second opinion
+    /// before the peer is declared dead.
+    pub(super) async fn probe(&self, from: NodeId, incarnation: u64, timeout: Duration) -> Result<u64, CallError> {
         let mut client = self.client()?;
         let mut req = self.request(HeartbeatRequest { from, to: self.id, incarnation });
         req.set_timeout(timeout);

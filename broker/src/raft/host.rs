@@ -263,9 +263,7 @@ impl RaftHost {
                 })
             }),
         );
-        if host.inner.options.quiet_after.is_some() {
-            tokio::spawn(super::quiet::run(Arc::downgrade(&host.inner)));
-        }
+        tokio::spawn(super::quiet::run(Arc::downgrade(&host.inner)));
         Ok(host)
     }
 

@@ -28,12 +28,16 @@
 //!   is renewed by that heartbeat. A node that merely restarted then finds
 //!   the lease held and cannot depose a healthy leader; a leader that is
 //!   really gone cannot renew, and the vote goes ahead.
-//! * **Failure.** When the liveness view declares a node dead (no answer
-//!   for 1 s), every group here that it led wakes: the surviving voter with
-//!   the lowest id starts an election at once; the others re-arm their
-//!   election timers one `election_min` later, in case it cannot (they
-//!   wake earlier anyway, on the new leader's first entry). Failover is
-//!   thus the liveness delay plus one election, within today's 2 to 4 s.
+//! * **Failure.** When the liveness view declares a node dead (its port
+//!   refuses connections twice in a row, or no answer for 1 s), every group
+//!   here that it led, quiet or not, elects at once: the surviving voter
+//!   with the lowest id stands as if the dead leader had handed over to it
+//!   (a leadership transfer in the leader's name, which lifts the leader's
+//!   lease on the voters); the others lift their lease too and, if no
+//!   leader has appeared after a short wait per rank (the chosen one's log
+//!   may be shorter than theirs), stand in turn.
+//!   A killed process is thus replaced within a heartbeat (250 ms) plus one
+//!   election; a vanished host within the liveness delay plus one.
 //! * **Partitions.** A quiet leader cut off from its majority cannot renew
 //!   its lease, so a write to it is refused (it would not commit anyway:
 //!   appends need acknowledgements); when the partition heals, the
@@ -100,6 +104,11 @@ impl QuietState {
         self.quiet.swap(false, Ordering::AcqRel)
     }
 }
+
+/// How long the next surviving voter waits for the chosen one to win an
+/// election (two round trips and a vote's fsync, with room to spare)
+/// before it stands itself.
+const STAND_IN_AFTER: Duration = Duration::from_millis(400);
 
 /// How long a quiet follower waits for its leader to renew the lease
 /// before it answers a vote.
@@ -277,13 +286,13 @@ impl RaftHost {
         }
         let alive = |n: NodeId| n == me || new.get(&n).is_some_and(|s| s.alive);
         for (id, g) in self.all_groups() {
-            let (role, leader, voters, members) = {
+            let (role, leader, voters, members, vote) = {
                 let rx = g.raft.metrics();
                 let m = rx.borrow_watched();
                 let membership = m.membership_config.membership();
                 let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
                 let members: BTreeSet<NodeId> = voters.iter().copied().chain(membership.learner_ids()).collect();
-                (m.state, m.current_leader, voters, members)
+                (m.state, m.current_leader, voters, members, m.vote)
             };
             if role == ServerState::Leader {
                 if members.iter().any(|n| back.contains(n)) {
@@ -292,26 +301,46 @@ impl RaftHost {
                 continue;
             }
             let Some(l) = leader.filter(|l| *l != me && lost.contains(l)) else { continue };
-            // The lowest-id surviving voter stands at once; the others
-            // re-arm their timers later, in case it cannot.
-            let chosen = voters.iter().copied().filter(|v| *v != l && alive(*v)).min();
-            if chosen == Some(me) {
-                if self.wake(id, &g, "the leader's node is gone; standing for election") {
-                    let raft = g.raft.clone();
-                    let pre_vote = self.inner.options.pre_vote;
-                    tokio::spawn(async move {
-                        let _ = raft.trigger().elect(pre_vote).await;
-                    });
-                }
-            } else if g.quiet.is_quiet() {
+            if !voters.contains(&me) {
+                continue;
+            }
+            // The lowest-id surviving voter stands at once, as if the dead
+            // leader had handed over to it: a leadership transfer in the
+            // leader's name lifts the leader's lease here (a follower
+            // otherwise refuses votes for `election_max` after the last
+            // heartbeat it heard), and the candidate's vote requests are
+            // marked as a transfer, which lifts it on the voters they reach.
+            // Raft's safety does not rest on the lease (an up-to-date log
+            // still wins the vote), only a healthy leader's peace: which a
+            // false "dead" could cost one election, no entry. The others
+            // lift their lease too and keep their timers, in case the
+            // chosen one cannot win.
+            let survivors: Vec<NodeId> = voters.iter().copied().filter(|v| *v != l && alive(*v)).collect();
+            let Some(&chosen) = survivors.first() else { continue };
+            if chosen == me {
+                self.wake(id, &g, "the leader's node is gone; standing for election");
+                tracing::info!(group = id, leader = l, "the leader's node is gone; standing for election at once");
+            }
+            let raft = g.raft.clone();
+            tokio::spawn(async move {
+                let _ = raft.handle_transfer_leader(openraft::raft::TransferLeaderRequest::new(vote, chosen, None)).await;
+            });
+            if chosen != me {
+                // The chosen one loses if its log is shorter than a voter's
+                // (the dead leader had reached some followers and not
+                // others): then the next survivor stands, one short wait
+                // per rank, rather than after a whole election timeout.
+                let rank = survivors.iter().position(|v| *v == me).unwrap_or(survivors.len()) as u32;
                 let host = self.clone();
-                let delay = self.inner.options.election_min;
                 tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let now = g.leader.borrow().leader;
-                    if now.is_none() || now == Some(l) {
-                        host.wake(id, &g, "the leader's node is gone");
+                    tokio::time::sleep(STAND_IN_AFTER * rank).await;
+                    let m = g.raft.metrics().borrow_watched().clone();
+                    if m.state == ServerState::Leader || m.current_leader.is_some_and(|now| now != l) {
+                        return;
                     }
+                    host.wake(id, &g, "the leader's node is gone and no one took over");
+                    tracing::info!(group = id, leader = l, "no new leader yet; standing for election");
+                    let _ = g.raft.handle_transfer_leader(openraft::raft::TransferLeaderRequest::new(m.vote, me, None)).await;
                 });
             }
         }
@@ -328,8 +357,9 @@ fn scan_period(after: Duration) -> Duration {
 pub(super) async fn run(weak: Weak<Inner>) {
     let (period, mut view_rx) = {
         let Some(inner) = weak.upgrade() else { return };
-        let Some(after) = inner.options.quiet_after else { return };
-        (scan_period(after), inner.cluster.liveness().watch())
+        // Without quiescence the scan does nothing, but the liveness view
+        // is still followed: it is what makes failover fast.
+        (inner.options.quiet_after.map_or(Duration::from_secs(1), scan_period), inner.cluster.liveness().watch())
     };
     let mut seen = view_rx.borrow_and_update().clone();
     let mut tick = tokio::time::interval(period);

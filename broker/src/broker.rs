@@ -128,7 +128,14 @@ struct Inner {
     cluster: std::sync::OnceLock<ClusterParts>,
     /// Replica-set changes and rebalances through this node, one at a time.
     membership: Mutex<()>,
+    /// Dead letters that classic queues of this node sent to quorum queues
+    /// and that were still in the inbox when the node stopped: handed to
+    /// each quorum queue when it starts here.
+    quorum_inbox: parking_lot::Mutex<InboxRecords>,
 }
+
+/// Inbox records (key, message) by target queue.
+type InboxRecords = HashMap<QueueId, Vec<(Vec<u8>, StoredMessage)>>;
 
 /// A node's cluster parts the broker uses.
 pub struct ClusterParts {
@@ -177,6 +184,8 @@ impl Broker {
             topo.queues.insert(def.name.clone(), QueueEntry { def: Arc::new(def), handle });
         }
         snapshot.store(Arc::new(topo.full_snapshot()));
+        // What is left belongs to quorum queues.
+        let quorum_inbox = parking_lot::Mutex::new(inbox);
         let broker = Broker {
             inner: Arc::new(Inner {
                 config,
@@ -193,6 +202,7 @@ impl Broker {
                 totals: Totals::default(),
                 cluster: std::sync::OnceLock::new(),
                 membership: Mutex::new(()),
+                quorum_inbox,
             }),
         };
         tokio::spawn(broker.clone().event_loop(queue_rx, session_rx));
@@ -761,6 +771,19 @@ impl Broker {
             args,
             owner: None,
         };
+        let adoptions = self.inner.quorum_inbox.lock().remove(&def.id).unwrap_or_default();
+        if !adoptions.is_empty() {
+            tracing::info!(queue = %name, count = adoptions.len(), "handing dead letters left in the inbox to the quorum queue");
+            let tx = handle.tx.clone();
+            tokio::spawn(async move {
+                for (key, message) in adoptions {
+                    let cmd = QueueCmd::Adopt { inbox_key: Some(key), data: Arc::new(message.into_data()) };
+                    if tx.send(cmd).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         let entry = QueueEntry { def: Arc::new(qdef), handle };
         let info = queue_info(&entry);
         topo.queues.insert(name.clone(), entry);
@@ -786,6 +809,12 @@ impl Broker {
             let ranges = crate::replica::machine::queue_ranges(entry.def.id);
             if let Err(e) = c.replicas.host.delete_group(entry.def.id, ranges).await {
                 tracing::debug!(queue = name, error = %e, "removing the queue's replica");
+            }
+            // Dead letters this node's classic queues sent it go with it.
+            self.inner.quorum_inbox.lock().remove(&entry.def.id);
+            let inbox = vec![Op::DeleteRange(Cf::Inbox, keys::queue_start(entry.def.id).to_vec(), keys::queue_end(entry.def.id))];
+            if let Err(e) = self.inner.store.write(inbox, false).await {
+                tracing::debug!(queue = name, error = %e, "removing the queue's inbox");
             }
         }
         let dest = Dest::Queue(entry.def.name.clone());
@@ -1835,7 +1864,8 @@ fn load(engine: &dyn crate::store::Engine) -> Result<Recovered> {
     let mut max_inbox_seq = 0;
     for (queue, k, message) in crate::queue::read::read_inboxes(engine)? {
         max_inbox_seq = max_inbox_seq.max(keys::decode_inbox(&k).map_or(0, |(_, seq)| seq));
-        if known.contains(&queue) {
+        // A quorum queue's records wait for its replica to start here.
+        if known.contains(&queue) || crate::replica::meta::is_quorum_id(queue) {
             inbox.entry(queue).or_default().push((k, message));
         } else {
             garbage.push(Op::Delete(Cf::Inbox, k));

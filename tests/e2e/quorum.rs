@@ -582,6 +582,56 @@ async fn should_rebuild_a_node_that_lost_its_disk_from_the_others() {
     );
 }
 
+/// Dead letters from a classic queue into a quorum queue are never lost:
+/// while the quorum queue has no majority they wait in the classic queue's
+/// node (its inbox) and are handed over once it has one again, also when
+/// that node was killed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_hand_dead_letters_from_a_classic_queue_to_a_quorum_queue_that_lost_its_majority() {
+    let mut c = TestCluster::start(3).await.unwrap();
+    let c1 = client(&c, 1).await;
+    c1.declare_queue("parked", quorum()).await.unwrap();
+    let work = QueueOptions::durable()
+        .arg("x-queue-type", "classic")
+        .arg("x-message-ttl", 200i64)
+        .arg("x-dead-letter-exchange", "")
+        .arg("x-dead-letter-routing-key", "parked");
+    c1.declare_queue("work", work).await.unwrap();
+    let mut expected = Vec::new();
+    for (round, kill_source) in [(0, false), (1, true)] {
+        // No majority for the quorum queue: only node 1 runs.
+        c.kill(2).unwrap();
+        c.kill(3).unwrap();
+        let c1 = client(&c, 1).await;
+        for i in 0..20 {
+            let body = format!("r{round}-{i:02}");
+            let confirm = c1.publish(Message::new("", "work", body.clone()).persistent()).await.unwrap();
+            assert_eq!(confirm.status, ConfirmStatus::Routed as i32, "{body} into the classic queue");
+            expected.push(body);
+        }
+        // They expire and are dead-lettered: the quorum queue cannot take
+        // them yet.
+        eventually(FAILOVER, "the classic queue emptied by expiry", || async {
+            let info = client_of(&c, 1).await?.queue_info("work").await.ok()?;
+            (info.ready == 0 && info.unacked == 0).then_some(())
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if kill_source {
+            c.kill(1).unwrap();
+            c.restart(1).await.unwrap();
+        }
+        c.restart(2).await.unwrap();
+        c.restart(3).await.unwrap();
+        leader_of(&c, 2, "parked").await;
+    }
+    let mut got = drain(&client(&c, 3).await, "parked", Duration::from_secs(3)).await;
+    got.sort();
+    got.dedup();
+    assert_eq!(got, expected, "every dead letter reached the quorum queue");
+}
+
 /// The queue features of classic queues work on quorum queues too, through
 /// any node: TTL and dead-lettering into another quorum queue, length
 /// limits, priorities, delays, delivery limits, deduplication and single

@@ -150,7 +150,28 @@ pub enum RemoteCmd {
     Consumer { consumer: ConsumerId, spec: ConsumerSpec, tx: mpsc::Sender<Bytes>, done: oneshot::Sender<()> },
     /// The queue's replica set changed in the metadata.
     Members { members: Vec<NodeId>, replica: ReplicaChange, done: oneshot::Sender<()> },
+    /// A dead letter from a classic queue on this node, in this node's
+    /// inbox under `key`: proposed again after a failed attempt.
+    Adopt(Adoption),
 }
+
+/// A persistent message dead-lettered into a quorum queue by a classic
+/// queue of this node: the source wrote it to this node's inbox (`key`) in
+/// the batch that removed it, so it stays there until the quorum queue has
+/// committed it; then the record goes. A failed proposal is tried again
+/// (with backoff, `MAX_ADOPT_ATTEMPTS` times; after that, or if the node
+/// stops first, the record is handed over again when the node starts).
+/// At least once: a crash between the commit and the record's deletion
+/// adopts it twice.
+pub struct Adoption {
+    key: Vec<u8>,
+    data: Arc<MessageData>,
+    attempt: u32,
+}
+
+/// Attempts to have a quorum queue adopt one dead letter (about 10 minutes
+/// with the backoff).
+const MAX_ADOPT_ATTEMPTS: u32 = 600;
 
 /// What a replica-set change means for this node's replica.
 pub enum ReplicaChange {
@@ -312,6 +333,44 @@ enum Waiter {
         reply: oneshot::Sender<crate::error::Result<u64>>,
     },
     Remote(oneshot::Sender<WireReply>),
+    /// A dead letter from this node's inbox (see [`Adoption`]).
+    Adopted {
+        adoption: Adoption,
+        me: mpsc::WeakSender<QueueCmd>,
+        store: crate::store::Store,
+    },
+}
+
+impl Waiter {
+    /// The adoption went through: its inbox record goes.
+    fn adopted(adoption: Adoption, store: crate::store::Store) {
+        tokio::spawn(async move {
+            let delete = vec![crate::store::Op::Delete(crate::store::Cf::Inbox, adoption.key)];
+            if let Err(e) = store.write(delete, false).await {
+                tracing::warn!(error = %e, "cannot delete an adopted dead letter from the inbox (adopted again at the next start)");
+            }
+        });
+    }
+
+    /// The adoption failed: again after a backoff.
+    fn adopt_again(adoption: Adoption, me: mpsc::WeakSender<QueueCmd>, reason: &str) {
+        let attempt = adoption.attempt.saturating_add(1);
+        if attempt >= MAX_ADOPT_ATTEMPTS {
+            tracing::error!(
+                reason,
+                attempts = attempt,
+                "a dead letter could not be handed to its quorum queue; it stays in the inbox until the node starts again"
+            );
+            return;
+        }
+        tracing::debug!(reason, attempt, "a dead letter was not adopted yet; trying again");
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50u64.saturating_mul(u64::from(attempt.min(20))))).await;
+            if let Some(me) = me.upgrade() {
+                let _ = me.send(QueueCmd::Remote(Box::new(RemoteCmd::Adopt(Adoption { attempt, ..adoption })))).await;
+            }
+        });
+    }
 }
 
 struct LocalConsumer {
@@ -511,8 +570,12 @@ impl Task {
                 let publish = ops::Publish::from_data(&data, delay_ms);
                 self.submit(QueueOp::Enqueue(ops::Enqueue { messages: vec![publish] }), Waiter::Confirms(vec![confirm]));
             }
-            QueueCmd::Adopt { data, .. } => {
-                self.submit(QueueOp::Adopt(ops::Publish::from_data(&data, None)), Waiter::None);
+            QueueCmd::Adopt { data, inbox_key } => {
+                let waiter = match inbox_key {
+                    Some(key) => self.adoption_waiter(Adoption { key, data: data.clone(), attempt: 0 }),
+                    None => Waiter::None,
+                };
+                self.submit(QueueOp::Adopt(ops::Publish::from_data(&data, None)), waiter);
             }
             QueueCmd::Subscribe { spec, outbox, reply } => self.subscribe(spec, outbox, reply),
             QueueCmd::Ack { consumer, tag, multiple } => {
@@ -602,6 +665,11 @@ impl Task {
                 self.remote.insert(consumer, RemoteConsumer { spec, tx });
                 let _ = done.send(());
             }
+            RemoteCmd::Adopt(adoption) => {
+                let op = QueueOp::Adopt(ops::Publish::from_data(&adoption.data, None));
+                let waiter = self.adoption_waiter(adoption);
+                self.submit(op, waiter);
+            }
             RemoteCmd::DeadLettered(seq) => {
                 self.submit(QueueOp::DeadLettered(ops::DeadLettered { seqs: vec![seq] }), Waiter::None);
             }
@@ -625,6 +693,10 @@ impl Task {
                 let _ = done.send(());
             }
         }
+    }
+
+    fn adoption_waiter(&self, adoption: Adoption) -> Waiter {
+        Waiter::Adopted { adoption, me: self.me.clone(), store: self.host.store().clone() }
     }
 
     fn ctx_limits(&self) -> Limits {
@@ -908,6 +980,7 @@ impl Task {
             (Waiter::Remote(reply), r) => {
                 let _ = reply.send(to_wire(r));
             }
+            (Waiter::Adopted { adoption, store, .. }, QueueReply::Done(Ok(()))) => Waiter::adopted(adoption, store),
             (w, r) => fail_waiter(w, &format!("unexpected reply {r:?}")),
         }
     }
@@ -1110,6 +1183,7 @@ fn fail_waiter(waiter: Waiter, reason: &str) {
         Waiter::Remote(reply) => {
             let _ = reply.send(WireReply::Unavailable(reason.to_string()));
         }
+        Waiter::Adopted { adoption, me, .. } => Waiter::adopt_again(adoption, me, reason),
     }
 }
 
@@ -1141,6 +1215,7 @@ fn deliver_wire(waiter: Waiter, reply: WireReply, name: &str) {
             let _ = reply.send(Ok(n));
         }
         (Waiter::None, _) => {}
+        (Waiter::Adopted { adoption, store, .. }, WireReply::Done(Ok(()))) => Waiter::adopted(adoption, store),
         (w, WireReply::Unavailable(r)) => fail_waiter(w, &r),
         (w, WireReply::NotLeader(l)) => fail_waiter(w, &format!("queue '{name}' has no leader right now (last known: {l:?}); retry")),
         (w, WireReply::Done(Err(e))) => fail_waiter(w, &e.message),

@@ -310,6 +310,7 @@ pub async fn spawn(
         dead_letter_tx: None,
         settle: HashMap::new(),
         stopping: false,
+        shared: handle.shared.clone(),
     };
     tokio::spawn(task.run());
     Ok(handle)
@@ -431,6 +432,9 @@ struct Task {
     /// Deliveries to auto-ack consumers handed to their stream, to settle.
     settle: HashMap<ConsumerId, Vec<u64>>,
     stopping: bool,
+    /// The queue's figures and next timer deadline, as its machine
+    /// publishes them.
+    shared: Arc<QueueShared>,
 }
 
 impl Task {
@@ -483,7 +487,9 @@ impl Task {
                 }
                 done = poll_inflight(&mut self.inflight) => self.finished(done),
                 _ = wait_backoff(&mut self.backoff) => self.backoff = None,
-                _ = tick.tick() => self.on_tick(),
+                // Only a leader with a timer due some day looks: an idle
+                // queue's task does not wake at all.
+                _ = tick.tick(), if self.is_leader() && self.shared.deadline().is_some() => self.on_tick(),
             }
             self.flush_settles();
             self.propose_next();
@@ -1059,7 +1065,7 @@ impl Task {
         if !self.is_leader() || self.inflight.is_some() || !self.pending.is_empty() {
             return;
         }
-        let due = self.ctx.upgrade().and_then(|c| c.queue(self.id)).and_then(|q| q.shared.deadline());
+        let due = self.shared.deadline();
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         if due.is_some_and(|t| t <= now) {
             // Expiry and delays apply at the entry's time, on every replica.

@@ -386,6 +386,17 @@ impl Cluster {
 
     /// Calls the handler of `kind` on `node`; fails after `timeout`.
     pub async fn call_with_timeout(&self, node: NodeId, kind: &str, body: Bytes, timeout: Duration) -> Result<Bytes, CallError> {
+        self.call_inner(node, kind, body, timeout, false).await
+    }
+
+    /// A call that is tried even while `node` is backed off after failed
+    /// calls (for elections: a vote request that is not sent costs a whole
+    /// election timeout).
+    pub async fn call_urgent(&self, node: NodeId, kind: &str, body: Bytes, timeout: Duration) -> Result<Bytes, CallError> {
+        self.call_inner(node, kind, body, timeout, true).await
+    }
+
+    async fn call_inner(&self, node: NodeId, kind: &str, body: Bytes, timeout: Duration, urgent: bool) -> Result<Bytes, CallError> {
         if body.len() > self.shared.config.max_message_bytes {
             return Err(CallError::TooLarge(body.len()));
         }
@@ -397,7 +408,7 @@ impl Cluster {
             };
         }
         let peer = self.shared.peers.get(&node).ok_or(CallError::UnknownNode(node))?;
-        peer.call(self.node_id(), kind, body, timeout).await
+        peer.call(self.node_id(), kind, body, timeout, urgent).await
     }
 
     /// Opens a stream to the handler of `kind` on `node`.
@@ -469,7 +480,7 @@ async fn heartbeat_loop(cluster: Cluster, peer: Arc<Peer>) {
                 // fresh connection first, so that one broken connection to a
                 // live peer is not taken for its death.
                 tracing::debug!(peer = peer.id, error = %e, "heartbeat connection failed; trying once more");
-                match peer.probe(cluster.node_id(), cluster.shared.incarnation, timeout).await {
+                match peer.heartbeat(cluster.node_id(), cluster.shared.incarnation, timeout).await {
                     Ok(inc) => {
                         last_ok = Some(Instant::now());
                         incarnation = Some(inc);

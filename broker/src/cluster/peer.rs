@@ -142,14 +142,11 @@ impl Peer {
         }
     }
 
+    /// A heartbeat, even while calls to the peer are backed off: it is what
+    /// tells that the peer is back, and its success ends the backoff (a
+    /// peer that restarted is reachable again within a heartbeat, not after
+    /// a backoff of up to a second).
     pub(super) async fn heartbeat(&self, from: NodeId, incarnation: u64, timeout: Duration) -> Result<u64, CallError> {
-        self.check_backoff()?;
-        self.probe(from, incarnation, timeout).await
-    }
-
-    /// A heartbeat even while the peer is backed off: a second opinion
-    /// before the peer is declared dead.
-    pub(super) async fn probe(&self, from: NodeId, incarnation: u64, timeout: Duration) -> Result<u64, CallError> {
         let mut client = self.client()?;
         let mut req = self.request(HeartbeatRequest { from, to: self.id, incarnation });
         req.set_timeout(timeout);
@@ -169,8 +166,12 @@ impl Peer {
         }
     }
 
-    pub(super) async fn call(&self, from: NodeId, kind: &str, body: Bytes, timeout: Duration) -> Result<Bytes, CallError> {
-        self.check_backoff()?;
+    /// A call; `urgent` ones are tried even while the peer is backed off
+    /// (votes: a vote that is not sent costs a whole election timeout).
+    pub(super) async fn call(&self, from: NodeId, kind: &str, body: Bytes, timeout: Duration, urgent: bool) -> Result<Bytes, CallError> {
+        if !urgent {
+            self.check_backoff()?;
+        }
         let deadline = Instant::now() + timeout;
         let _permit = self.permit(&self.calls, deadline).await?;
         let mut client = self.client()?;

@@ -129,6 +129,7 @@ fn rpc_error(e: CallError) -> RPCError<TypeConfig> {
 
 impl Network {
     async fn send(&self, rpc: Rpc, option: &RPCOption) -> Result<RpcReply, RPCError<TypeConfig>> {
+        let urgent = matches!(rpc, Rpc::Vote(_) | Rpc::PreVote(_) | Rpc::TransferLeader(_));
         let counter = match &rpc {
             Rpc::Append(r) if r.entries.is_empty() => &self.stats.heartbeats,
             Rpc::Append(_) => &self.stats.appends,
@@ -138,7 +139,12 @@ impl Network {
         counter.fetch_add(1, Ordering::Relaxed);
         let body = Bytes::from(encode(&(self.group, rpc)));
         let timeout = option.hard_ttl().max(Duration::from_millis(100));
-        let reply = self.cluster.call_with_timeout(self.target, RAFT_CALL, body, timeout).await.map_err(rpc_error)?;
+        let reply = if urgent {
+            self.cluster.call_urgent(self.target, RAFT_CALL, body, timeout).await
+        } else {
+            self.cluster.call_with_timeout(self.target, RAFT_CALL, body, timeout).await
+        }
+        .map_err(rpc_error)?;
         let reply: Result<RpcReply, String> = decode(&reply).map_err(|e| rpc_error(CallError::Remote(e)))?;
         // The group is not running there (not created yet, or stopping):
         // openraft retries later.

@@ -1318,6 +1318,9 @@ impl Broker {
                     .map(|s| s.lag.iter().map(|(node, entries)| proto::ReplicaLag { node: *node, entries: *entries }).collect())
                     .unwrap_or_default(),
                 elections: 0,
+                last_log_index: status.as_ref().and_then(|s| s.last_log_index).unwrap_or(0),
+                snapshot_index: status.as_ref().and_then(|s| s.snapshot).unwrap_or(0),
+                purged_index: status.as_ref().and_then(|s| s.purged).unwrap_or(0),
             });
         }
         let members = host

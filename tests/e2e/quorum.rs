@@ -737,3 +737,245 @@ async fn should_keep_every_queue_feature_on_quorum_queues() {
     let d = second.next_timeout(Duration::from_secs(10)).await.unwrap().expect("the waiting consumer takes over");
     assert_eq!(String::from_utf8_lossy(&d.body), "s1");
 }
+
+/// Messages published while the follower of the catch-up test is down.
+const BACKLOG: usize = 100_000;
+/// Publishes in flight at once in the catch-up test. The queue's leader
+/// commits one Raft entry at a time and puts what arrives meanwhile into
+/// the next, so two consecutive entries hold at most this many messages
+/// (the second's were sent before the first's confirms came back):
+/// 100,000 messages make at least 12,500 entries, past the 10,000 after
+/// which a group snapshots and compacts its log. More in flight would
+/// publish faster, in entries too few to compact.
+const PUBLISH_WINDOW: usize = 16;
+/// Bytes of each message body in the catch-up test.
+const BODY_BYTES: usize = 1024;
+
+/// `queue` as node `node` reports it in its cluster status (its own
+/// replica's last log, snapshot and purged indexes among the rest).
+async fn replica_status(c: &TestCluster, node: u64, queue: &str) -> Option<warren_client::proto::QueueReplicas> {
+    let status = client_of(c, node).await?.raw().cluster_status(warren_client::proto::ClusterStatusRequest {}).await.ok()?.into_inner();
+    status.queues.into_iter().find(|q| q.name == queue)
+}
+
+/// The value of `key=` on the first line of `log` that contains `what`.
+fn log_field(log: &str, what: &str, key: &str) -> Option<u64> {
+    let line = log.lines().find(|l| l.contains(what))?;
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+}
+
+/// Catch-up from a snapshot, across broker processes: a follower of a
+/// quorum queue is killed (`kill -9`) while 100,000 messages (1 KiB,
+/// persistent, confirmed) are published and the two other replicas compact
+/// their logs past everything it holds. Restarted, it cannot be sent the
+/// entries it lacks, so it installs a snapshot streamed from the leader
+/// (its log says so, and its own snapshot index is past the leader's purge
+/// point), and catches up. Then it leads: the other two replicas are shrunk
+/// away (the leader hands its leadership to it) and grown back from it (it
+/// sends them the snapshot it installed), and it serves every one of the
+/// 100,000 confirmed messages exactly once, nothing else, plus messages
+/// published after it took over. Its peak memory is printed next to the
+/// snapshot's size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_catch_up_a_restarted_follower_from_a_snapshot_and_serve_everything_as_leader() {
+    let started = Instant::now();
+    let log = [("RUST_LOG", "warn,warren_broker::raft=info")];
+    let mut c = TestCluster::start_with_options(3, &[], &log, true).await.unwrap();
+    let queue = quorum().arg("x-deduplication-window", 3_600_000i64);
+    client(&c, 1).await.declare_queue("backlog", queue).await.unwrap();
+    let leader = leader_of(&c, 1, "backlog").await;
+    let down = (1..=3u64).rev().find(|n| *n != leader).unwrap_or(1);
+    let others: Vec<u64> = (1..=3u64).filter(|n| *n != down).collect();
+    eventually(FAILOVER, "the follower caught up before it goes down", || caught_up(&c, "backlog", down)).await.unwrap();
+    let held = replica_status(&c, down, "backlog").await.unwrap().last_log_index;
+    c.kill(down).unwrap();
+
+    // 100,000 messages through the leader, a window of them in flight.
+    // Any without a ROUTED confirm is published again (its id makes a
+    // second copy a duplicate the queue drops).
+    let body = |i: usize| format!("m{i:06}.{}", ".".repeat(BODY_BYTES - 8));
+    let message = |i: usize| Message::new("", "backlog", body(i)).persistent().message_id(format!("m{i:06}"));
+    let publishing = Instant::now();
+    let via = client(&c, leader).await;
+    let mut publisher = via.publisher().await.unwrap();
+    let mut window = std::collections::VecDeque::new();
+    let mut retry = Vec::new();
+    for i in 0..BACKLOG {
+        if window.len() == PUBLISH_WINDOW {
+            let (n, pending): (usize, warren_client::PendingConfirm) = window.pop_front().unwrap();
+            match tokio::time::timeout(Duration::from_secs(30), pending).await {
+                Ok(Ok(confirm)) if confirm.is_routed() => {}
+                _ => retry.push(n),
+            }
+        }
+        match publisher.send(message(i)).await {
+            Ok(pending) => window.push_back((i, pending)),
+            Err(_) => {
+                retry.push(i);
+                publisher = via.publisher().await.unwrap();
+            }
+        }
+    }
+    for (n, pending) in window {
+        match tokio::time::timeout(Duration::from_secs(30), pending).await {
+            Ok(Ok(confirm)) if confirm.is_routed() => {}
+            _ => retry.push(n),
+        }
+    }
+    let retried = retry.len();
+    for n in retry {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match via.publish(message(n)).await {
+                Ok(confirm) if confirm.is_routed() || confirm.status == ConfirmStatus::Duplicate as i32 => break,
+                other => assert!(tries < 100, "m{n:06}: no confirm after {tries} tries: {other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let published_in = publishing.elapsed();
+    let set_up_in = started.elapsed() - published_in;
+
+    // Both replicas that stayed up compacted their logs past the last
+    // entry the follower holds: it cannot catch up from a log.
+    let compacted = eventually(FAILOVER, "both live replicas' logs compacted past the follower's", || async {
+        let mut out = BTreeMap::new();
+        for n in &others {
+            let q = replica_status(&c, *n, "backlog").await?;
+            if q.purged_index <= held {
+                return None;
+            }
+            out.insert(*n, (q.last_log_index, q.snapshot_index, q.purged_index));
+        }
+        Some(out)
+    })
+    .await
+    .unwrap();
+    let purged_before = compacted.values().map(|(_, _, p)| *p).min().unwrap_or(0);
+    let compacted_after = publishing.elapsed() - published_in;
+
+    // Restarted, it installs a snapshot and catches up.
+    let restarting = Instant::now();
+    c.restart(down).await.unwrap();
+    eventually(Duration::from_secs(180), "the restarted follower caught up", || caught_up(&c, "backlog", down)).await.unwrap();
+    let caught_up_in = restarting.elapsed();
+    let stderr = c.node(down).stderr();
+    assert!(stderr.contains("installing a snapshot"), "node {down} installed no snapshot; its log:\n{stderr}");
+    let installed = log_field(&stderr, "snapshot installed", "records");
+    let took_ms = log_field(&stderr, "snapshot installed", "took_ms");
+    let snapshot_bytes = log_field(&stderr, "receiving a snapshot", "bytes");
+    assert!(installed.is_some_and(|r| r > 0), "node {down} never finished installing a snapshot; its log:\n{stderr}");
+    let q = replica_status(&c, down, "backlog").await.unwrap();
+    let (last, snapshot, purged) = (q.last_log_index, q.snapshot_index, q.purged_index);
+    assert!(
+        snapshot >= purged_before && snapshot > held,
+        "node {down}'s snapshot reaches {snapshot}: not past the leader's purge point {purged_before} (it held up to {held})"
+    );
+    let peak_rss = c.node(down).peak_rss_bytes().unwrap_or(0);
+    let (leader_rss, leader_peak) = (c.node(leader).rss_bytes().unwrap_or(0), c.node(leader).peak_rss_bytes().unwrap_or(0));
+
+    // It leads: the other replicas are removed (the leader's last, so that
+    // it hands its leadership to the only other voter), then added back.
+    let moving = Instant::now();
+    let current = leader_of(&c, down, "backlog").await;
+    let mut order: Vec<u64> = others.iter().copied().filter(|n| *n != current).collect();
+    order.extend(others.iter().copied().filter(|n| *n == current));
+    let cd = client(&c, down).await;
+    for n in &order {
+        let r = cd
+            .raw()
+            .shrink_queues(warren_client::proto::ShrinkQueuesRequest { node: *n, queue_pattern: "^backlog$".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(r.changes.len() == 1 && r.changes[0].ok, "shrinking node {n} away: {r:?}");
+    }
+    let new_leader = leader_of(&c, down, "backlog").await;
+    assert_eq!(new_leader, down, "the only replica left leads");
+    let led_in = moving.elapsed();
+    for n in &others {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let r = cd
+                .raw()
+                .grow_queues(warren_client::proto::GrowQueuesRequest { node: *n, queue_pattern: "^backlog$".into(), below: 0 })
+                .await
+                .unwrap()
+                .into_inner();
+            if r.changes.len() == 1 && r.changes[0].ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "growing onto node {n}: {r:?}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        eventually(Duration::from_secs(180), &format!("node {n} caught up from node {down}"), || caught_up(&c, "backlog", *n))
+            .await
+            .unwrap();
+    }
+    let regrown_in = moving.elapsed() - led_in;
+    // Its log holds nothing below the snapshot it installed: what it sent
+    // them was that snapshot.
+    let stderr = c.node(down).stderr();
+    for n in &others {
+        let sent = stderr.lines().any(|l| l.contains("snapshot sent") && l.split_whitespace().any(|w| w == format!("target={n}")));
+        assert!(sent, "node {down} sent node {n} no snapshot; its log:\n{stderr}");
+    }
+    let info = cd.queue_info("backlog").await.unwrap();
+    assert_eq!((info.leader, info.members.clone()), (down, vec![1, 2, 3]), "{info:?}");
+
+    // Everything confirmed, served by it, once; and what comes after.
+    let after = client(&c, others[0]).await;
+    for i in 0..10 {
+        assert!(publish_confirmed(&after, "", "backlog", format!("after-{i}")).await, "after-{i}");
+    }
+    let term = replica_status(&c, down, "backlog").await.unwrap().term;
+    let draining = Instant::now();
+    let got = crate::drain(&cd, "backlog").await;
+    let drained_in = draining.elapsed();
+    let q = replica_status(&c, down, "backlog").await.unwrap();
+    assert_eq!((q.leader, q.term), (down, term), "it led throughout the drain, in one term");
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for b in &got {
+        *counts.entry(b.split('.').next().unwrap_or_default().to_string()).or_default() += 1;
+    }
+    let expected: BTreeSet<String> = (0..BACKLOG).map(|i| format!("m{i:06}")).chain((0..10).map(|i| format!("after-{i}"))).collect();
+    let lost: Vec<&String> = expected.iter().filter(|id| !counts.contains_key(*id)).collect();
+    let phantom: Vec<&String> = counts.keys().filter(|id| !expected.contains(*id)).collect();
+    let twice: Vec<(&String, &usize)> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(lost.is_empty(), "{} confirmed message(s) lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    assert!(phantom.is_empty(), "served but never published: {:?}", &phantom[..phantom.len().min(5)]);
+    assert!(twice.is_empty(), "served more than once: {:?}", &twice[..twice.len().min(5)]);
+    assert_eq!(got.len(), BACKLOG + 10);
+    for b in got.iter().filter(|b| b.starts_with('m')) {
+        assert_eq!(b.len(), BODY_BYTES, "a body came back altered: {:?}", &b[..b.len().min(40)]);
+    }
+    eventually(FAILOVER, "the queue empty on every node", || async {
+        for n in 1..=3u64 {
+            let q = client_of(&c, n).await?.queue_info("backlog").await.ok()?;
+            if q.ready != 0 || q.unacked != 0 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+    .unwrap();
+    for n in 1..=3u64 {
+        let log = c.node(n).stderr();
+        assert!(!log.contains("panicked"), "node {n} panicked:\n{log}");
+    }
+    eprintln!(
+        "catchup-figure: cluster up in {set_up_in:?}; {BACKLOG} messages of {BODY_BYTES} B published in {published_in:?} ({retried} republished); \
+         follower held up to index {held}, the others compacted to {compacted:?} (last, snapshot, purged), seen {compacted_after:?} after the last confirm; \
+         restarted follower caught up in {caught_up_in:?}: snapshot of {snapshot_bytes:?} bytes, {installed:?} records installed in {took_ms:?} ms, \
+         its replica then (last {last}, snapshot {snapshot}, purged {purged}); its peak RSS {} MiB (the leader's: {} MiB, peak {} MiB); \
+         it led {led_in:?} after the shrinks began, the others were grown back in {regrown_in:?}; \
+         drained {} as leader in {drained_in:?}; whole test {:?}",
+        peak_rss >> 20,
+        leader_rss >> 20,
+        leader_peak >> 20,
+        got.len(),
+        started.elapsed()
+    );
+}

@@ -318,6 +318,16 @@ impl TestBroker {
         Some(kb * 1024)
     }
 
+    /// The broker's peak resident set size since it started (`VmHWM`), from
+    /// /proc.
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        let pid = self.pid()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb * 1024)
+    }
+
     /// `GET path` on the broker's HTTP server: (status code, body).
     pub async fn http_get(&self, path: &str) -> Result<(u16, String)> {
         http_get(&self.http_addr, path).await
@@ -387,6 +397,18 @@ impl TestCluster {
 
     /// Starts `n` nodes, node `id` with the extra arguments `args(id)`.
     pub async fn start_each(n: usize, args: impl Fn(u64) -> Vec<String>) -> Result<TestCluster> {
+        TestCluster::start_inner(n, args, &[], false).await
+    }
+
+    /// Starts `n` nodes with extra arguments and environment variables
+    /// (`RUST_LOG` included), each node's stderr captured when
+    /// `capture_stderr` (read back with [`TestBroker::stderr`]).
+    pub async fn start_with_options(n: usize, args: &[&str], envs: &[(&str, &str)], capture_stderr: bool) -> Result<TestCluster> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        TestCluster::start_inner(n, |_| args.clone(), envs, capture_stderr).await
+    }
+
+    async fn start_inner(n: usize, args: impl Fn(u64) -> Vec<String>, envs: &[(&str, &str)], capture_stderr: bool) -> Result<TestCluster> {
         let ports = free_ports(n)?;
         let peers = ports.iter().enumerate().map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1)).collect::<Vec<_>>().join(",");
         let starts = ports.iter().enumerate().map(|(i, port)| {
@@ -401,7 +423,7 @@ impl TestCluster {
             all.extend(args(i as u64 + 1));
             async move {
                 let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-                TestBroker::start_with(&refs).await
+                TestBroker::start_with_options(&refs, envs, capture_stderr).await
             }
         });
         // All at once, as a StatefulSet with parallel pod management does.

@@ -524,6 +524,9 @@ async fn run(cli: Cli, out: &Printer) -> Result<(), Failure> {
                         "term": q.term,
                         "commit_index": q.commit_index,
                         "lag": q.lag.iter().map(|l| format!("{}:{}", l.node, l.entries)).collect::<Vec<_>>().join(","),
+                        "last_log_index": q.last_log_index,
+                        "snapshot_index": q.snapshot_index,
+                        "purged_index": q.purged_index,
                     })
                 })
                 .collect();
@@ -545,7 +548,10 @@ async fn run(cli: Cli, out: &Printer) -> Result<(), Failure> {
                 );
                 out.table(&["id", "address", "up", "leaders", "replicas"], &members);
                 println!();
-                out.table(&["queue", "leader", "members", "online", "term", "commit_index", "lag"], &queues);
+                out.table(
+                    &["queue", "leader", "members", "online", "term", "commit_index", "lag", "snapshot_index", "purged_index"],
+                    &queues,
+                );
             }
             Ok(())
         }

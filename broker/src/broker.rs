@@ -174,7 +174,8 @@ impl Broker {
         let (queue_tx, queue_rx) = mpsc::unbounded_channel();
         let (session_tx, session_rx) = mpsc::unbounded_channel();
         let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
-        let env = TaskEnv { store: store.clone(), events: queue_tx.clone(), snapshot: snapshot.clone() };
+        let (recovered_tx, recovered) = tokio::sync::watch::channel(false);
+        let env = TaskEnv { store: store.clone(), events: queue_tx.clone(), snapshot: snapshot.clone(), recovered };
         // Start the recovered queues.
         for def in queues {
             let c = counters.get(&def.id).copied().unwrap_or_default();
@@ -184,6 +185,8 @@ impl Broker {
             topo.queues.insert(def.name.clone(), QueueEntry { def: Arc::new(def), handle });
         }
         snapshot.store(Arc::new(topo.full_snapshot()));
+        // The recovered queues start now, along the complete snapshot.
+        recovered_tx.send_replace(true);
         // What is left belongs to quorum queues.
         let quorum_inbox = parking_lot::Mutex::new(inbox);
         let broker = Broker {
@@ -1317,7 +1320,7 @@ impl Broker {
                     .as_ref()
                     .map(|s| s.lag.iter().map(|(node, entries)| proto::ReplicaLag { node: *node, entries: *entries }).collect())
                     .unwrap_or_default(),
-                elections: 0,
+                elections: status.as_ref().map_or(0, |s| s.elections),
                 last_log_index: status.as_ref().and_then(|s| s.last_log_index).unwrap_or(0),
                 snapshot_index: status.as_ref().and_then(|s| s.snapshot).unwrap_or(0),
                 purged_index: status.as_ref().and_then(|s| s.purged).unwrap_or(0),

@@ -271,6 +271,7 @@ pub struct BrokerCollector {
     started: OnceLock<Instant>,
     cluster: OnceLock<crate::cluster::Liveness>,
     raft_quiet: OnceLock<Arc<AtomicU64>>,
+    raft: OnceLock<crate::raft::RaftHost>,
 }
 
 impl std::fmt::Debug for BrokerCollector {
@@ -299,6 +300,11 @@ impl BrokerCollector {
     /// Starts showing how many Raft groups are quiet on this node.
     pub fn set_raft_quiet(&self, quiet: Arc<AtomicU64>) {
         let _ = self.raft_quiet.set(quiet);
+    }
+
+    /// Starts showing this node's view of each quorum queue's Raft group.
+    pub fn set_raft(&self, host: crate::raft::RaftHost) {
+        let _ = self.raft.set(host);
     }
 }
 
@@ -549,8 +555,59 @@ impl Collector for BrokerCollector {
         }
         enc.encode_descriptor("connections", "Open client connections.", None, gauge)?.encode_gauge(&broker.open_sessions())?;
 
-        encode_queues(&mut enc, &broker.snapshot(), crate::model::now_ms())
+        let snapshot = broker.snapshot();
+        encode_queues(&mut enc, &snapshot, crate::model::now_ms())?;
+        if let Some(host) = self.raft.get() {
+            encode_quorum_queues(&mut enc, &snapshot, host)?;
+        }
+        Ok(())
     }
+}
+
+/// Per quorum queue, this node's view of its Raft group (queues with a
+/// replica here): leader, term, commit index, members, elections, and on
+/// the leader each follower's lag.
+fn encode_quorum_queues(enc: &mut DescriptorEncoder<'_>, snap: &Snapshot, host: &crate::raft::RaftHost) -> Result<(), std::fmt::Error> {
+    let gauge = MetricType::Gauge;
+    let groups: Vec<(&str, crate::raft::GroupStatus)> = snap
+        .queues
+        .iter()
+        .filter(|(_, e)| crate::replica::meta::is_quorum_id(e.def.id))
+        .filter_map(|(name, e)| host.status(e.def.id).map(|s| (&**name, s)))
+        .collect();
+    type Field = fn(&crate::raft::GroupStatus) -> u64;
+    let families: [(&str, &str, Field); 5] = [
+        ("quorum_queue_leader", "The node that leads the queue's Raft group, as this node sees it (0: none known).", |s| {
+            s.leader.unwrap_or(0)
+        }),
+        ("quorum_queue_is_leader", "1 while this node leads the queue, else 0.", |s| u64::from(s.role == crate::raft::Role::Leader)),
+        ("quorum_queue_term", "The Raft term of the queue's group on this node.", |s| s.term),
+        ("quorum_queue_commit_index", "The last committed log index of the queue's group, as this node knows it.", |s| {
+            s.committed.unwrap_or(0)
+        }),
+        ("quorum_queue_members", "Voting replicas of the queue.", |s| s.voters.len() as u64),
+    ];
+    for (name, help, field) in families {
+        let mut e = enc.encode_descriptor(name, help, None, gauge)?;
+        for (queue, s) in &groups {
+            e.encode_family(&[("queue", *queue)])?.encode_gauge(&field(s))?;
+        }
+    }
+    {
+        let help = "Leaders elected in the queue's group since this node started its replica.";
+        let mut e = enc.encode_descriptor("quorum_queue_elections", help, None, MetricType::Counter)?;
+        for (queue, s) in &groups {
+            labelled_counter(&mut e, &[("queue", *queue)], s.elections)?;
+        }
+    }
+    let help = "On the queue's leader: log entries each other replica lacks.";
+    let mut e = enc.encode_descriptor("quorum_queue_replica_lag_entries", help, None, gauge)?;
+    for (queue, s) in &groups {
+        for (node, lag) in &s.lag {
+            e.encode_family(&[("queue", *queue), ("node", node.to_string().as_str())])?.encode_gauge(lag)?;
+        }
+    }
+    Ok(())
 }
 
 /// The per-queue gauges: one pass over the snapshot's queues to read their

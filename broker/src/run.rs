@@ -157,6 +157,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             let host = RaftHost::new(cluster.clone(), raft_store, config.data_dir.join("raft"), RaftOptions::default())
                 .map_err(|e| anyhow::anyhow!("Raft settings: {e}"))?;
             collector.set_raft_quiet(host.quiet_groups());
+            collector.set_raft(host.clone());
             tracing::info!(node_id, %cluster_addr, mutual_tls, secret, "cluster listener ready");
             if !cluster_addr.ip().is_loopback() {
                 match (mutual_tls, secret) {

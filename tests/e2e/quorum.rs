@@ -95,6 +95,23 @@ async fn should_serve_a_quorum_queue_and_its_topology_from_every_node() {
     }
     let leader = leader_of(&c, 2, "orders").await;
     assert!((1..=3).contains(&leader));
+    // Each node's /metrics shows its view of the queue's Raft group.
+    for id in 1..=3u64 {
+        let text = c.node(id).metrics().await.unwrap();
+        let value = |name: &str| {
+            let prefix = format!("{name}{{queue=\"orders\"}} ");
+            text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).map(|v| v.trim().to_string())
+        };
+        assert_eq!(value("warren_quorum_queue_leader").as_deref(), Some(leader.to_string().as_str()), "node {id}:\n{text}");
+        assert_eq!(value("warren_quorum_queue_is_leader").as_deref(), Some(if id == leader { "1" } else { "0" }), "node {id}");
+        assert_eq!(value("warren_quorum_queue_members").as_deref(), Some("3"), "node {id}");
+        assert!(value("warren_quorum_queue_term").is_some_and(|t| t != "0"), "node {id}");
+        assert!(value("warren_quorum_queue_elections_total").is_some_and(|t| t != "0"), "node {id}: at least the first election");
+        assert!(value("warren_quorum_queue_commit_index").is_some(), "node {id}");
+        if id == leader {
+            assert!(text.contains("warren_quorum_queue_replica_lag_entries{queue=\"orders\",node="), "leader {id}:\n{text}");
+        }
+    }
     // Re-declaring is idempotent from any node; other properties conflict.
     c3.declare_queue("orders", quorum()).await.unwrap();
     // A queue that became a quorum queue by the cluster's default type is

@@ -77,6 +77,11 @@ pub struct TaskEnv {
     pub events: mpsc::UnboundedSender<QueueEvent>,
     /// The routing snapshot, for dead-lettering.
     pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// True once the broker has recovered every queue and published the
+    /// routing snapshot: a recovered queue waits for it before it starts,
+    /// so that what expired while the broker was down is dead-lettered
+    /// along a complete snapshot (not dropped as routing nowhere).
+    pub recovered: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A dead-lettered message to hand to another queue once the batch that
@@ -152,6 +157,7 @@ pub struct QueueTask {
     shared: Arc<QueueShared>,
     events: mpsc::UnboundedSender<QueueEvent>,
     snapshot: Arc<ArcSwap<Snapshot>>,
+    recovered: tokio::sync::watch::Receiver<bool>,
     runtime: tokio::runtime::Handle,
     /// Dead-lettered messages found in the inbox, to adopt at (re)start.
     inbox: Vec<(Vec<u8>, StoredMessage)>,
@@ -205,6 +211,7 @@ pub fn spawn(state: QueueState, auto_delete: bool, env: TaskEnv, inbox: Vec<(Vec
         shared,
         events: env.events,
         snapshot: env.snapshot,
+        recovered: env.recovered,
         runtime: tokio::runtime::Handle::current(),
         inbox,
         expiry_sent: false,
@@ -244,6 +251,8 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 impl QueueTask {
     async fn run(mut self) {
+        // Err only if the broker was dropped before it finished recovering.
+        let _ = self.recovered.wait_for(|done| *done).await;
         if let Err(panic) = AssertUnwindSafe(self.start()).catch_unwind().await {
             self.failure = Some(format!("internal error while starting: {}", panic_message(panic.as_ref())));
         }

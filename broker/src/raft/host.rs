@@ -179,6 +179,8 @@ pub struct GroupStatus {
     pub learners: BTreeSet<NodeId>,
     /// On the leader: entries each other member lacks.
     pub lag: BTreeMap<NodeId, u64>,
+    /// Leaders this node has seen elected in the group since it started it.
+    pub elections: u64,
 }
 
 pub(super) struct Group {
@@ -191,6 +193,8 @@ pub(super) struct Group {
     /// Whether the group is quiet on this node, and since when its log
     /// has not changed.
     pub(super) quiet: QuietState,
+    /// Leaders elected in the group, as this node saw them.
+    elections: Arc<AtomicU64>,
 }
 
 pub(super) struct Inner {
@@ -354,9 +358,17 @@ impl RaftHost {
             }
         }
         let (tx, rx) = watch::channel(LeaderInfo::default());
-        let watcher = tokio::spawn(watch_leader(group, self.node_id(), raft.clone(), tx));
-        let g =
-            Arc::new(Group { raft, snapshots, leader: rx, watcher, changing: tokio::sync::Mutex::new(()), quiet: QuietState::default() });
+        let elections = Arc::new(AtomicU64::new(0));
+        let watcher = tokio::spawn(watch_leader(group, self.node_id(), raft.clone(), tx, elections.clone()));
+        let g = Arc::new(Group {
+            raft,
+            snapshots,
+            leader: rx,
+            watcher,
+            changing: tokio::sync::Mutex::new(()),
+            quiet: QuietState::default(),
+            elections,
+        });
         self.inner.groups.write().insert(group, g);
         Ok(())
     }
@@ -470,6 +482,7 @@ impl RaftHost {
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
             lag,
+            elections: g.elections.load(Ordering::Relaxed),
         })
     }
 
@@ -636,7 +649,7 @@ impl RaftHost {
 
 /// Keeps a group's [`LeaderInfo`] current from openraft's metrics and logs
 /// every change of leadership.
-async fn watch_leader(group: GroupId, me: NodeId, raft: Raft, tx: watch::Sender<LeaderInfo>) {
+async fn watch_leader(group: GroupId, me: NodeId, raft: Raft, tx: watch::Sender<LeaderInfo>, elections: Arc<AtomicU64>) {
     let mut metrics = raft.metrics();
     loop {
         let info = {
@@ -646,6 +659,9 @@ async fn watch_leader(group: GroupId, me: NodeId, raft: Raft, tx: watch::Sender<
         let old = *tx.borrow();
         if info != old {
             if info.leader != old.leader {
+                if info.leader.is_some() {
+                    elections.fetch_add(1, Ordering::Relaxed);
+                }
                 match info.leader {
                     Some(l) if l == me => tracing::info!(group, term = info.term, "leadership: this node was elected leader"),
                     Some(l) => {

@@ -325,27 +325,25 @@ impl RaftHost {
             tokio::spawn(async move {
                 let _ = raft.handle_transfer_leader(openraft::raft::TransferLeaderRequest::new(vote, chosen, None)).await;
             });
-            {
-                // The chosen one loses if its log is shorter than a voter's
-                // (the dead leader had reached some followers and not
-                // others), or if its vote requests were lost: then the next
-                // survivor stands, one short wait per rank, and after every
-                // rank the chosen one again, rather than after a whole
-                // election timeout.
-                let rank = survivors.iter().position(|v| *v == me).unwrap_or(survivors.len()) as u32;
-                let wait = if rank == 0 { STAND_IN_AFTER * survivors.len() as u32 } else { STAND_IN_AFTER * rank };
-                let host = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(wait).await;
-                    let m = g.raft.metrics().borrow_watched().clone();
-                    if m.state == ServerState::Leader || m.current_leader.is_some_and(|now| now != l) {
-                        return;
-                    }
-                    host.wake(id, &g, "the leader's node is gone and no one took over");
-                    tracing::info!(group = id, leader = l, "no new leader yet; standing for election");
-                    let _ = g.raft.handle_transfer_leader(openraft::raft::TransferLeaderRequest::new(m.vote, me, None)).await;
-                });
-            }
+            // The chosen one loses if its log is shorter than a voter's
+            // (the dead leader had reached some followers and not
+            // others), or if its vote requests were lost: then the next
+            // survivor stands, one short wait per rank, and after every
+            // rank the chosen one again, rather than after a whole
+            // election timeout.
+            let rank = survivors.iter().position(|v| *v == me).unwrap_or(survivors.len()) as u32;
+            let wait = if rank == 0 { STAND_IN_AFTER * survivors.len() as u32 } else { STAND_IN_AFTER * rank };
+            let host = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let m = g.raft.metrics().borrow_watched().clone();
+                if m.state == ServerState::Leader || m.current_leader.is_some_and(|now| now != l) {
+                    return;
+                }
+                host.wake(id, &g, "the leader's node is gone and no one took over");
+                tracing::info!(group = id, leader = l, "no new leader yet; standing for election");
+                let _ = g.raft.handle_transfer_leader(openraft::raft::TransferLeaderRequest::new(m.vote, me, None)).await;
+            });
         }
     }
 }

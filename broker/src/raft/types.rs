@@ -13,7 +13,51 @@ use super::machine::LocalReply;
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
     pub now_ms: u64,
+    #[serde(with = "as_bytes")]
     pub data: Vec<u8>,
+}
+
+/// A byte vector (de)serialized as bytes rather than as a sequence of
+/// numbers: with bincode the encoding is the same (a u64 length, then the
+/// bytes), but it is written and read as one copy instead of byte by byte,
+/// which was a tenth of the brokers' CPU in a 3-node quorum queue bench
+/// (every entry is encoded for the log and for each follower, and decoded
+/// on each follower).
+mod as_bytes {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Vec<u8>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+                // Bounded by the input: each element is read from it.
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_byte_buf(Visitor)
+    }
 }
 
 impl fmt::Debug for Proposal {
@@ -100,4 +144,33 @@ pub fn decode_from<T: for<'de> Deserialize<'de>>(r: &mut Cursor<&[u8]>) -> Resul
 /// An I/O error for openraft from anything printable.
 pub fn io_error(e: impl fmt::Display) -> std::io::Error {
     std::io::Error::other(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The entry as it was encoded before: the command as a sequence of
+    /// numbers.
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct SeqProposal {
+        now_ms: u64,
+        data: Vec<u8>,
+    }
+
+    #[test]
+    fn should_encode_a_proposal_as_logs_written_before_encoded_it() {
+        for data in [Vec::new(), vec![0u8], (0..=255u8).cycle().take(5000).collect::<Vec<u8>>()] {
+            let new = Proposal { now_ms: 1_733_000_000_123, data: data.clone() };
+            let old = SeqProposal { now_ms: new.now_ms, data };
+            let bytes = encode(&new);
+            assert_eq!(bytes, encode(&old), "same bytes on disk and on the wire");
+            assert_eq!(decode::<Proposal>(&encode(&old)).unwrap(), new, "an old entry reads as it was");
+            assert_eq!(decode::<SeqProposal>(&bytes).unwrap(), old, "a new entry reads with the old code");
+        }
+        // A length beyond the input fails, without allocating it.
+        let mut bad = encode(&Proposal { now_ms: 1, data: vec![1, 2, 3] });
+        bad[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode::<Proposal>(&bad).is_err());
+    }
 }

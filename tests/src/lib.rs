@@ -311,19 +311,20 @@ impl TestBroker {
 
     /// The broker's resident set size, from /proc.
     pub fn rss_bytes(&self) -> Option<u64> {
-        let pid = self.pid()?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kb * 1024)
+        self.proc_status_bytes("VmRSS:")
     }
 
     /// The broker's peak resident set size since it started (`VmHWM`), from
     /// /proc.
     pub fn peak_rss_bytes(&self) -> Option<u64> {
+        self.proc_status_bytes("VmHWM:")
+    }
+
+    /// A size field (in kB) of the broker's /proc status, in bytes.
+    fn proc_status_bytes(&self, field: &str) -> Option<u64> {
         let pid = self.pid()?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let line = status.lines().find(|l| l.starts_with(field))?;
         let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kb * 1024)
     }

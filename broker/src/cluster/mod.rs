@@ -466,36 +466,29 @@ async fn heartbeat_loop(cluster: Cluster, peer: Arc<Peer>) {
             _ = ticker.tick() => {}
         }
         let timeout = HEARTBEAT_INTERVAL.max(Duration::from_millis(100));
-        let mut refused = false;
-        match peer.heartbeat(cluster.node_id(), cluster.shared.incarnation, timeout).await {
+        let mut result = peer.heartbeat(cluster.node_id(), cluster.shared.incarnation, timeout).await;
+        if let Err(e @ CallError::Unreachable { .. }) = &result
+            && last_ok.is_some()
+        {
+            // The connection failed rather than timed out: a peer whose
+            // process died (its sockets closed, the port refuses) is
+            // declared dead now rather than after `dead_after`, so that the
+            // groups it led elect at once. A second attempt on a fresh
+            // connection first, so that one broken connection to a live
+            // peer is not taken for its death.
+            tracing::debug!(peer = peer.id, error = %e, "heartbeat connection failed; trying once more");
+            result = peer.heartbeat(cluster.node_id(), cluster.shared.incarnation, timeout).await;
+            if let Err(e @ CallError::Unreachable { .. }) = &result {
+                tracing::debug!(peer = peer.id, error = %e, "peer refuses connections");
+                last_ok = None;
+            }
+        }
+        match result {
             Ok(inc) => {
                 last_ok = Some(Instant::now());
                 incarnation = Some(inc);
             }
-            Err(e @ CallError::Unreachable { .. }) if last_ok.is_some() => {
-                // The connection failed rather than timed out: a peer whose
-                // process died (its sockets closed, the port refuses) is
-                // declared dead now rather than after `dead_after`, so that
-                // the groups it led elect at once. A second attempt on a
-                // fresh connection first, so that one broken connection to a
-                // live peer is not taken for its death.
-                tracing::debug!(peer = peer.id, error = %e, "heartbeat connection failed; trying once more");
-                match peer.heartbeat(cluster.node_id(), cluster.shared.incarnation, timeout).await {
-                    Ok(inc) => {
-                        last_ok = Some(Instant::now());
-                        incarnation = Some(inc);
-                    }
-                    Err(e @ CallError::Unreachable { .. }) => {
-                        tracing::debug!(peer = peer.id, error = %e, "peer refuses connections");
-                        refused = true;
-                    }
-                    Err(e) => tracing::trace!(peer = peer.id, error = %e, "heartbeat failed"),
-                }
-            }
             Err(e) => tracing::trace!(peer = peer.id, error = %e, "heartbeat failed"),
-        }
-        if refused {
-            last_ok = None;
         }
         let alive = last_ok.is_some_and(|t| t.elapsed() < dead_after);
         cluster.set_status(peer.id, PeerStatus { alive, incarnation });

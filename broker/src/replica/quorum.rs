@@ -342,11 +342,11 @@ enum Waiter {
     },
 }
 
-impl Waiter {
+impl Adoption {
     /// The adoption went through: its inbox record goes.
-    fn adopted(adoption: Adoption, store: crate::store::Store) {
+    fn done(self, store: crate::store::Store) {
         tokio::spawn(async move {
-            let delete = vec![crate::store::Op::Delete(crate::store::Cf::Inbox, adoption.key)];
+            let delete = vec![crate::store::Op::Delete(crate::store::Cf::Inbox, self.key)];
             if let Err(e) = store.write(delete, false).await {
                 tracing::warn!(error = %e, "cannot delete an adopted dead letter from the inbox (adopted again at the next start)");
             }
@@ -354,8 +354,8 @@ impl Waiter {
     }
 
     /// The adoption failed: again after a backoff.
-    fn adopt_again(adoption: Adoption, me: mpsc::WeakSender<QueueCmd>, reason: &str) {
-        let attempt = adoption.attempt.saturating_add(1);
+    fn again(self, me: mpsc::WeakSender<QueueCmd>, reason: &str) {
+        let attempt = self.attempt.saturating_add(1);
         if attempt >= MAX_ADOPT_ATTEMPTS {
             tracing::error!(
                 reason,
@@ -368,7 +368,7 @@ impl Waiter {
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50u64.saturating_mul(u64::from(attempt.min(20))))).await;
             if let Some(me) = me.upgrade() {
-                let _ = me.send(QueueCmd::Remote(Box::new(RemoteCmd::Adopt(Adoption { attempt, ..adoption })))).await;
+                let _ = me.send(QueueCmd::Remote(Box::new(RemoteCmd::Adopt(Adoption { attempt, ..self })))).await;
             }
         });
     }
@@ -576,12 +576,9 @@ impl Task {
                 let publish = ops::Publish::from_data(&data, delay_ms);
                 self.submit(QueueOp::Enqueue(ops::Enqueue { messages: vec![publish] }), Waiter::Confirms(vec![confirm]));
             }
-            QueueCmd::Adopt { data, inbox_key } => {
-                let waiter = match inbox_key {
-                    Some(key) => self.adoption_waiter(Adoption { key, data: data.clone(), attempt: 0 }),
-                    None => Waiter::None,
-                };
-                self.submit(QueueOp::Adopt(ops::Publish::from_data(&data, None)), waiter);
+            QueueCmd::Adopt { data, inbox_key: Some(key) } => self.adopt(Adoption { key, data, attempt: 0 }),
+            QueueCmd::Adopt { data, inbox_key: None } => {
+                self.submit(QueueOp::Adopt(ops::Publish::from_data(&data, None)), Waiter::None);
             }
             QueueCmd::Subscribe { spec, outbox, reply } => self.subscribe(spec, outbox, reply),
             QueueCmd::Ack { consumer, tag, multiple } => {
@@ -671,11 +668,7 @@ impl Task {
                 self.remote.insert(consumer, RemoteConsumer { spec, tx });
                 let _ = done.send(());
             }
-            RemoteCmd::Adopt(adoption) => {
-                let op = QueueOp::Adopt(ops::Publish::from_data(&adoption.data, None));
-                let waiter = self.adoption_waiter(adoption);
-                self.submit(op, waiter);
-            }
+            RemoteCmd::Adopt(adoption) => self.adopt(adoption),
             RemoteCmd::DeadLettered(seq) => {
                 self.submit(QueueOp::DeadLettered(ops::DeadLettered { seqs: vec![seq] }), Waiter::None);
             }
@@ -701,8 +694,10 @@ impl Task {
         }
     }
 
-    fn adoption_waiter(&self, adoption: Adoption) -> Waiter {
-        Waiter::Adopted { adoption, me: self.me.clone(), store: self.host.store().clone() }
+    /// Proposes a dead letter from this node's inbox (see [`Adoption`]).
+    fn adopt(&mut self, adoption: Adoption) {
+        let op = QueueOp::Adopt(ops::Publish::from_data(&adoption.data, None));
+        self.submit(op, Waiter::Adopted { adoption, me: self.me.clone(), store: self.host.store().clone() });
     }
 
     fn ctx_limits(&self) -> Limits {
@@ -986,7 +981,7 @@ impl Task {
             (Waiter::Remote(reply), r) => {
                 let _ = reply.send(to_wire(r));
             }
-            (Waiter::Adopted { adoption, store, .. }, QueueReply::Done(Ok(()))) => Waiter::adopted(adoption, store),
+            (Waiter::Adopted { adoption, store, .. }, QueueReply::Done(Ok(()))) => adoption.done(store),
             (w, r) => fail_waiter(w, &format!("unexpected reply {r:?}")),
         }
     }
@@ -1035,7 +1030,6 @@ impl Task {
             seq = d.msg.key.seq,
             count = d.msg.delivery_count,
             message_id = %d.msg.data.properties.message_id,
-            attached = self.consumers.contains_key(&d.consumer),
             "deliver"
         );
         let Some(c) = self.consumers.get_mut(&d.consumer) else { return };
@@ -1189,7 +1183,7 @@ fn fail_waiter(waiter: Waiter, reason: &str) {
         Waiter::Remote(reply) => {
             let _ = reply.send(WireReply::Unavailable(reason.to_string()));
         }
-        Waiter::Adopted { adoption, me, .. } => Waiter::adopt_again(adoption, me, reason),
+        Waiter::Adopted { adoption, me, .. } => adoption.again(me, reason),
     }
 }
 
@@ -1221,7 +1215,7 @@ fn deliver_wire(waiter: Waiter, reply: WireReply, name: &str) {
             let _ = reply.send(Ok(n));
         }
         (Waiter::None, _) => {}
-        (Waiter::Adopted { adoption, store, .. }, WireReply::Done(Ok(()))) => Waiter::adopted(adoption, store),
+        (Waiter::Adopted { adoption, store, .. }, WireReply::Done(Ok(()))) => adoption.done(store),
         (w, WireReply::Unavailable(r)) => fail_waiter(w, &r),
         (w, WireReply::NotLeader(l)) => fail_waiter(w, &format!("queue '{name}' has no leader right now (last known: {l:?}); retry")),
         (w, WireReply::Done(Err(e))) => fail_waiter(w, &e.message),

@@ -1318,7 +1318,18 @@ impl Broker {
                 commit_index: status.as_ref().and_then(|s| s.committed).unwrap_or(0),
                 lag: status
                     .as_ref()
-                    .map(|s| s.lag.iter().map(|(node, entries)| proto::ReplicaLag { node: *node, entries: *entries }).collect())
+                    .map(|s| {
+                        s.lag
+                            .iter()
+                            .map(|(node, l)| proto::ReplicaLag {
+                                node: *node,
+                                entries: l.entries,
+                                bytes: l.bytes,
+                                messages: l.messages,
+                                exact: l.exact,
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default(),
                 elections: status.as_ref().map_or(0, |s| s.elections),
                 last_log_index: status.as_ref().and_then(|s| s.last_log_index).unwrap_or(0),

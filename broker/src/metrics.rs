@@ -600,11 +600,26 @@ fn encode_quorum_queues(enc: &mut DescriptorEncoder<'_>, snap: &Snapshot, host: 
             labelled_counter(&mut e, &[("queue", *queue)], s.elections)?;
         }
     }
-    let help = "On the queue's leader: log entries each other replica lacks.";
-    let mut e = enc.encode_descriptor("quorum_queue_replica_lag_entries", help, None, gauge)?;
-    for (queue, s) in &groups {
-        for (node, lag) in &s.lag {
-            e.encode_family(&[("queue", *queue), ("node", node.to_string().as_str())])?.encode_gauge(lag)?;
+    type LagField = fn(&crate::raft::Lag) -> u64;
+    let lags: [(&str, &str, LagField); 3] = [
+        ("quorum_queue_replica_lag_entries", "On the queue's leader: log entries each other replica lacks.", |l| l.entries),
+        (
+            "quorum_queue_replica_lag_bytes",
+            "On the queue's leader: bytes of the log entries each other replica lacks (a lower bound for a replica that needs a snapshot).",
+            |l| l.bytes,
+        ),
+        (
+            "quorum_queue_replica_lag_messages",
+            "On the queue's leader: messages in the log entries each other replica lacks (a lower bound for a replica that needs a snapshot).",
+            |l| l.messages,
+        ),
+    ];
+    for (name, help, field) in lags {
+        let mut e = enc.encode_descriptor(name, help, None, gauge)?;
+        for (queue, s) in &groups {
+            for (node, lag) in &s.lag {
+                e.encode_family(&[("queue", *queue), ("node", node.to_string().as_str())])?.encode_gauge(&field(lag))?;
+            }
         }
     }
     Ok(())

@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt as _;
 use tokio::sync::watch;
 
 use super::keys::{self, StateKind};
-use super::log_store::{LogStats, LogStore};
+use super::log_store::{LogStats, LogStore, Tally};
 use super::machine::{GroupId, GroupMachine, LocalReply, NodeId};
 use super::network::{NetStats, NetworkFactory, RAFT_CALL, RAFT_SNAPSHOT, Rpc, RpcReply, SnapshotHeader};
 use super::quiet::QuietState;
@@ -161,6 +161,20 @@ pub struct LeaderInfo {
     pub term: u64,
 }
 
+/// What a follower lacks of the leader's log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Lag {
+    pub entries: u64,
+    /// Bytes of those entries as stored.
+    pub bytes: u64,
+    /// Messages they carry (published or dead-lettered into the queue).
+    pub messages: u64,
+    /// False when the follower is older than the entries the leader still
+    /// counts (far behind, or in need of a snapshot): `bytes` and
+    /// `messages` are then lower bounds.
+    pub exact: bool,
+}
+
 /// A group's state on this node, for status and metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupStatus {
@@ -177,8 +191,8 @@ pub struct GroupStatus {
     pub purged: Option<u64>,
     pub voters: BTreeSet<NodeId>,
     pub learners: BTreeSet<NodeId>,
-    /// On the leader: entries each other member lacks.
-    pub lag: BTreeMap<NodeId, u64>,
+    /// On the leader: what each other member lacks.
+    pub lag: BTreeMap<NodeId, Lag>,
     /// Leaders this node has seen elected in the group since it started it.
     pub elections: u64,
 }
@@ -195,6 +209,8 @@ pub(super) struct Group {
     pub(super) quiet: QuietState,
     /// Leaders elected in the group, as this node saw them.
     elections: Arc<AtomicU64>,
+    /// Bytes and messages of the entries a member may still lack.
+    tally: Arc<Mutex<Tally>>,
 }
 
 pub(super) struct Inner {
@@ -338,7 +354,8 @@ impl RaftHost {
     async fn start_inner(&self, group: GroupId, machine: Box<dyn GroupMachine>, bootstrap: Bootstrap) -> Result<(), GroupError> {
         let failed = |what: &str, e: &dyn std::fmt::Display| GroupError::Failed(format!("starting group {group}: {what}: {e}"));
         let snapshots = Arc::new(Snapshots::open(self.snapshot_dir(group)).map_err(|e| failed("snapshot directory", &e))?);
-        let log = LogStore::new(group, self.inner.store.clone(), self.inner.stats.clone());
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let log = LogStore::new(group, self.inner.store.clone(), self.inner.stats.clone(), tally.clone(), machine.weigher());
         let sm = StateMachine::open(group, self.inner.store.clone(), machine, snapshots.clone()).await.map_err(|e| failed("state", &e))?;
         let network = NetworkFactory {
             cluster: self.inner.cluster.clone(),
@@ -359,7 +376,7 @@ impl RaftHost {
         }
         let (tx, rx) = watch::channel(LeaderInfo::default());
         let elections = Arc::new(AtomicU64::new(0));
-        let watcher = tokio::spawn(watch_leader(group, self.node_id(), raft.clone(), tx, elections.clone()));
+        let watcher = tokio::spawn(watch_group(group, self.node_id(), raft.clone(), tx, elections.clone(), tally.clone()));
         let g = Arc::new(Group {
             raft,
             snapshots,
@@ -368,6 +385,7 @@ impl RaftHost {
             changing: tokio::sync::Mutex::new(()),
             quiet: QuietState::default(),
             elections,
+            tally,
         });
         self.inner.groups.write().insert(group, g);
         Ok(())
@@ -457,9 +475,15 @@ impl RaftHost {
             .replication
             .as_ref()
             .map(|r| {
+                let tally = g.tally.lock();
                 r.iter()
                     .filter(|(id, _)| **id != m.id)
-                    .map(|(id, matched)| (*id, last.saturating_sub(matched.as_ref().map_or(0, |l| l.index))))
+                    .map(|(id, matched)| {
+                        let matched = matched.as_ref().map(|l| l.index);
+                        let (weight, exact) = tally.lacking(matched);
+                        let entries = last.saturating_sub(matched.unwrap_or(0));
+                        (*id, Lag { entries, bytes: weight.bytes, messages: weight.messages, exact })
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -647,15 +671,31 @@ impl RaftHost {
     }
 }
 
-/// Keeps a group's [`LeaderInfo`] current from openraft's metrics and logs
-/// every change of leadership.
-async fn watch_leader(group: GroupId, me: NodeId, raft: Raft, tx: watch::Sender<LeaderInfo>, elections: Arc<AtomicU64>) {
+/// Keeps a group's [`LeaderInfo`] current from openraft's metrics, logs
+/// every change of leadership, and prunes the lag tally to what a member
+/// may still lack (on the leader, the slowest follower's entries; on a
+/// follower, what it has not applied).
+async fn watch_group(
+    group: GroupId,
+    me: NodeId,
+    raft: Raft,
+    tx: watch::Sender<LeaderInfo>,
+    elections: Arc<AtomicU64>,
+    tally: Arc<Mutex<Tally>>,
+) {
     let mut metrics = raft.metrics();
     loop {
-        let info = {
+        let (info, floor) = {
             let m = metrics.borrow_watched();
-            LeaderInfo { leader: m.current_leader, term: m.current_term }
+            let floor = match (&m.state, &m.replication) {
+                (ServerState::Leader, Some(r)) => r.values().map(|matched| matched.as_ref().map(|l| l.index)).min().flatten(),
+                _ => m.last_applied.as_ref().map(|l| l.index),
+            };
+            (LeaderInfo { leader: m.current_leader, term: m.current_term }, floor)
         };
+        if let Some(floor) = floor {
+            tally.lock().prune_through(floor);
+        }
         let old = *tx.borrow();
         if info != old {
             if info.leader != old.leader {

@@ -15,7 +15,7 @@
 //!   and purge return once applied, and never leave a hole: truncation
 //!   deletes a suffix, purge a prefix, each as one atomic batch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::entry::RaftEntry as _;
 use openraft::storage::{IOFlushed, RaftLogStorage};
-use openraft::{LogState, OptionalSend, RaftLogReader};
+use openraft::{EntryPayload, LogState, OptionalSend, RaftLogReader};
 use parking_lot::Mutex;
 
 use super::keys::{self, StateKind};
@@ -45,6 +45,95 @@ pub struct LogStats {
     pub entries: AtomicU64,
 }
 
+/// Counts the messages in one of a group's commands (for lag in
+/// messages); a group whose commands carry none counts 0.
+pub type Weigher = fn(&[u8]) -> u64;
+
+/// Bytes and messages of log entries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Weight {
+    pub bytes: u64,
+    pub messages: u64,
+}
+
+/// Running totals of the bytes and messages of a group's log entries, by
+/// index, from the oldest entry a member may still lack to the last one
+/// appended: what a follower lacks is the difference between the totals at
+/// the last index and at the follower's. Pruned from the front as members
+/// catch up and as the log is purged, so it holds at most the unpurged log
+/// (one pair of counters per entry), and next to nothing while every
+/// member keeps up.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Index of `totals[0]` (of the next entry when `totals` is empty).
+    first: u64,
+    /// Totals through `first - 1`.
+    base: Weight,
+    totals: VecDeque<Weight>,
+}
+
+impl Tally {
+    fn next(&self) -> u64 {
+        self.first.saturating_add(self.totals.len() as u64)
+    }
+
+    /// Counts entry `index`. An index below the next one replaces the
+    /// entries from it on (a truncated log); one above it starts over (a
+    /// snapshot was installed).
+    pub fn push(&mut self, index: u64, weight: Weight) {
+        if index < self.first || index > self.next() {
+            self.totals.clear();
+            self.first = index;
+        } else if index < self.next() {
+            self.totals.truncate((index - self.first) as usize);
+        }
+        let last = self.totals.back().copied().unwrap_or(self.base);
+        self.totals
+            .push_back(Weight { bytes: last.bytes.saturating_add(weight.bytes), messages: last.messages.saturating_add(weight.messages) });
+    }
+
+    /// Forgets entries up to and including `index` (no member lacks them,
+    /// or they are purged).
+    pub fn prune_through(&mut self, index: u64) {
+        while self.first <= index {
+            let Some(w) = self.totals.pop_front() else { break };
+            self.base = w;
+            self.first += 1;
+        }
+    }
+
+    /// Totals through `index`, if the tally still knows them.
+    fn at(&self, index: u64) -> Option<Weight> {
+        if index.checked_add(1) == Some(self.first) {
+            return Some(self.base);
+        }
+        let i = usize::try_from(index.checked_sub(self.first)?).ok()?;
+        self.totals.get(i).copied()
+    }
+
+    /// What a member whose log ends at `matched` lacks of the entries
+    /// counted. `exact` is false when `matched` is older than the tally (the
+    /// member is far behind, or needs a snapshot): the figure is then what
+    /// the tally holds, a lower bound.
+    pub fn lacking(&self, matched: Option<u64>) -> (Weight, bool) {
+        let last = self.totals.back().copied().unwrap_or(self.base);
+        let (from, exact) = match matched.and_then(|m| self.at(m)) {
+            Some(w) => (w, true),
+            // Past the last entry counted: lacks nothing.
+            None if matched.is_some_and(|m| m >= self.next()) => (last, true),
+            None => (self.base, false),
+        };
+        let lacking = Weight { bytes: last.bytes.saturating_sub(from.bytes), messages: last.messages.saturating_sub(from.messages) };
+        (lacking, exact)
+    }
+
+    /// Entries counted.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.totals.len()
+    }
+}
+
 /// The log and vote of one group. Cloning shares it (openraft's log
 /// readers are clones).
 #[derive(Clone)]
@@ -54,11 +143,13 @@ pub struct LogStore {
     pending: Arc<Mutex<Pending>>,
     seq: Arc<AtomicU64>,
     stats: Arc<LogStats>,
+    tally: Arc<Mutex<Tally>>,
+    weigh: Weigher,
 }
 
 impl LogStore {
-    pub fn new(group: GroupId, store: Store, stats: Arc<LogStats>) -> LogStore {
-        LogStore { group, store, pending: Arc::default(), seq: Arc::default(), stats }
+    pub fn new(group: GroupId, store: Store, stats: Arc<LogStats>, tally: Arc<Mutex<Tally>>, weigh: Weigher) -> LogStore {
+        LogStore { group, store, pending: Arc::default(), seq: Arc::default(), stats, tally, weigh }
     }
 
     fn read_state<T: for<'de> serde::Deserialize<'de>>(&self, kind: StateKind) -> io::Result<Option<T>> {
@@ -180,9 +271,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut indexes = Vec::new();
         {
             let mut pending = self.pending.lock();
+            let mut tally = self.tally.lock();
             for e in entries {
                 let index = e.index();
-                ops.push(Op::Put(Cf::RaftLog, keys::log_key(self.group, index), encode(&e)));
+                let value = encode(&e);
+                let messages = match &e.payload {
+                    EntryPayload::Normal(p) => (self.weigh)(&p.data),
+                    _ => 0,
+                };
+                tally.push(index, Weight { bytes: value.len() as u64, messages });
+                ops.push(Op::Put(Cf::RaftLog, keys::log_key(self.group, index), value));
                 pending.insert(index, (seq, e));
                 indexes.push(index);
             }
@@ -217,6 +315,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
         let upto = log_id.index();
         self.pending.lock().retain(|i, _| *i > upto);
+        self.tally.lock().prune_through(upto);
         let (a, b) = keys::log_range(self.group, 0, Some(upto.saturating_add(1)));
         // The purge marker and the deletion are one batch: no state in
         // which entries are gone but the marker says otherwise.
@@ -225,5 +324,63 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Op::DeleteRange(Cf::RaftLog, a, b),
         ];
         self.store.write(ops, false).await.map_err(io_error)
+    }
+}
+
+#[cfg(test)]
+mod tally_tests {
+    use super::{Tally, Weight};
+
+    fn w(bytes: u64, messages: u64) -> Weight {
+        Weight { bytes, messages }
+    }
+
+    #[test]
+    fn should_count_what_a_member_lacks_from_its_matched_index() {
+        let mut t = Tally::default();
+        for i in 1..=10 {
+            t.push(i, w(100, 2));
+        }
+        assert_eq!(t.lacking(Some(10)), (w(0, 0), true));
+        assert_eq!(t.lacking(Some(7)), (w(300, 6), true));
+        assert_eq!(t.lacking(Some(0)), (w(1000, 20), true));
+        // A member whose matched index is not known yet: everything
+        // counted, as a lower bound.
+        assert_eq!(t.lacking(None), (w(1000, 20), false));
+    }
+
+    #[test]
+    fn should_forget_pruned_entries_and_call_older_indexes_a_lower_bound() {
+        let mut t = Tally::default();
+        for i in 1..=10 {
+            t.push(i, w(10, 1));
+        }
+        t.prune_through(6);
+        assert_eq!(t.len(), 4);
+        assert_eq!(t.lacking(Some(6)), (w(40, 4), true), "the pruned index itself is still known");
+        assert_eq!(t.lacking(Some(2)), (w(40, 4), false), "older: only what the tally holds, flagged");
+        assert_eq!(t.lacking(None), (w(40, 4), false));
+        t.prune_through(100);
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.lacking(Some(10)), (w(0, 0), true));
+        t.push(11, w(5, 1));
+        assert_eq!(t.lacking(Some(10)), (w(5, 1), true), "counting goes on after pruning everything");
+    }
+
+    #[test]
+    fn should_replace_a_truncated_suffix_and_start_over_after_a_gap() {
+        let mut t = Tally::default();
+        for i in 1..=5 {
+            t.push(i, w(10, 1));
+        }
+        // Entries 4 and 5 replaced by a new leader's.
+        t.push(4, w(1, 0));
+        assert_eq!(t.len(), 4);
+        assert_eq!(t.lacking(Some(3)), (w(1, 0), true));
+        // A snapshot installed up to 99: the next entry is 100.
+        t.push(100, w(7, 7));
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.lacking(Some(99)), (w(7, 7), true));
+        assert_eq!(t.lacking(Some(50)), (w(7, 7), false));
     }
 }

@@ -67,4 +67,21 @@ pub trait GroupMachine: Send + 'static {
     /// snapshot is these ranges, read from one consistent store snapshot;
     /// installing one clears them and writes the snapshot's records.
     fn ranges(&self) -> Vec<(Cf, Vec<u8>, Vec<u8>)>;
+
+    /// Whether the glue may write what `apply` produced without the
+    /// store's write-ahead log. The log is durable, so a crash then costs
+    /// only re-applying the entries since the store's last flush (the
+    /// glue flushes before a snapshot, and so before the log is purged);
+    /// a machine whose state must be current at start-up, before its
+    /// group runs, says no.
+    fn apply_unlogged(&self) -> bool {
+        false
+    }
+
+    /// Counts the messages a command carries, for replica lag in messages
+    /// (called on every entry appended: cheap, and never fails; bytes it
+    /// cannot read count 0).
+    fn weigher(&self) -> fn(&[u8]) -> u64 {
+        |_| 0
+    }
 }

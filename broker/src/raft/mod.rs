@@ -21,7 +21,7 @@ pub mod snapshot;
 pub mod state_machine;
 pub mod types;
 
-pub use host::{Bootstrap, GroupError, GroupStatus, LeaderInfo, ProposeError, RaftHost, RaftOptions, Role};
+pub use host::{Bootstrap, GroupError, GroupStatus, Lag, LeaderInfo, ProposeError, RaftHost, RaftOptions, Role};
 pub use machine::{Applied, GroupId, GroupMachine, LocalReply, NodeId};
 pub use types::{decode, encode};
 

@@ -8,6 +8,14 @@
 //!   before the next batch is, so the next batch reads it). A crash never
 //!   leaves an entry half applied, and the applied log id always matches
 //!   the machine's ranges.
+//! * **Applied state may trail the log after a crash.** A machine that
+//!   allows it ([`GroupMachine::apply_unlogged`]: queues) has its batches
+//!   written without the store's write-ahead log: a crash rolls its state
+//!   and applied log id back together (the store flushes every column
+//!   family at once) to the last flush, and openraft applies the entries
+//!   after it again. The log below a snapshot is purged only after the
+//!   snapshot was built, and building one flushes the store first, so the
+//!   entries to apply again are always still in the log.
 //! * **Replies after the write.** A local proposer hears the reply once its
 //!   entry's batch is in the store, so what it reads next reflects it.
 //! * **Snapshots are streamed.** A snapshot is written to a file from one
@@ -124,13 +132,16 @@ pub struct StateMachine {
     store: Store,
     machine: Arc<Mutex<Box<dyn GroupMachine>>>,
     snapshots: Arc<Snapshots>,
+    /// Batches are written without the write-ahead log.
+    unlogged: bool,
 }
 
 impl StateMachine {
     /// Wraps `machine`; finishes or undoes an interrupted snapshot install
     /// and restores the machine from the store.
     pub async fn open(group: GroupId, store: Store, machine: Box<dyn GroupMachine>, snapshots: Arc<Snapshots>) -> io::Result<StateMachine> {
-        let sm = StateMachine { group, store, machine: Arc::new(Mutex::new(machine)), snapshots };
+        let unlogged = machine.apply_unlogged();
+        let sm = StateMachine { group, store, machine: Arc::new(Mutex::new(machine)), snapshots, unlogged };
         if sm.store.engine().get(Cf::RaftState, &keys::state_key(group, StateKind::Installing)).map_err(io_error)?.is_some() {
             tracing::warn!(group, "a snapshot install was interrupted; clearing the group so that its leader sends it again");
             let mut ops = sm.clear_ops();
@@ -242,7 +253,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 return Ok(());
             }
             let (ops, replies) = self.apply_batch(&batch)?;
-            self.store.write(ops, false).await.map_err(io_error)?;
+            if self.unlogged {
+                self.store.write_unlogged(ops).await.map_err(io_error)?;
+            } else {
+                self.store.write(ops, false).await.map_err(io_error)?;
+            }
             for ((_, responder), reply) in batch.into_iter().zip(replies) {
                 if let Some(r) = responder {
                     r.send(Reply(reply));
@@ -308,7 +323,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.store.write(ops, true).await.map_err(io_error)?;
         self.restore()?;
         // Keep the file as the current snapshot (it is what this node
-        // sends if it leads later).
+        // sends if it leads later). At start-up openraft installs the
+        // current snapshot itself when the applied state trails it (a
+        // crash between building it and the store's next flush): that
+        // file stays where it is.
+        if self.snapshots.current().is_some_and(|(_, p)| p == snapshot.path) {
+            tracing::info!(group, records, took_ms = started.elapsed().as_millis() as u64, "state restored from the current snapshot");
+            return Ok(());
+        }
         let kept = self.snapshots.new_path(meta, "installed");
         match std::fs::rename(&snapshot.path, &kept) {
             Ok(()) => {
@@ -351,6 +373,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                         let last_membership: StoredMembership =
                             StateMachine::read_state(view, group, StateKind::Membership)?.unwrap_or_default();
                         let meta = SnapshotMeta { last_log_id, last_membership };
+                        // Everything applied up to the view's log id (and
+                        // more) survives a crash from here on: the log up
+                        // to it may be purged once this snapshot exists.
+                        engine.flush().map_err(io_error)?;
                         let path = snapshots.new_path(&meta, "built");
                         let records = snapshot::write(&path, &meta, view, &ranges)?;
                         Ok((meta, path, records))

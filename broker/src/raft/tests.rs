@@ -764,7 +764,7 @@ mod suite {
             let store = Store::new(Arc::new(MemoryEngine::new()), None);
             let snapshots = Arc::new(Snapshots::open(dir.path().join("snap")).unwrap());
             let sm = StateMachine::open(5, store.clone(), Kv::boxed(5), snapshots).await.unwrap();
-            Ok((dir, LogStore::new(5, store, Arc::default()), sm))
+            Ok((dir, LogStore::new(5, store, Arc::default(), Arc::default(), |_| 0), sm))
         }
     }
 

@@ -1563,7 +1563,7 @@ fn view_of(host: &RaftHost, queue: QueueId) -> Option<GroupView> {
         leader: s.leader.unwrap_or(0),
         voters: s.voters.iter().copied().collect(),
         learners: s.learners.iter().copied().collect(),
-        lag: s.lag.iter().map(|(n, l)| (*n, *l)).collect(),
+        lag: s.lag.iter().map(|(n, l)| (*n, l.entries)).collect(),
     })
 }
 
@@ -1591,7 +1591,7 @@ pub async fn leader_members_op(host: &RaftHost, queue: QueueId, op: MembersOp) -
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return not_leader(e),
                 Err(_) => {
-                    let lag = host.status(queue).and_then(|s| s.lag.get(&node).copied());
+                    let lag = host.status(queue).and_then(|s| s.lag.get(&node).map(|l| l.entries));
                     return MembersReply::Failed(format!(
                         "node {node} was added as a learner and had not caught up after {} s ({} entries behind); \
                          it goes on catching up: run grow again to make it a voter",
@@ -1613,7 +1613,7 @@ pub async fn leader_members_op(host: &RaftHost, queue: QueueId, op: MembersOp) -
                 // Hand leadership to the follower furthest ahead first; the
                 // caller asks the new leader to remove this node.
                 let Some(to) =
-                    status.voters.iter().copied().filter(|v| *v != me).min_by_key(|v| status.lag.get(v).copied().unwrap_or(u64::MAX))
+                    status.voters.iter().copied().filter(|v| *v != me).min_by_key(|v| status.lag.get(v).map_or(u64::MAX, |l| l.entries))
                 else {
                     return MembersReply::Failed(format!("node {node} holds the queue's only voting replica"));
                 };

@@ -188,6 +188,15 @@ pub trait Reader {
 pub trait Engine: Reader + Send + Sync + 'static {
     /// Applies `ops` atomically; durable on return when `sync`.
     fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError>;
+    /// Applies `ops` atomically without logging them: a crash loses them
+    /// unless a flush (see [`Engine::flush`]) persisted them first. For
+    /// state that can be rebuilt from elsewhere (a Raft group's applied
+    /// state, from its log). The engine keeps every column family
+    /// consistent with every other across such a loss: what survives is
+    /// the store as of one point in time, plus the logged writes after it.
+    fn write_unlogged(&self, ops: &[Op]) -> Result<(), StoreError> {
+        self.write(ops, false)
+    }
     /// Bytes used on disk (0 for memory).
     fn disk_usage(&self) -> u64;
     /// Persists memory tables so that the next start need not replay the WAL.
@@ -206,6 +215,8 @@ pub trait Engine: Reader + Send + Sync + 'static {
 pub struct WriteRequest {
     pub ops: Vec<Op>,
     pub sync: bool,
+    /// Written without the write-ahead log ([`Engine::write_unlogged`]).
+    pub unlogged: bool,
     pub done: Option<Completion>,
     /// Refuse this write once an earlier write with the same fence failed.
     pub fence: Option<Arc<Fence>>,
@@ -213,7 +224,13 @@ pub struct WriteRequest {
 
 impl WriteRequest {
     pub fn new(ops: Vec<Op>, sync: bool) -> WriteRequest {
-        WriteRequest { ops, sync, done: None, fence: None }
+        WriteRequest { ops, sync, unlogged: false, done: None, fence: None }
+    }
+
+    /// A write that may be lost at a crash ([`Engine::write_unlogged`]);
+    /// it is still applied in order with every other write.
+    pub fn unlogged(ops: Vec<Op>) -> WriteRequest {
+        WriteRequest { ops, sync: false, unlogged: true, done: None, fence: None }
     }
 
     pub fn on_done(mut self, done: impl FnOnce(Result<(), StoreError>) + Send + 'static) -> WriteRequest {
@@ -388,6 +405,16 @@ impl Store {
         rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
+    /// Writes without logging ([`WriteRequest::unlogged`]) and waits until
+    /// applied.
+    pub async fn write_unlogged(&self, ops: Vec<Op>) -> Result<(), StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(WriteRequest::unlogged(ops).on_done(move |r| {
+            let _ = tx.send(r);
+        }));
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
     /// Runs `f` on the writer thread once every write submitted before this
     /// call is applied. `f` must not block: spawn the actual read elsewhere.
     pub fn after_writes(&self, f: impl FnOnce() + Send + 'static) {
@@ -437,29 +464,51 @@ fn writer_loop(
             return;
         }
         let started = Instant::now();
-        let result = if b.ops.is_empty() { Ok(()) } else { engine.write(&b.ops, b.sync) };
-        let took = started.elapsed();
-        if let Err(e) = &result {
-            tracing::error!(error = %e, ops = b.ops.len(), "store write failed");
-            // Every writer with a request in this batch has lost it: refuse
-            // what they sent after it.
-            for fence in &b.fences {
-                fence.break_with(e.to_string());
+        // Runs of logged and unlogged requests, in submission order; the
+        // last logged run carries the sync, which covers the runs before
+        // it. A run that fails fails its requests and every later one
+        // (never applied); earlier runs stand.
+        let last_logged = b.runs.iter().rposition(|r| !r.unlogged);
+        let mut failed: Option<StoreError> = None;
+        let mut results = Vec::with_capacity(b.runs.len());
+        for (i, run) in b.runs.iter().enumerate() {
+            let result = match &failed {
+                Some(e) => Err(e.clone()),
+                None if run.ops.is_empty() => Ok(()),
+                None if run.unlogged => engine.write_unlogged(&run.ops),
+                None => engine.write(&run.ops, b.sync && Some(i) == last_logged),
+            };
+            if let Err(e) = &result
+                && failed.is_none()
+            {
+                tracing::error!(error = %e, ops = run.ops.len(), "store write failed");
+                failed = Some(e.clone());
             }
+            if let Err(e) = &result {
+                // Every writer with a request here has lost it: refuse
+                // what they sent after it.
+                for fence in &run.fences {
+                    fence.break_with(e.to_string());
+                }
+            }
+            results.push(result);
         }
+        let took = started.elapsed();
         stats.batches.fetch_add(1, Ordering::Relaxed);
         if b.sync {
             stats.synced_batches.fetch_add(1, Ordering::Relaxed);
         }
         stats.requests.fetch_add(b.requests as u64, Ordering::Relaxed);
-        stats.ops.fetch_add(b.ops.len() as u64, Ordering::Relaxed);
+        stats.ops.fetch_add(b.runs.iter().map(|r| r.ops.len() as u64).sum(), Ordering::Relaxed);
         stats.bytes.fetch_add(b.bytes as u64, Ordering::Relaxed);
         stats.sync_nanos.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
         if let Some(obs) = &observer {
             obs(b.requests, b.sync, took);
         }
-        for done in b.dones.drain(..) {
-            done(result.clone());
+        for (run, result) in b.runs.iter_mut().zip(results) {
+            for done in run.dones.drain(..) {
+                done(result.clone());
+            }
         }
         budget.add_permits(b.charge);
         b.clear();
@@ -500,12 +549,20 @@ fn writer_loop(
     flush(&mut batch);
 }
 
-/// Requests merged into one atomic write.
+/// Consecutive requests of one kind (logged or not), merged into one
+/// atomic write.
 #[derive(Default)]
-struct Batch {
+struct Run {
+    unlogged: bool,
     ops: Vec<Op>,
     dones: Vec<Completion>,
     fences: Vec<Arc<Fence>>,
+}
+
+/// Requests merged into one write per run, and one sync.
+#[derive(Default)]
+struct Batch {
+    runs: Vec<Run>,
     sync: bool,
     requests: usize,
     bytes: usize,
@@ -519,20 +576,23 @@ impl Batch {
         self.sync |= w.sync;
         self.bytes += w.bytes();
         self.charge += charge as usize;
-        self.ops.extend(w.ops);
+        if self.runs.last().is_none_or(|r| r.unlogged != w.unlogged) {
+            self.runs.push(Run { unlogged: w.unlogged, ..Run::default() });
+        }
+        let Some(run) = self.runs.last_mut() else { return };
+        run.ops.extend(w.ops);
         if let Some(d) = w.done {
-            self.dones.push(d);
+            run.dones.push(d);
         }
         if let Some(f) = w.fence
-            && !self.fences.iter().any(|x| Arc::ptr_eq(x, &f))
+            && !run.fences.iter().any(|x| Arc::ptr_eq(x, &f))
         {
-            self.fences.push(f);
+            run.fences.push(f);
         }
     }
 
     fn clear(&mut self) {
-        self.ops.clear();
-        self.fences.clear();
+        self.runs.clear();
         self.sync = false;
         self.requests = 0;
         self.bytes = 0;
@@ -612,6 +672,42 @@ mod tests {
         store.close().unwrap();
     }
 
+    #[tokio::test]
+    async fn should_keep_logged_and_unlogged_writes_in_order_and_sync_the_last_logged_run() {
+        let gate = Gate::closed();
+        let store = Store::new(gate.clone(), None);
+        // Hold the writer so that the rest merges into one batch.
+        store.submit(WriteRequest::new(vec![put(b"k", b"0")], false));
+        gate.wait_for_writer();
+        let done = Arc::new(AtomicUsize::new(0));
+        let plan: [(&[u8], bool, bool); 5] =
+            [(b"1", false, true), (b"2", false, false), (b"3", true, false), (b"4", false, false), (b"5", true, false)];
+        for (v, unlogged, sync) in plan {
+            let done = done.clone();
+            let req = if unlogged { WriteRequest::unlogged(vec![put(b"k", v)]) } else { WriteRequest::new(vec![put(b"k", v)], sync) };
+            store.submit(req.on_done(move |r| {
+                assert!(r.is_ok());
+                done.fetch_add(1, Ordering::SeqCst);
+            }));
+        }
+        gate.open();
+        let v = store.read_after_writes(|e| e.get(Cf::Messages, b"k")).await.unwrap();
+        assert_eq!(v, Some(b"5".to_vec()), "the last write wins, whatever its kind");
+        assert_eq!(done.load(Ordering::SeqCst), 5);
+        let calls = gate.calls.lock().clone();
+        let k = |s: &[u8]| vec![s.to_vec()];
+        let merged = vec![b"1".to_vec(), b"2".to_vec()];
+        assert_eq!(
+            calls,
+            vec![(false, false, k(b"0")), (false, false, merged), (true, false, k(b"3")), (false, true, k(b"4")), (true, false, k(b"5"))],
+            "runs in order; the sync asked for by the first run is carried by the last logged one"
+        );
+        store.close().unwrap();
+    }
+
+    /// One engine write as the gate saw it: (unlogged, synced, values put).
+    type Call = (bool, bool, Vec<Vec<u8>>);
+
     /// An engine whose writes wait until it is opened, to hold the writer
     /// busy.
     struct Gate {
@@ -619,6 +715,7 @@ mod tests {
         /// (open, a write is waiting)
         state: parking_lot::Mutex<(bool, bool)>,
         cv: parking_lot::Condvar,
+        calls: parking_lot::Mutex<Vec<Call>>,
     }
 
     impl Gate {
@@ -627,6 +724,7 @@ mod tests {
                 inner: memory::MemoryEngine::new(),
                 state: parking_lot::Mutex::new((false, false)),
                 cv: parking_lot::Condvar::new(),
+                calls: parking_lot::Mutex::default(),
             })
         }
 
@@ -656,8 +754,8 @@ mod tests {
         }
     }
 
-    impl Engine for Gate {
-        fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError> {
+    impl Gate {
+        fn pass(&self, ops: &[Op], unlogged: bool, sync: bool) {
             let mut st = self.state.lock();
             st.1 = true;
             self.cv.notify_all();
@@ -665,7 +763,19 @@ mod tests {
                 self.cv.wait(&mut st);
             }
             drop(st);
+            let values = ops.iter().map(|op| if let Op::Put(_, _, v) = op { v.clone() } else { Vec::new() }).collect();
+            self.calls.lock().push((unlogged, sync, values));
+        }
+    }
+
+    impl Engine for Gate {
+        fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError> {
+            self.pass(ops, false, sync);
             self.inner.write(ops, sync)
+        }
+        fn write_unlogged(&self, ops: &[Op]) -> Result<(), StoreError> {
+            self.pass(ops, true, false);
+            self.inner.write(ops, false)
         }
         fn disk_usage(&self) -> u64 {
             0

@@ -50,6 +50,12 @@ impl RocksEngine {
         db_opts.set_max_total_wal_size(256 << 20);
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_log_file_size(16 << 20);
+        // Raft groups apply their entries without the WAL (the log is what
+        // is durable). Every column family is flushed together, so that
+        // what a crash leaves of those unlogged writes is one point in
+        // time across all of them, never a newer state in one family and
+        // an older one in another.
+        db_opts.set_atomic_flush(true);
         let descriptors: Vec<ColumnFamilyDescriptor> =
             Cf::ALL.iter().map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf, &cache, tuning))).collect();
         let mut db = DB::open_cf_descriptors(&db_opts, path, descriptors).map_err(io)?;
@@ -60,6 +66,19 @@ impl RocksEngine {
             db.create_cf(cf.name(), &cf_options(cf, &cache, tuning)).map_err(io)?;
         }
         Ok(RocksEngine { db, path: path.to_path_buf() })
+    }
+
+    fn batch(&self, ops: &[Op]) -> Result<WriteBatch, StoreError> {
+        let mut batch = WriteBatch::default();
+        for op in ops {
+            match op {
+                Op::Put(cf, k, v) => batch.put_cf(self.cf(*cf)?, k, v),
+                Op::Delete(cf, k) => batch.delete_cf(self.cf(*cf)?, k),
+                Op::Merge(cf, k, v) => batch.merge_cf(self.cf(*cf)?, k, v),
+                Op::DeleteRange(cf, from, to) => batch.delete_range_cf(self.cf(*cf)?, from, to),
+            }
+        }
+        Ok(batch)
     }
 
     fn cf(&self, cf: Cf) -> Result<&ColumnFamily, StoreError> {
@@ -159,18 +178,16 @@ impl Reader for RocksView<'_> {
 
 impl Engine for RocksEngine {
     fn write(&self, ops: &[Op], sync: bool) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        for op in ops {
-            match op {
-                Op::Put(cf, k, v) => batch.put_cf(self.cf(*cf)?, k, v),
-                Op::Delete(cf, k) => batch.delete_cf(self.cf(*cf)?, k),
-                Op::Merge(cf, k, v) => batch.merge_cf(self.cf(*cf)?, k, v),
-                Op::DeleteRange(cf, from, to) => batch.delete_range_cf(self.cf(*cf)?, from, to),
-            }
-        }
+        let batch = self.batch(ops)?;
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         self.db.write_opt(batch, &wo).map_err(io)
+    }
+
+    fn write_unlogged(&self, ops: &[Op]) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.db.write_opt(self.batch(ops)?, &wo).map_err(io)
     }
 
     fn disk_usage(&self) -> u64 {

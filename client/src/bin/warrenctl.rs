@@ -523,7 +523,7 @@ async fn run(cli: Cli, out: &Printer) -> Result<(), Failure> {
                         "online": q.online.iter().map(u64::to_string).collect::<Vec<_>>().join(","),
                         "term": q.term,
                         "commit_index": q.commit_index,
-                        "lag": q.lag.iter().map(|l| format!("{}:{}", l.node, l.entries)).collect::<Vec<_>>().join(","),
+                        "lag": q.lag.iter().map(lag_text).collect::<Vec<_>>().join(","),
                         "last_log_index": q.last_log_index,
                         "snapshot_index": q.snapshot_index,
                         "purged_index": q.purged_index,
@@ -1139,4 +1139,11 @@ impl Printer {
             self.emit(&format!("{k:<17} {v}"));
         }
     }
+}
+
+/// A follower's lag as `node:entries/messages/bytes` (`node:>=...` when the
+/// leader only knows a lower bound: the follower needs a snapshot).
+fn lag_text(l: &proto::ReplicaLag) -> String {
+    let at_least = if l.exact { "" } else { ">=" };
+    format!("{}:{at_least}{}e/{}m/{}B", l.node, l.entries, l.messages, l.bytes)
 }

@@ -411,3 +411,40 @@ fn should_restore_consumers_and_what_they_hold() {
     assert!(lines.iter().any(|l| l.contains("ConsumerGone")), "{lines:?}");
     assert_eq!(r.machine.state.stats().ready, 4, "five published, one acknowledged");
 }
+
+fn entry(op: QueueOp) -> QueueEntry {
+    QueueEntry { op: Some(op) }
+}
+
+fn enqueue(n: usize) -> QueueOp {
+    let m = Publish { routing_key: "k".into(), body: Bytes::from_static(b"body"), ..Default::default() };
+    QueueOp::Enqueue(Enqueue { messages: vec![m; n] })
+}
+
+#[test]
+fn should_count_the_messages_an_entry_brings_without_decoding_it() {
+    let count = |e: QueueEntry| messages_in(&e.encode_to_vec());
+    assert_eq!(count(entry(enqueue(3))), 3);
+    assert_eq!(count(entry(QueueOp::Adopt(Publish::default()))), 1);
+    assert_eq!(count(entry(QueueOp::Ack(Settle { consumer: 1, tag: 2, multiple: false }))), 0);
+    let inner = vec![entry(enqueue(2)), entry(QueueOp::Purge(Empty {})), entry(QueueOp::Adopt(Publish::default()))];
+    assert_eq!(count(entry(QueueOp::Batch(crate::replica::ops::Batch { entries: inner.clone() }))), 3);
+    // A batch in a batch is skipped by the machine: it brings nothing.
+    let nested = vec![entry(QueueOp::Batch(crate::replica::ops::Batch { entries: inner })), entry(enqueue(1))];
+    assert_eq!(count(entry(QueueOp::Batch(crate::replica::ops::Batch { entries: nested }))), 1);
+    assert_eq!(messages_in(&[]), 0);
+}
+
+proptest! {
+    #[test]
+    fn should_never_fail_on_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = messages_in(&bytes);
+    }
+
+    #[test]
+    fn should_count_as_many_messages_as_a_decoded_batch_holds(sizes in proptest::collection::vec(0usize..5, 0..8)) {
+        let entries: Vec<QueueEntry> = sizes.iter().map(|n| entry(enqueue(*n))).collect();
+        let e = entry(QueueOp::Batch(crate::replica::ops::Batch { entries }));
+        prop_assert_eq!(messages_in(&e.encode_to_vec()), sizes.iter().sum::<usize>() as u64);
+    }
+}

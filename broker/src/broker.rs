@@ -31,6 +31,10 @@ use crate::store::{Cf, Op, Store};
 use crate::topology::{BindingDef, ExchangeDef, QueueDef, QueueEntry, SessionId, Snapshot, Topology};
 use prost::Message as _;
 
+/// The name [`Broker::quorum_critical`] gives the metadata group when
+/// stopping a node would leave it without a majority.
+pub const METADATA_CRITICAL: &str = "(cluster metadata)";
+
 /// Settings of the broker core.
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
@@ -1284,7 +1288,14 @@ impl Broker {
         let Some(c) = self.cluster() else {
             return proto::ClusterStatusResponse {
                 node_id: 0,
-                members: vec![proto::ClusterMember { id: 0, address: String::new(), alive: true, leaders: 0, replicas: 0 }],
+                members: vec![proto::ClusterMember {
+                    id: 0,
+                    address: String::new(),
+                    alive: true,
+                    leaders: 0,
+                    replicas: 0,
+                    metadata: String::new(),
+                }],
                 metadata_leader: 0,
                 queues: Vec::new(),
                 queues_without_quorum: 0,
@@ -1337,17 +1348,24 @@ impl Broker {
                 purged_index: status.as_ref().and_then(|s| s.purged).unwrap_or(0),
             });
         }
-        let members = host
-            .cluster()
-            .config()
-            .peers
-            .iter()
-            .map(|(id, addr)| proto::ClusterMember {
-                id: *id,
-                address: addr.clone(),
-                alive: *id == me || alive.is_alive(*id),
-                leaders: leaders.get(id).copied().unwrap_or(0),
-                replicas: replicas.get(id).copied().unwrap_or(0),
+        let meta = host.status(crate::replica::meta::META_GROUP);
+        let part = |id: &NodeId| match &meta {
+            Some(m) if m.voters.contains(id) => "voter",
+            Some(m) if m.learners.contains(id) => "learner",
+            _ => "",
+        };
+        let peers = &host.cluster().config().peers;
+        let unlisted = meta.iter().flat_map(|m| m.voters.iter().chain(&m.learners)).filter(|id| !peers.contains_key(id));
+        let listed = peers.iter().map(|(id, addr)| (*id, addr.clone()));
+        let members = listed
+            .chain(unlisted.map(|id| (*id, String::new())))
+            .map(|(id, address)| proto::ClusterMember {
+                id,
+                address,
+                alive: id == me || alive.is_alive(id),
+                leaders: leaders.get(&id).copied().unwrap_or(0),
+                replicas: replicas.get(&id).copied().unwrap_or(0),
+                metadata: part(&id).to_string(),
             })
             .collect();
         proto::ClusterStatusResponse {
@@ -1361,7 +1379,7 @@ impl Broker {
 
     /// Quorum queues that would lose their majority if `node` stopped: those
     /// it holds a replica of whose other replicas that are up are not a
-    /// majority.
+    /// majority; and [`METADATA_CRITICAL`] when the metadata group would.
     pub async fn quorum_critical(&self, node: u64) -> Result<Vec<String>> {
         let Some(c) = self.cluster() else { return Ok(Vec::new()) };
         if !c.nodes.contains(&node) {
@@ -1375,6 +1393,18 @@ impl Broker {
             let others_up = info.online.iter().filter(|n| **n != node).count();
             if others_up <= info.members.len() / 2 {
                 out.push(info.name);
+            }
+        }
+        // The metadata group spans every node: stopping one more voter
+        // than it can lose stops every declare and binding.
+        let host = &c.replicas.host;
+        if let Some(meta) = host.status(crate::replica::meta::META_GROUP)
+            && meta.voters.contains(&node)
+        {
+            let alive = host.cluster().liveness();
+            let others_up = meta.voters.iter().filter(|n| **n != node && (**n == host.node_id() || alive.is_alive(**n))).count();
+            if others_up <= meta.voters.len() / 2 {
+                out.push(METADATA_CRITICAL.to_string());
             }
         }
         Ok(out)

@@ -179,3 +179,105 @@ async fn should_rebalance_leaders_and_refuse_to_shrink_a_last_replica() {
     let err = c2.raw().shrink_queues(proto::ShrinkQueuesRequest { node: 0, queue_pattern: String::new() }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
 }
+
+/// Each listed node's part in the metadata group (`voter`, `learner`, or
+/// empty) as node `via` reports it.
+async fn metadata_parts(c: &TestCluster, via: u64) -> Option<BTreeMap<u64, String>> {
+    let status = c.node(via).client().await.ok()?.raw().cluster_status(proto::ClusterStatusRequest {}).await.ok()?.into_inner();
+    Some(status.members.into_iter().map(|m| (m.id, m.metadata)).collect())
+}
+
+/// Waits until node `via` reports exactly `voters` as the metadata group's
+/// voters (and no learner).
+async fn wait_metadata_voters(c: &TestCluster, via: u64, voters: &[u64]) {
+    let want: BTreeSet<u64> = voters.iter().copied().collect();
+    eventually(SETTLE, &format!("metadata voters {want:?} seen from node {via}"), || async {
+        let parts = metadata_parts(c, via).await?;
+        let got: BTreeSet<u64> = parts.iter().filter(|(_, p)| *p == "voter").map(|(id, _)| *id).collect();
+        (got == want && !parts.values().any(|p| p == "learner")).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+/// Waits until node `via` knows a metadata leader whose voters include
+/// `voters`.
+async fn wait_metadata_leader(c: &TestCluster, via: u64, voters: &[u64]) {
+    eventually(SETTLE, &format!("a metadata leader seen from node {via}, with voters {voters:?}"), || async {
+        let status = c.node(via).client().await.ok()?.raw().cluster_status(proto::ClusterStatusRequest {}).await.ok()?.into_inner();
+        let has = |id: &u64| status.members.iter().any(|m| m.id == *id && m.metadata == "voter");
+        (status.metadata_leader != 0 && voters.iter().all(has)).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+/// A scale-up as the operator makes it: a new pod starts listing every
+/// node while the old ones still list only themselves, then the old ones
+/// restart one at a time with the longer list. The new node must not form
+/// a metadata group of its own; it is added once the leader lists it,
+/// holds the definitions, and can take a queue replica. A scale-down as
+/// the operator makes it (the pod removed, then the others restarted
+/// without it) takes it out of the group again, so the majority is
+/// counted over the nodes that exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_add_a_new_node_to_the_metadata_and_remove_it_after_a_scale_down() {
+    let mut c = TestCluster::start(3).await.unwrap();
+    let c1 = client(&c, 1).await;
+    c1.declare_exchange("events", warren_client::ExchangeKind::Topic, warren_client::ExchangeOptions::durable()).await.unwrap();
+    c1.declare_queue("orders", quorum(3)).await.unwrap();
+    c1.bind_queue("events", "orders", "order.#").await.unwrap();
+    wait_metadata_voters(&c, 1, &[1, 2, 3]).await;
+
+    let new = c.add_node().await.unwrap();
+    assert_eq!(new, 4);
+    // The old nodes do not know it yet: it waits, and forms nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let parts = metadata_parts(&c, new).await.unwrap();
+    assert!(parts.values().all(String::is_empty), "node 4 formed or joined a metadata group on its own: {parts:?}");
+    assert_eq!(metadata_parts(&c, 1).await.unwrap().get(&4), None, "node 1 does not list node 4 yet");
+
+    // The rolling restart: each old node comes back listing node 4.
+    for id in 1..=3u64 {
+        c.kill(id).unwrap();
+        c.restart(id).await.unwrap();
+        wait_metadata_leader(&c, id, &[1, 2, 3]).await;
+    }
+    wait_metadata_voters(&c, new, &[1, 2, 3, 4]).await;
+    wait_metadata_voters(&c, 1, &[1, 2, 3, 4]).await;
+
+    // It holds the definitions: a publish through it is routed by the
+    // binding made before it existed, and it can take a replica.
+    let c4 = client(&c, new).await;
+    let routed = eventually(SETTLE, "a publish routed through node 4", || async {
+        let m = warren_client::Message::new("events", "order.created", "from-4").persistent();
+        let confirm = c4.publish(m).await.ok()?;
+        (confirm.status == proto::ConfirmStatus::Routed as i32).then_some(())
+    })
+    .await;
+    assert!(routed.is_ok(), "{routed:?}");
+    let out = ctl(&c, new, &["queue", "grow", "4", "--pattern", "^orders$"]).await;
+    assert!(out.ok(), "{out:?}");
+    wait_members(&c, new, "orders", &[1, 2, 3, 4]).await;
+    let out = ctl(&c, new, &["cluster", "status"]).await;
+    assert!(out.ok() && out.stdout.contains("voter"), "{out:?}");
+
+    // Scale back down: its replica moved off first (as the operator
+    // does), then the pod goes and the others restart without it.
+    let out = ctl(&c, 1, &["queue", "shrink", "4"]).await;
+    assert!(out.ok(), "{out:?}");
+    wait_members(&c, 1, "orders", &[1, 2, 3]).await;
+    c.remove_last_node().unwrap();
+    for id in 1..=3u64 {
+        c.kill(id).unwrap();
+        c.restart(id).await.unwrap();
+        wait_metadata_leader(&c, id, &[1, 2, 3]).await;
+    }
+    for id in 1..=3u64 {
+        wait_metadata_voters(&c, id, &[1, 2, 3]).await;
+    }
+    // Nothing confirmed was lost on the way (a retried publish may have
+    // been stored twice).
+    let got = drain(&client(&c, 2).await, "orders", Duration::from_secs(3)).await;
+    assert!(!got.is_empty() && got.iter().all(|m| m == "from-4"), "{got:?}");
+}

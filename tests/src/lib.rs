@@ -437,6 +437,53 @@ impl TestCluster {
         self.nodes.len()
     }
 
+    /// Starts node N+1 with `--peers` listing every node, as a StatefulSet
+    /// scale-up starts its new pods; the others get the longer list at
+    /// their next [`restart`](Self::restart), as the operator's rolling
+    /// restart gives it to the old pods. Returns the new node's id.
+    pub async fn add_node(&mut self) -> Result<u64> {
+        let id = self.nodes.len() as u64 + 1;
+        let port = free_ports(1)?[0];
+        self.set_peers(format!("{},{id}=127.0.0.1:{port}", self.peers));
+        let node_args = |node: &TestBroker| node.extra.iter().skip_while(|a| *a != "--peers").skip(2).cloned().collect::<Vec<_>>();
+        let mut all: Vec<String> = vec![
+            "--node-id".into(),
+            id.to_string(),
+            "--cluster-addr".into(),
+            format!("127.0.0.1:{port}"),
+            "--peers".into(),
+            self.peers.clone(),
+        ];
+        all.extend(self.nodes.first().map(node_args).unwrap_or_default());
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let node = TestBroker::start_with(&refs).await?;
+        self.nodes.push(node);
+        Ok(id)
+    }
+
+    /// Kills the last node and leaves it out of every other node's
+    /// `--peers` from their next [`restart`](Self::restart) (a scale-down
+    /// by one). Returns its id.
+    pub fn remove_last_node(&mut self) -> Result<u64> {
+        let id = self.nodes.len() as u64;
+        let mut last = self.nodes.pop().ok_or_else(|| anyhow!("no node to remove"))?;
+        last.kill();
+        let prefix = format!("{id}=");
+        let peers: Vec<&str> = self.peers.split(',').filter(|p| !p.starts_with(&prefix)).collect();
+        self.set_peers(peers.join(","));
+        Ok(id)
+    }
+
+    /// The `--peers` every node gets at its next start.
+    fn set_peers(&mut self, peers: String) {
+        for node in &mut self.nodes {
+            if let Some(i) = node.extra.iter().position(|a| a == "--peers") {
+                node.extra[i + 1] = peers.clone();
+            }
+        }
+        self.peers = peers;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
     }

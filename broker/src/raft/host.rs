@@ -365,14 +365,7 @@ impl RaftHost {
         };
         let raft = Raft::new(self.node_id(), self.inner.config.clone(), network, log, sm).await.map_err(|e| failed("raft", &e))?;
         if let Bootstrap::Members(members) = bootstrap {
-            let initialized = raft.is_initialized().await.map_err(|e| failed("raft", &e))?;
-            if !initialized {
-                match raft.initialize(members.clone()).await {
-                    Ok(()) => tracing::info!(group, ?members, "group formed"),
-                    Err(RaftError::APIError(e)) => tracing::debug!(group, error = %e, "group formed already"),
-                    Err(e) => return Err(failed("initialize", &e)),
-                }
-            }
+            form(group, &raft, members).await?;
         }
         let (tx, rx) = watch::channel(LeaderInfo::default());
         let elections = Arc::new(AtomicU64::new(0));
@@ -389,6 +382,22 @@ impl RaftHost {
         });
         self.inner.groups.write().insert(group, g);
         Ok(())
+    }
+
+    /// Whether this node's copy of `group` has a membership (it formed the
+    /// group or a leader reached it); `None` when the group is not running
+    /// here.
+    pub async fn is_initialized(&self, group: GroupId) -> Option<bool> {
+        let g = self.group(group)?;
+        g.raft.is_initialized().await.ok()
+    }
+
+    /// Forms a running `group` with `members` as its voters, unless this
+    /// node's copy has a membership already (as [`Bootstrap::Members`] at
+    /// start-up).
+    pub async fn form(&self, group: GroupId, members: BTreeSet<NodeId>) -> Result<(), GroupError> {
+        let g = self.group(group).ok_or(GroupError::NoGroup(group))?;
+        form(group, &g.raft, members).await
     }
 
     fn snapshot_dir(&self, group: GroupId) -> PathBuf {
@@ -669,6 +678,20 @@ impl RaftHost {
     pub fn has_state(&self, group: GroupId) -> bool {
         self.inner.store.engine().get(Cf::RaftState, &keys::state_key(group, StateKind::Vote)).ok().flatten().is_some()
     }
+}
+
+/// Initializes `raft` with `members` unless it has a membership.
+async fn form(group: GroupId, raft: &Raft, members: BTreeSet<NodeId>) -> Result<(), GroupError> {
+    let failed = |what: &str, e: &dyn std::fmt::Display| GroupError::Failed(format!("forming group {group}: {what}: {e}"));
+    if raft.is_initialized().await.map_err(|e| failed("raft", &e))? {
+        return Ok(());
+    }
+    match raft.initialize(members.clone()).await {
+        Ok(()) => tracing::info!(group, ?members, "group formed"),
+        Err(RaftError::APIError(e)) => tracing::debug!(group, error = %e, "group formed already"),
+        Err(e) => return Err(failed("initialize", &e)),
+    }
+    Ok(())
 }
 
 /// Keeps a group's [`LeaderInfo`] current from openraft's metrics, logs

@@ -37,6 +37,14 @@ pub const META_GROUP: u64 = 0;
 pub const QUORUM_ID_BIT: u64 = 1 << 63;
 /// The call that proposes a metadata change on the group's leader.
 const META_PROPOSE: &str = "meta.propose";
+/// The call that asks a node what its copy of the metadata group is
+/// ([`CopyState`]).
+const META_STATE: &str = "meta.state";
+/// How often a node whose metadata copy is pristine asks the others again,
+/// and how often the leader checks the membership against `--peers`.
+const MEMBERSHIP_TICK: Duration = Duration::from_millis(500);
+/// How long one membership step (a learner catching up) may take.
+const MEMBERSHIP_STEP_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a read barrier may wait.
 const BARRIER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a change may wait for a leader, its commit and its application.
@@ -341,6 +349,88 @@ impl GroupMachine for MetaMachine {
     }
 }
 
+/// What a node's copy of the metadata group is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CopyState {
+    /// The group is not running on it yet.
+    Starting,
+    /// Running, with no membership: it never formed the group and no
+    /// leader reached it.
+    Pristine,
+    /// It has a membership: the cluster exists.
+    Formed,
+}
+
+/// What a node with a pristine copy does, given each other member's answer
+/// (`None`: it could not be asked, or refused to answer this node).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Formation {
+    /// Every other member is pristine too: form the group with all of them.
+    Form,
+    /// Some member holds the metadata: this node is new (or lost its disk)
+    /// and waits for the group's leader to bring it in.
+    Join { formed: Vec<NodeId> },
+    /// Some member did not answer: wait and ask again.
+    Wait { silent: Vec<NodeId> },
+}
+
+/// Forms only on unanimity. A majority would do for a new cluster, but
+/// not for new nodes joining one: a scale-up from 3 to 7 starts 4 pristine
+/// nodes, a majority of 7, that would form a second group (and overwrite
+/// the first's log on the old nodes) while the old ones cannot answer.
+pub fn formation(answers: &BTreeMap<NodeId, Option<CopyState>>) -> Formation {
+    let formed: Vec<NodeId> = answers.iter().filter(|(_, a)| **a == Some(CopyState::Formed)).map(|(n, _)| *n).collect();
+    if !formed.is_empty() {
+        return Formation::Join { formed };
+    }
+    let silent: Vec<NodeId> = answers.iter().filter(|(_, a)| **a != Some(CopyState::Pristine)).map(|(n, _)| *n).collect();
+    if silent.is_empty() { Formation::Form } else { Formation::Wait { silent } }
+}
+
+/// One step the metadata leader takes to bring the group's membership in
+/// line with its `--peers`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberStep {
+    /// A listed node that runs a pristine copy: add it as a learner (it
+    /// catches up from the log or a snapshot).
+    AddLearner(NodeId),
+    /// A listed learner (caught up): make it a voter.
+    Promote(NodeId),
+    /// A member no longer listed and not reachable (its pod was removed
+    /// by a scale-down): remove it, so that the majority is counted over
+    /// the nodes that exist.
+    Remove(NodeId),
+}
+
+/// The next membership step, if any: promotions first (a learner added
+/// before a leader change), then additions, then removals; one at a time.
+/// A reachable member that is no longer listed is kept (a node started
+/// with a shorter `--peers` by mistake must not shrink the cluster), and
+/// so is the last voter.
+pub fn next_member_step(
+    listed: &BTreeSet<NodeId>,
+    voters: &BTreeSet<NodeId>,
+    learners: &BTreeSet<NodeId>,
+    pristine: &BTreeSet<NodeId>,
+    alive: impl Fn(NodeId) -> bool,
+) -> Option<MemberStep> {
+    if let Some(n) = learners.iter().find(|n| listed.contains(n)) {
+        return Some(MemberStep::Promote(*n));
+    }
+    if let Some(n) = learners.iter().find(|n| !alive(**n)) {
+        return Some(MemberStep::Remove(*n));
+    }
+    if let Some(n) = listed.iter().find(|n| !voters.contains(n) && !learners.contains(n) && pristine.contains(n)) {
+        return Some(MemberStep::AddLearner(*n));
+    }
+    if voters.len() > 1
+        && let Some(n) = voters.iter().find(|n| !listed.contains(n) && !alive(**n))
+    {
+        return Some(MemberStep::Remove(*n));
+    }
+    None
+}
+
 /// The result of applying one entry on this node: an encoded response.
 pub type Applied2 = std::result::Result<Vec<u8>, WireError>;
 
@@ -379,10 +469,35 @@ impl Meta {
                 })
             }),
         );
-        host.start_group(META_GROUP, Box::new(MetaMachine::new(tx)), Bootstrap::Members(members))
+        let weak = Arc::downgrade(&meta);
+        host.cluster().register_call(
+            META_STATE,
+            Arc::new(move |_from, _body: Bytes| {
+                let weak = weak.clone();
+                Box::pin(async move {
+                    let meta = weak.upgrade().ok_or("the node is stopping")?;
+                    Ok(Bytes::from(crate::raft::encode(&meta.copy_state().await)))
+                })
+            }),
+        );
+        // Started without a membership: whether this node forms the group
+        // or waits to be brought in depends on what the others hold.
+        host.start_group(META_GROUP, Box::new(MetaMachine::new(tx)), Bootstrap::Join)
             .await
             .map_err(|e| format!("cannot start the metadata group: {e}"))?;
+        if meta.copy_state().await != CopyState::Formed {
+            tokio::spawn(form_or_join(host.clone(), members));
+        }
+        tokio::spawn(keep_members(Arc::downgrade(&meta)));
         Ok((meta, rx))
+    }
+
+    async fn copy_state(&self) -> CopyState {
+        match self.host.is_initialized(META_GROUP).await {
+            None => CopyState::Starting,
+            Some(false) => CopyState::Pristine,
+            Some(true) => CopyState::Formed,
+        }
     }
 
     /// Records what applying entry `index` did here.
@@ -463,9 +578,158 @@ impl Meta {
     }
 }
 
+/// Asks every other member what it holds until this node's copy is formed:
+/// by this node when all of them are pristine (a new cluster), or by the
+/// leader's replication otherwise (a new node, or one that lost its disk).
+async fn form_or_join(host: RaftHost, members: BTreeSet<NodeId>) {
+    let me = host.node_id();
+    let mut said = None;
+    let mut rounds = 0u64;
+    while !host.cluster().is_stopped() {
+        match host.is_initialized(META_GROUP).await {
+            Some(true) => {
+                tracing::info!("this node's copy of the cluster metadata is formed");
+                return;
+            }
+            None => return,
+            Some(false) => {}
+        }
+        let asks = members.iter().filter(|n| **n != me).map(|n| {
+            let cluster = host.cluster().clone();
+            async move {
+                let reply = cluster.call_with_timeout(*n, META_STATE, Bytes::new(), MEMBERSHIP_TICK * 2).await;
+                (*n, reply.ok().and_then(|b| crate::raft::decode::<CopyState>(&b).ok()))
+            }
+        });
+        let answers: BTreeMap<NodeId, Option<CopyState>> = futures::future::join_all(asks).await.into_iter().collect();
+        let decision = formation(&answers);
+        match &decision {
+            Formation::Form => match host.form(META_GROUP, members.clone()).await {
+                Ok(()) => tracing::info!(?members, "every member is new: formed the cluster metadata"),
+                Err(e) => tracing::warn!(error = %e, "forming the cluster metadata failed; trying again"),
+            },
+            // Said once, and again every minute while it lasts.
+            Formation::Join { formed } if said.as_ref() != Some(&decision) || rounds.is_multiple_of(120) => tracing::info!(
+                ?formed,
+                "these members hold the cluster metadata: waiting for its leader to add this node (every member must list it in --peers)"
+            ),
+            Formation::Wait { silent } if said.as_ref() != Some(&decision) || rounds.is_multiple_of(120) => {
+                tracing::info!(?silent, "a new cluster forms once every member in --peers answers: waiting for these")
+            }
+            _ => {}
+        }
+        said = Some(decision);
+        rounds += 1;
+        tokio::time::sleep(MEMBERSHIP_TICK).await;
+    }
+}
+
+/// On the metadata leader: adds nodes listed in `--peers` that run a
+/// pristine copy, and removes members no longer listed that are gone, one
+/// step at a time (see [`next_member_step`]).
+async fn keep_members(meta: std::sync::Weak<Meta>) {
+    loop {
+        tokio::time::sleep(MEMBERSHIP_TICK * 4).await;
+        let Some(meta) = meta.upgrade() else { return };
+        let host = meta.host.clone();
+        drop(meta);
+        if host.cluster().is_stopped() {
+            return;
+        }
+        let Some(status) = host.status(META_GROUP) else { continue };
+        if status.role != crate::raft::Role::Leader {
+            continue;
+        }
+        let listed: BTreeSet<NodeId> = host.cluster().members().collect();
+        let (voters, learners) = (status.voters, status.learners);
+        let mut pristine = BTreeSet::new();
+        for n in listed.iter().filter(|n| !voters.contains(n) && !learners.contains(n)) {
+            if let Ok(reply) = host.cluster().call_with_timeout(*n, META_STATE, Bytes::new(), MEMBERSHIP_TICK * 2).await {
+                match crate::raft::decode::<CopyState>(&reply) {
+                    Ok(CopyState::Pristine) => {
+                        pristine.insert(*n);
+                    }
+                    Ok(CopyState::Formed) => {
+                        tracing::warn!(
+                            node = n,
+                            "a listed node holds metadata of another group (or of an earlier membership); it is not added: wipe its data directory to add it"
+                        )
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let liveness = host.cluster().liveness();
+        let Some(step) = next_member_step(&listed, &voters, &learners, &pristine, |n| liveness.is_alive(n)) else { continue };
+        tracing::info!(?step, ?voters, ?learners, "changing the cluster metadata's membership");
+        let done = tokio::time::timeout(MEMBERSHIP_STEP_TIMEOUT, async {
+            match step {
+                MemberStep::AddLearner(n) => host.add_learner(META_GROUP, n).await,
+                MemberStep::Promote(n) => host.promote(META_GROUP, n).await,
+                MemberStep::Remove(n) => host.remove_member(META_GROUP, n).await,
+            }
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => tracing::info!(?step, "the cluster metadata's membership changed"),
+            Ok(Err(e)) => tracing::warn!(?step, error = %e, "changing the cluster metadata's membership failed; trying again"),
+            Err(_) => tracing::warn!(?step, "changing the cluster metadata's membership took too long; trying again"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answers(a: &[(NodeId, Option<CopyState>)]) -> BTreeMap<NodeId, Option<CopyState>> {
+        a.iter().copied().collect()
+    }
+
+    #[test]
+    fn should_form_only_when_every_other_member_is_pristine() {
+        use CopyState::*;
+        assert_eq!(formation(&answers(&[])), Formation::Form, "a cluster of one");
+        assert_eq!(formation(&answers(&[(2, Some(Pristine)), (3, Some(Pristine))])), Formation::Form);
+        assert_eq!(formation(&answers(&[(2, Some(Pristine)), (3, None)])), Formation::Wait { silent: vec![3] });
+        assert_eq!(formation(&answers(&[(2, Some(Starting)), (3, Some(Pristine))])), Formation::Wait { silent: vec![2] });
+        // A scale-up from 3 to 7: the old nodes cannot answer (they do not
+        // know the new ones yet), the 3 other new ones are pristine: 4 of
+        // 7 are pristine, yet no group is formed.
+        let scale_up = answers(&[(1, None), (2, None), (3, None), (5, Some(Pristine)), (6, Some(Pristine)), (7, Some(Pristine))]);
+        assert_eq!(formation(&scale_up), Formation::Wait { silent: vec![1, 2, 3] });
+        assert_eq!(formation(&answers(&[(1, Some(Formed)), (2, None), (3, Some(Pristine))])), Formation::Join { formed: vec![1] });
+    }
+
+    fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn should_add_listed_pristine_nodes_as_learners_then_voters() {
+        let alive = |_| true;
+        let step = next_member_step(&set(&[1, 2, 3, 4, 5]), &set(&[1, 2, 3]), &set(&[]), &set(&[4, 5]), alive);
+        assert_eq!(step, Some(MemberStep::AddLearner(4)));
+        let step = next_member_step(&set(&[1, 2, 3, 4, 5]), &set(&[1, 2, 3]), &set(&[4]), &set(&[5]), alive);
+        assert_eq!(step, Some(MemberStep::Promote(4)), "a learner is promoted before the next node is added");
+        // A listed node that did not say it is pristine (down, or holding
+        // another group's state) is not added.
+        assert_eq!(next_member_step(&set(&[1, 2, 3, 4]), &set(&[1, 2, 3]), &set(&[]), &set(&[]), alive), None);
+    }
+
+    #[test]
+    fn should_remove_only_unlisted_members_that_are_gone() {
+        let listed = set(&[1, 2, 3]);
+        let step = next_member_step(&listed, &set(&[1, 2, 3, 4, 5]), &set(&[]), &set(&[]), |n| n <= 3);
+        assert_eq!(step, Some(MemberStep::Remove(4)));
+        // Still up: kept (a node started with a shorter --peers by mistake
+        // does not shrink the cluster).
+        assert_eq!(next_member_step(&listed, &set(&[1, 2, 3, 4]), &set(&[]), &set(&[]), |_| true), None);
+        // A learner that went away before its promotion is removed.
+        assert_eq!(next_member_step(&listed, &set(&[1, 2, 3]), &set(&[7]), &set(&[]), |n| n != 7), Some(MemberStep::Remove(7)));
+        // The last voter stays.
+        assert_eq!(next_member_step(&set(&[9]), &set(&[1]), &set(&[]), &set(&[]), |_| false), None);
+    }
 
     fn def(members: &[NodeId]) -> QuorumDef {
         QuorumDef { id: QUORUM_ID_BIT | 7, request: vec![1, 2, 3], initial: members.to_vec(), members: members.to_vec() }

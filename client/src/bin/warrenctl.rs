@@ -510,7 +510,9 @@ async fn run(cli: Cli, out: &Printer) -> Result<(), Failure> {
             let members: Vec<Json> = s
                 .members
                 .iter()
-                .map(|m| json!({ "id": m.id, "address": m.address, "up": m.alive, "leaders": m.leaders, "replicas": m.replicas }))
+                .map(|m| {
+                    json!({ "id": m.id, "address": m.address, "up": m.alive, "metadata": m.metadata, "leaders": m.leaders, "replicas": m.replicas })
+                })
                 .collect();
             let queues: Vec<Json> = s
                 .queues
@@ -546,7 +548,7 @@ async fn run(cli: Cli, out: &Printer) -> Result<(), Failure> {
                     "node {} (metadata leader: {}; quorum queues without a majority up: {})",
                     s.node_id, s.metadata_leader, s.queues_without_quorum
                 );
-                out.table(&["id", "address", "up", "leaders", "replicas"], &members);
+                out.table(&["id", "address", "up", "metadata", "leaders", "replicas"], &members);
                 println!();
                 out.table(
                     &["queue", "leader", "members", "online", "term", "commit_index", "lag", "snapshot_index", "purged_index"],

@@ -31,10 +31,6 @@ use crate::store::{Cf, Op, Store};
 use crate::topology::{BindingDef, ExchangeDef, QueueDef, QueueEntry, SessionId, Snapshot, Topology};
 use prost::Message as _;
 
-/// The name [`Broker::quorum_critical`] gives the metadata group when
-/// stopping a node would leave it without a majority.
-pub const METADATA_CRITICAL: &str = "(cluster metadata)";
-
 /// Settings of the broker core.
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
@@ -602,6 +598,15 @@ impl Broker {
 
     fn cluster(&self) -> Option<&ClusterParts> {
         self.inner.cluster.get()
+    }
+
+    /// In a cluster: waits (bounded) until this node holds the cluster's
+    /// metadata, so that a request is not answered from an empty copy.
+    pub async fn wait_joined(&self) -> Result<()> {
+        match self.cluster() {
+            Some(c) => c.meta.wait_joined().await,
+            None => Ok(()),
+        }
     }
 
     /// In a cluster: catches up with the metadata's latest changes (after
@@ -1379,7 +1384,7 @@ impl Broker {
 
     /// Quorum queues that would lose their majority if `node` stopped: those
     /// it holds a replica of whose other replicas that are up are not a
-    /// majority; and [`METADATA_CRITICAL`] when the metadata group would.
+    /// majority.
     pub async fn quorum_critical(&self, node: u64) -> Result<Vec<String>> {
         let Some(c) = self.cluster() else { return Ok(Vec::new()) };
         if !c.nodes.contains(&node) {
@@ -1393,18 +1398,6 @@ impl Broker {
             let others_up = info.online.iter().filter(|n| **n != node).count();
             if others_up <= info.members.len() / 2 {
                 out.push(info.name);
-            }
-        }
-        // The metadata group spans every node: stopping one more voter
-        // than it can lose stops every declare and binding.
-        let host = &c.replicas.host;
-        if let Some(meta) = host.status(crate::replica::meta::META_GROUP)
-            && meta.voters.contains(&node)
-        {
-            let alive = host.cluster().liveness();
-            let others_up = meta.voters.iter().filter(|n| **n != node && (**n == host.node_id() || alive.is_alive(**n))).count();
-            if others_up <= meta.voters.len() / 2 {
-                out.push(METADATA_CRITICAL.to_string());
             }
         }
         Ok(out)

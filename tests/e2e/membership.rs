@@ -231,8 +231,13 @@ async fn should_add_a_new_node_to_the_metadata_and_remove_it_after_a_scale_down(
 
     let new = c.add_node().await.unwrap();
     assert_eq!(new, 4);
-    // The old nodes do not know it yet: it waits, and forms nothing.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The old nodes do not know it yet: it waits, forms nothing, and
+    // refuses what it would answer from an empty copy (after a bounded
+    // wait) rather than saying the exchange does not exist.
+    let c4 = client(&c, new).await;
+    let early = c4.publish(warren_client::Message::new("events", "order.created", "early").persistent()).await;
+    let error = early.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(error.contains("does not hold the cluster's metadata"), "a publish through node 4 before it joined: {error:?}");
     let parts = metadata_parts(&c, new).await.unwrap();
     assert!(parts.values().all(String::is_empty), "node 4 formed or joined a metadata group on its own: {parts:?}");
     assert_eq!(metadata_parts(&c, 1).await.unwrap().get(&4), None, "node 1 does not list node 4 yet");
@@ -248,7 +253,6 @@ async fn should_add_a_new_node_to_the_metadata_and_remove_it_after_a_scale_down(
 
     // It holds the definitions: a publish through it is routed by the
     // binding made before it existed, and it can take a replica.
-    let c4 = client(&c, new).await;
     let routed = eventually(SETTLE, "a publish routed through node 4", || async {
         let m = warren_client::Message::new("events", "order.created", "from-4").persistent();
         let confirm = c4.publish(m).await.ok()?;

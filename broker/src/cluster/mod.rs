@@ -162,6 +162,10 @@ impl ClusterConfig {
     }
 }
 
+/// What a node answers a caller it does not list in its `--peers` (the
+/// caller sees it in the error's detail).
+pub const NOT_A_MEMBER: &str = "is not a member of this cluster";
+
 /// Why a call to another node failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum CallError {

@@ -26,7 +26,7 @@ impl Service {
             return Err(Status::failed_precondition(format!("this is node {me}, not node {to}: check the peers setting")));
         }
         if !self.cluster.config().peers.contains_key(&from) {
-            return Err(Status::permission_denied(format!("node {from} is not a member of this cluster")));
+            return Err(Status::permission_denied(format!("node {from} {}", super::NOT_A_MEMBER)));
         }
         Ok(())
     }

@@ -43,6 +43,8 @@ const META_STATE: &str = "meta.state";
 /// How often a node whose metadata copy is pristine asks the others again,
 /// and how often the leader checks the membership against `--peers`.
 const MEMBERSHIP_TICK: Duration = Duration::from_millis(500);
+/// How long a client request waits for this node to hold the metadata.
+const JOIN_WAIT: Duration = Duration::from_secs(10);
 /// How long one membership step (a learner catching up) may take.
 const MEMBERSHIP_STEP_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a read barrier may wait.
@@ -361,30 +363,55 @@ pub enum CopyState {
     Formed,
 }
 
-/// What a node with a pristine copy does, given each other member's answer
-/// (`None`: it could not be asked, or refused to answer this node).
+/// What a node with a pristine copy heard from another member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Its copy's state.
+    Copy(CopyState),
+    /// It refused: it does not list this node in its `--peers` (a cluster
+    /// exists that this node is not part of yet).
+    Refused,
+    /// No answer (down, unreachable, or it could not authenticate us).
+    Silent,
+}
+
+/// What a node with a pristine copy does, given the other members'
+/// answers (`members` counts every listed node, this one included).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Formation {
-    /// Every other member is pristine too: form the group with all of them.
+    /// A majority of the members (this one included) are pristine and none
+    /// holds or guards a cluster: form the group with every listed node.
     Form,
-    /// Some member holds the metadata: this node is new (or lost its disk)
-    /// and waits for the group's leader to bring it in.
-    Join { formed: Vec<NodeId> },
-    /// Some member did not answer: wait and ask again.
+    /// Some member holds the metadata or refuses this node: a cluster
+    /// exists; this node is new (or lost its disk) and waits for the
+    /// group's leader to bring it in.
+    Join { formed: Vec<NodeId>, refused: Vec<NodeId> },
+    /// Too few members answered: wait and ask again.
     Wait { silent: Vec<NodeId> },
 }
 
-/// Forms only on unanimity. A majority would do for a new cluster, but
-/// not for new nodes joining one: a scale-up from 3 to 7 starts 4 pristine
-/// nodes, a majority of 7, that would form a second group (and overwrite
-/// the first's log on the old nodes) while the old ones cannot answer.
-pub fn formation(answers: &BTreeMap<NodeId, Option<CopyState>>) -> Formation {
-    let formed: Vec<NodeId> = answers.iter().filter(|(_, a)| **a == Some(CopyState::Formed)).map(|(n, _)| *n).collect();
-    if !formed.is_empty() {
-        return Formation::Join { formed };
+/// Forms on a majority, so that a new cluster forms while a pod is still
+/// pending or one node is misconfigured; any two majorities share a node,
+/// and nodes that form at once use the same member list, which openraft
+/// treats as one group. A single "formed" or "refused" answer means a
+/// cluster exists and stops it: a scale-up from 3 to 7 starts 4 pristine
+/// nodes, a majority of 7, while the 3 old nodes (which do not list the
+/// new ones yet) refuse them. Had the new nodes formed a group, its
+/// leader would have overwritten the old nodes' committed log once they
+/// listed the new nodes. (If the old nodes are all down during such a
+/// scale-up, nothing tells the new ones that a cluster exists.)
+pub fn formation(members: usize, answers: &BTreeMap<NodeId, Answer>) -> Formation {
+    let formed: Vec<NodeId> = answers.iter().filter(|(_, a)| **a == Answer::Copy(CopyState::Formed)).map(|(n, _)| *n).collect();
+    let refused: Vec<NodeId> = answers.iter().filter(|(_, a)| **a == Answer::Refused).map(|(n, _)| *n).collect();
+    if !formed.is_empty() || !refused.is_empty() {
+        return Formation::Join { formed, refused };
     }
-    let silent: Vec<NodeId> = answers.iter().filter(|(_, a)| **a != Some(CopyState::Pristine)).map(|(n, _)| *n).collect();
-    if silent.is_empty() { Formation::Form } else { Formation::Wait { silent } }
+    let pristine = answers.values().filter(|a| **a == Answer::Copy(CopyState::Pristine)).count();
+    if (pristine + 1) * 2 > members {
+        return Formation::Form;
+    }
+    let silent = answers.iter().filter(|(_, a)| **a != Answer::Copy(CopyState::Pristine)).map(|(n, _)| *n).collect();
+    Formation::Wait { silent }
 }
 
 /// One step the metadata leader takes to bring the group's membership in
@@ -440,6 +467,9 @@ pub struct Meta {
     /// Highest entry this node's broker has applied.
     applied: watch::Sender<u64>,
     results: Mutex<BTreeMap<u64, Applied2>>,
+    /// This node's copy has a membership (it formed the group, or a leader
+    /// reached it): until then it holds no definitions to serve from.
+    joined: watch::Sender<bool>,
 }
 
 impl Meta {
@@ -450,7 +480,12 @@ impl Meta {
         members: BTreeSet<NodeId>,
     ) -> std::result::Result<(Arc<Meta>, mpsc::UnboundedReceiver<MetaEvent>), String> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let meta = Arc::new(Meta { host: host.clone(), applied: watch::channel(0).0, results: Mutex::new(BTreeMap::new()) });
+        let meta = Arc::new(Meta {
+            host: host.clone(),
+            applied: watch::channel(0).0,
+            results: Mutex::new(BTreeMap::new()),
+            joined: watch::channel(false).0,
+        });
         let weak = Arc::downgrade(&meta);
         host.cluster().register_call(
             META_PROPOSE,
@@ -485,11 +520,31 @@ impl Meta {
         host.start_group(META_GROUP, Box::new(MetaMachine::new(tx)), Bootstrap::Join)
             .await
             .map_err(|e| format!("cannot start the metadata group: {e}"))?;
-        if meta.copy_state().await != CopyState::Formed {
-            tokio::spawn(form_or_join(host.clone(), members));
+        if meta.copy_state().await == CopyState::Formed {
+            meta.joined.send_replace(true);
+        } else {
+            tokio::spawn(form_or_join(Arc::downgrade(&meta), members));
         }
         tokio::spawn(keep_members(Arc::downgrade(&meta)));
         Ok((meta, rx))
+    }
+
+    /// Waits (at most [`JOIN_WAIT`]) until this node holds the cluster's
+    /// metadata: a new node, or one that lost its disk, serves nothing
+    /// from an empty copy (a publish would find no exchange).
+    pub async fn wait_joined(&self) -> Result<()> {
+        if *self.joined.borrow() {
+            return Ok(());
+        }
+        let mut joined = self.joined.subscribe();
+        match tokio::time::timeout(JOIN_WAIT, joined.wait_for(|j| *j)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Error::Unavailable(
+                "this node does not hold the cluster's metadata yet (it is new, or lost its disk, and waits for the metadata \
+                 leader to add it; a new cluster forms once a majority of its nodes is up): use another node or retry"
+                    .into(),
+            )),
+        }
     }
 
     async fn copy_state(&self) -> CopyState {
@@ -581,7 +636,8 @@ impl Meta {
 /// Asks every other member what it holds until this node's copy is formed:
 /// by this node when all of them are pristine (a new cluster), or by the
 /// leader's replication otherwise (a new node, or one that lost its disk).
-async fn form_or_join(host: RaftHost, members: BTreeSet<NodeId>) {
+async fn form_or_join(meta: std::sync::Weak<Meta>, members: BTreeSet<NodeId>) {
+    let Some(host) = meta.upgrade().map(|m| m.host.clone()) else { return };
     let me = host.node_id();
     let mut said = None;
     let mut rounds = 0u64;
@@ -589,6 +645,9 @@ async fn form_or_join(host: RaftHost, members: BTreeSet<NodeId>) {
         match host.is_initialized(META_GROUP).await {
             Some(true) => {
                 tracing::info!("this node's copy of the cluster metadata is formed");
+                if let Some(m) = meta.upgrade() {
+                    m.joined.send_replace(true);
+                }
                 return;
             }
             None => return,
@@ -597,24 +656,35 @@ async fn form_or_join(host: RaftHost, members: BTreeSet<NodeId>) {
         let asks = members.iter().filter(|n| **n != me).map(|n| {
             let cluster = host.cluster().clone();
             async move {
-                let reply = cluster.call_with_timeout(*n, META_STATE, Bytes::new(), MEMBERSHIP_TICK * 2).await;
-                (*n, reply.ok().and_then(|b| crate::raft::decode::<CopyState>(&b).ok()))
+                let answer = match cluster.call_with_timeout(*n, META_STATE, Bytes::new(), MEMBERSHIP_TICK * 2).await {
+                    Ok(b) => crate::raft::decode::<CopyState>(&b).map_or(Answer::Silent, Answer::Copy),
+                    Err(crate::cluster::CallError::Unreachable { detail, .. }) if detail.contains(crate::cluster::NOT_A_MEMBER) => {
+                        Answer::Refused
+                    }
+                    Err(_) => Answer::Silent,
+                };
+                (*n, answer)
             }
         });
-        let answers: BTreeMap<NodeId, Option<CopyState>> = futures::future::join_all(asks).await.into_iter().collect();
-        let decision = formation(&answers);
+        let answers: BTreeMap<NodeId, Answer> = futures::future::join_all(asks).await.into_iter().collect();
+        let decision = formation(members.len(), &answers);
         match &decision {
             Formation::Form => match host.form(META_GROUP, members.clone()).await {
-                Ok(()) => tracing::info!(?members, "every member is new: formed the cluster metadata"),
+                Ok(()) => {
+                    tracing::info!(?members, "every member is new: formed the cluster metadata");
+                    continue;
+                }
                 Err(e) => tracing::warn!(error = %e, "forming the cluster metadata failed; trying again"),
             },
             // Said once, and again every minute while it lasts.
-            Formation::Join { formed } if said.as_ref() != Some(&decision) || rounds.is_multiple_of(120) => tracing::info!(
+            Formation::Join { formed, refused } if said.as_ref() != Some(&decision) || rounds.is_multiple_of(120) => tracing::info!(
                 ?formed,
-                "these members hold the cluster metadata: waiting for its leader to add this node (every member must list it in --peers)"
+                ?refused,
+                "a cluster exists (these members hold its metadata, or do not list this node yet): waiting for its leader to add this \
+                 node (every member must list it in --peers)"
             ),
             Formation::Wait { silent } if said.as_ref() != Some(&decision) || rounds.is_multiple_of(120) => {
-                tracing::info!(?silent, "a new cluster forms once every member in --peers answers: waiting for these")
+                tracing::info!(?silent, "waiting for these members: a new cluster forms once a majority of the members in --peers is up")
             }
             _ => {}
         }
@@ -682,23 +752,28 @@ async fn keep_members(meta: std::sync::Weak<Meta>) {
 mod tests {
     use super::*;
 
-    fn answers(a: &[(NodeId, Option<CopyState>)]) -> BTreeMap<NodeId, Option<CopyState>> {
+    fn answers(a: &[(NodeId, Answer)]) -> BTreeMap<NodeId, Answer> {
         a.iter().copied().collect()
     }
 
     #[test]
-    fn should_form_only_when_every_other_member_is_pristine() {
+    fn should_form_on_a_majority_unless_a_cluster_exists() {
+        use Answer::*;
         use CopyState::*;
-        assert_eq!(formation(&answers(&[])), Formation::Form, "a cluster of one");
-        assert_eq!(formation(&answers(&[(2, Some(Pristine)), (3, Some(Pristine))])), Formation::Form);
-        assert_eq!(formation(&answers(&[(2, Some(Pristine)), (3, None)])), Formation::Wait { silent: vec![3] });
-        assert_eq!(formation(&answers(&[(2, Some(Starting)), (3, Some(Pristine))])), Formation::Wait { silent: vec![2] });
-        // A scale-up from 3 to 7: the old nodes cannot answer (they do not
-        // know the new ones yet), the 3 other new ones are pristine: 4 of
-        // 7 are pristine, yet no group is formed.
-        let scale_up = answers(&[(1, None), (2, None), (3, None), (5, Some(Pristine)), (6, Some(Pristine)), (7, Some(Pristine))]);
-        assert_eq!(formation(&scale_up), Formation::Wait { silent: vec![1, 2, 3] });
-        assert_eq!(formation(&answers(&[(1, Some(Formed)), (2, None), (3, Some(Pristine))])), Formation::Join { formed: vec![1] });
+        assert_eq!(formation(1, &answers(&[])), Formation::Form, "a cluster of one");
+        assert_eq!(formation(3, &answers(&[(2, Copy(Pristine)), (3, Copy(Pristine))])), Formation::Form);
+        // A pod still pending, or a node with another cluster's secret:
+        // the other two are a majority.
+        assert_eq!(formation(3, &answers(&[(2, Copy(Pristine)), (3, Silent)])), Formation::Form);
+        assert_eq!(formation(3, &answers(&[(2, Copy(Starting)), (3, Silent)])), Formation::Wait { silent: vec![2, 3] });
+        assert_eq!(formation(4, &answers(&[(2, Copy(Pristine)), (3, Silent), (4, Silent)])), Formation::Wait { silent: vec![3, 4] });
+        // A scale-up from 3 to 7: the old nodes refuse the new ones (they
+        // do not list them yet); the 4 new ones are a majority of 7, yet
+        // no group is formed.
+        let scale_up = answers(&[(1, Refused), (2, Refused), (3, Silent), (5, Copy(Pristine)), (6, Copy(Pristine)), (7, Copy(Pristine))]);
+        assert_eq!(formation(7, &scale_up), Formation::Join { formed: vec![], refused: vec![1, 2] });
+        // A node that lost its disk, or a new one the others list already.
+        assert_eq!(formation(3, &answers(&[(1, Copy(Formed)), (3, Copy(Pristine))])), Formation::Join { formed: vec![1], refused: vec![] });
     }
 
     fn set(ids: &[NodeId]) -> BTreeSet<NodeId> {

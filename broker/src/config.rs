@@ -20,6 +20,11 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
+/// Bounds of `raft_snapshot_entries`: below, snapshots would be taken
+/// almost per batch; above, a log could hold gigabytes before truncation.
+pub const RAFT_SNAPSHOT_ENTRIES_MIN: u64 = 100;
+pub const RAFT_SNAPSHOT_ENTRIES_MAX: u64 = 1_000_000;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -297,6 +302,13 @@ pub struct Config {
     #[arg(long, env = "WARREN_DEFAULT_QUEUE_TYPE", value_enum, default_value_t = QueueType::Quorum, value_name = "TYPE")]
     pub default_queue_type: QueueType,
 
+    /// In a cluster, the Raft entries a group (a quorum queue, the
+    /// metadata) appends between two snapshots of its state; the log
+    /// before a snapshot is then truncated (keeping 1,000 entries). Fewer:
+    /// shorter logs and more frequent snapshots.
+    #[arg(long, env = "WARREN_RAFT_SNAPSHOT_ENTRIES", default_value_t = 10_000, value_name = "N")]
+    pub raft_snapshot_entries: u64,
+
     /// Largest message accepted, in bytes (units allowed: 16MiB): its body
     /// plus its encoded properties, headers included.
     #[arg(long, env = "WARREN_MAX_MESSAGE_SIZE", default_value_t = 16 << 20, value_parser = parse_usize_bytes, value_name = "BYTES")]
@@ -483,6 +495,12 @@ impl Config {
         if self.max_message_size == 0 {
             return Err("max_message_size must be greater than 0".into());
         }
+        if !(RAFT_SNAPSHOT_ENTRIES_MIN..=RAFT_SNAPSHOT_ENTRIES_MAX).contains(&self.raft_snapshot_entries) {
+            return Err(format!(
+                "raft_snapshot_entries is {}; it must be between {RAFT_SNAPSHOT_ENTRIES_MIN} and {RAFT_SNAPSHOT_ENTRIES_MAX}",
+                self.raft_snapshot_entries
+            ));
+        }
         if self.max_message_size > 512 << 20 {
             return Err(format!("max_message_size is {} bytes; the most allowed is 536870912 (512 MiB)", self.max_message_size));
         }
@@ -618,6 +636,7 @@ impl Config {
             ),
             ("peers", self.peers.as_ref().map_or_else(|| "(none: a single node)".to_string(), Peers::to_string)),
             ("default_queue_type", format!("{:?}", self.default_queue_type).to_lowercase()),
+            ("raft_snapshot_entries", self.raft_snapshot_entries.to_string()),
             ("max_message_size", self.max_message_size.to_string()),
             ("queue_window_messages", self.queue_window_messages.to_string()),
             ("queue_window_bytes", self.queue_window_bytes.to_string()),
@@ -822,6 +841,8 @@ mod tests {
         assert_eq!(c.cluster_addr.to_string(), "127.0.0.1:5681");
         assert!(c.cluster().is_none(), "no peers: a single node");
         assert!(c.render().contains("peers = (none: a single node)"));
+        assert_eq!(c.raft_snapshot_entries, 10_000);
+        assert_eq!(loaded(&["--raft-snapshot-entries", "100"]).raft_snapshot_entries, 100);
 
         let c = loaded(&[
             "--node-id",
@@ -848,6 +869,8 @@ mod tests {
             (&["--node-id", "3", "--peers", "1=a:1,2=b:2"][..], "node_id"),
             (&["--node-id", "3"][..], "peers"),
             (&["--node-id", "1", "--peers", "1=a:1", "--cluster-addr", "127.0.0.1:5680"][..], "cluster_addr"),
+            (&["--raft-snapshot-entries", "99"][..], "raft_snapshot_entries"),
+            (&["--raft-snapshot-entries", "1000001"][..], "raft_snapshot_entries"),
         ] {
             let err = loaded(args).validate().unwrap_err();
             assert!(err.contains(setting), "{args:?}: {err}");

@@ -154,8 +154,13 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_ready: impl FnO
             let (mutual_tls, secret) = (cc.tls.is_some(), cc.secret.is_some());
             let (cluster, cluster_addr) = Cluster::start(cc).await.with_context(|| format!("cannot listen on {listen} (cluster_addr)"))?;
             collector.set_cluster(cluster.liveness());
-            let host = RaftHost::new(cluster.clone(), raft_store, config.data_dir.join("raft"), RaftOptions::default())
-                .map_err(|e| anyhow::anyhow!("Raft settings: {e}"))?;
+            let host = RaftHost::new(
+                cluster.clone(),
+                raft_store,
+                config.data_dir.join("raft"),
+                RaftOptions { snapshot_after: config.raft_snapshot_entries, ..RaftOptions::default() },
+            )
+            .map_err(|e| anyhow::anyhow!("Raft settings: {e}"))?;
             collector.set_raft_quiet(host.quiet_groups());
             collector.set_raft(host.clone());
             tracing::info!(node_id, %cluster_addr, mutual_tls, secret, "cluster listener ready");

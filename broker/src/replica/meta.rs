@@ -634,8 +634,9 @@ impl Meta {
 }
 
 /// Asks every other member what it holds until this node's copy is formed:
-/// by this node when all of them are pristine (a new cluster), or by the
-/// leader's replication otherwise (a new node, or one that lost its disk).
+/// by this node when a majority is pristine and no cluster exists (see
+/// [`formation`]), or by the leader's replication otherwise (a new node,
+/// or one that lost its disk).
 async fn form_or_join(meta: std::sync::Weak<Meta>, members: BTreeSet<NodeId>) {
     let Some(host) = meta.upgrade().map(|m| m.host.clone()) else { return };
     let me = host.node_id();
@@ -671,7 +672,11 @@ async fn form_or_join(meta: std::sync::Weak<Meta>, members: BTreeSet<NodeId>) {
         match &decision {
             Formation::Form => match host.form(META_GROUP, members.clone()).await {
                 Ok(()) => {
-                    tracing::info!(?members, "every member is new: formed the cluster metadata");
+                    tracing::info!(
+                        ?members,
+                        ?answers,
+                        "a majority of the members is new and no cluster exists: formed the cluster metadata"
+                    );
                     continue;
                 }
                 Err(e) => tracing::warn!(error = %e, "forming the cluster metadata failed; trying again"),

@@ -180,11 +180,15 @@ async fn should_rebalance_leaders_and_refuse_to_shrink_a_last_replica() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
 }
 
+/// The cluster as node `via` reports it.
+async fn cluster_status(c: &TestCluster, via: u64) -> Option<proto::ClusterStatusResponse> {
+    Some(c.node(via).client().await.ok()?.raw().cluster_status(proto::ClusterStatusRequest {}).await.ok()?.into_inner())
+}
+
 /// Each listed node's part in the metadata group (`voter`, `learner`, or
 /// empty) as node `via` reports it.
 async fn metadata_parts(c: &TestCluster, via: u64) -> Option<BTreeMap<u64, String>> {
-    let status = c.node(via).client().await.ok()?.raw().cluster_status(proto::ClusterStatusRequest {}).await.ok()?.into_inner();
-    Some(status.members.into_iter().map(|m| (m.id, m.metadata)).collect())
+    Some(cluster_status(c, via).await?.members.into_iter().map(|m| (m.id, m.metadata)).collect())
 }
 
 /// Waits until node `via` reports exactly `voters` as the metadata group's
@@ -204,7 +208,7 @@ async fn wait_metadata_voters(c: &TestCluster, via: u64, voters: &[u64]) {
 /// `voters`.
 async fn wait_metadata_leader(c: &TestCluster, via: u64, voters: &[u64]) {
     eventually(SETTLE, &format!("a metadata leader seen from node {via}, with voters {voters:?}"), || async {
-        let status = c.node(via).client().await.ok()?.raw().cluster_status(proto::ClusterStatusRequest {}).await.ok()?.into_inner();
+        let status = cluster_status(c, via).await?;
         let has = |id: &u64| status.members.iter().any(|m| m.id == *id && m.metadata == "voter");
         (status.metadata_leader != 0 && voters.iter().all(has)).then_some(())
     })

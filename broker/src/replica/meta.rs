@@ -633,6 +633,15 @@ impl Meta {
     }
 }
 
+/// Asks node `n` what its copy of the metadata group is (`meta.state`).
+async fn ask_copy_state(host: &RaftHost, n: NodeId) -> Answer {
+    match host.cluster().call_with_timeout(n, META_STATE, Bytes::new(), MEMBERSHIP_TICK * 2).await {
+        Ok(b) => crate::raft::decode::<CopyState>(&b).map_or(Answer::Silent, Answer::Copy),
+        Err(crate::cluster::CallError::Unreachable { detail, .. }) if detail.contains(crate::cluster::NOT_A_MEMBER) => Answer::Refused,
+        Err(_) => Answer::Silent,
+    }
+}
+
 /// Asks every other member what it holds until this node's copy is formed:
 /// by this node when a majority is pristine and no cluster exists (see
 /// [`formation`]), or by the leader's replication otherwise (a new node,
@@ -654,19 +663,7 @@ async fn form_or_join(meta: std::sync::Weak<Meta>, members: BTreeSet<NodeId>) {
             None => return,
             Some(false) => {}
         }
-        let asks = members.iter().filter(|n| **n != me).map(|n| {
-            let cluster = host.cluster().clone();
-            async move {
-                let answer = match cluster.call_with_timeout(*n, META_STATE, Bytes::new(), MEMBERSHIP_TICK * 2).await {
-                    Ok(b) => crate::raft::decode::<CopyState>(&b).map_or(Answer::Silent, Answer::Copy),
-                    Err(crate::cluster::CallError::Unreachable { detail, .. }) if detail.contains(crate::cluster::NOT_A_MEMBER) => {
-                        Answer::Refused
-                    }
-                    Err(_) => Answer::Silent,
-                };
-                (*n, answer)
-            }
-        });
+        let asks = members.iter().filter(|n| **n != me).map(|n| async { (*n, ask_copy_state(&host, *n).await) });
         let answers: BTreeMap<NodeId, Answer> = futures::future::join_all(asks).await.into_iter().collect();
         let decision = formation(members.len(), &answers);
         match &decision {
@@ -719,19 +716,17 @@ async fn keep_members(meta: std::sync::Weak<Meta>) {
         let (voters, learners) = (status.voters, status.learners);
         let mut pristine = BTreeSet::new();
         for n in listed.iter().filter(|n| !voters.contains(n) && !learners.contains(n)) {
-            if let Ok(reply) = host.cluster().call_with_timeout(*n, META_STATE, Bytes::new(), MEMBERSHIP_TICK * 2).await {
-                match crate::raft::decode::<CopyState>(&reply) {
-                    Ok(CopyState::Pristine) => {
-                        pristine.insert(*n);
-                    }
-                    Ok(CopyState::Formed) => {
-                        tracing::warn!(
-                            node = n,
-                            "a listed node holds metadata of another group (or of an earlier membership); it is not added: wipe its data directory to add it"
-                        )
-                    }
-                    _ => {}
+            match ask_copy_state(&host, *n).await {
+                Answer::Copy(CopyState::Pristine) => {
+                    pristine.insert(*n);
                 }
+                Answer::Copy(CopyState::Formed) => {
+                    tracing::warn!(
+                        node = n,
+                        "a listed node holds metadata of another group (or of an earlier membership); it is not added: wipe its data directory to add it"
+                    )
+                }
+                _ => {}
             }
         }
         let liveness = host.cluster().liveness();

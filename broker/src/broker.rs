@@ -22,7 +22,7 @@ use crate::queue::task::{self, QueueEvent, TaskEnv};
 use crate::queue::{ConsumerStream, Outbox, QueueCmd, QueueRef};
 use crate::raft::NodeId;
 use crate::replica::meta::{Definitions, Meta, MetaCmd, MetaEvent, QuorumDef, is_quorum_id};
-use crate::replica::quorum::{CAUGHT_UP_ENTRIES, DeadLetterFn, MembersOp, MembersReply, ReplicaCtx, call_members_op};
+use crate::replica::quorum::{CAUGHT_UP_ENTRIES, DeadLetterFn, ExpireFn, MembersOp, MembersReply, ReplicaCtx, call_members_op};
 use crate::replica::rebalance::Leadership;
 use crate::routing::Dest;
 use crate::store::counters::QueueCounters;
@@ -594,6 +594,31 @@ impl Broker {
         self.delete_queue_if(name, None, if_unused, if_empty, "queue was deleted").await
     }
 
+    /// `x-expires` on a quorum queue: its leader asks for the deletion
+    /// once the queue has gone unused for its period. Checked again here
+    /// (a consumer may have come, the queue may have been replaced), then
+    /// deleted through the metadata, on every node.
+    async fn expire_quorum_queue(&self, name: &str, id: QueueId) {
+        let Some(c) = self.cluster() else { return };
+        let still_due = {
+            let topo = self.inner.topo.lock().await;
+            topo.queues.get(name).is_some_and(|e| {
+                e.def.id == id
+                    && e.handle.shared.stats().consumers == 0
+                    && e.handle.shared.expires_at().is_some_and(|at| at <= model::now_ms())
+            })
+        };
+        if !still_due {
+            return;
+        }
+        match c.meta.change(MetaCmd::DeleteQueue { name: name.to_string(), if_unused: false, if_empty: false }).await {
+            Ok(_) => tracing::info!(queue = %name, "deleted quorum queue unused for its x-expires period"),
+            Err(e) => {
+                tracing::warn!(queue = %name, error = %e, "could not delete quorum queue unused for its x-expires period; will retry")
+            }
+        }
+    }
+
     // ---------------------------------------------------------- cluster
 
     fn cluster(&self) -> Option<&ClusterParts> {
@@ -654,6 +679,15 @@ impl Broker {
             })
         });
         let _ = parts.replicas.dead_letter.set(dead_letter);
+        let weak = Arc::downgrade(&self.inner);
+        let expire: ExpireFn = Arc::new(move |name: Arc<str>, id: QueueId| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                let Some(inner) = weak.upgrade() else { return };
+                Broker { inner }.expire_quorum_queue(&name, id).await;
+            })
+        });
+        let _ = parts.replicas.expire.set(expire);
         if self.inner.cluster.set(parts).is_err() {
             return;
         }
@@ -1709,12 +1743,6 @@ fn message_delay(msg: &proto::Message) -> std::result::Result<Option<u64>, Strin
 
 /// A quorum queue is durable, shared and long-lived (RabbitMQ's rules).
 fn check_quorum_declare(req: &proto::DeclareQueueRequest) -> Result<()> {
-    if req.arguments.contains_key("x-expires") {
-        return Err(Error::InvalidArgument(format!(
-            "queue '{}': argument 'x-expires' is not supported on quorum queues (delete unused quorum queues explicitly)",
-            req.name
-        )));
-    }
     let refuse = |what: &str| {
         Err(Error::InvalidArgument(format!("queue '{}': a quorum queue (x-queue-type \"quorum\") cannot be {what}", req.name)))
     };

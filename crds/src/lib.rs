@@ -34,7 +34,7 @@ pub const SCHEMA_REVISION_ANNOTATION: &str = "warren.dev/schema-revision";
 /// change (a test compares a hash of them with `crds/schema-revisions.txt`).
 /// The operator refuses to start against installed CRDs of an older
 /// revision: it would read fields the API server prunes.
-pub const SCHEMA_REVISION: u32 = 4;
+pub const SCHEMA_REVISION: u32 = 5;
 
 /// Every Warren CRD, in a stable order (the order `crdgen` writes them in).
 pub fn crds() -> Vec<CustomResourceDefinition> {

@@ -159,12 +159,14 @@ fn should_hold_quorum_queues_to_the_brokers_rules() {
         spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
         queue(spec)
     };
-    validate_object(&q(json!({"deliveryLimit": 5, "messageTtlMs": 1000, "arguments": {"x-quorum-initial-group-size": 5}})), None).unwrap();
-    for (extra, want) in [
-        (json!({"durable": false}), "a quorum queue is durable"),
-        (json!({"autoDelete": true}), "a quorum queue cannot be autoDelete"),
-        (json!({"expiresMs": 60000}), "a quorum queue cannot have expiresMs"),
-    ] {
+    validate_object(
+        &q(json!({"deliveryLimit": 5, "messageTtlMs": 1000, "expiresMs": 60000, "arguments": {"x-quorum-initial-group-size": 5}})),
+        None,
+    )
+    .unwrap();
+    for (extra, want) in
+        [(json!({"durable": false}), "a quorum queue is durable"), (json!({"autoDelete": true}), "a quorum queue cannot be autoDelete")]
+    {
         let e = errors_of(&q(extra.clone()), None);
         assert!(e.contains(want), "{extra}: {e}");
     }

@@ -850,6 +850,63 @@ async fn should_keep_every_queue_feature_on_quorum_queues() {
     assert_eq!(String::from_utf8_lossy(&d.body), "s1");
 }
 
+/// Whether every node of the cluster that answers lists `queue`.
+async fn listed_anywhere(c: &TestCluster, queue: &str) -> Option<bool> {
+    let mut any = false;
+    for id in c.ids() {
+        let list = c.node(id).client().await.ok()?.list_queues().await.ok()?;
+        any |= list.iter().any(|q| q.name == queue);
+    }
+    Some(any)
+}
+
+/// `x-expires` on quorum queues: the last use is replicated state (stamped
+/// by the leader), so the period runs on across a leader's death; gets and
+/// re-declares through any node are uses, publishes are not, a consumer
+/// keeps the queue; the expired queue goes from every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_delete_a_quorum_queue_unused_for_its_x_expires_period_on_every_node() {
+    let mut c = TestCluster::start(3).await.unwrap();
+    let (c1, c2, c3) = (client(&c, 1).await, client(&c, 2).await, client(&c, 3).await);
+
+    // Unused but for a publish; its leader is killed and comes back.
+    c1.declare_queue("idle", quorum().arg("x-expires", 1500i64)).await.unwrap();
+    assert!(publish_confirmed(&c2, "", "idle", "m".into()).await);
+    let leader = leader_of(&c, 1, "idle").await;
+    c.kill(leader).unwrap();
+    c.restart(leader).await.unwrap();
+    eventually(FAILOVER, "the unused queue deleted on every node", || async { (!listed_anywhere(&c, "idle").await?).then_some(()) })
+        .await
+        .unwrap();
+
+    // Gets and re-declares through other nodes are uses: each well within
+    // the 5 s period, together past it.
+    let polled = || quorum().arg("x-expires", 5000i64);
+    c1.declare_queue("polled", polled()).await.unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        c2.get("polled", 1, true).await.unwrap();
+    }
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        c3.declare_queue("polled", polled()).await.unwrap();
+    }
+    assert_eq!(listed_anywhere(&c, "polled").await, Some(true), "gets and declares keep it in use");
+    eventually(FAILOVER, "the queue deleted once the uses stop", || async { (!listed_anywhere(&c, "polled").await?).then_some(()) })
+        .await
+        .unwrap();
+
+    // A consumer keeps it, however long; its leaving starts the period.
+    c1.declare_queue("consumed", quorum().arg("x-expires", 500i64)).await.unwrap();
+    let consumer = c3.consume(Subscription::new("consumed")).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(listed_anywhere(&c, "consumed").await, Some(true), "a queue with a consumer is in use");
+    drop(consumer);
+    eventually(FAILOVER, "the queue deleted after its consumer left", || async { (!listed_anywhere(&c, "consumed").await?).then_some(()) })
+        .await
+        .unwrap();
+}
+
 /// Messages published while the follower of the catch-up test is down.
 const BACKLOG: usize = 100_000;
 /// Publishes in flight at once in the catch-up test. The queue's leader

@@ -145,6 +145,10 @@ pub struct QueueShared {
     /// When the queue's timers are next due (ms since the epoch), 0 for
     /// never: a replicated queue's leader proposes a tick then.
     next_deadline_ms: AtomicU64,
+    /// When a replicated queue with `x-expires` will have gone unused for
+    /// its period (ms since the epoch), 0 for never: its leader then has
+    /// it deleted.
+    expires_at_ms: AtomicU64,
 }
 
 impl QueueShared {
@@ -169,6 +173,14 @@ impl QueueShared {
 
     pub fn deadline(&self) -> Option<u64> {
         Some(self.next_deadline_ms.load(Ordering::Relaxed)).filter(|t| *t != 0)
+    }
+
+    pub fn set_expires_at(&self, at: Option<u64>) {
+        self.expires_at_ms.store(at.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub fn expires_at(&self) -> Option<u64> {
+        Some(self.expires_at_ms.load(Ordering::Relaxed)).filter(|t| *t != 0)
     }
 
     pub fn stats(&self) -> QueueStats {

@@ -1102,18 +1102,24 @@ impl QueueState {
     /// When the queue next needs its timers looked at (expiry, delays,
     /// `x-expires`), for the owner task's sleep.
     pub fn next_deadline(&self) -> Option<u64> {
-        let mut times: Vec<u64> = Vec::new();
-        if !self.timer_in_flight {
-            // An expiry is due once its time has passed.
-            times.extend(self.next_expiry.map(|t| t.saturating_add(1)));
-            times.extend(self.next_delay);
+        [self.timer_deadline(), self.expires_at()].into_iter().flatten().min()
+    }
+
+    /// When a message expiry or a delay is next due (not `x-expires`).
+    pub fn timer_deadline(&self) -> Option<u64> {
+        if self.timer_in_flight {
+            return None;
         }
-        if let Some(expires) = self.args.expires_ms
-            && self.consumers.is_empty()
-        {
-            times.push(self.last_used.saturating_add(expires));
-        }
-        times.into_iter().min()
+        // An expiry is due once its time has passed.
+        [self.next_expiry.map(|t| t.saturating_add(1)), self.next_delay].into_iter().flatten().min()
+    }
+
+    /// `x-expires`: when the queue will have gone unused for its period,
+    /// if nothing uses it before (none while it has consumers, nor before
+    /// its clock starts: a replicated queue's starts with its first entry).
+    pub fn expires_at(&self) -> Option<u64> {
+        let expires = self.args.expires_ms?;
+        (self.consumers.is_empty() && self.last_used != 0).then(|| self.last_used.saturating_add(expires))
     }
 
     /// Asks for a timer read when an expiry or a delay is due.
@@ -1133,7 +1139,7 @@ impl QueueState {
 
     /// `x-expires`: unused (no consumers, no get, no declare) for its period.
     pub fn unused_too_long(&self) -> bool {
-        self.args.expires_ms.is_some_and(|e| self.consumers.is_empty() && self.now >= self.last_used.saturating_add(e))
+        self.expires_at().is_some_and(|at| self.now >= at)
     }
 
     /// Counts as a use for `x-expires` (a declare).

@@ -383,13 +383,9 @@ impl QueueTask {
         if self.unavailable.is_some() {
             return self.retry_at.map(|t| t.saturating_duration_since(tokio::time::Instant::now()));
         }
-        let deadline = if self.expiry_sent {
+        let deadline = if self.expiry_sent && self.state.unused_too_long() {
             // The x-expires event is out; only expiry and delays matter.
-            let mut s = self.state.next_deadline();
-            if self.state.unused_too_long() {
-                s = None;
-            }
-            s
+            self.state.timer_deadline()
         } else {
             self.state.next_deadline()
         }?;

@@ -167,6 +167,10 @@ impl QueueMachine {
                 QueueReply::Got(out, self.state.stats().ready)
             }
             QueueOp::Purge(_) => QueueReply::Purged(self.state.purge(fx)),
+            QueueOp::Touch(_) => {
+                self.state.touch();
+                QueueReply::Done(Ok(()))
+            }
             QueueOp::Tick(_) => {
                 self.state.poll_timers(fx);
                 QueueReply::Done(Ok(()))
@@ -289,7 +293,8 @@ impl QueueMachine {
         self.state.write_replica_records(&mut rest);
         self.write(rest, store)?;
         self.shared.publish(self.state.stats());
-        self.shared.set_deadline(self.state.next_deadline());
+        self.shared.set_deadline(self.state.timer_deadline());
+        self.shared.set_expires_at(self.state.expires_at());
         Ok(reply)
     }
 }
@@ -314,7 +319,8 @@ impl GroupMachine for QueueMachine {
         let (id, name, args, limits) = (self.state.id, self.state.name.clone(), self.state.args.clone(), *self.state.limits());
         self.state = QueueState::restore_replicated(id, name, args, limits, store)?;
         self.shared.publish(self.state.stats());
-        self.shared.set_deadline(self.state.next_deadline());
+        self.shared.set_deadline(self.state.timer_deadline());
+        self.shared.set_expires_at(self.state.expires_at());
         Ok(())
     }
 

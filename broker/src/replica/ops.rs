@@ -9,7 +9,7 @@ use crate::model::MessageData;
 /// One log entry's command.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct QueueEntry {
-    #[prost(oneof = "QueueOp", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14")]
+    #[prost(oneof = "QueueOp", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15")]
     pub op: Option<QueueOp>,
 }
 
@@ -53,6 +53,9 @@ pub enum QueueOp {
     /// commit: what arrived while the previous entry was committing).
     #[prost(message, tag = "14")]
     Batch(Batch),
+    /// A use of the queue for `x-expires` (a declare), at the entry's time.
+    #[prost(message, tag = "15")]
+    Touch(Empty),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

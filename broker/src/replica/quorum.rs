@@ -82,6 +82,15 @@ pub const CAUGHT_UP_ENTRIES: u64 = 64;
 /// queue has it.
 pub type DeadLetterFn = Arc<dyn Fn(MessageData) -> BoxFuture<'static, bool> + Send + Sync>;
 
+/// Deletes quorum queue `name` (id `id`) through the metadata if it is
+/// still unused past its `x-expires` period.
+pub type ExpireFn = Arc<dyn Fn(Arc<str>, QueueId) -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// How long a leader waits before asking again to delete a queue unused
+/// past its `x-expires` period (the first request failed, e.g. no
+/// metadata majority).
+const EXPIRE_RETRY: Duration = Duration::from_secs(5);
+
 /// What every quorum queue on a node shares.
 pub struct ReplicaCtx {
     pub host: RaftHost,
@@ -91,12 +100,19 @@ pub struct ReplicaCtx {
     /// Each quorum queue's replicas, as defined.
     pub members: parking_lot::RwLock<HashMap<QueueId, Vec<NodeId>>>,
     pub dead_letter: std::sync::OnceLock<DeadLetterFn>,
+    pub expire: std::sync::OnceLock<ExpireFn>,
 }
 
 impl ReplicaCtx {
     pub fn new(host: RaftHost, limits: Limits) -> Arc<ReplicaCtx> {
-        let ctx =
-            Arc::new(ReplicaCtx { host, limits, queues: Default::default(), members: Default::default(), dead_letter: Default::default() });
+        let ctx = Arc::new(ReplicaCtx {
+            host,
+            limits,
+            queues: Default::default(),
+            members: Default::default(),
+            dead_letter: Default::default(),
+            expire: Default::default(),
+        });
         let weak = Arc::downgrade(&ctx);
         ctx.host.cluster().register_call(
             QQ_OP,
@@ -311,6 +327,8 @@ pub async fn spawn(
         settle: HashMap::new(),
         stopping: false,
         shared: handle.shared.clone(),
+        expires: args.expires_ms.is_some(),
+        expire_asked: None,
     };
     tokio::spawn(task.run());
     Ok(handle)
@@ -435,6 +453,11 @@ struct Task {
     /// The queue's figures and next timer deadline, as its machine
     /// publishes them.
     shared: Arc<QueueShared>,
+    /// The queue has `x-expires`: a declare is a use, proposed as `Touch`.
+    expires: bool,
+    /// The `x-expires` deadline this node, leading, last asked the queue's
+    /// deletion for, and when.
+    expire_asked: Option<(u64, tokio::time::Instant)>,
 }
 
 impl Task {
@@ -489,7 +512,7 @@ impl Task {
                 _ = wait_backoff(&mut self.backoff) => self.backoff = None,
                 // Only a leader with a timer due some day looks: an idle
                 // queue's task does not wake at all.
-                _ = tick.tick(), if self.is_leader() && self.shared.deadline().is_some() => self.on_tick(),
+                _ = tick.tick(), if self.is_leader() && (self.shared.deadline().is_some() || self.shared.expires_at().is_some()) => self.on_tick(),
             }
             self.flush_settles();
             self.propose_next();
@@ -647,6 +670,9 @@ impl Task {
                 let _ = reply.send(());
                 return false;
             }
+            // A declare uses the queue: at the entry's time, on every
+            // replica, so that the x-expires clock survives a new leader.
+            QueueCmd::Touch if self.expires => self.submit(QueueOp::Touch(ops::Empty {}), Waiter::None),
             QueueCmd::Touch | QueueCmd::Tick | QueueCmd::Writable { .. } | QueueCmd::TimerDone { .. } | QueueCmd::Refilled { .. } => {}
             QueueCmd::Remote(remote) => self.remote_cmd(*remote),
             #[cfg(test)]
@@ -1056,15 +1082,32 @@ impl Task {
     }
 
     fn on_tick(&mut self) {
-        if !self.is_leader() || self.inflight.is_some() || !self.pending.is_empty() {
+        if !self.is_leader() {
+            return;
+        }
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        self.expire_if_unused(now);
+        if self.inflight.is_some() || !self.pending.is_empty() {
             return;
         }
         let due = self.shared.deadline();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         if due.is_some_and(|t| t <= now) {
             // Expiry and delays apply at the entry's time, on every replica.
             self.pending.push_back((QueueOp::Tick(ops::Empty {}), Waiter::None));
         }
+    }
+
+    /// `x-expires`: the leader has a queue unused for its period deleted,
+    /// through the metadata as a client's delete would be (the period and
+    /// the last use are in the replicated state: a new leader carries on).
+    fn expire_if_unused(&mut self, now: u64) {
+        let Some(at) = self.shared.expires_at().filter(|at| *at <= now) else { return };
+        if self.expire_asked.is_some_and(|(asked, t)| asked == at && t.elapsed() < EXPIRE_RETRY) {
+            return;
+        }
+        let Some(f) = self.ctx.upgrade().and_then(|c| c.expire.get().cloned()) else { return };
+        self.expire_asked = Some((at, tokio::time::Instant::now()));
+        tokio::spawn(f(self.name.clone(), self.id));
     }
 
     fn send_dead_letter(&mut self, seq: u64, data: MessageData) {

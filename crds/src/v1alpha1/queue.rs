@@ -54,8 +54,8 @@ pub struct QueueSpec {
     /// The queue type (argument `x-queue-type`): `classic` (default: held
     /// by one broker pod, not replicated) or `quorum` (replicated through
     /// Raft on a Broker of more than one replica, and available while a
-    /// majority of its replicas is up; it must be durable, without
-    /// `expiresMs` or `autoDelete`). A Queue object always declares its
+    /// majority of its replicas is up; it must be durable, not
+    /// `autoDelete`). A Queue object always declares its
     /// type: the Broker's `defaultQueueType` applies to queues that clients
     /// declare without one. Immutable.
     #[serde(default, rename = "type")]
@@ -266,10 +266,6 @@ fn queue_spec_rules(schema: &mut Schema) {
     let quorum = "!has(self.type) || self.type != 'quorum' || ";
     rules.push(rule(format!("{quorum}!has(self.durable) || self.durable"), "a quorum queue is durable: type quorum needs durable true"));
     rules.push(rule(format!("{quorum}!has(self.autoDelete) || !self.autoDelete"), "a quorum queue cannot be autoDelete"));
-    rules.push(rule(
-        format!("{quorum}!has(self.expiresMs)"),
-        "a quorum queue cannot have expiresMs (the broker refuses x-expires on quorum queues: delete unused ones explicitly)",
-    ));
     push_rules(schema, rules);
 }
 

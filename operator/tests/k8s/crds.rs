@@ -48,7 +48,7 @@ async fn should_refuse_bad_manifests_with_the_rules_message() {
         (queue("  name: amq.direct\n"), "must not start with 'amq.'"),
         (queue("  maxPriority: 300\n"), "spec.maxPriority"),
         (queue("  autoscaling: {target: {name: w}, minReplicas: 5, maxReplicas: 2}\n"), "maxReplicas must be at least minReplicas"),
-        (queue("  type: quorum\n  expiresMs: 60000\n"), "a quorum queue cannot have expiresMs"),
+        (queue("  type: quorum\n  autoDelete: true\n"), "a quorum queue cannot be autoDelete"),
         (broker("b", "  replicas: 8\n"), "spec.replicas in body should be less than or equal to 7"),
         (broker("b", "  replicas: 0\n"), "spec.replicas in body should be greater than or equal to 1"),
         (broker("b", "  defaultQueueType: stream\n"), "spec.defaultQueueType: Unsupported value"),

@@ -31,6 +31,7 @@ fn args(dedup: bool, dlx: bool, max_length: Option<u64>) -> QueueArgs {
         deduplication_window_ms: dedup.then_some(1_000),
         dead_letter_exchange: dlx.then(|| "dlx".to_string()),
         max_length,
+        expires_ms: Some(300),
         ..Default::default()
     }
 }
@@ -156,6 +157,7 @@ enum Step {
     Tick(u64),
     DropConsumers,
     DeadLettered,
+    Touch,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -175,7 +177,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0usize..3, 0u32..4).prop_map(|(consumer, prefetch)| Step::Qos { consumer, prefetch }),
         2 => (1u32..4, any::<bool>()).prop_map(|(max, ack)| Step::Get { max, ack }),
         3 => (0u64..500).prop_map(Step::Tick),
-        1 => prop_oneof![9 => Just(Step::DeadLettered), 1 => Just(Step::Purge), 1 => Just(Step::DropConsumers)],
+        1 => prop_oneof![9 => Just(Step::DeadLettered), 1 => Just(Step::Purge), 1 => Just(Step::DropConsumers), 1 => Just(Step::Touch)],
     ]
 }
 
@@ -258,6 +260,7 @@ impl Tracker {
                 O::Tick(Empty {})
             }
             Step::DropConsumers => O::DropConsumers(Empty {}),
+            Step::Touch => O::Touch(Empty {}),
             Step::DeadLettered => {
                 if self.dead_letters.is_empty() {
                     return None;
@@ -410,6 +413,43 @@ fn should_restore_consumers_and_what_they_hold() {
     let lines = r.apply(&[(4, QueueOp::DropConsumers(Empty {}))]);
     assert!(lines.iter().any(|l| l.contains("ConsumerGone")), "{lines:?}");
     assert_eq!(r.machine.state.stats().ready, 4, "five published, one acknowledged");
+}
+
+/// `x-expires`: the clock starts with the queue's first entry; a declare
+/// (`Touch`), a get or a consumer leaving restarts it, a publish does not;
+/// a consumer stops it; it survives a restart (it is in the store).
+#[test]
+fn should_keep_the_x_expires_clock_in_the_replicated_state() {
+    let mut r = Replica::new(QueueArgs { expires_ms: Some(500), ..Default::default() }, 16);
+    let expires_at = |r: &Replica| r.machine.shared.expires_at();
+    r.restart();
+    assert_eq!(expires_at(&r), None, "no clock before the first entry");
+    r.apply(&[(1_000, QueueOp::DropConsumers(Empty {}))]);
+    assert_eq!(expires_at(&r), Some(1_500), "from the first entry");
+    let m = Publish { routing_key: "q".into(), body: Bytes::from(1u64.to_be_bytes().to_vec()), ..Default::default() };
+    r.apply(&[(1_200, QueueOp::Enqueue(Enqueue { messages: vec![m] }))]);
+    assert_eq!(expires_at(&r), Some(1_500), "a publish is not a use");
+    r.apply(&[(1_300, QueueOp::Touch(Empty {}))]);
+    assert_eq!(expires_at(&r), Some(1_800), "a declare is");
+    r.apply(&[(1_400, QueueOp::Get(Get { max: 1, max_bytes: 1 << 20, ack: true }))]);
+    assert_eq!(expires_at(&r), Some(1_900), "a get is");
+    r.restart();
+    assert_eq!(expires_at(&r), Some(1_900), "restored from the store");
+    let sub = QueueOp::Subscribe(Subscribe {
+        tag: "a".into(),
+        prefetch: 1,
+        auto_ack: false,
+        exclusive: false,
+        priority: 0,
+        peer: "p".into(),
+        max_unacked: 100,
+        max_unacked_bytes: 1 << 20,
+    });
+    r.apply(&[(1_500, sub)]);
+    assert_eq!(expires_at(&r), None, "in use while it has a consumer");
+    r.apply(&[(9_000, QueueOp::Unsubscribe(ConsumerRef { consumer: 1 }))]);
+    assert_eq!(expires_at(&r), Some(9_500), "from when the last consumer left");
+    assert_eq!(r.machine.shared.deadline(), None, "x-expires is not a timer for ticks");
 }
 
 fn entry(op: QueueOp) -> QueueEntry {

@@ -736,7 +736,7 @@ impl Broker {
                     let req = proto::UnbindRequest::decode(b.as_slice()).map_err(bad)?;
                     self.unbind_local(session, req).await.map(|_| Vec::new())
                 }
-                MetaCmd::Barrier => Ok(Vec::new()),
+                MetaCmd::Barrier | MetaCmd::SetClusterId(_) => Ok(Vec::new()),
                 MetaCmd::AddQueueMember { name, .. } | MetaCmd::RemoveQueueMember { name, .. } => {
                     let def = queue.ok_or_else(|| Error::not_found("queue", name))?;
                     self.create_quorum_queue(def.clone()).await?;
@@ -1338,6 +1338,8 @@ impl Broker {
                 metadata_leader: 0,
                 queues: Vec::new(),
                 queues_without_quorum: 0,
+                cluster_id: String::new(),
+                metadata_current: true,
             };
         };
         let host = &c.replicas.host;
@@ -1413,6 +1415,8 @@ impl Broker {
             metadata_leader: host.leader(crate::replica::meta::META_GROUP).and_then(|l| l.leader).unwrap_or(0),
             queues,
             queues_without_quorum: without_quorum,
+            cluster_id: c.meta.cluster_id().map(|id| format!("{id:032x}")).unwrap_or_default(),
+            metadata_current: c.meta.is_current(),
         }
     }
 

@@ -289,3 +289,75 @@ async fn should_add_a_new_node_to_the_metadata_and_remove_it_after_a_scale_down(
     let got = drain(&client(&c, 2).await, "orders", Duration::from_secs(3)).await;
     assert!(!got.is_empty() && got.iter().all(|m| m == "from-4"), "{got:?}");
 }
+
+/// A scale-down that keeps the removed pod's volume (the operator retains
+/// PVCs), then a scale-up onto it: the node comes back holding the
+/// cluster's metadata as of when it left. It must not serve from that
+/// stale copy (a publish through it would miss a binding made meanwhile),
+/// and the leader adds it back, since its copy names this cluster, so that
+/// it catches up and votes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn should_add_back_a_removed_node_that_kept_its_data_and_serve_nothing_stale_before() {
+    let mut c = TestCluster::start(4).await.unwrap();
+    let c1 = client(&c, 1).await;
+    c1.declare_exchange("events", warren_client::ExchangeKind::Topic, warren_client::ExchangeOptions::durable()).await.unwrap();
+    c1.declare_queue("orders", quorum(4)).await.unwrap();
+    c1.bind_queue("events", "orders", "order.#").await.unwrap();
+    wait_metadata_voters(&c, 1, &[1, 2, 3, 4]).await;
+    // Node 4's copy names the cluster before it leaves.
+    let named = eventually(SETTLE, "node 4's copy names the cluster", || async {
+        let id = cluster_status(&c, 4).await?.cluster_id;
+        (!id.is_empty()).then_some(id)
+    })
+    .await
+    .unwrap();
+    assert_eq!(cluster_status(&c, 1).await.unwrap().cluster_id, named, "one cluster, one id");
+
+    // Scale down to 3 as the operator does; node 4's data stays.
+    let out = ctl(&c, 1, &["queue", "shrink", "4"]).await;
+    assert!(out.ok(), "{out:?}");
+    wait_members(&c, 1, "orders", &[1, 2, 3]).await;
+    assert_eq!(c.remove_last_node().unwrap(), 4);
+    for id in 1..=3u64 {
+        c.kill(id).unwrap();
+        c.restart(id).await.unwrap();
+        wait_metadata_leader(&c, id, &[1, 2, 3]).await;
+    }
+    wait_metadata_voters(&c, 1, &[1, 2, 3]).await;
+
+    // Changed while it is gone: a new queue bound to the exchange.
+    let c1 = client(&c, 1).await;
+    c1.declare_queue("audit", quorum(3)).await.unwrap();
+    c1.bind_queue("events", "audit", "order.#").await.unwrap();
+
+    // It comes back listing every node, before the others list it again:
+    // it reaches no metadata leader, so it holds requests and then says
+    // why, rather than routing with the bindings of when it left.
+    assert_eq!(c.bring_back_node().await.unwrap(), 4);
+    let c4 = client(&c, 4).await;
+    let early = c4.publish(warren_client::Message::new("events", "order.created", "early").persistent()).await;
+    let error = early.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(error.contains("not a copy known to be current"), "a publish through node 4 before it was added back: {error:?}");
+    let status = cluster_status(&c, 4).await.unwrap();
+    assert!(!status.metadata_current && status.cluster_id == named, "{status:?}");
+
+    // The rolling restart lists it again: the leader adds it back.
+    for id in 1..=3u64 {
+        c.kill(id).unwrap();
+        c.restart(id).await.unwrap();
+        wait_metadata_leader(&c, id, &[1, 2, 3]).await;
+    }
+    wait_metadata_voters(&c, 1, &[1, 2, 3, 4]).await;
+    wait_metadata_voters(&c, 4, &[1, 2, 3, 4]).await;
+
+    // It routes with the binding made while it was gone.
+    eventually(SETTLE, "a publish through node 4 routed", || async {
+        let m = warren_client::Message::new("events", "order.created", "from-4").persistent();
+        (c4.publish(m).await.ok()?.status == proto::ConfirmStatus::Routed as i32).then_some(())
+    })
+    .await
+    .unwrap();
+    let got = drain(&c1, "audit", Duration::from_secs(3)).await;
+    assert!(!got.is_empty() && got.iter().all(|m| m == "from-4"), "{got:?}");
+    assert!(cluster_status(&c, 4).await.unwrap().metadata_current);
+}

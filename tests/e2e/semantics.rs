@@ -54,8 +54,11 @@ async fn should_expire_messages_with_no_consumer_and_dead_letter_them() {
     c.publish(Message::new("", "short", "queue-ttl").persistent()).await.unwrap();
     c.publish(Message::new("", "short", "own-ttl").persistent().expiration(Duration::from_millis(100))).await.unwrap();
     c.publish(Message::new("", "short", "longer-own-ttl").expiration(Duration::from_secs(60))).await.unwrap();
-    // Nobody consumes: the messages still leave the ready count.
+    // Nobody consumes: the messages still leave the ready count. (A dead
+    // letter reaches its target's inbox in the batch that removes it, and
+    // the target takes it in a moment later.)
     wait_ready(&c, "short", 0).await;
+    wait_ready(&c, "dead", 3).await;
     let dead = c.get("dead", 10, true).await.unwrap();
     let mut bodies: Vec<String> = dead.iter().map(text).collect();
     bodies.sort();

@@ -382,6 +382,9 @@ pub struct TestCluster {
     nodes: Vec<TestBroker>,
     /// The `--peers` value every node got.
     pub peers: String,
+    /// Nodes removed by [`remove_last_node`](Self::remove_last_node), last
+    /// removed last, with their `--peers` entry: stopped, data kept.
+    removed: Vec<(TestBroker, String)>,
 }
 
 impl TestCluster {
@@ -430,7 +433,7 @@ impl TestCluster {
         // All at once, as a StatefulSet with parallel pod management does.
         let started = futures::future::join_all(starts).await;
         let nodes = started.into_iter().collect::<Result<Vec<_>>>()?;
-        Ok(TestCluster { nodes, peers })
+        Ok(TestCluster { nodes, peers, removed: Vec::new() })
     }
 
     pub fn len(&self) -> usize {
@@ -463,14 +466,31 @@ impl TestCluster {
 
     /// Kills the last node and leaves it out of every other node's
     /// `--peers` from their next [`restart`](Self::restart) (a scale-down
-    /// by one). Returns its id.
+    /// by one). Its data is kept, as a StatefulSet keeps the volume of a
+    /// pod it scaled down: [`bring_back_node`](Self::bring_back_node)
+    /// starts it again. Returns its id.
     pub fn remove_last_node(&mut self) -> Result<u64> {
         let id = self.nodes.len() as u64;
         let mut last = self.nodes.pop().ok_or_else(|| anyhow!("no node to remove"))?;
         last.kill();
         let prefix = format!("{id}=");
+        let entry = self.peers.split(',').find(|p| p.starts_with(&prefix)).unwrap_or_default().to_string();
         let peers: Vec<&str> = self.peers.split(',').filter(|p| !p.starts_with(&prefix)).collect();
         self.set_peers(peers.join(","));
+        self.removed.push((last, entry));
+        Ok(id)
+    }
+
+    /// Starts the node removed last again, on the data it had, listing
+    /// every node; the others list it from their next
+    /// [`restart`](Self::restart) (a scale-up onto a retained volume).
+    /// Returns its id.
+    pub async fn bring_back_node(&mut self) -> Result<u64> {
+        let (node, entry) = self.removed.pop().ok_or_else(|| anyhow!("no removed node to bring back"))?;
+        self.nodes.push(node);
+        self.set_peers(format!("{},{entry}", self.peers));
+        let id = self.nodes.len() as u64;
+        self.restart(id).await?;
         Ok(id)
     }
 

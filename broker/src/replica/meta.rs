@@ -40,6 +40,9 @@ const META_PROPOSE: &str = "meta.propose";
 /// The call that asks a node what its copy of the metadata group is
 /// ([`CopyState`]).
 const META_STATE: &str = "meta.state";
+/// The call that asks a node which cluster its copy of the metadata
+/// belongs to (its [`ClusterId`], if it holds one).
+const META_CLUSTER_ID: &str = "meta.cluster_id";
 /// How often a node whose metadata copy is pristine asks the others again,
 /// and how often the leader checks the membership against `--peers`.
 const MEMBERSHIP_TICK: Duration = Duration::from_millis(500);
@@ -96,7 +99,17 @@ pub enum MetaCmd {
         id: QueueId,
         node: NodeId,
     },
+    /// Names the cluster (a random id the first metadata leader draws);
+    /// only the first one applied counts.
+    SetClusterId(ClusterId),
 }
+
+/// A cluster's identity: which metadata a node's copy belongs to. A node
+/// that was a member, was removed while its pod was gone (a scale-down
+/// that kept its volume) and comes back holds this cluster's log, which
+/// the leader may extend; a node holding another cluster's log must not
+/// be added (the two logs' entries would be taken for one another).
+pub type ClusterId = u128;
 
 /// A quorum queue's definition.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -184,6 +197,18 @@ const KIND_COUNTER: u8 = 0;
 const KIND_EXCHANGE: u8 = 1;
 const KIND_QUEUE: u8 = 2;
 const KIND_BINDING: u8 = 3;
+const KIND_CLUSTER: u8 = 4;
+
+/// Where the cluster's id is stored.
+fn cluster_id_key() -> Vec<u8> {
+    key(KIND_CLUSTER, b"id")
+}
+
+/// The cluster id this store's metadata copy has applied, if any.
+pub fn stored_cluster_id(store: &dyn Reader) -> Option<ClusterId> {
+    let v = store.get(Cf::Replica, &cluster_id_key()).ok()??;
+    Some(ClusterId::from_be_bytes(v.try_into().ok()?))
+}
 
 fn key(kind: u8, name: &[u8]) -> Vec<u8> {
     let mut k = keys::queue_start(0).to_vec();
@@ -270,6 +295,11 @@ impl MetaMachine {
                 ops.extend(self.bindings_touching(store, |b| b.destination_queue() == Some(name))?);
             }
             MetaCmd::Barrier => {}
+            MetaCmd::SetClusterId(id) => {
+                if store.get(Cf::Replica, &cluster_id_key())?.is_none() {
+                    ops.push(Op::Put(Cf::Replica, cluster_id_key(), id.to_be_bytes().to_vec()));
+                }
+            }
             MetaCmd::AddQueueMember { name, id, node } | MetaCmd::RemoveQueueMember { name, id, node } => {
                 let k = key(KIND_QUEUE, name.as_bytes());
                 if let Some(def) = store.get(Cf::Replica, &k)?.and_then(|v| QuorumDef::decode(&v).ok()).filter(|d| d.id == *id) {
@@ -418,7 +448,8 @@ pub fn formation(members: usize, answers: &BTreeMap<NodeId, Answer>) -> Formatio
 /// line with its `--peers`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MemberStep {
-    /// A listed node that runs a pristine copy: add it as a learner (it
+    /// A listed node that runs a pristine copy, or a copy of this cluster
+    /// (a member removed while it was gone): add it as a learner (it
     /// catches up from the log or a snapshot).
     AddLearner(NodeId),
     /// A listed learner (caught up): make it a voter.
@@ -438,7 +469,7 @@ pub fn next_member_step(
     listed: &BTreeSet<NodeId>,
     voters: &BTreeSet<NodeId>,
     learners: &BTreeSet<NodeId>,
-    pristine: &BTreeSet<NodeId>,
+    addable: &BTreeSet<NodeId>,
     alive: impl Fn(NodeId) -> bool,
 ) -> Option<MemberStep> {
     if let Some(n) = learners.iter().find(|n| listed.contains(n)) {
@@ -447,7 +478,7 @@ pub fn next_member_step(
     if let Some(n) = learners.iter().find(|n| !alive(**n)) {
         return Some(MemberStep::Remove(*n));
     }
-    if let Some(n) = listed.iter().find(|n| !voters.contains(n) && !learners.contains(n) && pristine.contains(n)) {
+    if let Some(n) = listed.iter().find(|n| !voters.contains(n) && !learners.contains(n) && addable.contains(n)) {
         return Some(MemberStep::AddLearner(*n));
     }
     if voters.len() > 1
@@ -467,8 +498,11 @@ pub struct Meta {
     /// Highest entry this node's broker has applied.
     applied: watch::Sender<u64>,
     results: Mutex<BTreeMap<u64, Applied2>>,
-    /// This node's copy has a membership (it formed the group, or a leader
-    /// reached it): until then it holds no definitions to serve from.
+    /// This node's copy is known current: it has a membership and has
+    /// applied a read barrier committed through the group's leader since
+    /// the node started. Until then it serves nothing: a new node holds
+    /// no definitions, and a restarted one (or one removed while it was
+    /// down) only those of when it stopped.
     joined: watch::Sender<bool>,
 }
 
@@ -506,6 +540,17 @@ impl Meta {
         );
         let weak = Arc::downgrade(&meta);
         host.cluster().register_call(
+            META_CLUSTER_ID,
+            Arc::new(move |_from, _body: Bytes| {
+                let weak = weak.clone();
+                Box::pin(async move {
+                    let meta = weak.upgrade().ok_or("the node is stopping")?;
+                    Ok(Bytes::from(crate::raft::encode(&meta.cluster_id())))
+                })
+            }),
+        );
+        let weak = Arc::downgrade(&meta);
+        host.cluster().register_call(
             META_STATE,
             Arc::new(move |_from, _body: Bytes| {
                 let weak = weak.clone();
@@ -521,7 +566,7 @@ impl Meta {
             .await
             .map_err(|e| format!("cannot start the metadata group: {e}"))?;
         if meta.copy_state().await == CopyState::Formed {
-            meta.joined.send_replace(true);
+            tokio::spawn(become_current(Arc::downgrade(&meta)));
         } else {
             tokio::spawn(form_or_join(Arc::downgrade(&meta), members));
         }
@@ -540,11 +585,23 @@ impl Meta {
         match tokio::time::timeout(JOIN_WAIT, joined.wait_for(|j| *j)).await {
             Ok(Ok(_)) => Ok(()),
             _ => Err(Error::Unavailable(
-                "this node does not hold the cluster's metadata yet (it is new, or lost its disk, and waits for the metadata \
-                 leader to add it; a new cluster forms once a majority of its nodes is up): use another node or retry"
+                "this node does not hold the cluster's metadata yet, or not a copy known to be current (it is new, lost its disk, \
+                 or was removed from the cluster, and waits for the metadata leader to add it; or it restarted and reaches no \
+                 metadata leader: a new cluster forms, and an existing one serves, once a majority of its nodes is up): use \
+                 another node or retry"
                     .into(),
             )),
         }
+    }
+
+    /// Whether this node's copy is known current (it serves requests).
+    pub fn is_current(&self) -> bool {
+        *self.joined.borrow()
+    }
+
+    /// The cluster this node's copy belongs to, once its leader named it.
+    pub fn cluster_id(&self) -> Option<ClusterId> {
+        stored_cluster_id(&**self.host.store().engine())
     }
 
     async fn copy_state(&self) -> CopyState {
@@ -655,10 +712,7 @@ async fn form_or_join(meta: std::sync::Weak<Meta>, members: BTreeSet<NodeId>) {
         match host.is_initialized(META_GROUP).await {
             Some(true) => {
                 tracing::info!("this node's copy of the cluster metadata is formed");
-                if let Some(m) = meta.upgrade() {
-                    m.joined.send_replace(true);
-                }
-                return;
+                return become_current(meta).await;
             }
             None => return,
             Some(false) => {}
@@ -696,15 +750,58 @@ async fn form_or_join(meta: std::sync::Weak<Meta>, members: BTreeSet<NodeId>) {
     }
 }
 
-/// On the metadata leader: adds nodes listed in `--peers` that run a
-/// pristine copy, and removes members no longer listed that are gone, one
-/// step at a time (see [`next_member_step`]).
+/// Waits until this node's formed copy is current: a read barrier proposed
+/// through the group's leader and applied here (everything committed
+/// before it is then applied here too). Tried until it works: a node
+/// removed from the group while it was down reaches no leader until the
+/// leader adds it back.
+async fn become_current(meta: std::sync::Weak<Meta>) {
+    let mut attempts = 0u64;
+    loop {
+        let Some(m) = meta.upgrade() else { return };
+        if m.host.cluster().is_stopped() {
+            return;
+        }
+        match tokio::time::timeout(BARRIER_TIMEOUT, m.change(MetaCmd::Barrier)).await {
+            Ok(Ok(_)) => {
+                m.joined.send_replace(true);
+                tracing::info!("this node's copy of the cluster metadata is current: serving requests");
+                return;
+            }
+            Ok(Err(e)) if attempts.is_multiple_of(12) => tracing::info!(
+                error = %e,
+                "this node's copy of the cluster metadata is not known to be current yet (no metadata leader reachable, or this \
+                 node waits to be added back to the cluster): holding requests"
+            ),
+            Err(_) if attempts.is_multiple_of(12) => tracing::info!(
+                "this node's copy of the cluster metadata is not known to be current yet (no metadata leader reachable, or this \
+                 node waits to be added back to the cluster): holding requests"
+            ),
+            _ => {}
+        }
+        drop(m);
+        attempts += 1;
+        tokio::time::sleep(MEMBERSHIP_TICK).await;
+    }
+}
+
+/// Asks node `n` which cluster its copy of the metadata belongs to (`None`:
+/// none named yet, or no answer).
+async fn ask_cluster_id(host: &RaftHost, n: NodeId) -> Option<ClusterId> {
+    let b = host.cluster().call_with_timeout(n, META_CLUSTER_ID, Bytes::new(), MEMBERSHIP_TICK * 2).await.ok()?;
+    crate::raft::decode::<Option<ClusterId>>(&b).ok().flatten()
+}
+
+/// On the metadata leader: names the cluster if it has no id yet, adds
+/// nodes listed in `--peers` that run a pristine copy or a copy of this
+/// cluster (a member removed while it was gone), and removes members no
+/// longer listed that are gone, one step at a time (see
+/// [`next_member_step`]).
 async fn keep_members(meta: std::sync::Weak<Meta>) {
     loop {
         tokio::time::sleep(MEMBERSHIP_TICK * 4).await;
         let Some(meta) = meta.upgrade() else { return };
         let host = meta.host.clone();
-        drop(meta);
         if host.cluster().is_stopped() {
             return;
         }
@@ -712,25 +809,42 @@ async fn keep_members(meta: std::sync::Weak<Meta>) {
         if status.role != crate::raft::Role::Leader {
             continue;
         }
+        let ours = meta.cluster_id();
+        if ours.is_none() {
+            let id: ClusterId = rand::random();
+            match meta.change(MetaCmd::SetClusterId(id)).await {
+                Ok(_) => tracing::info!(cluster_id = %format!("{:032x}", meta.cluster_id().unwrap_or(id)), "named the cluster"),
+                Err(e) => tracing::warn!(error = %e, "naming the cluster failed; trying again"),
+            }
+            continue;
+        }
+        drop(meta);
         let listed: BTreeSet<NodeId> = host.cluster().members().collect();
         let (voters, learners) = (status.voters, status.learners);
-        let mut pristine = BTreeSet::new();
+        let mut addable = BTreeSet::new();
         for n in listed.iter().filter(|n| !voters.contains(n) && !learners.contains(n)) {
             match ask_copy_state(&host, *n).await {
                 Answer::Copy(CopyState::Pristine) => {
-                    pristine.insert(*n);
+                    addable.insert(*n);
                 }
                 Answer::Copy(CopyState::Formed) => {
-                    tracing::warn!(
-                        node = n,
-                        "a listed node holds metadata of another group (or of an earlier membership); it is not added: wipe its data directory to add it"
-                    )
+                    let theirs = ask_cluster_id(&host, *n).await;
+                    if theirs.is_some() && theirs == ours {
+                        addable.insert(*n);
+                    } else {
+                        tracing::warn!(
+                            node = n,
+                            theirs = %theirs.map_or("none".to_string(), |id| format!("{id:032x}")),
+                            "a listed node holds metadata of another cluster (or of this one from before it was named); it is not \
+                             added: wipe its data directory to add it"
+                        )
+                    }
                 }
                 _ => {}
             }
         }
         let liveness = host.cluster().liveness();
-        let Some(step) = next_member_step(&listed, &voters, &learners, &pristine, |n| liveness.is_alive(n)) else { continue };
+        let Some(step) = next_member_step(&listed, &voters, &learners, &addable, |n| liveness.is_alive(n)) else { continue };
         tracing::info!(?step, ?voters, ?learners, "changing the cluster metadata's membership");
         let done = tokio::time::timeout(MEMBERSHIP_STEP_TIMEOUT, async {
             match step {
@@ -790,6 +904,22 @@ mod tests {
         // A listed node that did not say it is pristine (down, or holding
         // another group's state) is not added.
         assert_eq!(next_member_step(&set(&[1, 2, 3, 4]), &set(&[1, 2, 3]), &set(&[]), &set(&[]), alive), None);
+    }
+
+    #[test]
+    fn should_keep_the_first_cluster_id_applied() {
+        let engine = crate::store::memory::MemoryEngine::new();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut m = MetaMachine::new(tx);
+        assert_eq!(stored_cluster_id(&engine), None);
+        for (index, id) in [(1, 7u128 << 100), (2, 9)] {
+            let mut o = Overlay::new(&engine);
+            m.apply_cmd(index, MetaCmd::SetClusterId(id), &mut o).unwrap();
+            crate::store::Engine::write(&engine, &o.into_ops(), false).unwrap();
+        }
+        // Two leaders may each draw one (a leader change in between): every
+        // replica keeps the first in the log.
+        assert_eq!(stored_cluster_id(&engine), Some(7u128 << 100));
     }
 
     #[test]

@@ -538,6 +538,8 @@ async fn run(cli: Cli, out: &Printer) -> Result<(), Failure> {
                     json!({
                         "node_id": s.node_id,
                         "metadata_leader": s.metadata_leader,
+                        "cluster_id": s.cluster_id,
+                        "metadata_current": s.metadata_current,
                         "queues_without_quorum": s.queues_without_quorum,
                         "members": members,
                         "queues": queues,
@@ -548,6 +550,13 @@ async fn run(cli: Cli, out: &Printer) -> Result<(), Failure> {
                     "node {} (metadata leader: {}; quorum queues without a majority up: {})",
                     s.node_id, s.metadata_leader, s.queues_without_quorum
                 );
+                if !s.cluster_id.is_empty() || !s.metadata_current {
+                    let current = if s.metadata_current { "current" } else { "not known current yet: holding requests" };
+                    println!(
+                        "cluster {} (this node's metadata copy: {current})",
+                        if s.cluster_id.is_empty() { "unnamed" } else { &s.cluster_id }
+                    );
+                }
                 out.table(&["id", "address", "up", "metadata", "leaders", "replicas"], &members);
                 println!();
                 out.table(

@@ -375,6 +375,20 @@ fn counted_totals(lines: &[String]) -> (u64, BTreeMap<String, usize>) {
     (expired, reasons)
 }
 
+/// A manual-ack consumer `tag` with `prefetch`.
+fn subscribe(tag: &str, prefetch: u32) -> QueueOp {
+    QueueOp::Subscribe(Subscribe {
+        tag: tag.into(),
+        prefetch,
+        auto_ack: false,
+        exclusive: false,
+        priority: 0,
+        peer: "p".into(),
+        max_unacked: 100,
+        max_unacked_bytes: 1 << 20,
+    })
+}
+
 #[test]
 fn should_restore_consumers_and_what_they_hold() {
     let mut r = Replica::new(args(false, false, None), 2048);
@@ -391,16 +405,7 @@ fn should_restore_consumers_and_what_they_hold() {
                 .collect(),
         })
     };
-    let sub = QueueOp::Subscribe(Subscribe {
-        tag: "a".into(),
-        prefetch: 2,
-        auto_ack: false,
-        exclusive: false,
-        priority: 0,
-        peer: "p".into(),
-        max_unacked: 100,
-        max_unacked_bytes: 1 << 20,
-    });
+    let sub = subscribe("a", 2);
     r.apply(&[(1, publish(5)), (2, sub)]);
     assert_eq!(r.machine.state.stats().unacked, 2);
     r.restart();
@@ -435,16 +440,7 @@ fn should_keep_the_x_expires_clock_in_the_replicated_state() {
     assert_eq!(expires_at(&r), Some(1_900), "a get is");
     r.restart();
     assert_eq!(expires_at(&r), Some(1_900), "restored from the store");
-    let sub = QueueOp::Subscribe(Subscribe {
-        tag: "a".into(),
-        prefetch: 1,
-        auto_ack: false,
-        exclusive: false,
-        priority: 0,
-        peer: "p".into(),
-        max_unacked: 100,
-        max_unacked_bytes: 1 << 20,
-    });
+    let sub = subscribe("a", 1);
     r.apply(&[(1_500, sub)]);
     assert_eq!(expires_at(&r), None, "in use while it has a consumer");
     r.apply(&[(9_000, QueueOp::Unsubscribe(ConsumerRef { consumer: 1 }))]);

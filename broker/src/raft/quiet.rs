@@ -110,6 +110,15 @@ impl QuietState {
 /// before it stands itself.
 const STAND_IN_AFTER: Duration = Duration::from_millis(400);
 
+/// How long a stand-in waits before standing again, and how many times it
+/// stands in all, while no leader appears. A stand-in's first election
+/// can tie with the chosen one's: a voter that refuses a candidate for its
+/// shorter log does not take the candidate's term, so both stand in the
+/// same term, each with its own vote, and neither wins. The second stands
+/// in the next term, which the first (a candidate, no lease) grants.
+const STAND_IN_RETRY: Duration = Duration::from_millis(200);
+const STAND_IN_ATTEMPTS: u32 = 3;
+
 /// How long a quiet follower waits for its leader to renew the lease
 /// before it answers a vote.
 const WAKE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -336,13 +345,18 @@ impl RaftHost {
             let host = self.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
-                let m = g.raft.metrics().borrow_watched().clone();
-                if m.state == ServerState::Leader || m.current_leader.is_some_and(|now| now != l) {
-                    return;
+                for attempt in 0..STAND_IN_ATTEMPTS {
+                    if attempt > 0 {
+                        tokio::time::sleep(STAND_IN_RETRY).await;
+                    }
+                    let m = g.raft.metrics().borrow_watched().clone();
+                    if m.state == ServerState::Leader || m.current_leader.is_some_and(|now| now != l) {
+                        return;
+                    }
+                    host.wake(id, &g, "the leader's node is gone and no one took over");
+                    tracing::info!(group = id, leader = l, attempt, "no new leader yet; standing for election");
+                    let _ = g.raft.handle_transfer_leader(openraft::raft::TransferLeaderRequest::new(m.vote, me, None)).await;
                 }
-                host.wake(id, &g, "the leader's node is gone and no one took over");
-                tracing::info!(group = id, leader = l, "no new leader yet; standing for election");
-                let _ = g.raft.handle_transfer_leader(openraft::raft::TransferLeaderRequest::new(m.vote, me, None)).await;
             });
         }
     }

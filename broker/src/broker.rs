@@ -625,11 +625,12 @@ impl Broker {
         self.inner.cluster.get()
     }
 
-    /// In a cluster: waits (bounded) until this node holds the cluster's
-    /// metadata, so that a request is not answered from an empty copy.
-    pub async fn wait_joined(&self) -> Result<()> {
+    /// In a cluster: waits (bounded) until this node's copy of the
+    /// metadata is known current, so that a request is not answered from
+    /// an empty or stale copy.
+    pub async fn wait_current(&self) -> Result<()> {
         match self.cluster() {
-            Some(c) => c.meta.wait_joined().await,
+            Some(c) => c.meta.wait_current().await,
             None => Ok(()),
         }
     }
@@ -640,7 +641,8 @@ impl Broker {
     async fn sync_meta(&self) -> bool {
         match self.cluster() {
             Some(c) => {
-                c.meta.barrier().await;
+                // Without a quorum the lookup answers from this copy.
+                let _ = c.meta.barrier().await;
                 true
             }
             None => false,
@@ -1462,7 +1464,7 @@ impl Broker {
     /// with it.
     async fn quorum_queues_matching(&self, c: &ClusterParts, pattern: &str) -> Result<Vec<(String, QueueId, Vec<NodeId>)>> {
         let re = compile_queue_pattern(pattern)?;
-        c.meta.barrier().await;
+        let _ = c.meta.barrier().await;
         let members = c.replicas.members.read().clone();
         let mut out: Vec<(String, QueueId, Vec<NodeId>)> = self
             .snapshot()

@@ -154,14 +154,14 @@ impl Warren for WarrenService {
         let r = req.get_ref();
         let alternate_exchange = string_arg(&r.arguments, "alternate-exchange");
         authz::check(&req, Operation::DeclareExchange { name: &r.name, passive: r.passive, alternate_exchange })?;
-        self.broker.wait_joined().await?;
+        self.broker.wait_current().await?;
         let exchange = self.broker.declare_exchange(req.into_inner()).await?;
         Ok(Response::new(proto::DeclareExchangeResponse { exchange: Some(exchange) }))
     }
 
     async fn delete_exchange(&self, req: Request<proto::DeleteExchangeRequest>) -> Result<Response<proto::DeleteExchangeResponse>, Status> {
         authz::check(&req, Operation::DeleteExchange { name: &req.get_ref().name })?;
-        self.broker.wait_joined().await?;
+        self.broker.wait_current().await?;
         let r = req.into_inner();
         self.broker.delete_exchange(&r.name, r.if_unused).await?;
         Ok(Response::new(proto::DeleteExchangeResponse {}))
@@ -178,7 +178,7 @@ impl Warren for WarrenService {
         let r = req.get_ref();
         let dead_letter_exchange = string_arg(&r.arguments, "x-dead-letter-exchange");
         authz::check(&req, Operation::DeclareQueue { name: &r.name, passive: r.passive, dead_letter_exchange })?;
-        self.broker.wait_joined().await?;
+        self.broker.wait_current().await?;
         let session = self.session(&req);
         let queue = self.broker.declare_queue(&session, req.into_inner()).await?;
         Ok(Response::new(proto::DeclareQueueResponse { queue: Some(queue) }))
@@ -186,7 +186,7 @@ impl Warren for WarrenService {
 
     async fn delete_queue(&self, req: Request<proto::DeleteQueueRequest>) -> Result<Response<proto::DeleteQueueResponse>, Status> {
         authz::check(&req, Operation::DeleteQueue { name: &req.get_ref().name })?;
-        self.broker.wait_joined().await?;
+        self.broker.wait_current().await?;
         let session = self.session(&req);
         let r = req.into_inner();
         let message_count = self.broker.delete_queue(&session, &r.name, r.if_unused, r.if_empty).await?;
@@ -195,7 +195,7 @@ impl Warren for WarrenService {
 
     async fn purge_queue(&self, req: Request<proto::PurgeQueueRequest>) -> Result<Response<proto::PurgeQueueResponse>, Status> {
         authz::check(&req, Operation::PurgeQueue { name: &req.get_ref().name })?;
-        self.broker.wait_joined().await?;
+        self.broker.wait_current().await?;
         let session = self.session(&req);
         let message_count = self.broker.purge_queue(&session, &req.into_inner().name).await?;
         Ok(Response::new(proto::PurgeQueueResponse { message_count }))
@@ -212,7 +212,7 @@ impl Warren for WarrenService {
         let r = req.get_ref();
         let to_exchange = r.destination_kind == proto::DestinationKind::Exchange as i32;
         authz::check(&req, Operation::Bind { source: &r.source, destination: &r.destination, to_exchange, routing_key: &r.routing_key })?;
-        self.broker.wait_joined().await?;
+        self.broker.wait_current().await?;
         let session = self.session(&req);
         self.broker.bind(&session, req.into_inner()).await?;
         Ok(Response::new(proto::BindResponse {}))
@@ -222,7 +222,7 @@ impl Warren for WarrenService {
         let r = req.get_ref();
         let to_exchange = r.destination_kind == proto::DestinationKind::Exchange as i32;
         authz::check(&req, Operation::Unbind { source: &r.source, destination: &r.destination, to_exchange, routing_key: &r.routing_key })?;
-        self.broker.wait_joined().await?;
+        self.broker.wait_current().await?;
         let session = self.session(&req);
         self.broker.unbind(&session, req.into_inner()).await?;
         Ok(Response::new(proto::UnbindResponse {}))
@@ -246,7 +246,7 @@ impl Warren for WarrenService {
         if self.broker.is_shutting_down() {
             return Err(Error::ShuttingDown.into());
         }
-        self.broker.wait_joined().await?;
+        self.broker.wait_current().await?;
         // While a resource alarm is raised, wait (bounded) for it to clear.
         let alarms = crate::alarms::global();
         if alarms.blocked() {
@@ -288,7 +288,7 @@ impl Warren for WarrenService {
         if self.broker.is_shutting_down() {
             return Err(Error::ShuttingDown.into());
         }
-        self.broker.wait_joined().await?;
+        self.broker.wait_current().await?;
         let session = self.session(&req);
         let (who, peer) = auth::authenticated(&req);
         let mut inbound = req.into_inner();
@@ -387,7 +387,7 @@ impl Warren for WarrenService {
     type ConsumeStream = BoxStream<proto::ConsumeResponse>;
 
     async fn consume(&self, req: Request<Streaming<proto::ConsumeRequest>>) -> Result<Response<Self::ConsumeStream>, Status> {
-        self.broker.wait_joined().await?;
+        self.broker.wait_current().await?;
         let session = self.session(&req);
         let (who, peer) = auth::authenticated(&req);
         let mut inbound = req.into_inner();
@@ -496,7 +496,7 @@ impl Warren for WarrenService {
 
     async fn get(&self, req: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
         authz::check(&req, Operation::Get { queue: &req.get_ref().queue })?;
-        self.broker.wait_joined().await?;
+        self.broker.wait_current().await?;
         let session = self.session(&req);
         let req = req.into_inner();
         let queue = req.queue.clone();

@@ -216,6 +216,18 @@ async fn wait_metadata_leader(c: &TestCluster, via: u64, voters: &[u64]) {
     .unwrap();
 }
 
+/// Restarts `nodes` one at a time with the cluster's current `--peers`,
+/// as the operator's rolling restart does: each back (`kill -9`, then
+/// started on its data) and seeing a metadata leader with `nodes` among
+/// its voters before the next goes.
+async fn rolling_restart(c: &mut TestCluster, nodes: &[u64]) {
+    for id in nodes {
+        c.kill(*id).unwrap();
+        c.restart(*id).await.unwrap();
+        wait_metadata_leader(c, *id, nodes).await;
+    }
+}
+
 /// A scale-up as the operator makes it: a new pod starts listing every
 /// node while the old ones still list only themselves, then the old ones
 /// restart one at a time with the longer list. The new node must not form
@@ -247,11 +259,7 @@ async fn should_add_a_new_node_to_the_metadata_and_remove_it_after_a_scale_down(
     assert_eq!(metadata_parts(&c, 1).await.unwrap().get(&4), None, "node 1 does not list node 4 yet");
 
     // The rolling restart: each old node comes back listing node 4.
-    for id in 1..=3u64 {
-        c.kill(id).unwrap();
-        c.restart(id).await.unwrap();
-        wait_metadata_leader(&c, id, &[1, 2, 3]).await;
-    }
+    rolling_restart(&mut c, &[1, 2, 3]).await;
     wait_metadata_voters(&c, new, &[1, 2, 3, 4]).await;
     wait_metadata_voters(&c, 1, &[1, 2, 3, 4]).await;
 
@@ -276,11 +284,7 @@ async fn should_add_a_new_node_to_the_metadata_and_remove_it_after_a_scale_down(
     assert!(out.ok(), "{out:?}");
     wait_members(&c, 1, "orders", &[1, 2, 3]).await;
     c.remove_last_node().unwrap();
-    for id in 1..=3u64 {
-        c.kill(id).unwrap();
-        c.restart(id).await.unwrap();
-        wait_metadata_leader(&c, id, &[1, 2, 3]).await;
-    }
+    rolling_restart(&mut c, &[1, 2, 3]).await;
     for id in 1..=3u64 {
         wait_metadata_voters(&c, id, &[1, 2, 3]).await;
     }
@@ -318,11 +322,7 @@ async fn should_add_back_a_removed_node_that_kept_its_data_and_serve_nothing_sta
     assert!(out.ok(), "{out:?}");
     wait_members(&c, 1, "orders", &[1, 2, 3]).await;
     assert_eq!(c.remove_last_node().unwrap(), 4);
-    for id in 1..=3u64 {
-        c.kill(id).unwrap();
-        c.restart(id).await.unwrap();
-        wait_metadata_leader(&c, id, &[1, 2, 3]).await;
-    }
+    rolling_restart(&mut c, &[1, 2, 3]).await;
     wait_metadata_voters(&c, 1, &[1, 2, 3]).await;
 
     // Changed while it is gone: a new queue bound to the exchange.
@@ -342,11 +342,7 @@ async fn should_add_back_a_removed_node_that_kept_its_data_and_serve_nothing_sta
     assert!(!status.metadata_current && status.cluster_id == named, "{status:?}");
 
     // The rolling restart lists it again: the leader adds it back.
-    for id in 1..=3u64 {
-        c.kill(id).unwrap();
-        c.restart(id).await.unwrap();
-        wait_metadata_leader(&c, id, &[1, 2, 3]).await;
-    }
+    rolling_restart(&mut c, &[1, 2, 3]).await;
     wait_metadata_voters(&c, 1, &[1, 2, 3, 4]).await;
     wait_metadata_voters(&c, 4, &[1, 2, 3, 4]).await;
 

@@ -72,6 +72,16 @@ impl QueueMachine {
         QueueMachine { state, events, shared }
     }
 
+    /// Publishes the figures and deadlines that the queue's task and
+    /// listings read without asking the machine.
+    fn publish(&self) {
+        self.shared.publish(self.state.stats());
+        // x-expires apart from the timers: the leader deletes the queue
+        // then, it does not propose a tick.
+        self.shared.set_deadline(self.state.timer_deadline());
+        self.shared.set_expires_at(self.state.expires_at());
+    }
+
     fn id(&self) -> QueueId {
         self.state.id
     }
@@ -292,9 +302,7 @@ impl QueueMachine {
         let mut rest = self.carry_out(fx, store)?;
         self.state.write_replica_records(&mut rest);
         self.write(rest, store)?;
-        self.shared.publish(self.state.stats());
-        self.shared.set_deadline(self.state.timer_deadline());
-        self.shared.set_expires_at(self.state.expires_at());
+        self.publish();
         Ok(reply)
     }
 }
@@ -318,9 +326,7 @@ impl GroupMachine for QueueMachine {
     fn restore(&mut self, store: &dyn Reader) -> Result<(), StoreError> {
         let (id, name, args, limits) = (self.state.id, self.state.name.clone(), self.state.args.clone(), *self.state.limits());
         self.state = QueueState::restore_replicated(id, name, args, limits, store)?;
-        self.shared.publish(self.state.stats());
-        self.shared.set_deadline(self.state.timer_deadline());
-        self.shared.set_expires_at(self.state.expires_at());
+        self.publish();
         Ok(())
     }
 

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
@@ -46,8 +47,9 @@ const META_CLUSTER_ID: &str = "meta.cluster_id";
 /// How often a node whose metadata copy is pristine asks the others again,
 /// and how often the leader checks the membership against `--peers`.
 const MEMBERSHIP_TICK: Duration = Duration::from_millis(500);
-/// How long a client request waits for this node to hold the metadata.
-const JOIN_WAIT: Duration = Duration::from_secs(10);
+/// How long a client request waits for this node's copy of the metadata
+/// to be known current.
+const CURRENT_WAIT: Duration = Duration::from_secs(10);
 /// How long one membership step (a learner catching up) may take.
 const MEMBERSHIP_STEP_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a read barrier may wait.
@@ -503,7 +505,7 @@ pub struct Meta {
     /// the node started. Until then it serves nothing: a new node holds
     /// no definitions, and a restarted one (or one removed while it was
     /// down) only those of when it stopped.
-    joined: watch::Sender<bool>,
+    current: watch::Sender<bool>,
 }
 
 impl Meta {
@@ -518,48 +520,22 @@ impl Meta {
             host: host.clone(),
             applied: watch::channel(0).0,
             results: Mutex::new(BTreeMap::new()),
-            joined: watch::channel(false).0,
+            current: watch::channel(false).0,
         });
-        let weak = Arc::downgrade(&meta);
-        host.cluster().register_call(
-            META_PROPOSE,
-            Arc::new(move |_from, body: Bytes| {
-                let weak = weak.clone();
-                Box::pin(async move {
-                    let meta = weak.upgrade().ok_or("the node is stopping")?;
-                    let cmd: MetaCmd = crate::raft::decode(&body)?;
-                    let r: std::result::Result<u64, (Option<NodeId>, String)> =
-                        match meta.host.propose(META_GROUP, crate::raft::encode(&cmd)).await {
-                            Ok((index, _)) => Ok(index),
-                            Err(ProposeError::ForwardToLeader { leader }) => Err((leader, "not the leader".into())),
-                            Err(e) => Err((None, e.to_string())),
-                        };
-                    Ok(Bytes::from(crate::raft::encode(&r)))
-                })
-            }),
-        );
-        let weak = Arc::downgrade(&meta);
-        host.cluster().register_call(
-            META_CLUSTER_ID,
-            Arc::new(move |_from, _body: Bytes| {
-                let weak = weak.clone();
-                Box::pin(async move {
-                    let meta = weak.upgrade().ok_or("the node is stopping")?;
-                    Ok(Bytes::from(crate::raft::encode(&meta.cluster_id())))
-                })
-            }),
-        );
-        let weak = Arc::downgrade(&meta);
-        host.cluster().register_call(
-            META_STATE,
-            Arc::new(move |_from, _body: Bytes| {
-                let weak = weak.clone();
-                Box::pin(async move {
-                    let meta = weak.upgrade().ok_or("the node is stopping")?;
-                    Ok(Bytes::from(crate::raft::encode(&meta.copy_state().await)))
-                })
-            }),
-        );
+        serve(&meta, META_PROPOSE, |meta, body| {
+            Box::pin(async move {
+                let cmd: MetaCmd = crate::raft::decode(&body)?;
+                let r: std::result::Result<u64, (Option<NodeId>, String)> =
+                    match meta.host.propose(META_GROUP, crate::raft::encode(&cmd)).await {
+                        Ok((index, _)) => Ok(index),
+                        Err(ProposeError::ForwardToLeader { leader }) => Err((leader, "not the leader".into())),
+                        Err(e) => Err((None, e.to_string())),
+                    };
+                Ok(Bytes::from(crate::raft::encode(&r)))
+            })
+        });
+        serve(&meta, META_CLUSTER_ID, |meta, _| Box::pin(async move { Ok(Bytes::from(crate::raft::encode(&meta.cluster_id()))) }));
+        serve(&meta, META_STATE, |meta, _| Box::pin(async move { Ok(Bytes::from(crate::raft::encode(&meta.copy_state().await))) }));
         // Started without a membership: whether this node forms the group
         // or waits to be brought in depends on what the others hold.
         host.start_group(META_GROUP, Box::new(MetaMachine::new(tx)), Bootstrap::Join)
@@ -574,15 +550,17 @@ impl Meta {
         Ok((meta, rx))
     }
 
-    /// Waits (at most [`JOIN_WAIT`]) until this node holds the cluster's
-    /// metadata: a new node, or one that lost its disk, serves nothing
-    /// from an empty copy (a publish would find no exchange).
-    pub async fn wait_joined(&self) -> Result<()> {
-        if *self.joined.borrow() {
+    /// Waits (at most [`CURRENT_WAIT`]) until this node's copy of the
+    /// metadata is known current: a new node, or one that lost its disk,
+    /// serves nothing from an empty copy (a publish would find no
+    /// exchange), and a restarted or returning one nothing from a stale
+    /// one.
+    pub async fn wait_current(&self) -> Result<()> {
+        if *self.current.borrow() {
             return Ok(());
         }
-        let mut joined = self.joined.subscribe();
-        match tokio::time::timeout(JOIN_WAIT, joined.wait_for(|j| *j)).await {
+        let mut current = self.current.subscribe();
+        match tokio::time::timeout(CURRENT_WAIT, current.wait_for(|c| *c)).await {
             Ok(Ok(_)) => Ok(()),
             _ => Err(Error::Unavailable(
                 "this node does not hold the cluster's metadata yet, or not a copy known to be current (it is new, lost its disk, \
@@ -596,7 +574,7 @@ impl Meta {
 
     /// Whether this node's copy is known current (it serves requests).
     pub fn is_current(&self) -> bool {
-        *self.joined.borrow()
+        *self.current.borrow()
     }
 
     /// The cluster this node's copy belongs to, once its leader named it.
@@ -630,9 +608,13 @@ impl Meta {
     /// Waits until this node's broker has applied every change committed
     /// before now (a change made through another node a moment ago is then
     /// visible here): an empty entry through the log, applied here. Bounded;
-    /// without a quorum it gives up (the caller answers from what it has).
-    pub async fn barrier(&self) {
-        let _ = tokio::time::timeout(BARRIER_TIMEOUT, self.change(MetaCmd::Barrier)).await;
+    /// without a quorum it gives up (the caller answers from what it has)
+    /// and says why.
+    pub async fn barrier(&self) -> Result<()> {
+        match tokio::time::timeout(BARRIER_TIMEOUT, self.change(MetaCmd::Barrier)).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(Error::Unavailable("no read barrier through the metadata leader in time".into())),
+        }
     }
 
     /// Proposes a change and returns what applying it did on this node.
@@ -688,6 +670,26 @@ impl Meta {
         }
         Err(Error::Unavailable(format!("the cluster's metadata cannot take changes now (no quorum?): {last}")))
     }
+}
+
+/// Answers calls of `kind` from other nodes with `answer`, given this
+/// node's [`Meta`] (while the node runs).
+fn serve<F>(meta: &Arc<Meta>, kind: &str, answer: F)
+where
+    F: Fn(Arc<Meta>, Bytes) -> BoxFuture<'static, std::result::Result<Bytes, String>> + Send + Sync + 'static,
+{
+    let weak = Arc::downgrade(meta);
+    let answer = Arc::new(answer);
+    meta.host.cluster().register_call(
+        kind,
+        Arc::new(move |_from, body: Bytes| {
+            let (weak, answer) = (weak.clone(), answer.clone());
+            Box::pin(async move {
+                let meta = weak.upgrade().ok_or("the node is stopping")?;
+                answer(meta, body).await
+            })
+        }),
+    );
 }
 
 /// Asks node `n` what its copy of the metadata group is (`meta.state`).
@@ -762,22 +764,18 @@ async fn become_current(meta: std::sync::Weak<Meta>) {
         if m.host.cluster().is_stopped() {
             return;
         }
-        match tokio::time::timeout(BARRIER_TIMEOUT, m.change(MetaCmd::Barrier)).await {
-            Ok(Ok(_)) => {
-                m.joined.send_replace(true);
+        match m.barrier().await {
+            Ok(()) => {
+                m.current.send_replace(true);
                 tracing::info!("this node's copy of the cluster metadata is current: serving requests");
                 return;
             }
-            Ok(Err(e)) if attempts.is_multiple_of(12) => tracing::info!(
+            Err(e) if attempts.is_multiple_of(12) => tracing::info!(
                 error = %e,
                 "this node's copy of the cluster metadata is not known to be current yet (no metadata leader reachable, or this \
                  node waits to be added back to the cluster): holding requests"
             ),
-            Err(_) if attempts.is_multiple_of(12) => tracing::info!(
-                "this node's copy of the cluster metadata is not known to be current yet (no metadata leader reachable, or this \
-                 node waits to be added back to the cluster): holding requests"
-            ),
-            _ => {}
+            Err(_) => {}
         }
         drop(m);
         attempts += 1;

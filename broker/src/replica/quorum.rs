@@ -1085,7 +1085,7 @@ impl Task {
         if !self.is_leader() {
             return;
         }
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let now = crate::model::now_ms();
         self.expire_if_unused(now);
         if self.inflight.is_some() || !self.pending.is_empty() {
             return;

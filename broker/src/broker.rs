@@ -595,18 +595,15 @@ impl Broker {
     }
 
     /// `x-expires` on a quorum queue: its leader asks for the deletion
-    /// once the queue has gone unused for its period. Checked again here
-    /// (a consumer may have come, the queue may have been replaced), then
-    /// deleted through the metadata, on every node.
+    /// once its replicas have marked the queue expired (which no consumer
+    /// attaches to). Checked again here (the queue may have been replaced
+    /// by another of the same name), then deleted through the metadata, on
+    /// every node.
     async fn expire_quorum_queue(&self, name: &str, id: QueueId) {
         let Some(c) = self.cluster() else { return };
         let still_due = {
             let topo = self.inner.topo.lock().await;
-            topo.queues.get(name).is_some_and(|e| {
-                e.def.id == id
-                    && e.handle.shared.stats().consumers == 0
-                    && e.handle.shared.expires_at().is_some_and(|at| at <= model::now_ms())
-            })
+            topo.queues.get(name).is_some_and(|e| e.def.id == id && e.handle.shared.expired())
         };
         if !still_due {
             return;

@@ -149,6 +149,9 @@ pub struct QueueShared {
     /// its period (ms since the epoch), 0 for never: its leader then has
     /// it deleted.
     expires_at_ms: AtomicU64,
+    /// A replicated queue marked expired (`x-expires`): its leader has it
+    /// deleted.
+    expired: AtomicBool,
 }
 
 impl QueueShared {
@@ -181,6 +184,14 @@ impl QueueShared {
 
     pub fn expires_at(&self) -> Option<u64> {
         Some(self.expires_at_ms.load(Ordering::Relaxed)).filter(|t| *t != 0)
+    }
+
+    pub fn set_expired(&self, expired: bool) {
+        self.expired.store(expired, Ordering::Relaxed);
+    }
+
+    pub fn expired(&self) -> bool {
+        self.expired.load(Ordering::Relaxed)
     }
 
     pub fn stats(&self) -> QueueStats {

@@ -507,6 +507,9 @@ pub struct QueueState {
     dedup_order: VecDeque<(u64, String)>,
     /// When the queue was last used (consumer, get, declare), for `x-expires`.
     last_used: u64,
+    /// A replicated queue unused for its `x-expires` period, about to be
+    /// deleted: no consumer attaches any more.
+    expired: bool,
 }
 
 /// The writes that delete everything stored for queue `id`.
@@ -574,6 +577,7 @@ impl QueueState {
             dedup: HashMap::new(),
             dedup_order: VecDeque::new(),
             last_used: 0,
+            expired: false,
         }
     }
 
@@ -1147,6 +1151,28 @@ impl QueueState {
         self.last_used = self.now;
     }
 
+    /// `x-expires` on a replicated queue: marks it expired if, at the
+    /// current time, it has gone unused for its period (no consumer since,
+    /// nothing else used it). From then on no consumer attaches, and the
+    /// queue is deleted; a use that came first keeps it.
+    pub fn expire(&mut self) -> Result<()> {
+        if self.expired {
+            return Ok(());
+        }
+        match self.expires_at() {
+            Some(at) if at <= self.now => {
+                self.expired = true;
+                Ok(())
+            }
+            _ => Err(Error::PreconditionFailed(format!("queue '{}' is in use: it does not expire", self.name))),
+        }
+    }
+
+    /// Whether [`QueueState::expire`] marked the queue expired.
+    pub fn is_expired(&self) -> bool {
+        self.expired
+    }
+
     /// A timer read failed: ask again on the next poll.
     pub fn timer_failed(&mut self) {
         self.timer_in_flight = false;
@@ -1274,6 +1300,10 @@ impl QueueState {
     // ----------------------------------------------------------- consumers
 
     pub fn add_consumer(&mut self, spec: ConsumerSpec) -> Result<ConsumerId> {
+        if self.expired {
+            // Unused for its x-expires period: as good as deleted.
+            return Err(Error::not_found("queue", self.name.to_string()));
+        }
         if let Some(c) = self.consumers.iter().find(|c| c.spec.exclusive) {
             return Err(Error::AlreadyExists(format!("queue '{}' has an exclusive consumer ('{}')", self.name, c.spec.tag)));
         }

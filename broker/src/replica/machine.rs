@@ -80,6 +80,7 @@ impl QueueMachine {
         // then, it does not propose a tick.
         self.shared.set_deadline(self.state.timer_deadline());
         self.shared.set_expires_at(self.state.expires_at());
+        self.shared.set_expired(self.state.is_expired());
     }
 
     fn id(&self) -> QueueId {
@@ -181,6 +182,7 @@ impl QueueMachine {
                 self.state.touch();
                 QueueReply::Done(Ok(()))
             }
+            QueueOp::Expire(_) => QueueReply::Done(self.state.expire()),
             QueueOp::Tick(_) => {
                 self.state.poll_timers(fx);
                 QueueReply::Done(Ok(()))

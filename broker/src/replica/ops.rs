@@ -9,7 +9,7 @@ use crate::model::MessageData;
 /// One log entry's command.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct QueueEntry {
-    #[prost(oneof = "QueueOp", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15")]
+    #[prost(oneof = "QueueOp", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16")]
     pub op: Option<QueueOp>,
 }
 
@@ -56,6 +56,12 @@ pub enum QueueOp {
     /// A use of the queue for `x-expires` (a declare), at the entry's time.
     #[prost(message, tag = "15")]
     Touch(Empty),
+    /// `x-expires`: the leader found the queue unused for its period. If
+    /// it still is at the entry's time, it is marked expired on every
+    /// replica (no consumer may attach from then on) and the leader has it
+    /// deleted; otherwise nothing changes.
+    #[prost(message, tag = "16")]
+    Expire(Empty),
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

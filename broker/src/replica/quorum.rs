@@ -83,13 +83,22 @@ pub const CAUGHT_UP_ENTRIES: u64 = 64;
 pub type DeadLetterFn = Arc<dyn Fn(MessageData) -> BoxFuture<'static, bool> + Send + Sync>;
 
 /// Deletes quorum queue `name` (id `id`) through the metadata if it is
-/// still unused past its `x-expires` period.
+/// still marked expired (`x-expires`).
 pub type ExpireFn = Arc<dyn Fn(Arc<str>, QueueId) -> BoxFuture<'static, ()> + Send + Sync>;
 
-/// How long a leader waits before asking again to delete a queue unused
-/// past its `x-expires` period (the first request failed, e.g. no
+/// How long a leader waits before proposing `Expire` again, or asking
+/// again to delete an expired queue (the first attempt failed, e.g. no
 /// metadata majority).
 const EXPIRE_RETRY: Duration = Duration::from_secs(5);
+
+/// Where a leader is in expiring a queue (`x-expires`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ExpireStep {
+    /// Unused past its period: propose `Expire`.
+    Propose,
+    /// Marked expired: have it deleted.
+    Delete,
+}
 
 /// What every quorum queue on a node shares.
 pub struct ReplicaCtx {
@@ -455,9 +464,9 @@ struct Task {
     shared: Arc<QueueShared>,
     /// The queue has `x-expires`: a declare is a use, proposed as `Touch`.
     expires: bool,
-    /// The `x-expires` deadline this node, leading, last asked the queue's
-    /// deletion for, and when.
-    expire_asked: Option<(u64, tokio::time::Instant)>,
+    /// What this node, leading, last did to expire the queue (`x-expires`):
+    /// the step, the deadline it was for, and when.
+    expire_asked: Option<(ExpireStep, u64, tokio::time::Instant)>,
 }
 
 impl Task {
@@ -573,6 +582,7 @@ impl Task {
                             | QueueOp::Unsubscribe(_)
                             | QueueOp::DropConsumers(_)
                             | QueueOp::Tick(_)
+                            | QueueOp::Expire(_)
                     )
                 });
             }
@@ -1100,14 +1110,31 @@ impl Task {
     /// `x-expires`: the leader has a queue unused for its period deleted,
     /// through the metadata as a client's delete would be (the period and
     /// the last use are in the replicated state: a new leader carries on).
+    /// First it proposes `Expire`, which marks the queue expired on every
+    /// replica only if it is still unused at the entry's time, so that a
+    /// consumer attaching meanwhile keeps it (and none attaches after);
+    /// then, once the queue is marked, the deletion, retried until it is
+    /// gone.
     fn expire_if_unused(&mut self, now: u64) {
-        let Some(at) = self.shared.expires_at().filter(|at| *at <= now) else { return };
-        if self.expire_asked.is_some_and(|(asked, t)| asked == at && t.elapsed() < EXPIRE_RETRY) {
+        let (step, at) = if self.shared.expired() {
+            (ExpireStep::Delete, 0)
+        } else {
+            match self.shared.expires_at().filter(|at| *at <= now) {
+                Some(at) => (ExpireStep::Propose, at),
+                None => return,
+            }
+        };
+        if self.expire_asked.is_some_and(|(s, a, t)| s == step && a == at && t.elapsed() < EXPIRE_RETRY) {
             return;
         }
-        let Some(f) = self.ctx.upgrade().and_then(|c| c.expire.get().cloned()) else { return };
-        self.expire_asked = Some((at, tokio::time::Instant::now()));
-        tokio::spawn(f(self.name.clone(), self.id));
+        self.expire_asked = Some((step, at, tokio::time::Instant::now()));
+        match step {
+            ExpireStep::Propose => self.submit(QueueOp::Expire(ops::Empty {}), Waiter::None),
+            ExpireStep::Delete => {
+                let Some(f) = self.ctx.upgrade().and_then(|c| c.expire.get().cloned()) else { return };
+                tokio::spawn(f(self.name.clone(), self.id));
+            }
+        }
     }
 
     fn send_dead_letter(&mut self, seq: u64, data: MessageData) {

@@ -46,6 +46,9 @@ pub struct StateRecord {
     pub last_used: u64,
     #[prost(uint64, tag = "6")]
     pub now: u64,
+    /// `x-expires` ran out: the queue is being deleted.
+    #[prost(bool, tag = "7")]
+    pub expired: bool,
 }
 
 /// A consumer of a replicated queue.
@@ -123,6 +126,7 @@ impl QueueState {
             had_consumer: self.had_consumer,
             last_used: self.last_used,
             now: self.now,
+            expired: self.expired,
         };
         fx.ops.push(Op::Put(Cf::Replica, replica::state(self.id), record.encode_to_vec()));
         for id in std::mem::take(&mut self.dirty_consumers) {
@@ -197,6 +201,7 @@ impl QueueState {
         q.rr = record.rr as usize;
         q.had_consumer = record.had_consumer;
         q.last_used = record.last_used;
+        q.expired = record.expired;
 
         // Consumers, then what they hold.
         let (from, to) = replica::kind_range(id, replica::CONSUMER);

@@ -158,6 +158,7 @@ enum Step {
     DropConsumers,
     DeadLettered,
     Touch,
+    Expire,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -177,7 +178,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0usize..3, 0u32..4).prop_map(|(consumer, prefetch)| Step::Qos { consumer, prefetch }),
         2 => (1u32..4, any::<bool>()).prop_map(|(max, ack)| Step::Get { max, ack }),
         3 => (0u64..500).prop_map(Step::Tick),
-        1 => prop_oneof![9 => Just(Step::DeadLettered), 1 => Just(Step::Purge), 1 => Just(Step::DropConsumers), 1 => Just(Step::Touch)],
+        1 => prop_oneof![9 => Just(Step::DeadLettered), 1 => Just(Step::Purge), 1 => Just(Step::DropConsumers), 1 => Just(Step::Touch), 1 => Just(Step::Expire)],
     ]
 }
 
@@ -261,6 +262,7 @@ impl Tracker {
             }
             Step::DropConsumers => O::DropConsumers(Empty {}),
             Step::Touch => O::Touch(Empty {}),
+            Step::Expire => O::Expire(Empty {}),
             Step::DeadLettered => {
                 if self.dead_letters.is_empty() {
                     return None;
@@ -446,6 +448,33 @@ fn should_keep_the_x_expires_clock_in_the_replicated_state() {
     r.apply(&[(9_000, QueueOp::Unsubscribe(ConsumerRef { consumer: 1 }))]);
     assert_eq!(expires_at(&r), Some(9_500), "from when the last consumer left");
     assert_eq!(r.machine.shared.deadline(), None, "x-expires is not a timer for ticks");
+}
+
+/// `x-expires`: `Expire` marks the queue expired only if it is unused at
+/// the entry's time: a consumer that attached first keeps it; once marked,
+/// no consumer attaches (the queue is being deleted), on every replica and
+/// after a restart.
+#[test]
+fn should_expire_only_an_unused_queue_and_then_let_no_consumer_attach() {
+    let mut r = Replica::new(QueueArgs { expires_ms: Some(500), ..Default::default() }, 16);
+    let expire = |r: &mut Replica, now: u64| r.apply(&[(now, QueueOp::Expire(Empty {}))]).remove(0);
+    r.apply(&[(1_000, QueueOp::Touch(Empty {}))]);
+    assert!(expire(&mut r, 1_400).contains("PreconditionFailed"), "not yet due");
+    // The leader saw it due, but a consumer attached before its entry.
+    r.apply(&[(1_450, subscribe("a", 1))]);
+    assert!(expire(&mut r, 1_600).contains("PreconditionFailed"), "in use");
+    assert!(!r.machine.shared.expired());
+    r.apply(&[(1_700, QueueOp::Unsubscribe(ConsumerRef { consumer: 1 }))]);
+    assert_eq!(expire(&mut r, 2_200), "Done(Ok(()))");
+    assert!(r.machine.shared.expired());
+    let lines = r.apply(&[(2_300, subscribe("b", 1))]);
+    assert!(lines[0].contains("NotFound"), "{lines:?}");
+    r.restart();
+    assert!(r.machine.shared.expired(), "restored from the store");
+    let lines = r.apply(&[(2_400, subscribe("c", 1)), (2_500, QueueOp::Touch(Empty {}))]);
+    assert!(lines[0].contains("NotFound"), "{lines:?}");
+    assert!(r.machine.shared.expired(), "a declare does not bring it back");
+    assert_eq!(expire(&mut r, 2_600), "Done(Ok(()))", "asked again (a retry, a new leader)");
 }
 
 fn entry(op: QueueOp) -> QueueEntry {

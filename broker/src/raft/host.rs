@@ -356,7 +356,10 @@ impl RaftHost {
         let snapshots = Arc::new(Snapshots::open(self.snapshot_dir(group)).map_err(|e| failed("snapshot directory", &e))?);
         let tally = Arc::new(Mutex::new(Tally::default()));
         let log = LogStore::new(group, self.inner.store.clone(), self.inner.stats.clone(), tally.clone(), machine.weigher());
-        let sm = StateMachine::open(group, self.inner.store.clone(), machine, snapshots.clone()).await.map_err(|e| failed("state", &e))?;
+        let sm = StateMachine::open(group, self.inner.store.clone(), machine, snapshots.clone())
+            .await
+            .map_err(|e| failed("state", &e))?
+            .with_applied_hook(log.applied_hook());
         let network = NetworkFactory {
             cluster: self.inner.cluster.clone(),
             group,

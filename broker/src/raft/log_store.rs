@@ -9,6 +9,12 @@
 //!   appended entries are served from a per-group map of pending entries;
 //!   a read takes the pending entries first and the store second, so an
 //!   entry moving from one to the other is never missed.
+//! * **Applied from memory.** Once written, an entry stays in the map until
+//!   the group's state machine has applied it (it applies what it reads
+//!   back from the log, a moment after the entry is written), within a
+//!   node-wide byte budget ([`CACHE_BYTES`]): a read the map covers does not
+//!   touch the store. Only reads of a bounded range are answered from the
+//!   map alone; the last index is never taken from a written entry there.
 //! * **Ordered.** Every write of a group (vote, appends, truncation, purge)
 //!   goes through the same first-in-first-out writer, so none overtakes an
 //!   earlier one. `save_vote` returns once its write is synced; truncation
@@ -32,9 +38,61 @@ use super::machine::GroupId;
 use super::types::{Entry, LogId, TypeConfig, Vote, decode, encode, io_error};
 use crate::store::{Cf, Op, Store, WriteRequest};
 
-/// Entries appended but not yet applied by the store writer, by index,
-/// each with the sequence number of the append that wrote it.
-type Pending = BTreeMap<u64, (u64, Entry)>;
+/// Most bytes of written entries a node keeps in memory for its state
+/// machines to apply (encoded size), over all groups. Beyond it an entry
+/// is read back from the store when applied, as before.
+pub const CACHE_BYTES: u64 = 32 << 20;
+
+/// One entry in a group's map.
+#[derive(Debug)]
+struct Held {
+    /// The append that wrote it.
+    seq: u64,
+    entry: Entry,
+    /// Encoded size, counted against [`CACHE_BYTES`] once written.
+    bytes: u64,
+    /// In the store already: kept only until applied.
+    written: bool,
+}
+
+/// A group's entries appended but not yet written by the store writer,
+/// and written entries kept until applied, by index.
+#[derive(Debug, Default)]
+struct Pending {
+    entries: BTreeMap<u64, Held>,
+    /// The next index the state machine will apply.
+    applied_next: u64,
+}
+
+impl Pending {
+    /// Drops the entries `keep` refuses, returning written ones' bytes to
+    /// the budget.
+    fn retain(&mut self, stats: &LogStats, mut keep: impl FnMut(u64, &Held) -> bool) {
+        self.entries.retain(|i, h| {
+            let kept = keep(*i, h);
+            if !kept && h.written {
+                stats.cached_bytes.fetch_sub(h.bytes, Ordering::Relaxed);
+            }
+            kept
+        });
+    }
+}
+
+/// What a group's state machine tells its log: entries it has applied
+/// need not be kept in memory any more.
+#[derive(Clone)]
+pub struct AppliedHook {
+    pending: Arc<Mutex<Pending>>,
+    stats: Arc<LogStats>,
+}
+
+impl AppliedHook {
+    pub fn applied_through(&self, index: u64) {
+        let mut p = self.pending.lock();
+        p.applied_next = p.applied_next.max(index.saturating_add(1));
+        p.retain(&self.stats, |i, h| !(h.written && i <= index));
+    }
+}
 
 /// Counters shared by every group of a node (for tests and metrics).
 #[derive(Debug, Default)]
@@ -43,6 +101,9 @@ pub struct LogStats {
     pub appends: AtomicU64,
     /// Entries appended.
     pub entries: AtomicU64,
+    /// Bytes of written entries kept for the state machines (at most
+    /// [`CACHE_BYTES`]).
+    pub cached_bytes: AtomicU64,
 }
 
 /// Counts the messages in one of a group's commands (for lag in
@@ -152,6 +213,11 @@ impl LogStore {
         LogStore { group, store, pending: Arc::default(), seq: Arc::default(), stats, tally, weigh }
     }
 
+    /// For the group's state machine.
+    pub fn applied_hook(&self) -> AppliedHook {
+        AppliedHook { pending: self.pending.clone(), stats: self.stats.clone() }
+    }
+
     fn read_state<T: for<'de> serde::Deserialize<'de>>(&self, kind: StateKind) -> io::Result<Option<T>> {
         match self.store.engine().get(Cf::RaftState, &keys::state_key(self.group, kind)).map_err(io_error)? {
             Some(v) => decode(&v).map(Some).map_err(io_error),
@@ -170,8 +236,16 @@ impl LogStore {
         let pending: Vec<(u64, Entry)> = {
             let p = self.pending.lock();
             let upper = to.map_or(Bound::Unbounded, Bound::Excluded);
-            p.range((Bound::Included(from), upper)).map(|(i, (_, e))| (*i, e.clone())).collect()
+            p.entries.range((Bound::Included(from), upper)).map(|(i, h)| (*i, h.entry.clone())).collect()
         };
+        // A bounded range the map holds whole (the map's indexes are
+        // distinct and in range): nothing to read.
+        if let Some(to) = to
+            && pending.first().is_some_and(|(i, _)| *i == from)
+            && pending.len() as u64 == to - from
+        {
+            return Ok(pending.into_iter().map(|(_, e)| e).collect());
+        }
         let (a, b) = keys::log_range(self.group, from, to);
         let mut out: BTreeMap<u64, Entry> = BTreeMap::new();
         let mut cursor = a;
@@ -204,8 +278,12 @@ impl LogStore {
     }
 
     fn last_entry_log_id(&self) -> io::Result<Option<LogId>> {
-        if let Some((_, (_, e))) = self.pending.lock().last_key_value() {
-            return Ok(Some(e.log_id()));
+        // An entry not yet written is the last one (the writer is first in,
+        // first out); once the last is written, the store has it.
+        if let Some((_, h)) = self.pending.lock().entries.last_key_value()
+            && !h.written
+        {
+            return Ok(Some(h.entry.log_id()));
         }
         let (a, b) = keys::log_range(self.group, 0, None);
         match self.store.engine().last_in(Cf::RaftLog, &a, &b).map_err(io_error)? {
@@ -279,23 +357,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     EntryPayload::Normal(p) => (self.weigh)(&p.data),
                     _ => 0,
                 };
-                tally.push(index, Weight { bytes: value.len() as u64, messages });
+                let bytes = value.len() as u64;
+                tally.push(index, Weight { bytes, messages });
                 ops.push(Op::Put(Cf::RaftLog, keys::log_key(self.group, index), value));
-                pending.insert(index, (seq, e));
+                if let Some(old) = pending.entries.insert(index, Held { seq, entry: e, bytes, written: false })
+                    && old.written
+                {
+                    self.stats.cached_bytes.fetch_sub(old.bytes, Ordering::Relaxed);
+                }
                 indexes.push(index);
             }
         }
         self.stats.appends.fetch_add(1, Ordering::Relaxed);
         self.stats.entries.fetch_add(indexes.len() as u64, Ordering::Relaxed);
         let pending = self.pending.clone();
+        let stats = self.stats.clone();
         let req = WriteRequest::new(ops, true).on_done(move |result| {
             {
                 let mut p = pending.lock();
+                let applied_next = p.applied_next;
                 for i in indexes {
                     // A later append may have replaced the entry (after a
                     // truncation): leave that one.
-                    if p.get(&i).is_some_and(|(s, _)| *s == seq) {
-                        p.remove(&i);
+                    let Some(h) = p.entries.get_mut(&i).filter(|h| h.seq == seq) else { continue };
+                    // Kept for the state machine if it has not applied it
+                    // yet and the budget allows; a failed write is not kept.
+                    let keep = result.is_ok()
+                        && i >= applied_next
+                        && stats
+                            .cached_bytes
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| b.checked_add(h.bytes).filter(|n| *n <= CACHE_BYTES))
+                            .is_ok();
+                    if keep {
+                        h.written = true;
+                    } else {
+                        p.entries.remove(&i);
                     }
                 }
             }
@@ -307,14 +403,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
         let from = last_log_id.as_ref().map_or(0, |l| l.index() + 1);
-        self.pending.lock().retain(|i, _| *i < from);
+        self.pending.lock().retain(&self.stats, |i, _| i < from);
         let (a, b) = keys::log_range(self.group, from, None);
         self.store.write(vec![Op::DeleteRange(Cf::RaftLog, a, b)], false).await.map_err(io_error)
     }
 
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
         let upto = log_id.index();
-        self.pending.lock().retain(|i, _| *i > upto);
+        self.pending.lock().retain(&self.stats, |i, _| i > upto);
         self.tally.lock().prune_through(upto);
         let (a, b) = keys::log_range(self.group, 0, Some(upto.saturating_add(1)));
         // The purge marker and the deletion are one batch: no state in

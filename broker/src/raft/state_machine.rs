@@ -38,6 +38,7 @@ use openraft::{EntryPayload, OptionalSend, Snapshot};
 use parking_lot::Mutex;
 
 use super::keys::{self, StateKind};
+use super::log_store::AppliedHook;
 use super::machine::{Applied, GroupId, GroupMachine, LocalReply};
 use super::snapshot::{self, SnapshotFile, SnapshotReader};
 use super::types::{LogId, Reply, SnapshotMeta, StoredMembership, TypeConfig, decode, encode, io_error};
@@ -134,14 +135,23 @@ pub struct StateMachine {
     snapshots: Arc<Snapshots>,
     /// Batches are written without the write-ahead log.
     unlogged: bool,
+    /// Tells the group's log what is applied (it keeps entries in memory
+    /// until then).
+    applied: Option<AppliedHook>,
 }
 
 impl StateMachine {
+    /// Reports what it applies to the group's log (see [`AppliedHook`]).
+    pub fn with_applied_hook(mut self, hook: AppliedHook) -> StateMachine {
+        self.applied = Some(hook);
+        self
+    }
+
     /// Wraps `machine`; finishes or undoes an interrupted snapshot install
     /// and restores the machine from the store.
     pub async fn open(group: GroupId, store: Store, machine: Box<dyn GroupMachine>, snapshots: Arc<Snapshots>) -> io::Result<StateMachine> {
         let unlogged = machine.apply_unlogged();
-        let sm = StateMachine { group, store, machine: Arc::new(Mutex::new(machine)), snapshots, unlogged };
+        let sm = StateMachine { group, store, machine: Arc::new(Mutex::new(machine)), snapshots, unlogged, applied: None };
         if sm.store.engine().get(Cf::RaftState, &keys::state_key(group, StateKind::Installing)).map_err(io_error)?.is_some() {
             tracing::warn!(group, "a snapshot install was interrupted; clearing the group so that its leader sends it again");
             let mut ops = sm.clear_ops();
@@ -257,6 +267,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 self.store.write_unlogged(ops).await.map_err(io_error)?;
             } else {
                 self.store.write(ops, false).await.map_err(io_error)?;
+            }
+            if let (Some(hook), Some((last, _))) = (&self.applied, batch.last()) {
+                hook.applied_through(last.log_id.index);
             }
             for ((_, responder), reply) in batch.into_iter().zip(replies) {
                 if let Some(r) = responder {

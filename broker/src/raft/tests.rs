@@ -763,14 +763,57 @@ mod suite {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::new(Arc::new(MemoryEngine::new()), None);
             let snapshots = Arc::new(Snapshots::open(dir.path().join("snap")).unwrap());
-            let sm = StateMachine::open(5, store.clone(), Kv::boxed(5), snapshots).await.unwrap();
-            Ok((dir, LogStore::new(5, store, Arc::default(), Arc::default(), |_| 0), sm))
+            let log = LogStore::new(5, store.clone(), Arc::default(), Arc::default(), |_| 0);
+            let sm = StateMachine::open(5, store, Kv::boxed(5), snapshots).await.unwrap().with_applied_hook(log.applied_hook());
+            Ok((dir, log, sm))
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn should_pass_openraft_storage_suite() {
         Suite::test_all(Builder).await.unwrap();
+    }
+
+    /// Written entries are kept in memory until applied, within the
+    /// budget, and a bounded read they cover does not touch the store.
+    #[tokio::test]
+    async fn should_serve_written_entries_from_memory_until_applied() {
+        use openraft::storage::{IOFlushed, RaftLogStorage};
+        use openraft::type_config::TypeConfigExt as _;
+        use openraft::{RaftLogReader, testing::blank_ent};
+
+        use crate::raft::log_store::{CACHE_BYTES, LogStats};
+        use crate::store::Engine as _;
+
+        let engine = Arc::new(MemoryEngine::new());
+        let store = Store::new(engine.clone(), None);
+        let stats = Arc::new(LogStats::default());
+        let mut log = LogStore::new(5, store, stats.clone(), Arc::default(), |_| 0);
+        let hook = log.applied_hook();
+        let (tx, rx) = TypeConfig::oneshot();
+        log.append((1..=4).map(|i| blank_ent::<TypeConfig>(1, 1, i)), IOFlushed::signal(tx)).await.unwrap();
+        rx.await.unwrap().unwrap();
+        let cached = stats.cached_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(cached > 0 && cached <= CACHE_BYTES, "{cached}");
+        // Gone from the store underneath: a read the map covers still has them.
+        let (a, b) = crate::raft::keys::log_range(5, 0, None);
+        engine.write(&[Op::DeleteRange(Cf::RaftLog, a, b)], false).unwrap();
+        let indexes = |es: Vec<crate::raft::types::Entry>| es.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+        assert_eq!(indexes(log.try_get_log_entries(2..4).await.unwrap()), vec![2, 3]);
+        // The last index comes from the store once everything is written.
+        assert_eq!(log.get_log_state().await.unwrap().last_log_id, None);
+        hook.applied_through(2);
+        assert_eq!(indexes(log.try_get_log_entries(1..3).await.unwrap()), Vec::<u64>::new(), "1 and 2 applied: read from the store");
+        assert_eq!(indexes(log.try_get_log_entries(3..5).await.unwrap()), vec![3, 4]);
+        hook.applied_through(4);
+        assert_eq!(stats.cached_bytes.load(std::sync::atomic::Ordering::Relaxed), 0, "every byte back to the budget");
+        // Written after being applied (a follower may apply what the
+        // leader committed before its own write completes): not kept.
+        let (tx, rx) = TypeConfig::oneshot();
+        hook.applied_through(5);
+        log.append([blank_ent::<TypeConfig>(1, 1, 5)], IOFlushed::signal(tx)).await.unwrap();
+        rx.await.unwrap().unwrap();
+        assert_eq!(stats.cached_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
     }
 }
 

@@ -57,17 +57,24 @@ struct Held {
 
 /// A group's entries appended but not yet written by the store writer,
 /// and written entries kept until applied, by index.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Pending {
     entries: BTreeMap<u64, Held>,
     /// The next index the state machine will apply.
     applied_next: u64,
+    /// The node's counters: written entries count against its budget.
+    stats: Arc<LogStats>,
 }
 
 impl Pending {
+    fn new(stats: Arc<LogStats>) -> Pending {
+        Pending { entries: BTreeMap::new(), applied_next: 0, stats }
+    }
+
     /// Drops the entries `keep` refuses, returning written ones' bytes to
     /// the budget.
-    fn retain(&mut self, stats: &LogStats, mut keep: impl FnMut(u64, &Held) -> bool) {
+    fn retain(&mut self, mut keep: impl FnMut(u64, &Held) -> bool) {
+        let stats = &self.stats;
         self.entries.retain(|i, h| {
             let kept = keep(*i, h);
             if !kept && h.written {
@@ -78,19 +85,26 @@ impl Pending {
     }
 }
 
+impl Drop for Pending {
+    /// A group that stops (deleted, moved, the node shutting down) gives
+    /// back what it held.
+    fn drop(&mut self) {
+        self.retain(|_, _| false);
+    }
+}
+
 /// What a group's state machine tells its log: entries it has applied
 /// need not be kept in memory any more.
 #[derive(Clone)]
 pub struct AppliedHook {
     pending: Arc<Mutex<Pending>>,
-    stats: Arc<LogStats>,
 }
 
 impl AppliedHook {
     pub fn applied_through(&self, index: u64) {
         let mut p = self.pending.lock();
         p.applied_next = p.applied_next.max(index.saturating_add(1));
-        p.retain(&self.stats, |i, h| !(h.written && i <= index));
+        p.retain(|i, h| !(h.written && i <= index));
     }
 }
 
@@ -210,12 +224,13 @@ pub struct LogStore {
 
 impl LogStore {
     pub fn new(group: GroupId, store: Store, stats: Arc<LogStats>, tally: Arc<Mutex<Tally>>, weigh: Weigher) -> LogStore {
-        LogStore { group, store, pending: Arc::default(), seq: Arc::default(), stats, tally, weigh }
+        let pending = Arc::new(Mutex::new(Pending::new(stats.clone())));
+        LogStore { group, store, pending, seq: Arc::default(), stats, tally, weigh }
     }
 
     /// For the group's state machine.
     pub fn applied_hook(&self) -> AppliedHook {
-        AppliedHook { pending: self.pending.clone(), stats: self.stats.clone() }
+        AppliedHook { pending: self.pending.clone() }
     }
 
     fn read_state<T: for<'de> serde::Deserialize<'de>>(&self, kind: StateKind) -> io::Result<Option<T>> {
@@ -403,14 +418,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
         let from = last_log_id.as_ref().map_or(0, |l| l.index() + 1);
-        self.pending.lock().retain(&self.stats, |i, _| i < from);
+        self.pending.lock().retain(|i, _| i < from);
         let (a, b) = keys::log_range(self.group, from, None);
         self.store.write(vec![Op::DeleteRange(Cf::RaftLog, a, b)], false).await.map_err(io_error)
     }
 
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
         let upto = log_id.index();
-        self.pending.lock().retain(&self.stats, |i, _| i > upto);
+        self.pending.lock().retain(|i, _| i > upto);
         self.tally.lock().prune_through(upto);
         let (a, b) = keys::log_range(self.group, 0, Some(upto.saturating_add(1)));
         // The purge marker and the deletion are one batch: no state in

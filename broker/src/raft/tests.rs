@@ -807,11 +807,20 @@ mod suite {
         assert_eq!(indexes(log.try_get_log_entries(3..5).await.unwrap()), vec![3, 4]);
         hook.applied_through(4);
         assert_eq!(stats.cached_bytes.load(std::sync::atomic::Ordering::Relaxed), 0, "every byte back to the budget");
+        // A group that stops gives back what it held.
+        let (tx, rx) = TypeConfig::oneshot();
+        log.append([blank_ent::<TypeConfig>(1, 1, 5)], IOFlushed::signal(tx)).await.unwrap();
+        rx.await.unwrap().unwrap();
+        assert!(stats.cached_bytes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        drop((log, hook));
+        assert_eq!(stats.cached_bytes.load(std::sync::atomic::Ordering::Relaxed), 0, "a stopped group holds nothing");
+        let mut log = LogStore::new(5, Store::new(engine.clone(), None), stats.clone(), Arc::default(), |_| 0);
+        let hook = log.applied_hook();
         // Written after being applied (a follower may apply what the
         // leader committed before its own write completes): not kept.
         let (tx, rx) = TypeConfig::oneshot();
-        hook.applied_through(5);
-        log.append([blank_ent::<TypeConfig>(1, 1, 5)], IOFlushed::signal(tx)).await.unwrap();
+        hook.applied_through(6);
+        log.append([blank_ent::<TypeConfig>(1, 1, 6)], IOFlushed::signal(tx)).await.unwrap();
         rx.await.unwrap().unwrap();
         assert_eq!(stats.cached_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
     }

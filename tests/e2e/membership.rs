@@ -167,9 +167,20 @@ async fn should_rebalance_leaders_and_refuse_to_shrink_a_last_replica() {
         assert!(Instant::now() < deadline, "leaders still uneven: {per:?}; last rebalance: {out:?}");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // Even already: nothing moves.
-    let r = c2.raw().rebalance_queues(proto::RebalanceQueuesRequest { queue_pattern: "^q".into() }).await.unwrap().into_inner();
-    assert_eq!(r.moved, 0, "{r:?}");
+    // Even already: nothing moves. (An election between two calls, under
+    // the load of a full test run, can move a leader meanwhile; the next
+    // rebalance then evens it out again, and the one after moves nothing.
+    // Seen once in a CI run: two leaders moved from node 1 to node 3.)
+    let mut calls = Vec::new();
+    let r = loop {
+        let r = c2.raw().rebalance_queues(proto::RebalanceQueuesRequest { queue_pattern: "^q".into() }).await.unwrap().into_inner();
+        if r.moved == 0 || calls.len() >= 5 {
+            break r;
+        }
+        calls.push(r);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(r.moved, 0, "{r:?}; earlier calls: {calls:?}");
     assert!(r.leaders.values().all(|n| *n == 2), "{r:?}");
 
     // The last replica of a queue is never removed.

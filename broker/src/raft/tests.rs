@@ -788,13 +788,13 @@ mod suite {
         let engine = Arc::new(MemoryEngine::new());
         let store = Store::new(engine.clone(), None);
         let stats = Arc::new(LogStats::default());
+        let cached = || stats.cached_bytes.load(std::sync::atomic::Ordering::Relaxed);
         let mut log = LogStore::new(5, store, stats.clone(), Arc::default(), |_| 0);
         let hook = log.applied_hook();
         let (tx, rx) = TypeConfig::oneshot();
         log.append((1..=4).map(|i| blank_ent::<TypeConfig>(1, 1, i)), IOFlushed::signal(tx)).await.unwrap();
         rx.await.unwrap().unwrap();
-        let cached = stats.cached_bytes.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(cached > 0 && cached <= CACHE_BYTES, "{cached}");
+        assert!(cached() > 0 && cached() <= CACHE_BYTES, "{}", cached());
         // Gone from the store underneath: a read the map covers still has them.
         let (a, b) = crate::raft::keys::log_range(5, 0, None);
         engine.write(&[Op::DeleteRange(Cf::RaftLog, a, b)], false).unwrap();
@@ -806,14 +806,14 @@ mod suite {
         assert_eq!(indexes(log.try_get_log_entries(1..3).await.unwrap()), Vec::<u64>::new(), "1 and 2 applied: read from the store");
         assert_eq!(indexes(log.try_get_log_entries(3..5).await.unwrap()), vec![3, 4]);
         hook.applied_through(4);
-        assert_eq!(stats.cached_bytes.load(std::sync::atomic::Ordering::Relaxed), 0, "every byte back to the budget");
+        assert_eq!(cached(), 0, "every byte back to the budget");
         // A group that stops gives back what it held.
         let (tx, rx) = TypeConfig::oneshot();
         log.append([blank_ent::<TypeConfig>(1, 1, 5)], IOFlushed::signal(tx)).await.unwrap();
         rx.await.unwrap().unwrap();
-        assert!(stats.cached_bytes.load(std::sync::atomic::Ordering::Relaxed) > 0);
+        assert!(cached() > 0);
         drop((log, hook));
-        assert_eq!(stats.cached_bytes.load(std::sync::atomic::Ordering::Relaxed), 0, "a stopped group holds nothing");
+        assert_eq!(cached(), 0, "a stopped group holds nothing");
         let mut log = LogStore::new(5, Store::new(engine.clone(), None), stats.clone(), Arc::default(), |_| 0);
         let hook = log.applied_hook();
         // Written after being applied (a follower may apply what the
@@ -822,7 +822,7 @@ mod suite {
         hook.applied_through(6);
         log.append([blank_ent::<TypeConfig>(1, 1, 6)], IOFlushed::signal(tx)).await.unwrap();
         rx.await.unwrap().unwrap();
-        assert_eq!(stats.cached_bytes.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert_eq!(cached(), 0);
     }
 }
 

@@ -94,8 +94,8 @@ const EXPIRE_RETRY: Duration = Duration::from_secs(5);
 /// Where a leader is in expiring a queue (`x-expires`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ExpireStep {
-    /// Unused past its period: propose `Expire`.
-    Propose,
+    /// Unused past its period, which ended at `at`: propose `Expire`.
+    Propose { at: u64 },
     /// Marked expired: have it deleted.
     Delete,
 }
@@ -464,9 +464,9 @@ struct Task {
     shared: Arc<QueueShared>,
     /// The queue has `x-expires`: a declare is a use, proposed as `Touch`.
     expires: bool,
-    /// What this node, leading, last did to expire the queue (`x-expires`):
-    /// the step, the deadline it was for, and when.
-    expire_asked: Option<(ExpireStep, u64, tokio::time::Instant)>,
+    /// What this node, leading, last did to expire the queue (`x-expires`),
+    /// and when.
+    expire_asked: Option<(ExpireStep, tokio::time::Instant)>,
 }
 
 impl Task {
@@ -1116,20 +1116,20 @@ impl Task {
     /// then, once the queue is marked, the deletion, retried until it is
     /// gone.
     fn expire_if_unused(&mut self, now: u64) {
-        let (step, at) = if self.shared.expired() {
-            (ExpireStep::Delete, 0)
+        let step = if self.shared.expired() {
+            ExpireStep::Delete
         } else {
             match self.shared.expires_at().filter(|at| *at <= now) {
-                Some(at) => (ExpireStep::Propose, at),
+                Some(at) => ExpireStep::Propose { at },
                 None => return,
             }
         };
-        if self.expire_asked.is_some_and(|(s, a, t)| s == step && a == at && t.elapsed() < EXPIRE_RETRY) {
+        if self.expire_asked.is_some_and(|(s, t)| s == step && t.elapsed() < EXPIRE_RETRY) {
             return;
         }
-        self.expire_asked = Some((step, at, tokio::time::Instant::now()));
+        self.expire_asked = Some((step, tokio::time::Instant::now()));
         match step {
-            ExpireStep::Propose => self.submit(QueueOp::Expire(ops::Empty {}), Waiter::None),
+            ExpireStep::Propose { .. } => self.submit(QueueOp::Expire(ops::Empty {}), Waiter::None),
             ExpireStep::Delete => {
                 let Some(f) = self.ctx.upgrade().and_then(|c| c.expire.get().cloned()) else { return };
                 tokio::spawn(f(self.name.clone(), self.id));

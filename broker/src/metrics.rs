@@ -538,6 +538,20 @@ impl Collector for BrokerCollector {
             let help = "Raft groups quiet on this node: idle, without ticks, heartbeats or election timers.";
             enc.encode_descriptor("raft_groups_quiet", help, None, gauge)?.encode_gauge(&quiet.load(Ordering::Relaxed))?;
         }
+        if let Some(host) = self.raft.get() {
+            let stats = host.log_stats();
+            let rows: [(&str, &str, &AtomicU64); 2] = [
+                ("raft_log_cached", "Bytes of written Raft entries kept in memory until applied (at most 32 MiB).", &stats.cached_bytes),
+                (
+                    "raft_unwritten",
+                    "Bytes of quorum queues' applied state held in memory before it is written to the store (at most 64 MiB, then written).",
+                    &stats.unwritten_bytes,
+                ),
+            ];
+            for (name, help, v) in rows {
+                enc.encode_descriptor(name, help, Some(&Unit::Bytes), gauge)?.encode_gauge(&v.load(Ordering::Relaxed))?;
+            }
+        }
 
         let Some(broker) = self.broker.get() else {
             return Ok(());

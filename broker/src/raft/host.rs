@@ -25,6 +25,9 @@ use super::types::{Proposal, Raft, TypeConfig, decode, encode};
 use crate::cluster::{Cluster, Duplex};
 use crate::store::{Cf, Op, Store};
 
+/// How long a stopping group may take to write what it applied.
+const STOP_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Timing and log retention of every group on a node.
 #[derive(Clone, Debug)]
 pub struct RaftOptions {
@@ -216,6 +219,9 @@ pub(super) struct Group {
 pub(super) struct Inner {
     pub(super) cluster: Cluster,
     store: Store,
+    /// A second writer over the same store, for the queues' applied state
+    /// (see `StateMachine::with_state_writer`).
+    state_writer: Store,
     dir: PathBuf,
     pub(super) options: RaftOptions,
     config: Arc<openraft::Config>,
@@ -248,6 +254,7 @@ impl RaftHost {
         let host = RaftHost {
             inner: Arc::new(Inner {
                 cluster,
+                state_writer: Store::new(store.engine().clone(), None),
                 store,
                 dir,
                 options,
@@ -359,7 +366,9 @@ impl RaftHost {
         let sm = StateMachine::open(group, self.inner.store.clone(), machine, snapshots.clone())
             .await
             .map_err(|e| failed("state", &e))?
-            .with_applied_hook(log.applied_hook());
+            .with_applied_hook(log.applied_hook())
+            .with_stats(self.inner.stats.clone())
+            .with_state_writer(self.inner.state_writer.clone());
         let network = NetworkFactory {
             cluster: self.inner.cluster.clone(),
             group,
@@ -414,6 +423,15 @@ impl RaftHost {
         if g.quiet.forget() {
             self.inner.quiet_groups.fetch_sub(1, Ordering::Relaxed);
         }
+        // What is applied goes to the store, so that a restart need not
+        // apply it again (a failure here costs only that).
+        let write = g.raft.with_state_machine(|sm: &mut StateMachine| Box::pin(async move { sm.write_applied().await }));
+        match tokio::time::timeout(STOP_WRITE_TIMEOUT, write).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(group, error = %e, "cannot write the applied state of a stopping group"),
+            Ok(Err(e)) => tracing::debug!(group, error = %e, "the group stopped before its applied state was written"),
+            Err(_) => tracing::warn!(group, "the applied state of a stopping group was not written in time"),
+        }
         if let Err(e) = g.raft.shutdown().await {
             tracing::warn!(group, error = %e, "group did not stop cleanly");
         }
@@ -440,6 +458,36 @@ impl RaftHost {
             }
         }
         Ok(())
+    }
+
+    /// Runs `f` over the state `group` has applied on this node (its
+    /// store ranges with the writes not in the store yet on top), between
+    /// two applied batches.
+    pub async fn read_applied<T: Send + 'static>(
+        &self,
+        group: GroupId,
+        f: impl FnOnce(&dyn crate::store::Reader) -> T + Send + 'static,
+    ) -> Result<T, GroupError> {
+        let g = self.group(group).ok_or(GroupError::NoGroup(group))?;
+        g.raft
+            .with_state_machine(move |sm: &mut StateMachine| {
+                let value = sm.read(f);
+                Box::pin(async move { value })
+            })
+            .await
+            .map_err(|e| GroupError::Failed(e.to_string()))
+    }
+
+    /// Has `group` write what it applied to the store, in the background
+    /// (a group going quiet: it may stay so for long).
+    pub(super) fn write_applied_soon(&self, group: GroupId, g: &Group) {
+        let raft = g.raft.clone();
+        tokio::spawn(async move {
+            let write = raft.with_state_machine(|sm: &mut StateMachine| Box::pin(async move { sm.write_applied().await }));
+            if let Ok(Err(e)) = write.await {
+                tracing::warn!(group, error = %e, "cannot write the applied state of a quiet group");
+            }
+        });
     }
 
     /// Stops every group.

@@ -118,6 +118,10 @@ pub struct LogStats {
     /// Bytes of written entries kept for the state machines (at most
     /// [`CACHE_BYTES`]).
     pub cached_bytes: AtomicU64,
+    /// Bytes of applied writes that queues' state machines hold before
+    /// writing them to the store (see
+    /// [`super::state_machine::UNWRITTEN_NODE_BYTES`]).
+    pub unwritten_bytes: AtomicU64,
 }
 
 /// Counts the messages in one of a group's commands (for lag in

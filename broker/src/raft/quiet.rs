@@ -154,6 +154,9 @@ impl RaftHost {
         rc.elect(false);
         self.inner.quiet_groups.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(group, ?role, idle_for = ?idle.since.elapsed(), "raft group quiet");
+        // A quiet group applies nothing for a while: what it applied last
+        // goes to the store rather than wait in memory.
+        self.write_applied_soon(group, g);
     }
 
     /// On a leader whose lease has expired (or is about to): sends a

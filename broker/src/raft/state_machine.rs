@@ -1,23 +1,32 @@
 //! openraft's state machine around a [`GroupMachine`].
 //!
 //! Invariants:
-//! * **One store batch per applied batch.** Committed entries are applied
-//!   in batches through one [`Overlay`]; the overlay's writes, the last
-//!   applied log id and the membership are then written as one atomic
-//!   batch (unsynced: the Raft log is what is durable; the write is applied
-//!   before the next batch is, so the next batch reads it). A crash never
-//!   leaves an entry half applied, and the applied log id always matches
-//!   the machine's ranges.
-//! * **Applied state may trail the log after a crash.** A machine that
-//!   allows it ([`GroupMachine::apply_unlogged`]: queues) has its batches
-//!   written without the store's write-ahead log: a crash rolls its state
-//!   and applied log id back together (the store flushes every column
-//!   family at once) to the last flush, and openraft applies the entries
-//!   after it again. The log below a snapshot is purged only after the
-//!   snapshot was built, and building one flushes the store first, so the
-//!   entries to apply again are always still in the log.
-//! * **Replies after the write.** A local proposer hears the reply once its
-//!   entry's batch is in the store, so what it reads next reflects it.
+//! * **Applied state goes to the store as one batch.** Committed entries
+//!   are applied in batches through an [`Overlay`] over the writes not yet
+//!   in the store; those writes, the last applied log id and the
+//!   membership go to the store as one atomic batch (unsynced: the Raft
+//!   log is what is durable). A crash never leaves an entry half applied,
+//!   and the applied log id in the store always matches the machine's
+//!   ranges there.
+//! * **Applied state may trail the log.** A machine that allows it
+//!   ([`GroupMachine::apply_unlogged`]: queues) has its writes written
+//!   without the store's write-ahead log, and only now and then: they stay
+//!   in memory across batches (each key at its last value, so a message
+//!   published and acknowledged in between never reaches the store) until
+//!   the group holds [`UNWRITTEN_GROUP_BYTES`] or the node
+//!   [`UNWRITTEN_NODE_BYTES`], or the group goes quiet, stops or builds a
+//!   snapshot. A crash rolls its state and applied log id back together
+//!   (the store flushes every column family at once) to the last write
+//!   that reached a flush, and openraft applies the entries after it
+//!   again. The log below a snapshot is purged only after the snapshot was
+//!   built, and building one writes and flushes first, so the entries to
+//!   apply again are always still in the log. Other machines (the
+//!   metadata) write every batch, with the write-ahead log, before the
+//!   next one is applied.
+//! * **Reads see the state as applied.** The overlay answers the machine's
+//!   reads from the unwritten writes first; a reader outside the machine
+//!   uses [`StateMachine::read`] (through `RaftHost::read_applied`), which
+//!   runs between two batches.
 //! * **Snapshots are streamed.** A snapshot is written to a file from one
 //!   consistent store view of the machine's ranges and the group's
 //!   applied state; installing one clears the ranges and writes the file's
@@ -38,12 +47,12 @@ use openraft::{EntryPayload, OptionalSend, Snapshot};
 use parking_lot::Mutex;
 
 use super::keys::{self, StateKind};
-use super::log_store::AppliedHook;
+use super::log_store::{AppliedHook, LogStats};
 use super::machine::{Applied, GroupId, GroupMachine, LocalReply};
 use super::snapshot::{self, SnapshotFile, SnapshotReader};
 use super::types::{LogId, Reply, SnapshotMeta, StoredMembership, TypeConfig, decode, encode, io_error};
-use crate::store::overlay::Overlay;
-use crate::store::{Cf, Engine, Op, Reader, Store};
+use crate::store::overlay::{Overlay, Unwritten};
+use crate::store::{Cf, Engine, Op, Reader, Store, WriteRequest};
 
 /// Most entries applied through one overlay.
 const APPLY_BATCH: usize = 512;
@@ -52,6 +61,13 @@ const APPLY_BATCH_BYTES: usize = 8 << 20;
 /// Bytes of snapshot records written to the store per batch when
 /// installing a snapshot.
 const INSTALL_BATCH_BYTES: usize = 4 << 20;
+/// Most memory a group whose applied state may trail its log
+/// ([`GroupMachine::apply_unlogged`]) holds in applied writes not yet in
+/// the store; a batch that ends above it writes them.
+pub const UNWRITTEN_GROUP_BYTES: usize = 8 << 20;
+/// The same over every group of a node: a group whose batch ends while
+/// the node is above it writes its own.
+pub const UNWRITTEN_NODE_BYTES: u64 = 64 << 20;
 
 /// The snapshot files of one group: the newest is the current one.
 pub struct Snapshots {
@@ -138,6 +154,53 @@ pub struct StateMachine {
     /// Tells the group's log what is applied (it keeps entries in memory
     /// until then).
     applied: Option<AppliedHook>,
+    /// Applied writes not in the store yet (kept across batches only when
+    /// `unlogged`), and the applied state they bring the store to.
+    writes: Unwritten,
+    unwritten: AppliedState,
+    /// Writes on their way to the store (`unlogged` only), readable until
+    /// they are there.
+    writing: Option<Writing>,
+    /// The writer `writing` goes through: not the one the Raft logs of the
+    /// node append through (a large batch of applied writes must not hold
+    /// up their appends), but one like it.
+    state_writer: Store,
+    /// The node's counters: `unwritten_bytes` counts `writes` and
+    /// `writing`.
+    stats: Option<Arc<LogStats>>,
+    /// What this group adds to `unwritten_bytes` now.
+    counted: u64,
+    /// Applying failed: nothing applied is written any more.
+    failed: bool,
+}
+
+/// The applied log id and membership the unwritten writes bring the store
+/// to.
+#[derive(Default)]
+struct AppliedState {
+    last: Option<LogId>,
+    membership: Option<StoredMembership>,
+}
+
+impl AppliedState {
+    /// The puts that record it (none for what did not change).
+    fn ops(&self, group: GroupId) -> Vec<Op> {
+        let mut ops = Vec::new();
+        if let Some(last) = &self.last {
+            ops.push(Op::Put(Cf::RaftState, keys::state_key(group, StateKind::Applied), encode(last)));
+        }
+        if let Some(m) = &self.membership {
+            ops.push(Op::Put(Cf::RaftState, keys::state_key(group, StateKind::Membership), encode(m)));
+        }
+        ops
+    }
+}
+
+/// A batch of applied writes submitted to the store and not yet written.
+struct Writing {
+    writes: Unwritten,
+    applied: AppliedState,
+    done: tokio::sync::oneshot::Receiver<Result<(), crate::store::StoreError>>,
 }
 
 impl StateMachine {
@@ -147,11 +210,41 @@ impl StateMachine {
         self
     }
 
+    /// Counts the group's unwritten writes in the node's
+    /// `unwritten_bytes`, and keeps the node under
+    /// [`UNWRITTEN_NODE_BYTES`].
+    pub fn with_stats(mut self, stats: Arc<LogStats>) -> StateMachine {
+        self.stats = Some(stats);
+        self
+    }
+
+    /// Sends the applied writes that go to the store in the background
+    /// through `writer` (a store over the same engine with a writer of its
+    /// own).
+    pub fn with_state_writer(mut self, writer: Store) -> StateMachine {
+        self.state_writer = writer;
+        self
+    }
+
     /// Wraps `machine`; finishes or undoes an interrupted snapshot install
     /// and restores the machine from the store.
     pub async fn open(group: GroupId, store: Store, machine: Box<dyn GroupMachine>, snapshots: Arc<Snapshots>) -> io::Result<StateMachine> {
         let unlogged = machine.apply_unlogged();
-        let sm = StateMachine { group, store, machine: Arc::new(Mutex::new(machine)), snapshots, unlogged, applied: None };
+        let sm = StateMachine {
+            group,
+            store: store.clone(),
+            machine: Arc::new(Mutex::new(machine)),
+            snapshots,
+            unlogged,
+            applied: None,
+            writes: Unwritten::default(),
+            unwritten: AppliedState::default(),
+            writing: None,
+            state_writer: store.clone(),
+            stats: None,
+            counted: 0,
+            failed: false,
+        };
         if sm.store.engine().get(Cf::RaftState, &keys::state_key(group, StateKind::Installing)).map_err(io_error)?.is_some() {
             tracing::warn!(group, "a snapshot install was interrupted; clearing the group so that its leader sends it again");
             let mut ops = sm.clear_ops();
@@ -190,16 +283,22 @@ impl StateMachine {
         }
     }
 
-    /// Applies one batch through an overlay; returns the writes (with the
-    /// applied state) and the replies, in entry order.
-    fn apply_batch(&self, batch: &[EntryResponder<TypeConfig>]) -> io::Result<(Vec<Op>, Vec<LocalReply>)> {
+    /// Applies one batch through an overlay on top of the writes not in
+    /// the store yet, adding its writes and applied state to them; returns
+    /// the replies, in entry order.
+    fn apply_batch(&mut self, batch: &[EntryResponder<TypeConfig>]) -> io::Result<Vec<LocalReply>> {
         let engine: Arc<dyn Engine> = self.store.engine().clone();
-        let base: &dyn Reader = engine.as_ref();
-        let mut overlay = Overlay::new(base);
+        let lower;
+        let base: &dyn Reader = match &self.writing {
+            Some(w) => {
+                lower = w.writes.over(engine.as_ref());
+                &lower
+            }
+            None => engine.as_ref(),
+        };
+        let mut overlay = Overlay::new(base, &mut self.writes);
         let mut machine = self.machine.lock();
         let mut replies = Vec::with_capacity(batch.len());
-        let mut last: Option<LogId> = None;
-        let mut membership: Option<StoredMembership> = None;
         for (entry, _) in batch {
             let log_id = entry.log_id;
             let reply = match &entry.payload {
@@ -208,23 +307,142 @@ impl StateMachine {
                     machine.apply(&applied, &mut overlay).map_err(io_error)?
                 }
                 EntryPayload::Membership(m) => {
-                    membership = Some(StoredMembership::new(Some(log_id), m.clone()));
+                    self.unwritten.membership = Some(StoredMembership::new(Some(log_id), m.clone()));
                     None
                 }
                 EntryPayload::Blank => None,
             };
             replies.push(reply);
-            last = Some(log_id);
+            self.unwritten.last = Some(log_id);
         }
-        drop(machine);
-        let mut ops = overlay.into_ops();
-        if let Some(last) = last {
-            ops.push(Op::Put(Cf::RaftState, keys::state_key(self.group, StateKind::Applied), encode(&last)));
+        Ok(replies)
+    }
+
+    /// Whether a machine whose applied state may trail its log should
+    /// write what it applied now: once the group or the node holds too
+    /// much.
+    fn should_write(&self) -> bool {
+        self.writes.bytes() >= UNWRITTEN_GROUP_BYTES
+            || self.stats.as_ref().is_some_and(|s| s.unwritten_bytes.load(Ordering::Relaxed) > UNWRITTEN_NODE_BYTES)
+    }
+
+    /// Brings the node's count of unwritten bytes up to date.
+    fn recount(&mut self) {
+        let now = (self.writes.bytes() + self.writing.as_ref().map_or(0, |w| w.writes.bytes())) as u64;
+        if let Some(stats) = &self.stats {
+            if now >= self.counted {
+                stats.unwritten_bytes.fetch_add(now - self.counted, Ordering::Relaxed);
+            } else {
+                stats.unwritten_bytes.fetch_sub(self.counted - now, Ordering::Relaxed);
+            }
         }
-        if let Some(m) = membership {
-            ops.push(Op::Put(Cf::RaftState, keys::state_key(self.group, StateKind::Membership), encode(&m)));
+        self.counted = now;
+    }
+
+    /// Waits until the writes on their way are in the store.
+    async fn finish_writing(&mut self) -> io::Result<()> {
+        if let Some(w) = self.writing.take() {
+            let result = w.done.await;
+            self.recount();
+            result.map_err(|_| io_error("the store writer stopped"))?.map_err(io_error)?;
         }
-        Ok((ops, replies))
+        Ok(())
+    }
+
+    /// Drops the writes on their way once they are in the store.
+    fn check_writing(&mut self) -> io::Result<()> {
+        let Some(w) = self.writing.as_mut() else { return Ok(()) };
+        match w.done.try_recv() {
+            Ok(result) => {
+                self.writing = None;
+                self.recount();
+                result.map_err(io_error)
+            }
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => Ok(()),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Err(io_error("the store writer stopped")),
+        }
+    }
+
+    /// Sends what is applied but not in the store yet to the store, with
+    /// the applied log id and membership, as one batch, and goes on without
+    /// waiting: the writes stay readable until they are written (one such
+    /// batch at a time). Costs a copy of what is left of the writes, which
+    /// is far less than a stall of the applying while they are written.
+    async fn write_behind(&mut self) -> io::Result<()> {
+        self.finish_writing().await?;
+        if self.failed {
+            return Err(io_error("applying failed: the applied state is not written"));
+        }
+        if self.writes.is_empty() && self.unwritten.last.is_none() && self.unwritten.membership.is_none() {
+            return Ok(());
+        }
+        let writes = std::mem::take(&mut self.writes);
+        let applied = std::mem::take(&mut self.unwritten);
+        let mut ops = writes.ops();
+        ops.extend(applied.ops(self.group));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.state_writer.submit(WriteRequest::unlogged(ops).on_done(move |r| {
+            let _ = tx.send(r);
+        }));
+        self.writing = Some(Writing { writes, applied, done: rx });
+        self.recount();
+        Ok(())
+    }
+
+    /// Forgets the writes not in the store (a snapshot replaces them).
+    async fn discard_unwritten(&mut self) -> io::Result<()> {
+        self.finish_writing().await?;
+        self.writes = Unwritten::default();
+        self.unwritten = AppliedState::default();
+        self.recount();
+        Ok(())
+    }
+
+    /// Writes what is applied but not yet in the store, with the applied
+    /// log id and membership, as one batch, and waits until it is there. A
+    /// group whose machine allows it does this only now and then (see
+    /// [`UNWRITTEN_GROUP_BYTES`]): when it goes quiet, when it stops and
+    /// before it builds a snapshot; a crash before then costs re-applying
+    /// the entries since the last write.
+    pub async fn write_applied(&mut self) -> io::Result<()> {
+        self.finish_writing().await?;
+        if self.failed {
+            return Err(io_error("applying failed: the applied state is not written"));
+        }
+        let mut ops = self.writes.take_ops();
+        ops.extend(std::mem::take(&mut self.unwritten).ops(self.group));
+        self.recount();
+        if ops.is_empty() {
+            return Ok(());
+        }
+        if self.unlogged {
+            self.state_writer.write_unlogged(ops).await.map_err(io_error)
+        } else {
+            self.store.write(ops, false).await.map_err(io_error)
+        }
+    }
+
+    /// Reads the machine's state as applied (the store with the writes not
+    /// in it yet on top).
+    pub fn read<T>(&self, f: impl FnOnce(&dyn Reader) -> T) -> T {
+        let engine = self.store.engine().clone();
+        match &self.writing {
+            Some(w) => {
+                let lower = w.writes.over(engine.as_ref());
+                f(&self.writes.over(&lower))
+            }
+            None => f(&self.writes.over(engine.as_ref())),
+        }
+    }
+}
+
+impl Drop for StateMachine {
+    /// A group that stops gives its unwritten bytes back to the node's
+    /// count.
+    fn drop(&mut self) {
+        if let Some(stats) = &self.stats {
+            stats.unwritten_bytes.fetch_sub(self.counted, Ordering::Relaxed);
+        }
     }
 }
 
@@ -235,8 +453,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
         let engine = self.store.engine().clone();
         let reader: &dyn Reader = engine.as_ref();
-        let applied = Self::read_state(reader, self.group, StateKind::Applied)?;
-        let membership = Self::read_state(reader, self.group, StateKind::Membership)?.unwrap_or_default();
+        // The newest of: applied since the last write, on its way to the
+        // store, in it.
+        let writing = self.writing.as_ref().map(|w| &w.applied);
+        let applied = match self.unwritten.last.or(writing.and_then(|a| a.last)) {
+            Some(last) => Some(last),
+            None => Self::read_state(reader, self.group, StateKind::Applied)?,
+        };
+        let membership = match self.unwritten.membership.as_ref().or(writing.and_then(|a| a.membership.as_ref())) {
+            Some(m) => m.clone(),
+            None => Self::read_state(reader, self.group, StateKind::Membership)?.unwrap_or_default(),
+        };
         Ok((applied, membership))
     }
 
@@ -262,11 +489,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if batch.is_empty() {
                 return Ok(());
             }
-            let (ops, replies) = self.apply_batch(&batch)?;
-            if self.unlogged {
-                self.store.write_unlogged(ops).await.map_err(io_error)?;
-            } else {
-                self.store.write(ops, false).await.map_err(io_error)?;
+            let replies = match self.apply_batch(&batch) {
+                Ok(replies) => replies,
+                Err(e) => {
+                    // An entry may be half applied: nothing of this group's
+                    // unwritten state may reach the store any more (the
+                    // group stops; a restart applies again from the store).
+                    self.failed = true;
+                    self.writes = Unwritten::default();
+                    self.unwritten = AppliedState::default();
+                    self.recount();
+                    return Err(e);
+                }
+            };
+            self.check_writing()?;
+            self.recount();
+            if !self.unlogged {
+                self.write_applied().await?;
+            } else if self.should_write() {
+                self.write_behind().await?;
             }
             if let (Some(hook), Some((last, _))) = (&self.applied, batch.last()) {
                 hook.applied_through(last.log_id.index);
@@ -280,6 +521,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        // The snapshot is read from the store: everything applied goes
+        // there first. (A failed write is the store's failure: the next
+        // batch's write meets it too and stops the group.)
+        if let Err(e) = self.write_applied().await {
+            tracing::error!(group = self.group, error = %e, "cannot write the applied state before a snapshot");
+        }
         SnapshotBuilder {
             group: self.group,
             engine: self.store.engine().clone(),
@@ -292,6 +539,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let group = self.group;
         tracing::info!(group, last_log_id = ?meta.last_log_id, "installing a snapshot");
         let started = std::time::Instant::now();
+        self.discard_unwritten().await?;
         // Clear the ranges and mark the install, in one batch.
         let mut ops = self.clear_ops();
         ops.push(Op::Put(Cf::RaftState, keys::state_key(group, StateKind::Installing), Vec::new()));

@@ -39,11 +39,17 @@ enum Cmd {
 struct Kv {
     group: GroupId,
     applied: u64,
+    /// Its applied state may trail the log (as a queue's).
+    unlogged: bool,
 }
 
 impl Kv {
     fn boxed(group: GroupId) -> Box<dyn GroupMachine> {
-        Box::new(Kv { group, applied: 0 })
+        Box::new(Kv { group, applied: 0, unlogged: false })
+    }
+
+    fn boxed_unlogged(group: GroupId) -> Box<dyn GroupMachine> {
+        Box::new(Kv { group, applied: 0, unlogged: true })
     }
 
     fn key(group: GroupId, k: &[u8]) -> Vec<u8> {
@@ -100,6 +106,10 @@ impl GroupMachine for Kv {
 
     fn ranges(&self) -> Vec<(Cf, Vec<u8>, Vec<u8>)> {
         vec![(Cf::Messages, self.group.to_be_bytes().to_vec(), (self.group + 1).to_be_bytes().to_vec())]
+    }
+
+    fn apply_unlogged(&self) -> bool {
+        self.unlogged
     }
 }
 
@@ -756,7 +766,10 @@ mod suite {
     use crate::raft::types::TypeConfig;
     use crate::store::memory::MemoryEngine;
 
-    struct Builder;
+    struct Builder {
+        /// The machine's applied state may trail the log.
+        unlogged: bool,
+    }
 
     impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
@@ -764,14 +777,104 @@ mod suite {
             let store = Store::new(Arc::new(MemoryEngine::new()), None);
             let snapshots = Arc::new(Snapshots::open(dir.path().join("snap")).unwrap());
             let log = LogStore::new(5, store.clone(), Arc::default(), Arc::default(), |_| 0);
-            let sm = StateMachine::open(5, store, Kv::boxed(5), snapshots).await.unwrap().with_applied_hook(log.applied_hook());
+            let machine = if self.unlogged { Kv::boxed_unlogged(5) } else { Kv::boxed(5) };
+            let sm = StateMachine::open(5, store, machine, snapshots).await.unwrap().with_applied_hook(log.applied_hook());
             Ok((dir, log, sm))
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn should_pass_openraft_storage_suite() {
-        Suite::test_all(Builder).await.unwrap();
+        Suite::test_all(Builder { unlogged: false }).await.unwrap();
+    }
+
+    /// The same with a machine whose applied writes stay in memory until
+    /// written (as a queue's).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn should_pass_openraft_storage_suite_with_applied_writes_kept_in_memory() {
+        Suite::test_all(Builder { unlogged: true }).await.unwrap();
+    }
+
+    /// A queue-like machine's applied writes stay in memory (readable as
+    /// applied, not in the store, counted in the node's budget) until the
+    /// group holds too much or is asked to write them; a crash before then
+    /// loses them together with the applied log id, and applying the same
+    /// entries again rebuilds the same state.
+    #[tokio::test]
+    async fn should_keep_applied_writes_until_written_and_apply_them_again_after_a_crash() {
+        use openraft::entry::RaftEntry as _;
+        use openraft::storage::RaftStateMachine as _;
+
+        use crate::raft::log_store::LogStats;
+        use crate::raft::state_machine::UNWRITTEN_GROUP_BYTES;
+        use crate::raft::types::{Entry, LogId, Proposal};
+
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Arc::new(MemoryEngine::new());
+        let stats = Arc::new(LogStats::default());
+        let unwritten = || stats.unwritten_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let open = || async {
+            let snapshots = Arc::new(Snapshots::open(dir.path().join("snap")).unwrap());
+            let store = Store::new(engine.clone(), None);
+            StateMachine::open(5, store, Kv::boxed_unlogged(5), snapshots).await.unwrap().with_stats(stats.clone())
+        };
+        let entry = |index: u64, cmd: Cmd| {
+            let log_id: LogId = openraft::testing::log_id::<TypeConfig>(1, 1, index);
+            Entry::new_normal(log_id, Proposal { now_ms: 1000 + index, data: bincode::serialize(&cmd).unwrap() })
+        };
+        async fn apply(sm: &mut StateMachine, entries: Vec<Entry>) {
+            sm.apply(futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))))).await.unwrap();
+        }
+        let (a, b) = (5u64.to_be_bytes().to_vec(), 6u64.to_be_bytes().to_vec());
+        let stored = || engine.scan(Cf::Messages, &a, &b, usize::MAX).unwrap();
+        let applied = |sm: &StateMachine| sm.read(|r| r.scan(Cf::Messages, &a, &b, usize::MAX).unwrap());
+        let batch = |from: u64| {
+            vec![
+                entry(from, Cmd::Put(b"k1".to_vec(), format!("v{from}").into_bytes())),
+                entry(from + 1, Cmd::Put(b"gone".to_vec(), b"x".to_vec())),
+                entry(from + 2, Cmd::Delete(b"gone".to_vec())),
+            ]
+        };
+
+        let mut sm = open().await;
+        apply(&mut sm, batch(1)).await;
+        let expected = applied(&sm);
+        assert_eq!(expected.len(), 3, "k1 and the machine's two records: {expected:?}");
+        assert!(stored().is_empty(), "nothing written yet: {:?}", stored());
+        assert_eq!(sm.applied_state().await.unwrap().0.map(|l| l.index), Some(3), "openraft sees what is applied");
+        assert!(unwritten() > 0);
+        // A crash: the state machine goes without writing.
+        drop(sm);
+        assert_eq!(unwritten(), 0, "a group that stops gives its bytes back");
+        let mut sm = open().await;
+        assert_eq!(sm.applied_state().await.unwrap().0, None, "the applied log id went with the writes");
+        apply(&mut sm, batch(1)).await;
+        assert_eq!(applied(&sm), expected, "applied again from the log: the same state");
+        // Asked to write (quiet, stopping, before a snapshot): all of it
+        // goes, with the applied log id, and a key written and deleted in
+        // between is only a deletion.
+        sm.write_applied().await.unwrap();
+        assert_eq!(stored(), expected);
+        assert_eq!(unwritten(), 0);
+        drop(sm);
+        let mut sm = open().await;
+        assert_eq!(sm.applied_state().await.unwrap().0.map(|l| l.index), Some(3));
+        // Over the group's budget, a batch is written in the background and
+        // stays readable until it is.
+        let len = 64 << 10;
+        let count = (UNWRITTEN_GROUP_BYTES / len + 1) as u32;
+        apply(&mut sm, vec![entry(4, Cmd::Fill { prefix: b"f".to_vec(), from: 0, count, len: len as u32 })]).await;
+        assert_eq!(applied(&sm).len(), 3 + count as usize);
+        let deadline = Instant::now() + SETTLE;
+        while stored().len() < 3 + count as usize {
+            assert!(Instant::now() < deadline, "the batch over the budget was never written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        apply(&mut sm, batch(5)).await;
+        assert!(unwritten() > 0 && unwritten() < UNWRITTEN_GROUP_BYTES as u64, "only the last batch is held: {}", unwritten());
+        drop(sm);
+        let sm = open().await;
+        assert_eq!(sm.read(|r| r.scan(Cf::Messages, &a, &b, usize::MAX).unwrap()).len(), 3 + count as usize);
     }
 
     /// Written entries are kept in memory until applied, within the

@@ -911,9 +911,9 @@ mod tests {
         let mut m = MetaMachine::new(tx);
         assert_eq!(stored_cluster_id(&engine), None);
         for (index, id) in [(1, 7u128 << 100), (2, 9)] {
-            let mut o = Overlay::new(&engine);
-            m.apply_cmd(index, MetaCmd::SetClusterId(id), &mut o).unwrap();
-            crate::store::Engine::write(&engine, &o.into_ops(), false).unwrap();
+            let mut writes = crate::store::overlay::Unwritten::default();
+            m.apply_cmd(index, MetaCmd::SetClusterId(id), &mut Overlay::new(&engine, &mut writes)).unwrap();
+            crate::store::Engine::write(&engine, &writes.take_ops(), false).unwrap();
         }
         // Two leaders may each draw one (a leader change in between): every
         // replica keeps the first in the log.

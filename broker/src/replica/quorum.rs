@@ -288,6 +288,7 @@ pub async fn spawn(
     let shared = Arc::new(QueueShared::default());
     let member = members.contains(&ctx.node());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let events_weak = events_tx.downgrade();
     if member && !ctx.host.groups().contains(&id) {
         let fresh = !ctx.host.has_state(id);
         let forms = matches!(bootstrap, Bootstrap::Members(_));
@@ -321,6 +322,7 @@ pub async fn spawn(
         rx,
         me: tx.downgrade(),
         events: member.then_some(events_rx),
+        events_tx: events_weak,
         leader,
         leading_term: None,
         pending: VecDeque::new(),
@@ -437,6 +439,9 @@ struct Task {
     rx: mpsc::Receiver<QueueCmd>,
     me: mpsc::WeakSender<QueueCmd>,
     events: Option<mpsc::UnboundedReceiver<ReplicaEvent>>,
+    /// The machine's side of `events`, for the dead letters a new leader
+    /// finds in the outbox.
+    events_tx: mpsc::WeakUnboundedSender<ReplicaEvent>,
     leader: Option<watch::Receiver<LeaderInfo>>,
     /// The term this node leads in (its consumers belong to it).
     leading_term: Option<u64>,
@@ -1152,11 +1157,25 @@ impl Task {
         }
     }
 
+    /// Sends again the dead letters waiting in the outbox: read from the
+    /// state as applied (between two applied batches, so none is missed
+    /// that the store does not hold yet), then handled as the machine's
+    /// dead-letter events (which this task takes only while it leads, and
+    /// sends once each).
     fn resend_dead_letters(&mut self) {
-        let pending = machine::pending_dead_letters(self.id, &**self.host.store().engine()).unwrap_or_default();
-        for (seq, data) in pending {
-            self.send_dead_letter(seq, data);
-        }
+        let (host, id, events) = (self.host.clone(), self.id, self.events_tx.clone());
+        tokio::spawn(async move {
+            let read = host.read_applied(id, move |store| machine::pending_dead_letters(id, store)).await;
+            let pending = match read {
+                Ok(Ok(pending)) => pending,
+                Ok(Err(e)) => return tracing::warn!(queue = id, error = %e, "cannot read the dead-letter outbox"),
+                Err(e) => return tracing::debug!(queue = id, error = %e, "the dead-letter outbox was not read"),
+            };
+            let Some(events) = events.upgrade() else { return };
+            for (seq, data) in pending {
+                let _ = events.send(ReplicaEvent::DeadLetter { seq, data: Arc::new(data) });
+            }
+        });
     }
 }
 

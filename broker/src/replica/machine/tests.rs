@@ -17,6 +17,7 @@ use super::*;
 use crate::queue::state::OutDelivery;
 use crate::replica::ops::{ConsumerRef, DeadLettered, Empty, Enqueue, Get, Nack, Publish, Qos, Settle, SettleTags, Subscribe};
 use crate::store::memory::MemoryEngine;
+use crate::store::overlay::Unwritten;
 use crate::store::{Engine, Reader};
 
 struct Replica {
@@ -48,12 +49,13 @@ impl Replica {
     /// does; returns the replies and events, summarized.
     fn apply(&mut self, entries: &[(u64, QueueOp)]) -> Vec<String> {
         let mut out = Vec::new();
-        let mut overlay = Overlay::new(&self.engine);
+        let mut writes = Unwritten::default();
+        let mut overlay = Overlay::new(&self.engine, &mut writes);
         for (now, op) in entries {
             let reply = self.machine.apply_op(*now, op.clone(), &mut overlay).unwrap();
             out.push(summarize(&reply));
         }
-        let ops = overlay.into_ops();
+        let ops = writes.take_ops();
         self.engine.write(&ops, false).unwrap();
         while let Ok(ev) = self.events.try_recv() {
             out.push(format!("{:?}", event_summary(&ev)));

@@ -570,6 +570,14 @@ async fn should_rebuild_every_replica_from_its_log_when_every_node_is_killed() {
         taken += got.len();
     }
     assert_eq!(taken, 100);
+    // The replicas hold what they applied in memory (a queue writes its
+    // applied state to the store now and then): the kill loses it, and the
+    // log must bring it back.
+    let mut held = Vec::new();
+    for id in 1..=3u64 {
+        held.push(gauge(&c.node(id).metrics().await.unwrap(), "warren_raft_unwritten_bytes").unwrap_or(0));
+    }
+    assert!(held.iter().any(|b| *b > 0), "no replica held applied state in memory: {held:?}");
     for id in 1..=3u64 {
         c.kill(id).unwrap();
     }
@@ -604,6 +612,24 @@ async fn should_rebuild_every_replica_from_its_log_when_every_node_is_killed() {
     let got = drain(&client(&c, second).await, "rebuilt", Duration::from_secs(2)).await;
     let expected: Vec<String> = (100..500).map(|i| format!("r{i:03}")).collect();
     assert_eq!(got, expected, "node {second}'s replica after every node was killed");
+    // Once the queue is idle (quiet), every running replica has written
+    // what it applied: nothing is held in memory.
+    for id in (1..=3u64).filter(|id| *id != first) {
+        let last = std::cell::Cell::new(None);
+        let written = eventually(Duration::from_secs(60), "the applied state written once the queue is quiet", || async {
+            let held = gauge(&c.node(id).metrics().await.ok()?, "warren_raft_unwritten_bytes");
+            last.set(held);
+            (held == Some(0)).then_some(())
+        })
+        .await;
+        assert!(written.is_ok(), "node {id} still holds {:?} bytes of applied state", last.get());
+    }
+}
+
+/// A gauge without labels from a Prometheus text scrape.
+fn gauge(text: &str, name: &str) -> Option<u64> {
+    let prefix = format!("{name} ");
+    text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.trim().parse().ok())
 }
 
 /// A quorum queue's deduplication window is replicated state: it survives

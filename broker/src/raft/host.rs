@@ -479,13 +479,13 @@ impl RaftHost {
     }
 
     /// Has `group` write what it applied to the store, in the background
-    /// (a group going quiet: it may stay so for long).
+    /// (an idle group: it may stay so for long).
     pub(super) fn write_applied_soon(&self, group: GroupId, g: &Group) {
         let raft = g.raft.clone();
         tokio::spawn(async move {
             let write = raft.with_state_machine(|sm: &mut StateMachine| Box::pin(async move { sm.write_applied().await }));
             if let Ok(Err(e)) = write.await {
-                tracing::warn!(group, error = %e, "cannot write the applied state of a quiet group");
+                tracing::warn!(group, error = %e, "cannot write the applied state of an idle group");
             }
         });
     }

@@ -13,6 +13,10 @@
 //!   and a follower that does not still has its lease plus an election
 //!   timeout (3 s and more) before it would stand: a rare late follower
 //!   costs at worst one election, never a lost entry.
+//! * **Writing what was applied.** A group idle for `quiet_after` (quiet
+//!   or not: one with a member down never goes quiet) has its state
+//!   machine write what it applied to the store, once per idle stretch
+//!   (see `StateMachine::write_applied`).
 //! * **Waking.** A quiet group wakes (ticks, heartbeats and elections on)
 //!   when this node proposes to it or changes its membership or leadership
 //!   (a leader whose lease expired refuses writes, so it first sends a
@@ -75,6 +79,9 @@ struct Mark {
 struct Idle {
     mark: Mark,
     since: Instant,
+    /// What the group applied was written to the store in this idle
+    /// stretch.
+    written: bool,
     /// The group was stopped: it must not be counted as quiet again.
     gone: bool,
 }
@@ -88,7 +95,10 @@ pub(crate) struct QuietState {
 
 impl Default for QuietState {
     fn default() -> Self {
-        QuietState { quiet: AtomicBool::new(false), idle: Mutex::new(Idle { mark: Mark::default(), since: Instant::now(), gone: false }) }
+        QuietState {
+            quiet: AtomicBool::new(false),
+            idle: Mutex::new(Idle { mark: Mark::default(), since: Instant::now(), written: false, gone: false }),
+        }
     }
 }
 
@@ -154,9 +164,6 @@ impl RaftHost {
         rc.elect(false);
         self.inner.quiet_groups.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(group, ?role, idle_for = ?idle.since.elapsed(), "raft group quiet");
-        // A quiet group applies nothing for a while: what it applied last
-        // goes to the store rather than wait in memory.
-        self.write_applied_soon(group, g);
     }
 
     /// On a leader whose lease has expired (or is about to): sends a
@@ -260,7 +267,15 @@ impl RaftHost {
                 if idle.mark != mark {
                     idle.mark = mark;
                     idle.since = Instant::now();
+                    idle.written = false;
                     continue;
+                }
+                // Idle for a while (quiet or not: a group with a member
+                // down never goes quiet): what it applied goes to the
+                // store rather than wait in memory.
+                if !idle.written && idle.since.elapsed() >= after {
+                    idle.written = true;
+                    self.write_applied_soon(id, &g);
                 }
                 idle.since.elapsed()
             };

@@ -14,7 +14,7 @@
 //!   in memory across batches (each key at its last value, so a message
 //!   published and acknowledged in between never reaches the store) until
 //!   the group holds [`UNWRITTEN_GROUP_BYTES`] or the node
-//!   [`UNWRITTEN_NODE_BYTES`], or the group goes quiet, stops or builds a
+//!   [`UNWRITTEN_NODE_BYTES`], or the group is idle for a while, stops or builds a
 //!   snapshot. A crash rolls its state and applied log id back together
 //!   (the store flushes every column family at once) to the last write
 //!   that reached a flush, and openraft applies the entries after it

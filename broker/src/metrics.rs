@@ -544,7 +544,7 @@ impl Collector for BrokerCollector {
                 ("raft_log_cached", "Bytes of written Raft entries kept in memory until applied (at most 32 MiB).", &stats.cached_bytes),
                 (
                     "raft_unwritten",
-                    "Bytes of quorum queues' applied state held in memory before it is written to the store (at most 64 MiB, then written).",
+                    "Bytes of quorum queues' applied state held in memory before it is written to the store (about 64 MiB at most: then the next queue to apply writes its own).",
                     &stats.unwritten_bytes,
                 ),
             ];

@@ -20,7 +20,7 @@ use super::machine::{GroupId, GroupMachine, LocalReply, NodeId};
 use super::network::{NetStats, NetworkFactory, RAFT_CALL, RAFT_SNAPSHOT, Rpc, RpcReply, SnapshotHeader};
 use super::quiet::QuietState;
 use super::snapshot::SnapshotFile;
-use super::state_machine::{Snapshots, StateMachine};
+use super::state_machine::{Snapshots, StateMachine, WriteGate};
 use super::types::{Proposal, Raft, TypeConfig, decode, encode};
 use crate::cluster::{Cluster, Duplex};
 use crate::store::{Cf, Op, Store};
@@ -214,6 +214,8 @@ pub(super) struct Group {
     elections: Arc<AtomicU64>,
     /// Bytes and messages of the entries a member may still lack.
     tally: Arc<Mutex<Tally>>,
+    /// Closed when the group stops: its state machine writes nothing more.
+    gate: WriteGate,
 }
 
 pub(super) struct Inner {
@@ -363,12 +365,14 @@ impl RaftHost {
         let snapshots = Arc::new(Snapshots::open(self.snapshot_dir(group)).map_err(|e| failed("snapshot directory", &e))?);
         let tally = Arc::new(Mutex::new(Tally::default()));
         let log = LogStore::new(group, self.inner.store.clone(), self.inner.stats.clone(), tally.clone(), machine.weigher());
+        let gate = WriteGate::default();
         let sm = StateMachine::open(group, self.inner.store.clone(), machine, snapshots.clone())
             .await
             .map_err(|e| failed("state", &e))?
             .with_applied_hook(log.applied_hook())
             .with_stats(self.inner.stats.clone())
-            .with_state_writer(self.inner.state_writer.clone());
+            .with_state_writer(self.inner.state_writer.clone())
+            .with_write_gate(gate.clone());
         let network = NetworkFactory {
             cluster: self.inner.cluster.clone(),
             group,
@@ -391,6 +395,7 @@ impl RaftHost {
             quiet: QuietState::default(),
             elections,
             tally,
+            gate,
         });
         self.inner.groups.write().insert(group, g);
         Ok(())
@@ -418,20 +423,28 @@ impl RaftHost {
 
     /// Stops `group` on this node; its state stays in the store.
     pub async fn stop_group(&self, group: GroupId) -> Result<(), GroupError> {
+        self.stop(group, true).await
+    }
+
+    /// Stops `group`; with `write`, what it applied goes to the store first
+    /// (so that a restart need not apply it again; a failure costs only
+    /// that). Either way its state machine writes nothing afterwards.
+    async fn stop(&self, group: GroupId, write: bool) -> Result<(), GroupError> {
         let g = self.inner.groups.write().remove(&group).ok_or(GroupError::NoGroup(group))?;
         g.watcher.abort();
         if g.quiet.forget() {
             self.inner.quiet_groups.fetch_sub(1, Ordering::Relaxed);
         }
-        // What is applied goes to the store, so that a restart need not
-        // apply it again (a failure here costs only that).
-        let write = g.raft.with_state_machine(|sm: &mut StateMachine| Box::pin(async move { sm.write_applied().await }));
-        match tokio::time::timeout(STOP_WRITE_TIMEOUT, write).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::warn!(group, error = %e, "cannot write the applied state of a stopping group"),
-            Ok(Err(e)) => tracing::debug!(group, error = %e, "the group stopped before its applied state was written"),
-            Err(_) => tracing::warn!(group, "the applied state of a stopping group was not written in time"),
+        if write {
+            let write = g.raft.with_state_machine(|sm: &mut StateMachine| Box::pin(async move { sm.write_applied().await }));
+            match tokio::time::timeout(STOP_WRITE_TIMEOUT, write).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(group, error = %e, "cannot write the applied state of a stopping group"),
+                Ok(Err(e)) => tracing::debug!(group, error = %e, "the group stopped before its applied state was written"),
+                Err(_) => tracing::warn!(group, "the applied state of a stopping group was not written in time"),
+            }
         }
+        g.gate.close();
         if let Err(e) = g.raft.shutdown().await {
             tracing::warn!(group, error = %e, "group did not stop cleanly");
         }
@@ -444,7 +457,14 @@ impl RaftHost {
     /// deleted queue.
     pub async fn delete_group(&self, group: GroupId, ranges: Vec<(Cf, Vec<u8>, Vec<u8>)>) -> Result<(), GroupError> {
         let snapshots = self.group(group).map(|g| g.snapshots.clone());
-        let _ = self.stop_group(group).await;
+        let _ = self.stop(group, false).await;
+        // The state machine writes nothing from here on; what it sent
+        // before must land before the deletion, not after it.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner.state_writer.after_writes(move || {
+            let _ = tx.send(());
+        });
+        let _ = rx.await;
         let mut ops: Vec<Op> = ranges.into_iter().map(|(cf, a, b)| Op::DeleteRange(cf, a, b)).collect();
         let (a, b) = keys::log_range(group, 0, None);
         ops.push(Op::DeleteRange(Cf::RaftLog, a, b));

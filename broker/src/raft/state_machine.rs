@@ -69,6 +69,19 @@ pub const UNWRITTEN_GROUP_BYTES: usize = 8 << 20;
 /// the node is above it writes its own.
 pub const UNWRITTEN_NODE_BYTES: u64 = 64 << 20;
 
+/// Closes a state machine's writes of applied state for good: its group is
+/// stopping (and may be deleted next, which must not be followed by a late
+/// write). Checked and closed under one lock, so a write submitted before
+/// `close` returns is in the writer's queue by then.
+#[derive(Clone, Default)]
+pub struct WriteGate(Arc<Mutex<bool>>);
+
+impl WriteGate {
+    pub fn close(&self) {
+        *self.0.lock() = true;
+    }
+}
+
 /// The snapshot files of one group: the newest is the current one.
 pub struct Snapshots {
     dir: PathBuf,
@@ -170,8 +183,12 @@ pub struct StateMachine {
     stats: Option<Arc<LogStats>>,
     /// What this group adds to `unwritten_bytes` now.
     counted: u64,
-    /// Applying failed: nothing applied is written any more.
+    /// Applying or writing failed: the group must stop (a restart applies
+    /// again from what the store holds); nothing applied is written any
+    /// more.
     failed: bool,
+    /// Closed when the group stops.
+    gate: WriteGate,
 }
 
 /// The applied log id and membership the unwritten writes bring the store
@@ -226,6 +243,12 @@ impl StateMachine {
         self
     }
 
+    /// Writes applied state only while `gate` is open.
+    pub fn with_write_gate(mut self, gate: WriteGate) -> StateMachine {
+        self.gate = gate;
+        self
+    }
+
     /// Wraps `machine`; finishes or undoes an interrupted snapshot install
     /// and restores the machine from the store.
     pub async fn open(group: GroupId, store: Store, machine: Box<dyn GroupMachine>, snapshots: Arc<Snapshots>) -> io::Result<StateMachine> {
@@ -244,6 +267,7 @@ impl StateMachine {
             stats: None,
             counted: 0,
             failed: false,
+            gate: WriteGate::default(),
         };
         if sm.store.engine().get(Cf::RaftState, &keys::state_key(group, StateKind::Installing)).map_err(io_error)?.is_some() {
             tracing::warn!(group, "a snapshot install was interrupted; clearing the group so that its leader sends it again");
@@ -339,12 +363,24 @@ impl StateMachine {
         self.counted = now;
     }
 
+    /// A failed write of applied state: the store lacks what the machine
+    /// believes applied, so the group must not go on (its state would
+    /// diverge from the log's once a later write succeeds).
+    fn fail(&mut self, what: impl std::fmt::Display) -> io::Error {
+        self.failed = true;
+        io_error(format!("writing the applied state failed: {what}"))
+    }
+
     /// Waits until the writes on their way are in the store.
     async fn finish_writing(&mut self) -> io::Result<()> {
         if let Some(w) = self.writing.take() {
             let result = w.done.await;
             self.recount();
-            result.map_err(|_| io_error("the store writer stopped"))?.map_err(io_error)?;
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(self.fail(e)),
+                Err(_) => return Err(self.fail("the store writer stopped")),
+            }
         }
         Ok(())
     }
@@ -352,40 +388,72 @@ impl StateMachine {
     /// Drops the writes on their way once they are in the store.
     fn check_writing(&mut self) -> io::Result<()> {
         let Some(w) = self.writing.as_mut() else { return Ok(()) };
-        match w.done.try_recv() {
-            Ok(result) => {
-                self.writing = None;
-                self.recount();
-                result.map_err(io_error)
-            }
-            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => Ok(()),
-            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Err(io_error("the store writer stopped")),
+        let result = match w.done.try_recv() {
+            Ok(result) => result,
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return Ok(()),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => Err(crate::store::StoreError::Closed),
+        };
+        self.writing = None;
+        self.recount();
+        result.map_err(|e| self.fail(e))
+    }
+
+    /// Whether there is anything applied and not written.
+    fn has_unwritten(&self) -> bool {
+        !self.writes.is_empty() || self.unwritten.last.is_some() || self.unwritten.membership.is_some()
+    }
+
+    /// Submits what is applied but not in the store yet, with the applied
+    /// log id and membership, as one batch to the state writer, unless the
+    /// gate is closed (then it stays in memory: the group is stopping).
+    /// With `keep_readable`, the writes stay readable as `writing` until
+    /// they are written (a copy of what is left of them is sent); without,
+    /// they are moved into the batch (the caller waits for it before
+    /// anything reads). Returns the write's completion in that last case
+    /// only.
+    fn submit_unwritten(&mut self, keep_readable: bool) -> Option<tokio::sync::oneshot::Receiver<Result<(), crate::store::StoreError>>> {
+        let gate = self.gate.clone();
+        let closed = gate.0.lock();
+        if *closed || !self.has_unwritten() {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let request = |ops| {
+            WriteRequest::unlogged(ops).on_done(move |r| {
+                let _ = tx.send(r);
+            })
+        };
+        let applied = std::mem::take(&mut self.unwritten);
+        if keep_readable {
+            let writes = std::mem::take(&mut self.writes);
+            let mut ops = writes.ops();
+            ops.extend(applied.ops(self.group));
+            self.state_writer.submit(request(ops));
+            self.writing = Some(Writing { writes, applied, done: rx });
+            drop(closed);
+            self.recount();
+            None
+        } else {
+            let mut ops = self.writes.take_ops();
+            ops.extend(applied.ops(self.group));
+            self.state_writer.submit(request(ops));
+            drop(closed);
+            self.recount();
+            Some(rx)
         }
     }
 
-    /// Sends what is applied but not in the store yet to the store, with
-    /// the applied log id and membership, as one batch, and goes on without
-    /// waiting: the writes stay readable until they are written (one such
-    /// batch at a time). Costs a copy of what is left of the writes, which
-    /// is far less than a stall of the applying while they are written.
+    /// Sends what is applied but not in the store yet to the store and
+    /// goes on without waiting: the writes stay readable until they are
+    /// written (one such batch at a time). Costs a copy of what is left of
+    /// the writes, far less than a stall of the applying while they are
+    /// written.
     async fn write_behind(&mut self) -> io::Result<()> {
         self.finish_writing().await?;
         if self.failed {
-            return Err(io_error("applying failed: the applied state is not written"));
+            return Err(io_error("the applied state could not be written earlier"));
         }
-        if self.writes.is_empty() && self.unwritten.last.is_none() && self.unwritten.membership.is_none() {
-            return Ok(());
-        }
-        let writes = std::mem::take(&mut self.writes);
-        let applied = std::mem::take(&mut self.unwritten);
-        let mut ops = writes.ops();
-        ops.extend(applied.ops(self.group));
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.state_writer.submit(WriteRequest::unlogged(ops).on_done(move |r| {
-            let _ = tx.send(r);
-        }));
-        self.writing = Some(Writing { writes, applied, done: rx });
-        self.recount();
+        self.submit_unwritten(true);
         Ok(())
     }
 
@@ -401,13 +469,22 @@ impl StateMachine {
     /// Writes what is applied but not yet in the store, with the applied
     /// log id and membership, as one batch, and waits until it is there. A
     /// group whose machine allows it does this only now and then (see
-    /// [`UNWRITTEN_GROUP_BYTES`]): when it goes quiet, when it stops and
+    /// [`UNWRITTEN_GROUP_BYTES`]): when it is idle, when it stops and
     /// before it builds a snapshot; a crash before then costs re-applying
-    /// the entries since the last write.
+    /// the entries since the last write. Once the group's gate is closed
+    /// it writes nothing.
     pub async fn write_applied(&mut self) -> io::Result<()> {
         self.finish_writing().await?;
         if self.failed {
-            return Err(io_error("applying failed: the applied state is not written"));
+            return Err(io_error("the applied state could not be written earlier"));
+        }
+        if self.unlogged {
+            let Some(done) = self.submit_unwritten(false) else { return Ok(()) };
+            return match done.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(self.fail(e)),
+                Err(_) => Err(self.fail("the store writer stopped")),
+            };
         }
         let mut ops = self.writes.take_ops();
         ops.extend(std::mem::take(&mut self.unwritten).ops(self.group));
@@ -415,11 +492,7 @@ impl StateMachine {
         if ops.is_empty() {
             return Ok(());
         }
-        if self.unlogged {
-            self.state_writer.write_unlogged(ops).await.map_err(io_error)
-        } else {
-            self.store.write(ops, false).await.map_err(io_error)
-        }
+        self.store.write(ops, false).await.map_err(io_error)
     }
 
     /// Reads the machine's state as applied (the store with the writes not
@@ -489,6 +562,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if batch.is_empty() {
                 return Ok(());
             }
+            if self.failed {
+                return Err(io_error("the applied state could not be written: the group stops"));
+            }
             let replies = match self.apply_batch(&batch) {
                 Ok(replies) => replies,
                 Err(e) => {
@@ -522,8 +598,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         // The snapshot is read from the store: everything applied goes
-        // there first. (A failed write is the store's failure: the next
-        // batch's write meets it too and stops the group.)
+        // there first. (If that fails, the snapshot is built from what the
+        // store holds, consistent with its own applied log id, and the
+        // group stops at its next batch.)
         if let Err(e) = self.write_applied().await {
             tracing::error!(group = self.group, error = %e, "cannot write the applied state before a snapshot");
         }
@@ -547,6 +624,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Records in bounded batches, read on a blocking thread.
         let path = snapshot.path.clone();
         let store = self.store.clone();
+        let gate = self.gate.clone();
         let handle = tokio::runtime::Handle::current();
         let records = tokio::task::spawn_blocking(move || -> io::Result<u64> {
             let mut reader = SnapshotReader::open(&path)?;
@@ -562,6 +640,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     count += 1;
                 }
                 if (end && !batch.is_empty()) || bytes >= INSTALL_BATCH_BYTES {
+                    // A group stopped meanwhile (and maybe deleted) takes
+                    // no more records.
+                    if *gate.0.lock() {
+                        return Err(io_error("the group stopped during a snapshot install"));
+                    }
                     handle.block_on(store.write(std::mem::take(&mut batch), false)).map_err(io_error)?;
                     bytes = 0;
                 }

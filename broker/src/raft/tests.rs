@@ -806,7 +806,7 @@ mod suite {
         use openraft::storage::RaftStateMachine as _;
 
         use crate::raft::log_store::LogStats;
-        use crate::raft::state_machine::UNWRITTEN_GROUP_BYTES;
+        use crate::raft::state_machine::{UNWRITTEN_GROUP_BYTES, WriteGate};
         use crate::raft::types::{Entry, LogId, Proposal};
 
         let dir = tempfile::tempdir().unwrap();
@@ -875,6 +875,17 @@ mod suite {
         drop(sm);
         let sm = open().await;
         assert_eq!(sm.read(|r| r.scan(Cf::Messages, &a, &b, usize::MAX).unwrap()).len(), 3 + count as usize);
+        drop(sm);
+        // A stopped group (its gate closed) writes nothing more, so that a
+        // deletion after it is never followed by a late write.
+        let gate = WriteGate::default();
+        let mut sm = open().await.with_write_gate(gate.clone());
+        apply(&mut sm, batch(5)).await;
+        let before = stored();
+        gate.close();
+        sm.write_applied().await.unwrap();
+        assert_eq!(stored(), before, "nothing written once the gate is closed");
+        assert_eq!(sm.applied_state().await.unwrap().0.map(|l| l.index), Some(7), "still applied in memory");
     }
 
     /// Written entries are kept in memory until applied, within the

@@ -178,6 +178,8 @@ pub enum RemoteCmd {
     /// A dead letter from a classic queue on this node, in this node's
     /// inbox under `key`: proposed again after a failed attempt.
     Adopt(Adoption),
+    /// The dead letters a new leader found in the outbox (read in `term`).
+    Outbox { term: u64, letters: Vec<(u64, MessageData)> },
 }
 
 /// A persistent message dead-lettered into a quorum queue by a classic
@@ -288,7 +290,6 @@ pub async fn spawn(
     let shared = Arc::new(QueueShared::default());
     let member = members.contains(&ctx.node());
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let events_weak = events_tx.downgrade();
     if member && !ctx.host.groups().contains(&id) {
         let fresh = !ctx.host.has_state(id);
         let forms = matches!(bootstrap, Bootstrap::Members(_));
@@ -322,7 +323,6 @@ pub async fn spawn(
         rx,
         me: tx.downgrade(),
         events: member.then_some(events_rx),
-        events_tx: events_weak,
         leader,
         leading_term: None,
         pending: VecDeque::new(),
@@ -439,9 +439,6 @@ struct Task {
     rx: mpsc::Receiver<QueueCmd>,
     me: mpsc::WeakSender<QueueCmd>,
     events: Option<mpsc::UnboundedReceiver<ReplicaEvent>>,
-    /// The machine's side of `events`, for the dead letters a new leader
-    /// finds in the outbox.
-    events_tx: mpsc::WeakUnboundedSender<ReplicaEvent>,
     leader: Option<watch::Receiver<LeaderInfo>>,
     /// The term this node leads in (its consumers belong to it).
     leading_term: Option<u64>,
@@ -712,6 +709,14 @@ impl Task {
             RemoteCmd::Adopt(adoption) => self.adopt(adoption),
             RemoteCmd::DeadLettered(seq) => {
                 self.submit(QueueOp::DeadLettered(ops::DeadLettered { seqs: vec![seq] }), Waiter::None);
+            }
+            RemoteCmd::Outbox { term, letters } => {
+                // Only the leadership that asked sends them (each once).
+                if self.leading_term == Some(term) {
+                    for (seq, data) in letters {
+                        self.send_dead_letter(seq, data);
+                    }
+                }
             }
             RemoteCmd::Members { members, replica, done } => {
                 self.members = members;
@@ -1159,22 +1164,24 @@ impl Task {
 
     /// Sends again the dead letters waiting in the outbox: read from the
     /// state as applied (between two applied batches, so none is missed
-    /// that the store does not hold yet), then handled as the machine's
-    /// dead-letter events (which this task takes only while it leads, and
-    /// sends once each).
+    /// that the store does not hold yet), then handed back to this task,
+    /// which sends them if it still leads in the same term (each once:
+    /// those applied meanwhile came as events too).
     fn resend_dead_letters(&mut self) {
-        let (host, id, events) = (self.host.clone(), self.id, self.events_tx.clone());
+        let Some(term) = self.leading_term else { return };
+        let (host, id, me) = (self.host.clone(), self.id, self.me.clone());
         tokio::spawn(async move {
             let read = host.read_applied(id, move |store| machine::pending_dead_letters(id, store)).await;
-            let pending = match read {
-                Ok(Ok(pending)) => pending,
+            let letters = match read {
+                Ok(Ok(letters)) => letters,
                 Ok(Err(e)) => return tracing::warn!(queue = id, error = %e, "cannot read the dead-letter outbox"),
                 Err(e) => return tracing::debug!(queue = id, error = %e, "the dead-letter outbox was not read"),
             };
-            let Some(events) = events.upgrade() else { return };
-            for (seq, data) in pending {
-                let _ = events.send(ReplicaEvent::DeadLetter { seq, data: Arc::new(data) });
+            if letters.is_empty() {
+                return;
             }
+            let Some(queue) = me.upgrade() else { return };
+            let _ = queue.send(QueueCmd::Remote(Box::new(RemoteCmd::Outbox { term, letters }))).await;
         });
     }
 }

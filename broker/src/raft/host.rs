@@ -244,6 +244,12 @@ pub struct RaftHost {
     pub(super) inner: Arc<Inner>,
 }
 
+/// Has a group's state machine write what it applied to the store (see
+/// `StateMachine::write_applied`), between two applied batches.
+async fn write_applied(raft: &Raft) -> Result<std::io::Result<()>, openraft::error::Fatal<TypeConfig>> {
+    raft.with_state_machine(|sm: &mut StateMachine| Box::pin(async move { sm.write_applied().await })).await
+}
+
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default()
 }
@@ -436,8 +442,7 @@ impl RaftHost {
             self.inner.quiet_groups.fetch_sub(1, Ordering::Relaxed);
         }
         if write {
-            let write = g.raft.with_state_machine(|sm: &mut StateMachine| Box::pin(async move { sm.write_applied().await }));
-            match tokio::time::timeout(STOP_WRITE_TIMEOUT, write).await {
+            match tokio::time::timeout(STOP_WRITE_TIMEOUT, write_applied(&g.raft)).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => tracing::warn!(group, error = %e, "cannot write the applied state of a stopping group"),
                 Ok(Err(e)) => tracing::debug!(group, error = %e, "the group stopped before its applied state was written"),
@@ -503,8 +508,7 @@ impl RaftHost {
     pub(super) fn write_applied_soon(&self, group: GroupId, g: &Group) {
         let raft = g.raft.clone();
         tokio::spawn(async move {
-            let write = raft.with_state_machine(|sm: &mut StateMachine| Box::pin(async move { sm.write_applied().await }));
-            if let Ok(Err(e)) = write.await {
+            if let Ok(Err(e)) = write_applied(&raft).await {
                 tracing::warn!(group, error = %e, "cannot write the applied state of an idle group");
             }
         });

@@ -423,9 +423,9 @@ impl StateMachine {
                 let _ = tx.send(r);
             })
         };
-        let applied = std::mem::take(&mut self.unwritten);
         if keep_readable {
             let writes = std::mem::take(&mut self.writes);
+            let applied = std::mem::take(&mut self.unwritten);
             let mut ops = writes.ops();
             ops.extend(applied.ops(self.group));
             self.state_writer.submit(request(ops));
@@ -434,13 +434,20 @@ impl StateMachine {
             self.recount();
             None
         } else {
-            let mut ops = self.writes.take_ops();
-            ops.extend(applied.ops(self.group));
+            let ops = self.take_unwritten_ops();
             self.state_writer.submit(request(ops));
             drop(closed);
-            self.recount();
             Some(rx)
         }
+    }
+
+    /// What is applied and not in the store, with the applied log id and
+    /// membership, as one batch, taken.
+    fn take_unwritten_ops(&mut self) -> Vec<Op> {
+        let mut ops = self.writes.take_ops();
+        ops.extend(std::mem::take(&mut self.unwritten).ops(self.group));
+        self.recount();
+        ops
     }
 
     /// Sends what is applied but not in the store yet to the store and
@@ -450,19 +457,31 @@ impl StateMachine {
     /// written.
     async fn write_behind(&mut self) -> io::Result<()> {
         self.finish_writing().await?;
-        if self.failed {
-            return Err(io_error("the applied state could not be written earlier"));
-        }
+        self.refuse_if_failed()?;
         self.submit_unwritten(true);
         Ok(())
     }
 
-    /// Forgets the writes not in the store (a snapshot replaces them).
-    async fn discard_unwritten(&mut self) -> io::Result<()> {
-        self.finish_writing().await?;
+    /// Forgets the writes not in the store (and not on their way there).
+    fn forget_unwritten(&mut self) {
         self.writes = Unwritten::default();
         self.unwritten = AppliedState::default();
         self.recount();
+    }
+
+    /// Forgets the writes not in the store, once those on their way are
+    /// there (a snapshot replaces them).
+    async fn discard_unwritten(&mut self) -> io::Result<()> {
+        self.finish_writing().await?;
+        self.forget_unwritten();
+        Ok(())
+    }
+
+    /// An earlier write failed: nothing more is applied or written.
+    fn refuse_if_failed(&self) -> io::Result<()> {
+        if self.failed {
+            return Err(io_error("the applied state could not be written: the group stops"));
+        }
         Ok(())
     }
 
@@ -475,9 +494,7 @@ impl StateMachine {
     /// it writes nothing.
     pub async fn write_applied(&mut self) -> io::Result<()> {
         self.finish_writing().await?;
-        if self.failed {
-            return Err(io_error("the applied state could not be written earlier"));
-        }
+        self.refuse_if_failed()?;
         if self.unlogged {
             let Some(done) = self.submit_unwritten(false) else { return Ok(()) };
             return match done.await {
@@ -486,9 +503,7 @@ impl StateMachine {
                 Err(_) => Err(self.fail("the store writer stopped")),
             };
         }
-        let mut ops = self.writes.take_ops();
-        ops.extend(std::mem::take(&mut self.unwritten).ops(self.group));
-        self.recount();
+        let ops = self.take_unwritten_ops();
         if ops.is_empty() {
             return Ok(());
         }
@@ -562,9 +577,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if batch.is_empty() {
                 return Ok(());
             }
-            if self.failed {
-                return Err(io_error("the applied state could not be written: the group stops"));
-            }
+            self.refuse_if_failed()?;
             let replies = match self.apply_batch(&batch) {
                 Ok(replies) => replies,
                 Err(e) => {
@@ -572,9 +585,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     // unwritten state may reach the store any more (the
                     // group stops; a restart applies again from the store).
                     self.failed = true;
-                    self.writes = Unwritten::default();
-                    self.unwritten = AppliedState::default();
-                    self.recount();
+                    self.forget_unwritten();
                     return Err(e);
                 }
             };
